@@ -1,0 +1,1 @@
+"""mmpetl harness: backbones, data, tasks, training, pipeline stages and the CLI."""

@@ -1,0 +1,88 @@
+"""Gradient-health and identity-at-init audit of every method x variant (DESIGN.md, method contract).
+
+A trainable tensor is *dead* when its gradient is exactly zero at the initial state AND still zero
+after one SGD step on every trainable tensor. Zero-initialised up-projections (LoRA's B, adapters'
+up, Aurora's V) give their partner factor a zero gradient at step 0 only; that is not dead, and is
+listed in ``zero_grad_at_init`` for information. The released Wander init stays at zero forever.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
+from methods import apply_method, count_parameters, get_method, method_names
+
+MODALITY_NAMES = {2: ("text", "vision"), 3: ("text", "audio", "vision"),
+                  7: ("s3d", "vggish", "face", "rgb", "speech", "ocr", "scene")}
+AUDIT_MODALITIES = (2, 3, 7)
+# Sizes that fit the small audit backbone (width 32, 5-7 tokens per modality); everything else
+# keeps the method's defaults.
+AUDIT_OVERRIDES: dict[str, dict] = {
+    "wander": {"down_dim": 8},
+}
+
+
+def audit_backbone(n_modalities: int, seed: int = 0) -> LateFusionBackbone:
+    """A small late-fusion backbone with ``n_modalities`` modalities of different input dims."""
+    names = MODALITY_NAMES.get(n_modalities) or tuple(f"m{i}" for i in range(n_modalities))
+    torch.manual_seed(seed)
+    config = LateFusionConfig(input_dims={m: 6 + 3 * i for i, m in enumerate(names)},
+                              seq_lens={m: 5 + i % 3 for i, m in enumerate(names)},
+                              width=32, depth=2, heads=4)
+    return LateFusionBackbone(config)
+
+
+def random_batch(backbone: LateFusionBackbone, batch_size: int = 4, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(batch_size, backbone.config.seq_lens[m], d, generator=generator)
+            for m, d in backbone.config.input_dims.items()}
+
+
+def _zero_grad_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))}
+
+
+def audit_one(method: str, variant: str, n_modalities: int, seed: int = 0) -> dict:
+    spec = get_method(method)
+    backbone = audit_backbone(n_modalities, seed)
+    frozen = copy.deepcopy(backbone).eval()
+    apply_method(backbone, method, variant, **AUDIT_OVERRIDES.get(method, {}))
+    backbone.eval()  # no dropout: the identity comparison must be exact
+    batch = random_batch(backbone, seed=seed)
+    expected_identity = spec.variant(variant).starts_as_identity
+    identity = None
+    if expected_identity is not None:
+        with torch.no_grad():
+            identity = torch.allclose(backbone(batch), frozen(batch), atol=1e-6, rtol=1e-5)
+
+    target = torch.randn_like(frozen(batch))
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+
+    def backward() -> set[str]:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(backbone(batch), target).backward()
+        return _zero_grad_names(backbone)
+
+    zero_at_init = backward()
+    optimizer.step()
+    dead = sorted(zero_at_init & backward())
+    counts = count_parameters(backbone)
+    flag = spec.variant(variant).flag
+    ok = flag is not None or (not dead and (expected_identity is None or identity == expected_identity))
+    return {"method": method, "variant": variant, "modalities": n_modalities,
+            "trainable_method": counts["method"], "trainable_head": counts["head"],
+            "dead_tensors": dead, "zero_grad_at_init": sorted(zero_at_init),
+            "identity_at_init": identity, "identity_expected": expected_identity,
+            "flag": flag, "ok": ok}
+
+
+def audit_grads(methods: list[str] | None = None, modalities=AUDIT_MODALITIES) -> list[dict]:
+    jobs = [(m, v, n) for m in (methods or method_names())
+            for v in get_method(m).variants for n in modalities]
+    return [audit_one(*job) for job in tqdm(jobs, desc="audit grads", unit="check")]

@@ -1,0 +1,102 @@
+"""A backbone of per-modality layer stacks run in lock-step, implementing the method contract
+(see methods/base.py for the contract itself)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods.base import LinearSite, PromptProvider
+from harness.backbones.layers import EncoderLayer
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+FFN_ROLES = ("fc1", "fc2")
+
+
+class LockstepBackbone(nn.Module):
+    """Subclasses build ``self.encoders`` ({modality: ModuleList[EncoderLayer]}, equal depths),
+    ``self.final_norms`` ({modality: LayerNorm}), ``self.head`` and implement ``embed`` and ``pool``."""
+
+    modalities: tuple[str, ...]
+    encoders: nn.ModuleDict
+    final_norms: nn.ModuleDict
+    head: nn.Module
+
+    def __init__(self):
+        super().__init__()
+        self.prompts: PromptProvider | None = None
+        self.fusion_hooks = nn.ModuleDict()
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pool(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def seq_len(self, modality: str) -> int:
+        raise NotImplementedError
+
+    # --- the method contract ----------------------------------------------------------------
+    def hidden_size(self, modality: str) -> int:
+        return self.final_norms[modality].normalized_shape[0]
+
+    def num_layers(self, modality: str) -> int:
+        return len(self.encoders[modality])
+
+    @property
+    def depth(self) -> int:
+        return self.num_layers(self.modalities[0])
+
+    def layer(self, modality: str, depth: int) -> EncoderLayer:
+        return self.encoders[modality][depth]
+
+    def linear_sites(self) -> list[LinearSite]:
+        sites = []
+        for modality in self.modalities:
+            for depth in range(self.num_layers(modality)):
+                prefix = f"encoders.{modality}.{depth}"
+                sites += [LinearSite(f"{prefix}.attn.{r}", modality, depth, r) for r in ATTENTION_ROLES]
+                sites += [LinearSite(f"{prefix}.ffn.{r}", modality, depth, r) for r in FFN_ROLES]
+        return sites
+
+    def set_adapter(self, point: str, modality: str, depth: int, module: nn.Module) -> None:
+        if point not in ("attn", "ffn"):
+            raise ValueError(f"adapter point must be 'attn' or 'ffn', got {point!r}")
+        setattr(self.layer(modality, depth), f"{point}_adapter", module)
+
+    def set_prompts(self, provider: PromptProvider) -> None:
+        self.prompts = provider
+
+    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
+        if not 0 <= depth < self.depth:
+            raise ValueError(f"fusion hook depth must be in [0, {self.depth}), got {depth}")
+        self.fusion_hooks[str(depth)] = module
+
+    # --- forward ----------------------------------------------------------------------------
+    def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-modality token states after the last layer (and its fusion hook, if any)."""
+        states = self.embed(batch)
+        valid = {m: batch.get(f"mask_{m}") for m in self.modalities}  # (B, L_m) bool, True = token
+        previous: dict[str, torch.Tensor] = {}
+        for depth in range(self.depth):
+            extra = self.prompts(depth, states, previous) if self.prompts is not None else {}
+            previous = {}
+            for m in self.modalities:
+                x, mask = states[m], valid[m]
+                prompt = extra.get(m)
+                if prompt is not None:
+                    x = torch.cat([prompt, x], dim=1)
+                    if mask is not None:
+                        mask = torch.cat([mask.new_ones(mask.shape[0], prompt.shape[1]), mask], dim=1)
+                x = self.encoders[m][depth](x, mask)
+                if prompt is not None:
+                    previous[m], x = x[:, : prompt.shape[1]], x[:, prompt.shape[1]:]
+                states[m] = x
+            if depth == self.depth - 1:
+                states = {m: self.final_norms[m](x) for m, x in states.items()}
+            if str(depth) in self.fusion_hooks:
+                states = self.fusion_hooks[str(depth)](states)
+        return states
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.pool(self.encode(batch)))

@@ -1,0 +1,79 @@
+"""Transformer building blocks whose linears and adapter points are visible to PETL methods."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v, o linears (so LoRA / Aurora can target each)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.o = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+        batch, length, width = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+        mask = None if key_padding is None else key_padding[:, None, None, :]  # True = attend
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                             attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, multiplier: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, multiplier * width)
+        self.fc2 = nn.Linear(multiplier * width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer layer (MulT style) with an adapter slot after each sub-layer.
+
+    ``attn_adapter`` / ``ffn_adapter`` see the sub-layer output before the residual add; they are
+    ``nn.Identity`` until a method replaces them (Houlsby placement).
+    """
+
+    def __init__(self, width: int, heads: int, attn_dropout: float, relu_dropout: float,
+                 res_dropout: float, ffn_multiplier: int = 4):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, attn_dropout)
+        self.attn_adapter: nn.Module = nn.Identity()
+        self.ffn_norm = nn.LayerNorm(width)
+        self.ffn = FeedForward(width, ffn_multiplier, relu_dropout)
+        self.ffn_adapter: nn.Module = nn.Identity()
+        self.res_dropout = nn.Dropout(res_dropout)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.res_dropout(self.attn_adapter(self.attn(self.attn_norm(x), key_padding)))
+        return x + self.res_dropout(self.ffn_adapter(self.ffn(self.ffn_norm(x))))
+
+
+def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
+    """(length, width) fixed sinusoidal position table (Vaswani et al. 2017)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+    table = torch.zeros(length, width)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)[:, : width // 2]
+    return table
