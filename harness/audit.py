@@ -23,6 +23,8 @@ AUDIT_MODALITIES = (2, 3, 7)
 # keeps the method's defaults.
 AUDIT_OVERRIDES: dict[str, dict] = {
     "wander": {"down_dim": 8},
+    "lora": {"rank": 4},
+    "adapter": {"down_dim": 8},
 }
 
 
@@ -47,11 +49,14 @@ def _zero_grad_names(model: nn.Module) -> set[str]:
             if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))}
 
 
-def audit_one(method: str, variant: str, n_modalities: int, seed: int = 0) -> dict:
+def audit_one(method: str, variant: str, n_modalities: int, seed: int = 0,
+              overrides: dict | None = None) -> dict:
     spec = get_method(method)
     backbone = audit_backbone(n_modalities, seed)
     frozen = copy.deepcopy(backbone).eval()
-    apply_method(backbone, method, variant, **AUDIT_OVERRIDES.get(method, {}))
+    if overrides is None:
+        overrides = AUDIT_OVERRIDES.get(method, {})
+    apply_method(backbone, method, variant, **overrides)
     backbone.eval()  # no dropout: the identity comparison must be exact
     batch = random_batch(backbone, seed=seed)
     expected_identity = spec.variant(variant).starts_as_identity

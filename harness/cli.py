@@ -1,0 +1,92 @@
+"""The ``mmpetl`` command line (DESIGN.md, CLI contract). ``--json`` prints one JSON document on
+stdout; logs and progress go to stderr. Bad input exits 2 with a message naming what is wrong."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from harness.errors import InputError
+from methods import ConfigError, get_method, method_names
+
+
+def _emit(document, as_json: bool, render) -> None:
+    if as_json:
+        json.dump(document, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        render(document)
+
+
+def cmd_methods(args) -> int:
+    document = []
+    for name in method_names():
+        spec = get_method(name)
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(spec.config_class)}
+        document.append({
+            "name": name, "summary": spec.summary, "modalities": spec.modalities,
+            "variants": list(spec.variants), "config": defaults,
+            "variant_details": {v: dataclasses.asdict(d) for v, d in spec.variants.items()},
+        })
+
+    def render(rows):
+        for row in rows:
+            print(f"{row['name']:<11} variants: {', '.join(row['variants']):<12} {row['summary']}")
+
+    _emit(document, args.json, render)
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from harness.audit import audit_grads
+
+    if args.what == "grads":
+        rows = audit_grads(args.method or None)
+
+        def render(rows):
+            for r in rows:
+                status = "ok" if r["ok"] else "FAIL"
+                note = f"  flagged: {r['flag']}" if r["flag"] else ""
+                print(f"{status:<4} {r['method']:<11} {r['variant']:<6} M={r['modalities']} "
+                      f"method={r['trainable_method']:>7} head={r['trainable_head']:>7} "
+                      f"dead={len(r['dead_tensors'])} identity={r['identity_at_init']}{note}")
+
+        _emit(rows, args.json, render)
+        return 0 if all(r["ok"] for r in rows) else 1
+    raise InputError("unknown audit", key="audit", expected="grads", found=args.what)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="registered methods and variants")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("audit", help="gradient-health and identity-at-init checks")
+    p.add_argument("what", choices=["grads"])
+    p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for name in getattr(args, "method", None) or []:
+            get_method(name)
+        return args.func(args)
+    except (InputError, ConfigError) as error:
+        print(f"mmpetl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyError as error:
+        print(f"mmpetl: error: {error.args[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Houlsby adapter (Houlsby et al. 2019, Eq. 1 of the Wander paper): x + Up(act(Down(x))), two per
+layer (after attention and after the FFN), in every layer of every modality encoder. Up starts at
+zero, so the adapted model starts as the frozen backbone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.base import MethodConfig, Variant, at_most_hidden, positive
+from methods.registry import register
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    down_dim: int = 64
+
+    def validate(self) -> None:
+        positive(self, "down_dim")
+
+    def validate_for(self, backbone: nn.Module) -> None:
+        at_most_hidden(self, backbone, "down_dim")
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, width: int, down_dim: int):
+        super().__init__()
+        self.down = nn.Linear(width, down_dim)
+        self.up = nn.Linear(down_dim, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(nn.functional.gelu(self.down(x)))
+
+
+@register(
+    "adapter",
+    config=AdapterConfig,
+    summary="Houlsby adapter: two bottleneck adapters per layer (after attention and after FFN)",
+    variants={"paper": Variant("Houlsby et al. 2019, zero-init up", starts_as_identity=True)},
+)
+def apply(backbone: nn.Module, config: AdapterConfig, variant: str) -> None:
+    for m in backbone.modalities:
+        for depth in range(backbone.num_layers(m)):
+            for point in ("attn", "ffn"):
+                backbone.set_adapter(point, m, depth, Bottleneck(backbone.hidden_size(m), config.down_dim))

@@ -1,0 +1,143 @@
+"""The generic checks every method x variant must pass (DESIGN.md, the method contract)."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from harness.audit import AUDIT_MODALITIES, AUDIT_OVERRIDES, audit_backbone, audit_one, random_batch
+from harness.cli import main
+from methods import apply_method, count_parameters, get_method, method_names
+from methods.lora import LoraConfig, peft_config
+
+CASES = [(m, v) for m in method_names() for v in get_method(m).variants]
+
+
+@pytest.mark.parametrize("method, variant", CASES)
+@pytest.mark.parametrize("n", AUDIT_MODALITIES)
+def test_gradient_health_and_identity(method, variant, n):
+    row = audit_one(method, variant, n)
+    if row["flag"] is None:
+        assert row["dead_tensors"] == [], row["dead_tensors"]
+    if row["identity_expected"] is not None:
+        assert row["identity_at_init"] == row["identity_expected"]
+    assert row["ok"]
+
+
+@pytest.mark.parametrize("method, variant", CASES)
+def test_seven_modalities_forward_backward(method, variant):
+    backbone = audit_backbone(7)
+    apply_method(backbone, method, variant, **AUDIT_OVERRIDES.get(method, {}))
+    out = backbone(random_batch(backbone))
+    out.pow(2).mean().backward()
+    assert torch.isfinite(out).all()
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
+@pytest.mark.parametrize("method, variant", CASES)
+def test_count_split_into_method_and_head(method, variant):
+    backbone = audit_backbone(3)
+    head = sum(p.numel() for p in backbone.head.parameters())
+    apply_method(backbone, method, variant, **AUDIT_OVERRIDES.get(method, {}))
+    counts = count_parameters(backbone)
+    assert counts["head"] == head
+    everything = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    assert counts["method"] + counts["head"] == everything
+
+
+@pytest.mark.parametrize("roles", [("q", "v"), ("q", "k", "v", "o", "fc1", "fc2")])
+def test_lora_count_equals_peft_count(roles):
+    ours = audit_backbone(3)
+    theirs = copy.deepcopy(ours)
+    apply_method(ours, "lora", rank=4, target_roles=roles)
+    config = LoraConfig(rank=4, target_roles=roles)
+    peft_model = get_peft_model(theirs, peft_config(theirs, config))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert count_parameters(ours)["method"] == trainable
+
+
+def test_full_and_linear_counts():
+    backbone = audit_backbone(2)
+    total = sum(p.numel() for p in backbone.parameters())
+    head = sum(p.numel() for p in backbone.head.parameters())
+    apply_method(backbone, "full")
+    assert count_parameters(backbone) == {"method": total - head, "head": head}
+    backbone = audit_backbone(2)
+    apply_method(backbone, "linear")
+    assert count_parameters(backbone) == {"method": 0, "head": head}
+
+
+def test_unknown_method_and_variant_list_known_names(capsys):
+    assert main(["audit", "grads", "--method", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "wander" in err and "lora" in err
+    with pytest.raises(KeyError, match=r"no variant 'released'.*\['code', 'paper'\]"):
+        apply_method(audit_backbone(2), "wander", "released")
+
+
+def test_unknown_config_field_is_refused():
+    with pytest.raises(ValueError, match=r"no config field\(s\) \['rnak'\]"):
+        apply_method(audit_backbone(2), "lora", rnak=4)
+
+
+@pytest.mark.parametrize("method, overrides, field", [
+    ("lora", {"rank": 0}, "rank"), ("lora", {"dropout": -0.1}, "dropout"),
+    ("lora", {"target_roles": ("qq",)}, "target_roles"), ("adapter", {"down_dim": 33}, "down_dim"),
+])
+def test_invalid_baseline_configs(method, overrides, field):
+    with pytest.raises(ValueError, match=rf"{field} = "):
+        apply_method(audit_backbone(2), method, **overrides)
+
+
+def test_methods_json_lists_every_method():
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "methods", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert set(rows) == set(method_names())
+    assert rows["wander"]["variants"] == ["paper", "code"]
+    assert rows["wander"]["modalities"] == "any"
+    assert rows["wander"]["config"]["rank_h"] == 8
+
+
+def test_audit_grads_json_exit_status():
+    result = subprocess.run([sys.executable, "-m", "harness.cli", "audit", "grads", "--json",
+                             "--method", "wander", "--method", "lora"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {(r["method"], r["variant"], r["modalities"]) for r in rows} == {
+        (m, v, n) for m in ("wander", "lora") for v in get_method(m).variants for n in (2, 3, 7)}
+    flagged = [r for r in rows if r["flag"]]
+    assert {(r["method"], r["variant"]) for r in flagged} == {("wander", "code")}
+
+
+@pytest.fixture
+def broken_method():
+    """A method with a parameter that never reaches the output: the audit must fail on it."""
+    from dataclasses import dataclass
+
+    from methods import registry
+    from methods.base import MethodConfig, Variant
+
+    @dataclass
+    class Empty(MethodConfig):
+        pass
+
+    def apply(backbone, config, variant):
+        backbone.unused = torch.nn.Linear(2, 2)
+
+    registry.register("broken_for_test", config=Empty, summary="test only",
+                      variants={"paper": Variant("never used", starts_as_identity=True)})(apply)
+    yield "broken_for_test"
+    registry._REGISTRY.pop("broken_for_test")
+
+
+def test_audit_fails_on_a_dead_tensor(broken_method, capsys):
+    row = audit_one(broken_method, "paper", 2)
+    assert row["dead_tensors"] == ["unused.bias", "unused.weight"] and not row["ok"]
+    assert main(["audit", "grads", "--method", broken_method]) == 1
+    assert "FAIL" in capsys.readouterr().out
