@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from harness.errors import InputError
 from methods import ConfigError, get_method, method_names
@@ -58,6 +59,34 @@ def cmd_audit(args) -> int:
     raise InputError("unknown audit", key="audit", expected="grads", found=args.what)
 
 
+def _parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError("bad --set", key=pair, expected="key=value", found=pair)
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def cmd_run(args) -> int:
+    from harness.run import execute
+    from harness.settings import load_params, plan_run
+
+    params = load_params(args.params)
+    plan = plan_run(params, args.dataset, args.method, args.variant, args.seed, _parse_sets(args.set))
+    record = execute(plan, Path(args.out), progress=not args.json)
+
+    def render(r):
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
+        print(f"{r['dataset']} {r['method']}/{r['variant']} seed {r['seed']} "
+              f"(tunable method={r['tunable']['method']} head={r['tunable']['head']}, "
+              f"epoch {r['selected_epoch']} selected on valid {r['select_metric']})\ntest: {metrics}")
+
+    _emit(record, args.json, render)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="registered methods and variants")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("run", help="one fine-tuning run; writes its run record")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--variant", default="paper")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a train setting or a method config field (repeatable)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="results/runs", help="folder for run records")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("audit", help="gradient-health and identity-at-init checks")
     p.add_argument("what", choices=["grads"])
@@ -77,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for name in getattr(args, "method", None) or []:
+        names = getattr(args, "method", None) or []
+        for name in [names] if isinstance(names, str) else names:
             get_method(name)
         return args.func(args)
     except (InputError, ConfigError) as error:

@@ -1,0 +1,85 @@
+"""Execute one planned fine-tuning run and write its record (atomically)."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import records
+from harness.backbones import build_backbone
+from harness.data import load_dataset
+from harness.errors import InputError
+from harness.settings import RunPlan
+from harness.tasks.tasks import TASKS
+from harness.train import fine_tune
+from methods import apply_method, count_parameters
+
+RUNS_DIR = Path("results/runs")
+
+
+def task_for(info: dict) -> tuple[str, int]:
+    """(task name, output size) from what the loader found."""
+    kind = info.get("label_kind")
+    if kind == "regression":
+        return "regression", 1
+    if kind == "4 x binary":
+        return "emotion_binary", 8
+    if kind == "4-class":
+        return "emotion4", 4
+    if info.get("task") == "classification":
+        return "classification", int(info["num_classes"])
+    raise InputError("no fine-tuning task for this data", key="label_kind",
+                     expected="regression, 4 x binary, 4-class or classification", found=kind)
+
+
+def run_key(plan: RunPlan) -> str:
+    return records.canonical_hash({"run": plan.identity(), "code": records.code_hash()})
+
+
+def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
+    return Path(out_dir) / plan.dataset / f"{plan.method}-{plan.variant}-seed{plan.seed}-{key[:12]}.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
+    """Run ``plan`` unless a record under its key exists; return the record."""
+    key = run_key(plan)
+    path = record_path(plan, key, out_dir)
+    if path.is_file():
+        return records.read_json(path)
+    started = time.perf_counter()
+    data = load_dataset(plan.dataset, plan.data["path"], plan.data.get("format"))
+    task_name, output_dim = task_for(data.info)
+    seed_everything(plan.seed)
+    backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim)
+    config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
+    splits = {name: data.split(name) for name in ("train", "valid", "test")}
+    result = fine_tune(backbone, TASKS[task_name], splits, plan.train, plan.seed, progress=progress)
+    record = {
+        "key": key,
+        **plan.identity(),
+        "method_config": config.to_dict(),
+        "task": task_name,
+        "metrics": result.pop("test"),
+        "valid_metrics": result.pop("valid"),
+        **result,
+        "tunable": count_parameters(backbone),
+        "wall_s": time.perf_counter() - started,
+        "device": torch.cuda.get_device_name() if plan.train.device == "cuda" else "cpu",
+        "data_format": data.format,
+        "data_hash": data.report.get("data_hash"),
+        "checkpoint_load_report": None,
+        "git_commit": records.git_commit(),
+        "code_hash": records.code_hash(),
+        "versions": records.versions(),
+    }
+    records.write_json_atomic(path, record)
+    return record

@@ -1,0 +1,149 @@
+"""params.yaml: loading, validation, and resolving one run's settings (+ ``--set`` overrides)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from harness.errors import InputError
+from harness.train import TrainSettings
+from methods import get_method
+
+PARAMS_FILE = "params.yaml"
+PROFILES = ("tiny", "paper")
+BACKBONE_FOR = {"mosi": "late_fusion", "mosei": "late_fusion", "iemocap": "late_fusion",
+                "food101": "two_tower", "msrvtt": "mmt", "howto100m": "mmt"}
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("parameters file not found (run from the project root or pass --params)",
+                         file=str(path))
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"malformed YAML: {error}", file=str(path)) from error
+    if not isinstance(params, dict):
+        raise InputError("parameters must be a mapping", file=str(path), expected="a mapping",
+                         found=type(params).__name__)
+    params["_file"] = str(path)
+    profile = params.get("profile")
+    if profile not in PROFILES:
+        raise InputError("unknown profile", file=str(path), key="profile", expected=PROFILES,
+                         found=profile)
+    return params
+
+
+def section(params: dict, *keys: str) -> dict:
+    """params[k1][k2]... as a dict, or an InputError naming the dotted key."""
+    node = params
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            dotted = ".".join(keys[: depth + 1])
+            known = sorted(k for k in node if not k.startswith("_")) if isinstance(node, dict) else []
+            raise InputError("missing key", file=params["_file"], key=dotted,
+                             expected=f"one of {known}" if known else "a mapping", found="nothing")
+        node = node[key]
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise InputError("expected a mapping", file=params["_file"], key=".".join(keys),
+                         expected="a mapping", found=repr(node))
+    return node
+
+
+def coerce(raw: str, default, key: str):
+    """Parse a ``--set`` value as YAML and check it against the type of the field's default."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    expected = type(default)
+    if default is None:
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+        expected_name = "an integer or null"
+    elif expected is bool:
+        ok, expected_name = isinstance(value, bool), "true or false"
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value, expected_name = (float(value) if ok else value), "a number"
+    elif expected is int:
+        ok, expected_name = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif expected is tuple:
+        value = tuple(value) if isinstance(value, list) else (value,) if isinstance(value, str) else value
+        ok, expected_name = isinstance(value, tuple), "a list"
+    else:
+        ok, expected_name = isinstance(value, expected), expected.__name__
+    if not ok:
+        raise InputError("bad --set value", key=key, expected=expected_name, found=repr(raw))
+    return value
+
+
+def _field_defaults(cls) -> dict:
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class RunPlan:
+    """Everything one fine-tuning run needs, resolved from params.yaml and overrides."""
+    profile: str
+    dataset: str
+    method: str
+    variant: str
+    seed: int
+    train: TrainSettings
+    method_overrides: dict
+    backbone_kind: str
+    backbone: dict
+    data: dict
+
+    def identity(self) -> dict:
+        """What identifies the run (hashed into its key, with the code hash)."""
+        return {"profile": self.profile, "dataset": self.dataset, "method": self.method,
+                "variant": self.variant, "seed": self.seed,
+                "train": dataclasses.asdict(self.train), "method_overrides": self.method_overrides,
+                "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data}
+
+
+def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", seed: int = 0,
+             overrides: dict[str, str] | None = None) -> RunPlan:
+    profile = params["profile"]
+    if dataset not in BACKBONE_FOR:
+        raise InputError("unknown dataset", key="dataset", expected=f"one of {sorted(BACKBONE_FOR)}",
+                         found=dataset)
+    spec = get_method(method)
+    spec.variant(variant)
+    file = params["_file"]
+    train_values = {**section(params, "train", dataset), **section(params, "profiles", profile, "train")}
+    known_train = _field_defaults(TrainSettings)
+    for key in train_values:
+        if key not in known_train:
+            raise InputError("unknown train setting", file=file, key=f"train.{dataset}.{key}",
+                             expected=f"one of {sorted(known_train)}", found=key)
+    method_defaults = _field_defaults(spec.config_class)
+    method_overrides: dict = {}
+    for key, raw in (overrides or {}).items():
+        if key in known_train:
+            train_values[key] = coerce(raw, known_train[key], key)
+        elif key in method_defaults:
+            method_overrides[key] = coerce(raw, method_defaults[key], key)
+        else:
+            raise InputError("unknown --set key", key=key,
+                             expected=f"a train setting {sorted(known_train)} or a {method} config "
+                                      f"field {sorted(method_defaults)}", found=key)
+    train = TrainSettings(**train_values)
+    try:
+        train.validate()
+    except ValueError as error:
+        raise InputError(str(error), file=file) from error
+    data = dict(section(params, "data", profile, dataset))
+    if "path" not in data:
+        raise InputError("missing key", file=file, key=f"data.{profile}.{dataset}.path",
+                         expected="a path", found="nothing")
+    kind = BACKBONE_FOR[dataset]
+    return RunPlan(profile, dataset, method, variant, seed, train, method_overrides, kind,
+                   dict(section(params, "profiles", profile, kind)), data)

@@ -1,0 +1,127 @@
+"""One fine-tuning run: the paper's optimiser and StepLR schedule, gradient clipping, model
+selection on the validation split, final metrics on the TEST split at the selected epoch (the
+released Wander code only ever reported validation numbers; we do not)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from harness.tasks.tasks import Task
+
+
+@dataclass
+class TrainSettings:
+    optimizer: str = "adam"      # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    step_size: int = 10          # StepLR step (epochs)
+    gamma: float = 0.1           # StepLR decay
+    batch_size: int = 24
+    epochs: int = 40
+    grad_clip: float = 0.8       # max gradient norm; 0 disables
+    device: str = "cpu"          # cpu | cuda
+    amp: bool = False            # bf16 autocast (CUDA only)
+
+    def validate(self) -> None:
+        checks = [
+            (self.optimizer in ("adam", "adamw"), "optimizer", "'adam' or 'adamw'"),
+            (self.lr > 0, "lr", "> 0"), (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.step_size > 0, "step_size", "> 0"), (0 < self.gamma <= 1, "gamma", "in (0, 1]"),
+            (self.batch_size > 0, "batch_size", "> 0"), (self.epochs > 0, "epochs", "> 0"),
+            (self.grad_clip >= 0, "grad_clip", ">= 0"),
+            (self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'"),
+            (not self.amp or self.device == "cuda", "amp", "false unless device is cuda"),
+        ]
+        for ok, field, rule in checks:
+            if not ok:
+                raise ValueError(f"train setting {field} = {getattr(self, field)!r} is invalid: "
+                                 f"expected {rule}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train setting device = 'cuda' but no CUDA device is available")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(settings: TrainSettings):
+    if settings.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSettings) -> dict:
+    model.eval()
+    device = torch.device(settings.device)
+    outputs, labels = [], []
+    for batch in DataLoader(dataset, batch_size=max(settings.batch_size, 64), shuffle=False):
+        batch = _to_device(batch, device)
+        with _autocast(settings):
+            outputs.append(model(batch).float().cpu())
+        labels.append(batch["label"].cpu())
+    return task.evaluate(torch.cat(outputs), torch.cat(labels))
+
+
+def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings: TrainSettings,
+              seed: int, progress: bool = True) -> dict:
+    """Train the trainable parameters of ``model``; returns metrics and the training history."""
+    device = torch.device(settings.device)
+    model.to(device)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
+    optimizer = optimizer_class(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_size, settings.gamma)
+    loader = DataLoader(splits["train"], batch_size=settings.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    initial_test = evaluate(model, task, splits["test"], settings)
+    best_value, best_epoch, best_state, history = None, -1, None, []
+    started = time.perf_counter()
+    epochs = tqdm(range(settings.epochs), desc="fine-tune", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        model.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = _to_device(batch, device)
+            with _autocast(settings):
+                loss = task.loss(model(batch).float(), batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip > 0:
+                nn.utils.clip_grad_norm_(trainable.values(), settings.grad_clip)
+            optimizer.step()
+            total += loss.item() * len(batch["label"])
+            count += len(batch["label"])
+        scheduler.step()
+        valid = evaluate(model, task, splits["valid"], settings)
+        value = valid[task.select_metric]
+        history.append({"epoch": epoch, "train_loss": total / count, f"valid_{task.select_metric}": value})
+        if task.better(value, best_value):
+            best_value, best_epoch = value, epoch
+            best_state = {n: p.detach().clone() for n, p in trainable.items()}
+        epochs.set_postfix(loss=f"{total / count:.4f}", **{task.select_metric: f"{value:.4f}"})
+    wall = time.perf_counter() - started
+
+    with torch.no_grad():
+        for name, parameter in trainable.items():
+            parameter.copy_(best_state[name])
+    return {
+        "test": evaluate(model, task, splits["test"], settings),
+        "valid": evaluate(model, task, splits["valid"], settings),
+        "initial_test": initial_test,
+        "selected_epoch": best_epoch,
+        "select_metric": task.select_metric,
+        "history": history,
+        "train_wall_s": wall,
+        "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                               if device.type == "cuda" else None),
+    }
