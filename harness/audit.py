@@ -25,6 +25,9 @@ AUDIT_OVERRIDES: dict[str, dict] = {
     "wander": {"down_dim": 8},
     "lora": {"rank": 4},
     "adapter": {"down_dim": 8},
+    "aurora": {"rank": 4},
+    "uniadapter": {"down_dim": 8},
+    "pmf": {"translator_hidden": 16},
 }
 
 

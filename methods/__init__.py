@@ -3,7 +3,7 @@ from methods.base import ConfigError, LinearSite, MethodConfig, PromptProvider, 
 from methods.registry import apply_method, get_method, method_names, register
 
 # Importing a method module registers it.
-from methods import adapter, full, lora, wander  # noqa: F401,E402
+from methods import adapter, aurora, full, lora, maple, pmf, ptuning, uniadapter, wander  # noqa: F401,E402
 
 __all__ = ["ConfigError", "LinearSite", "MethodConfig", "PromptProvider", "Variant",
            "apply_method", "count_parameters", "get_method", "method_names", "register"]

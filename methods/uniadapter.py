@@ -1,0 +1,257 @@
+"""UniAdapter: unified adapters with a shared down-projection (Lu et al., ICLR 2024), Sec. 3.3-3.5.
+
+    UniAdapter(x^m) = x^m + s * act(x^m W_down) W_up^m,   s = 0.1                       (Eq. 1, 5)
+
+One down-projection W_down (D -> r) is shared by the adapters of every modality; each modality m
+has its own up-projection W_up^m (r -> D) in every layer ("the down-projection layer in all
+UniAdapters is shared while the up-projection can learn modality-specific knowledge", Sec. 3.4).
+M >= 2 modalities: one up per modality (backbone order; the first is the "text" modality).
+
+Placement (``placement``). Eq. 3 and Eq. 6 put the adapter in parallel with the feed-forward
+block, reading the post-attention residual stream h: l = h + FFN(LN(h)) + s * Delta(h) ("we follow
+MAM [scaled parallel adapter] to inject UniAdapter between the self-attention layer and the
+feed-forward layer"); the released code does the same (ViT: adapter(x) added to mlp(norm2(x));
+BERT: adapter(attention_output) added to the FFN output). Neither ``set_adapter`` point of the
+backbone sees h (the 'attn' point sees the attention output, the 'ffn' point the FFN output), so
+``parallel`` (the default of both variants) hooks the FFN block itself (the parent module of the
+layer's fc1 linear site; the adapter becomes its child ``uniadapter`` and a forward hook adds its
+output, so every linear keeps its path): FFN'(y) = FFN(y) + s * Delta(y) with
+y = LN_ffn(h), the FFN's own (frozen pre-LN) input. The adapter therefore reads h normalised by
+the frozen pre-FFN LayerNorm instead of raw h: exact when that LayerNorm's affine is the identity
+and, for the code variant, nearly so anyway, since its own LayerNorm re-normalises the input
+(LN_a(LN_ffn(h)) = LN_a(h) whenever LN_ffn's gain is uniform and its bias zero). ``attn``
+(sequential, on the attention output: the "adapter behind the multi-head attention" reading) and
+``ffn`` (sequential, on the FFN output, Houlsby's second position) use the backbone's
+``set_adapter`` points and are offered as alternatives.
+
+Variants:
+- paper: ONE down shared globally (all layers, all modalities), no LayerNorm, no biases (Eq. 1
+  has none), Kaiming-normal down, every up zero: the adapted model starts as the frozen one.
+  Count: D r + M L r D.
+- code (released RERV/UniAdapter): LayerNorm before down, ReLU, biases, one down (with its
+  LayerNorm) per LAYER depth i shared by every modality's layer i, Kaiming-uniform down (a = sqrt 5,
+  zero bias), only the first (text) modality's up zeroed; the other ups keep nn.Linear's default
+  init, so the model does NOT start as the frozen one (starts_as_identity=False: the audit then
+  checks that the released init really perturbs the output at step 0).
+  Count: L (2 D + D r + r) + M L (r D + D).
+
+Cross-modal branch (Sec. 3.3-3.4, Eq. 6): in a fusion (multimodal) encoder the adapter adds
+s * [act(h W_down) W_up^T + act(h W_down) W_up^C] (the text up reused, plus a fusion up) and the
+Query-Residual adapter s * act(q W_down) W_up^T on the self-attention output q (weights shared with
+the text adapter); the code wraps the sum of the two ups in a LayerNorm. It is attached only when
+the backbone exposes ``fusion_layers`` (through ``set_fusion_adapter(depth, module)``); the
+late-fusion backbone has none, so there it is absent. The released extra LoRA-like adapters on
+the cross-attention keys and values belong to that branch too and are not built.
+
+Parameter-free Frame-aware Attention (Sec. 3.5) reweights video frame tokens before the
+cross-attention; it only applies to video backbones with frame tokens and a text CLS and is left
+out of this module (it has no parameters, so counts are unaffected).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from methods.base import ConfigError, MethodConfig, Variant, at_most_hidden, positive, probability, require
+from methods.registry import register
+
+PLACEMENTS = ("parallel", "attn", "ffn")
+
+
+@dataclass
+class UniAdapterConfig(MethodConfig):
+    down_dim: int = 128               # r (paper tables: r = 128 and 512)
+    scale: float = 0.1                # s
+    share_down: str = "global"        # global (paper) | layer (code: one down per depth)
+    layer_norm: bool = False          # LayerNorm before down (code)
+    bias: bool = False                # biases on down / ups (code)
+    activation: str = "relu"          # the paper leaves sigma open; the code uses ReLU
+    dropout: float = 0.0              # on the bottleneck activations (code: 0.0)
+    placement: str = "parallel"       # parallel to the FFN (Eq. 3, 6) | attn | ffn
+    down_init: str = "kaiming_normal"  # kaiming_normal (paper) | kaiming_uniform (code)
+    zero_up: str = "all"              # all (paper) | first (code: only the text up)
+    fusion: bool = True               # cross-modal / query-residual branch, fusion backbones only
+
+    def validate(self) -> None:
+        positive(self, "down_dim")
+        probability(self, "dropout")
+        require(isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0,
+                self, "scale", "a finite number > 0")
+        require(self.share_down in ("global", "layer"), self, "share_down", "'global' or 'layer'")
+        require(self.activation in ("relu", "gelu"), self, "activation", "'relu' or 'gelu'")
+        require(self.placement in PLACEMENTS, self, "placement", f"one of {PLACEMENTS}")
+        require(self.down_init in ("kaiming_normal", "kaiming_uniform"), self, "down_init",
+                "'kaiming_normal' or 'kaiming_uniform'")
+        require(self.zero_up in ("all", "first"), self, "zero_up", "'all' or 'first'")
+
+    def validate_for(self, backbone: nn.Module) -> None:
+        at_most_hidden(self, backbone, "down_dim")
+        widths = sorted({backbone.hidden_size(m) for m in backbone.modalities})
+        if len(widths) != 1:
+            raise ConfigError(f"{type(self).__name__}: uniadapter shares its down-projection across "
+                              f"modalities and needs one width for all of them; the backbone has "
+                              f"widths {widths}")
+        if self.placement == "parallel":
+            for m in backbone.modalities:
+                for depth in range(backbone.num_layers(m)):
+                    require(_ffn_path(backbone, m, depth) is not None, self, "placement",
+                            f"'attn' or 'ffn': the backbone exposes no fc1 linear site for "
+                            f"{m!r} layer {depth} to locate its FFN block")
+
+
+def _ffn_path(backbone: nn.Module, modality: str, depth: int) -> str | None:
+    for site in backbone.linear_sites():
+        if site.modality == modality and site.depth == depth and site.role == "fc1":
+            return site.path.rsplit(".", 1)[0]
+    return None
+
+
+class SharedDown(nn.Module):
+    """[LayerNorm] + Linear(D -> r): the part every modality's adapter shares."""
+
+    def __init__(self, width: int, config: UniAdapterConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(width) if config.layer_norm else nn.Identity()
+        self.proj = nn.Linear(width, config.down_dim, bias=config.bias)
+        with torch.no_grad():
+            if config.down_init == "kaiming_normal":
+                nn.init.kaiming_normal_(self.proj.weight)
+            else:
+                nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5))
+            if self.proj.bias is not None:
+                self.proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def make_up(width: int, config: UniAdapterConfig, zero: bool) -> nn.Linear:
+    up = nn.Linear(config.down_dim, width, bias=config.bias)  # nn.Linear default init otherwise
+    if zero:
+        with torch.no_grad():
+            up.weight.zero_()
+            if up.bias is not None:
+                up.bias.zero_()
+    return up
+
+
+class UniAdapterBranch(nn.Module):
+    """One modality's adapter at one depth: shared down, its own up."""
+
+    def __init__(self, down: SharedDown, up: nn.Linear, config: UniAdapterConfig):
+        super().__init__()
+        self.down = down  # shared: registered in every branch, counted once
+        self.up = up
+        self.scale = float(config.scale)
+        self.activation = config.activation
+        self.dropout = nn.Dropout(config.dropout)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        h = F.relu(h) if self.activation == "relu" else F.gelu(h)
+        return self.dropout(h)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.hidden(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # sequential use (Eq. 1)
+        return x + self.delta(x)
+
+
+def _parallel_hook(ffn: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on an FFN block: FFN(y) + s * up(act(down(y))) (the adapter in parallel).
+
+    A plain function reading the adapter from the hooked module, so deep copies stay consistent."""
+    return output + ffn.uniadapter.delta(args[0])
+
+
+def attach_parallel(ffn: nn.Module, adapter: UniAdapterBranch) -> None:
+    """Registers ``adapter`` as ``ffn.uniadapter`` and runs it in parallel with ``ffn``; the FFN's
+    own linears keep their paths (``linear_sites()`` stays valid)."""
+    if hasattr(ffn, "uniadapter"):
+        raise ValueError("this FFN block already has a parallel UniAdapter")
+    ffn.uniadapter = adapter
+    ffn.register_forward_hook(_parallel_hook)
+
+
+class CrossModalUniAdapter(nn.Module):
+    """Fusion-encoder UniAdapter (Eq. 6 without the FFN term): the text branch reused on the query
+    (query residual) and on the fused state, plus a fusion up; code: LayerNorm on the summed ups."""
+
+    def __init__(self, text: UniAdapterBranch, fusion_up: nn.Linear, width: int,
+                 config: UniAdapterConfig):
+        super().__init__()
+        self.text = text  # shared with the text modality's adapter at this depth
+        self.fusion_up = fusion_up
+        self.norm = nn.LayerNorm(width) if config.layer_norm else nn.Identity()
+
+    def forward(self, query: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+        hidden = self.text.hidden(fused)
+        both = self.norm(self.text.up(hidden) + self.fusion_up(hidden))
+        return self.text.delta(query) + self.text.scale * both
+
+
+def _attach_fusion_branch(backbone: nn.Module, config: UniAdapterConfig, width: int,
+                          text_branches: dict[int, UniAdapterBranch]) -> None:
+    fusion_layers = getattr(backbone, "fusion_layers", None)
+    if fusion_layers is None or not config.fusion:
+        return  # late fusion: no cross-modal encoder, so no cross-modal branch
+    if not hasattr(backbone, "set_fusion_adapter"):
+        raise NotImplementedError("uniadapter: the backbone has a fusion branch but no "
+                                  "set_fusion_adapter(depth, module) hook; pass fusion=False to "
+                                  "adapt the unimodal encoders alone")
+    for depth in range(len(fusion_layers)):
+        if depth not in text_branches:
+            raise NotImplementedError(f"uniadapter: fusion layer {depth} has no text adapter at the "
+                                      f"same depth to share its up-projection with")
+        zero = config.zero_up == "all"
+        backbone.set_fusion_adapter(depth, CrossModalUniAdapter(
+            text_branches[depth], make_up(width, config, zero), width, config))
+
+
+@register(
+    "uniadapter",
+    config=UniAdapterConfig,
+    summary="UniAdapter (ICLR 2024): bottleneck adapters whose down-projection is shared across "
+            "modalities (one up per modality), parallel to the FFN, scale 0.1",
+    variants={
+        "paper": Variant("one global down (all layers, all modalities), one up per modality and "
+                         "layer, Kaiming-normal down, zero ups, no LayerNorm / biases; parallel "
+                         "to the FFN (Eq. 3, 6)",
+                         starts_as_identity=True,
+                         defaults={"share_down": "global", "layer_norm": False, "bias": False,
+                                   "down_init": "kaiming_normal", "zero_up": "all"}),
+        "code": Variant("released code: LayerNorm + down shared per layer depth, ReLU, biases, "
+                        "Kaiming-uniform down, only the text (first modality) up zeroed, so the "
+                        "other modalities' adapters perturb the output from step 0",
+                        starts_as_identity=False,
+                        defaults={"share_down": "layer", "layer_norm": True, "bias": True,
+                                  "down_init": "kaiming_uniform", "zero_up": "first"}),
+    },
+)
+def apply(backbone: nn.Module, config: UniAdapterConfig, variant: str) -> None:
+    width = backbone.hidden_size(backbone.modalities[0])
+    downs: dict[int, SharedDown] = {}
+
+    def down_for(depth: int) -> SharedDown:
+        key = 0 if config.share_down == "global" else depth
+        if key not in downs:
+            downs[key] = SharedDown(width, config)
+        return downs[key]
+
+    text_branches: dict[int, UniAdapterBranch] = {}
+    for index, modality in enumerate(backbone.modalities):
+        zero = config.zero_up == "all" or index == 0
+        for depth in range(backbone.num_layers(modality)):
+            branch = UniAdapterBranch(down_for(depth), make_up(width, config, zero), config)
+            if index == 0:
+                text_branches[depth] = branch
+            if config.placement == "parallel":
+                attach_parallel(backbone.get_submodule(_ffn_path(backbone, modality, depth)), branch)
+            else:
+                backbone.set_adapter(config.placement, modality, depth, branch)
+    _attach_fusion_branch(backbone, config, width, text_branches)

@@ -1,0 +1,427 @@
+"""Malformed data: every case raises InputError naming the file and the key, and writes
+nothing."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from harness.data import check_data, generate, load_card, load_dataset
+from harness.data.cards import cards_dir
+from harness.errors import InputError
+
+from test_data_loaders import full_experts, mmsa_split, mult_split, write_pickle, write_video
+
+
+def snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(root).rglob("*"))}
+
+
+def expect_error(root: Path, fn, file_part: str, key_part: str) -> InputError:
+    before = snapshot(root)
+    with pytest.raises(InputError) as ei:
+        fn()
+    e = ei.value
+    msg = str(e)
+    assert e.file is not None and e.key is not None, msg
+    assert file_part in msg, msg
+    assert key_part in msg, msg
+    assert "expected" in msg and "found" in msg, msg
+    assert snapshot(root) == before, "something was written"
+    return e
+
+
+def mult(tmp_path, name="mosi_data.pkl", mutate=None, n=(5, 3, 3)):
+    data = {s: mult_split(k) for s, k in zip(("train", "valid", "test"), n)}
+    if mutate:
+        mutate(data)
+    return write_pickle(tmp_path / name, data)
+
+
+# ----------------------------------------------------------------------------- sentiment
+
+def test_missing_path(tmp_path):
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path / "nope"), "nope", "'path'")
+
+
+def test_empty_directory_no_format(tmp_path):
+    expect_error(tmp_path, lambda: check_data("mosi", tmp_path), str(tmp_path), "'format'")
+
+
+def test_truncated_pickle(tmp_path):
+    p = mult(tmp_path)
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    e = expect_error(tmp_path, lambda: check_data("mosi", tmp_path), "mosi_data.pkl",
+                     "(whole file)")
+    assert "truncated" in str(e)
+
+
+def test_corrupt_pickle(tmp_path):
+    (tmp_path / "mosi_data.pkl").write_bytes(b"\x80\x04not a pickle at all" * 3)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl", "(whole file)")
+
+
+def test_missing_split(tmp_path):
+    mult(tmp_path, mutate=lambda d: d.pop("test"))
+    expect_error(tmp_path, lambda: check_data("mosi", tmp_path), "mosi_data.pkl", "'test'")
+
+
+def test_missing_key(tmp_path):
+    mult(tmp_path, mutate=lambda d: d["train"].pop("vision"))
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl",
+                 "'train.vision'")
+
+
+def test_dims_differ_between_splits(tmp_path):
+    def m(d):
+        d["test"]["audio"] = np.zeros((3, 6, 7), dtype=np.float32)
+    mult(tmp_path, mutate=m)
+    e = expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl",
+                     "'test.audio'")
+    assert "dim 4" in str(e) and "dim 7" in str(e)
+
+
+def test_nan_in_features(tmp_path):
+    def m(d):
+        d["valid"]["vision"][1, 2, 0] = np.nan
+    mult(tmp_path, mutate=m)
+    e = expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl",
+                     "'valid.vision'")
+    assert "1 NaN" in str(e)
+
+
+def test_posinf_in_audio_is_not_fixed(tmp_path):
+    def m(d):
+        d["train"]["audio"][0, 0, 0] = np.inf
+    mult(tmp_path, mutate=m)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl", "'train.audio'")
+
+
+def test_labels_out_of_range(tmp_path):
+    def m(d):
+        d["train"]["labels"][2, 0, 0] = 4.2
+    mult(tmp_path, mutate=m)
+    e = expect_error(tmp_path, lambda: check_data("mosi", tmp_path), "mosi_data.pkl",
+                     "'train.labels'")
+    assert "[-3.0, 3.0]" in str(e) and "4.2" in str(e)
+
+
+def test_empty_split(tmp_path):
+    mult(tmp_path, n=(5, 0, 3))
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl", "'valid'")
+
+
+def test_sample_counts_differ(tmp_path):
+    def m(d):
+        d["train"]["labels"] = d["train"]["labels"][:4]
+    mult(tmp_path, mutate=m)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl",
+                 "'train.labels'")
+
+
+def test_iemocap_labels_wrong_shape(tmp_path):
+    def m(d):
+        for s in d.values():
+            s["labels"] = np.zeros((len(s["text"]), 4), dtype=np.float32)
+    mult(tmp_path, name="iemocap_data.pkl", mutate=m)
+    e = expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path), "iemocap_data.pkl",
+                     "'train.labels'")
+    assert "4, 2" in str(e)
+
+
+def test_mmsa_unaligned_missing_lengths(tmp_path):
+    data = {s: mmsa_split(4) for s in ("train", "valid", "test")}
+    del data["train"]["audio_lengths"]
+    write_pickle(tmp_path / "unaligned_50.pkl", data)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "unaligned_50.pkl",
+                 "'train.audio_lengths'")
+
+
+def test_mmsa_lengths_out_of_range(tmp_path):
+    data = {s: mmsa_split(4) for s in ("train", "valid", "test")}
+    data["valid"]["vision_lengths"][0] = 99
+    write_pickle(tmp_path / "unaligned_50.pkl", data)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "unaligned_50.pkl",
+                 "'valid.vision_lengths'")
+
+
+def test_wrong_format_forced_directory(tmp_path):
+    mult(tmp_path)
+    e = expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path, format="mmsa_aligned"),
+                     str(tmp_path), "'format'")
+    assert "aligned_50.pkl" in str(e) and "mult" in str(e)
+
+
+def test_wrong_format_forced_file(tmp_path):
+    p = mult(tmp_path)
+    e = expect_error(tmp_path, lambda: load_dataset("mosi", p, format="mmsa_aligned"),
+                     "mosi_data.pkl", "'train.regression_labels'")
+    assert "looks like mult" in str(e)
+
+
+def test_aligned_format_forced_on_unaligned_data(tmp_path):
+    data = {s: mult_split(3, L=(5, 9, 7)) for s in ("train", "valid", "test")}
+    p = write_pickle(tmp_path / "x.pkl", data)
+    expect_error(tmp_path, lambda: load_dataset("mosi", p, format="mult"), "x.pkl",
+                 "'train.audio'")
+
+
+def test_unknown_format_name(tmp_path):
+    mult(tmp_path)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path, format="csv"), "mosi.yaml",
+                 "'format'")
+
+
+def test_unknown_dataset(tmp_path):
+    expect_error(tmp_path, lambda: load_dataset("cifar10", tmp_path), "cifar10.yaml", "'dataset'")
+
+
+def test_unknown_loader_option(tmp_path):
+    mult(tmp_path)
+    expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path, image_size=3), "mosi.yaml",
+                 "'options'")
+
+
+def test_mmin_name_missing_from_features(tmp_path):
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=4, n_valid=2, n_test=2, seq_len=4)
+    with h5py.File(next((tmp_path / "g" / "V").glob("*.h5")), "a") as f:
+        victim = sorted(f)[0]
+        del f[victim]
+    expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path / "g"), "denseface.h5", victim)
+
+
+def test_mmin_missing_fold(tmp_path):
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=4, n_valid=2, n_test=2, seq_len=4)
+    expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path / "g", fold=7), "target",
+                 "'fold'")
+
+
+def test_mmin_labels_out_of_range(tmp_path):
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=4, n_valid=2, n_test=2, seq_len=4)
+    np.save(tmp_path / "g/target/1/tst_label.npy", np.array([0, 5]))
+    expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path / "g"), "tst_label.npy",
+                 "'tst'")
+
+
+# ----------------------------------------------------------------------------- food101
+
+def _raw_food(root: Path, test_rows=None):
+    rows = {"train": [("a_0.jpg", "t, \"q\"", "apple_pie"), ("b_0.jpg", "x", "baklava")],
+            "test": test_rows or [("a_1.jpg", "y", "apple_pie")]}
+    for split, rs in rows.items():
+        for fname, _, label in rs:
+            p = root / "images" / split / label / fname
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(p, format="JPEG")
+        (root / "texts").mkdir(exist_ok=True)
+        with open(root / "texts" / f"{split}_titles.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rs)
+
+
+def test_food_unreadable_image(tmp_path):
+    _raw_food(tmp_path)
+    bad = tmp_path / "images/train/baklava/b_0.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage, not a jpeg")
+    ld = load_dataset("food101", tmp_path)             # lazy: loading does not open images
+    expect_error(tmp_path, lambda: ld.splits["train"][1], "b_0.jpg", "id b_0")
+    expect_error(tmp_path, lambda: check_data("food101", tmp_path), "b_0.jpg", "id b_0")
+
+
+def test_food_missing_image(tmp_path):
+    _raw_food(tmp_path)
+    (tmp_path / "images/test/apple_pie/a_1.jpg").unlink()
+    expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "a_1.jpg", "line 1")
+
+
+def test_food_label_not_in_train(tmp_path):
+    _raw_food(tmp_path, test_rows=[("a_1.jpg", "y", "apple_pie"), ("c_1.jpg", "z", "churros")])
+    e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "test_titles.csv",
+                     "line 2")
+    assert "churros" in str(e)
+
+
+def test_food_malformed_row(tmp_path):
+    _raw_food(tmp_path)
+    with open(tmp_path / "texts/train_titles.csv", "a") as f:
+        f.write("only_two_fields.jpg,apple_pie\n")
+    expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "train_titles.csv", "line 3")
+
+
+def test_food_missing_test_split(tmp_path):
+    _raw_food(tmp_path)
+    (tmp_path / "texts/test_titles.csv").unlink()
+    expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "test_titles.csv", "'test'")
+
+
+def test_food_mmbt_missing_key(tmp_path):
+    generate("food101", tmp_path / "g", format="mmbt", n_train=6, n_valid=2, n_test=2)
+    p = tmp_path / "g/dev.jsonl"
+    recs = [json.loads(x) for x in p.read_text().splitlines()]
+    del recs[1]["img"]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    expect_error(tmp_path, lambda: load_dataset("food101", tmp_path / "g"), "dev.jsonl",
+                 "'line 2.img'")
+
+
+def test_food_cggm_invalid_json(tmp_path):
+    generate("food101", tmp_path / "g", format="cggm", n_train=6, n_valid=2, n_test=2)
+    (tmp_path / "g/test.json").write_text('[{"id": 1,')
+    expect_error(tmp_path, lambda: load_dataset("food101", tmp_path / "g"), "test.json", "line 1")
+
+
+def test_food_wrong_format_forced(tmp_path):
+    _raw_food(tmp_path)
+    e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path, format="mmbt"),
+                     str(tmp_path), "'format'")
+    assert "['raw']" in str(e)
+
+
+# ----------------------------------------------------------------------------- msrvtt
+
+def _tree(root: Path):
+    write_video(root, "video0", full_experts(3))
+    write_video(root, "video1", full_experts(3, skip=("face",)))
+    (root / "train_list_jsfusion.txt").write_text("video0\n")
+    (root / "val_list_jsfusion.txt").write_text("video1\n")
+
+
+def _vpath(root, vid):
+    return root / "vid_feat_files/mult_h5" / vid[0] / vid[1] / vid[2] / f"{vid}.h5"
+
+
+def test_msrvtt_required_expert_missing(tmp_path):
+    _tree(tmp_path)
+    with h5py.File(_vpath(tmp_path, "video1"), "a") as f:
+        del f["features.s3d"]
+    expect_error(tmp_path, lambda: check_data("msrvtt", tmp_path), "video1.h5", "'features.s3d'")
+
+
+def test_msrvtt_split_list_names_missing_video(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "val_list_jsfusion.txt").write_text("video1\nvideo77\n")
+    expect_error(tmp_path, lambda: load_dataset("msrvtt", tmp_path), "video77.h5",
+                 "val_list_jsfusion.txt line 2")
+
+
+def test_msrvtt_nan_inside_present_expert(tmp_path):
+    _tree(tmp_path)
+    with h5py.File(_vpath(tmp_path, "video0"), "a") as f:
+        a = f["features.rgb"][()]
+        a[2, 5] = np.nan
+        del f["features.rgb"]
+        f["features.rgb"] = a
+    expect_error(tmp_path, lambda: check_data("msrvtt", tmp_path), "video0.h5", "'features.rgb'")
+
+
+def test_msrvtt_expert_dim_mismatch(tmp_path):
+    _tree(tmp_path)
+    with h5py.File(_vpath(tmp_path, "video1"), "a") as f:
+        del f["features.vggish"]
+        f["features.vggish"] = np.zeros((3, 64), dtype=np.float32)
+    ld = load_dataset("msrvtt", tmp_path)
+    e = expect_error(tmp_path, lambda: ld.splits["test"][0], "video1.h5", "'features.vggish'")
+    assert "n x 128" in str(e)
+
+
+def test_msrvtt_truncated_h5(tmp_path):
+    _tree(tmp_path)
+    p = _vpath(tmp_path, "video0")
+    raw = p.read_bytes()
+    p.write_bytes(raw[:300])
+    expect_error(tmp_path, lambda: check_data("msrvtt", tmp_path), "video0.h5", "(whole file)")
+
+
+def test_msrvtt_missing_split_list(tmp_path):
+    _tree(tmp_path)
+    expect_error(tmp_path, lambda: load_dataset("msrvtt", tmp_path, split_scheme="full"),
+                 "train_list.txt", "'train'")
+
+
+def test_msrvtt_no_feature_tree_wrong_format(tmp_path):
+    mult(tmp_path)
+    expect_error(tmp_path, lambda: load_dataset("msrvtt", tmp_path, format="mmt"),
+                 str(tmp_path), "'format'")
+
+
+def test_msrvtt_video_without_captions(tmp_path):
+    _tree(tmp_path)
+    with h5py.File(_vpath(tmp_path, "video0"), "a") as f:
+        del f["raw_captions.0"]
+    expect_error(tmp_path, lambda: check_data("msrvtt", tmp_path), "video0.h5", "'raw_captions.0'")
+
+
+# ----------------------------------------------------------------------------- cards, checksums
+
+@pytest.fixture
+def card_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cards" / "datasets"
+    shutil.copytree(cards_dir(), d)
+    monkeypatch.setenv("MMPETL_DATASETS_DIR", str(d))
+    return d
+
+
+def test_checksum_mismatch(tmp_path, card_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    mult(data)
+    card = yaml.safe_load((card_dir / "mosi.yaml").read_text())
+    card["checksums"] = {"mosi_data.pkl": "0" * 64}
+    (card_dir / "mosi.yaml").write_text(yaml.safe_dump(card))
+    expect_error(data, lambda: check_data("mosi", data), "mosi_data.pkl",
+                 "'checksums.mosi_data.pkl'")
+    import hashlib
+    card["checksums"] = {"mosi_data.pkl": hashlib.sha256((data / "mosi_data.pkl").read_bytes())
+                         .hexdigest()}
+    (card_dir / "mosi.yaml").write_text(yaml.safe_dump(card))
+    assert check_data("mosi", data)["checksums"] == {"mosi_data.pkl": "ok"}
+
+
+def test_card_missing_field_and_bad_yaml(tmp_path, card_dir):
+    card = yaml.safe_load((card_dir / "mosi.yaml").read_text())
+    del card["licence"]
+    (card_dir / "mosi.yaml").write_text(yaml.safe_dump(card))
+    expect_error(tmp_path, lambda: load_card("mosi"), "mosi.yaml", "'licence'")
+    (card_dir / "mosei.yaml").write_text("name: [unclosed\n")
+    expect_error(tmp_path, lambda: load_card("mosei"), "mosei.yaml", "(whole file)")
+
+
+# ----------------------------------------------------------------------------- generator args
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"interaction_order": 4}, "interaction_order"),
+    ({"n_train": 0}, "n_train"),
+    ({"noise": float("nan")}, "noise"),
+    ({"format": "mmin"}, "format"),
+    ({"colour": 3}, "colour"),
+    ({"audio": -1}, "audio"),
+])
+def test_generate_bad_arguments_write_nothing(tmp_path, kwargs, key):
+    out = tmp_path / "deep" / "out"
+    expect_error(tmp_path, lambda: generate("mosi", out, **kwargs), "harness.data.generate",
+                 f"'{key}'")
+    assert not (tmp_path / "deep").exists()
+
+
+def test_generate_refuses_to_overwrite_real_data(tmp_path):
+    mult(tmp_path)
+    expect_error(tmp_path, lambda: generate("mosi", tmp_path), str(tmp_path), "'out_dir'")
+
+
+def test_generate_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    import importlib
+    g = importlib.import_module("harness.data.generate")   # the module, not the function
+
+    def boom(*a, **k):
+        raise InputError("simulated failure", file="x", key="y", expected=1, found=2)
+    monkeypatch.setattr(g, "_save_pickle", boom)
+    expect_error(tmp_path, lambda: generate("mosi", tmp_path / "a" / "b"), "x", "'y'")
+    assert list(tmp_path.iterdir()) == []
