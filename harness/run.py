@@ -14,6 +14,7 @@ from harness.data import load_dataset
 from harness.errors import InputError
 from harness.settings import RunPlan
 from harness.tasks.tasks import TASKS
+from harness.text import Tokenized, WordVocab
 from harness.train import fine_tune
 from methods import apply_method, count_parameters
 
@@ -31,8 +32,27 @@ def task_for(info: dict) -> tuple[str, int]:
         return "emotion4", 4
     if info.get("task") == "classification":
         return "classification", int(info["num_classes"])
+    if info.get("task") == "retrieval":
+        return "retrieval", 0
     raise InputError("no fine-tuning task for this data", key="label_kind",
                      expected="regression, 4 x binary, 4-class or classification", found=kind)
+
+
+TEXT_FIELDS = {"food101": "text", "msrvtt": "caption", "howto100m": "caption"}
+
+
+def load_splits(plan: RunPlan):
+    """The loaded dataset, its train/valid/test splits (raw text tokenised), and the vocabulary."""
+    options = {k: v for k, v in plan.data.items() if k not in ("path", "format", "max_text_len")}
+    data = load_dataset(plan.dataset, plan.data["path"], plan.data.get("format"), **options)
+    splits = {name: data.split(name) for name in ("train", "valid", "test")}
+    field = TEXT_FIELDS.get(plan.dataset)
+    if field is None:
+        return data, splits, None
+    vocab = (WordVocab(data.info["vocab"]) if data.info.get("vocab")
+             else WordVocab.from_texts(item[field] for item in splits["train"]))
+    max_len = plan.data.get("max_text_len", 16)
+    return data, {n: Tokenized(s, vocab, max_len, field) for n, s in splits.items()}, vocab
 
 
 def run_key(plan: RunPlan) -> str:
@@ -56,12 +76,12 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
     if path.is_file():
         return records.read_json(path)
     started = time.perf_counter()
-    data = load_dataset(plan.dataset, plan.data["path"], plan.data.get("format"))
+    data, splits, vocab = load_splits(plan)
     task_name, output_dim = task_for(data.info)
     seed_everything(plan.seed)
-    backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim)
+    backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
+                              vocab_size=len(vocab) if vocab else None)
     config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
-    splits = {name: data.split(name) for name in ("train", "valid", "test")}
     result = fine_tune(backbone, TASKS[task_name], splits, plan.train, plan.seed, progress=progress)
     record = {
         "key": key,

@@ -64,8 +64,16 @@ def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSett
     for batch in DataLoader(dataset, batch_size=max(settings.batch_size, 64), shuffle=False):
         batch = _to_device(batch, device)
         with _autocast(settings):
-            outputs.append(model(batch).float().cpu())
+            if task.name == "retrieval":  # embed both sides; score every caption against every video
+                outputs.append([t.float().cpu() for t in (*model.encode_text(batch),
+                                                          *model.encode_video(batch))])
+            else:
+                outputs.append(model(batch).float().cpu())
         labels.append(batch["label"].cpu())
+    if task.name == "retrieval":
+        text, logits, video, present = (torch.cat(parts) for parts in zip(*outputs))
+        similarity = model.similarity(text, logits, video, present.bool())
+        return task.evaluate(similarity, torch.arange(len(similarity)))  # one caption per video
     return task.evaluate(torch.cat(outputs), torch.cat(labels))
 
 

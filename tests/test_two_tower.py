@@ -57,6 +57,17 @@ def test_forward_shape_and_padding(tiny):
         assert torch.allclose(model(batch), model(other), atol=1e-6)
 
 
+def test_prompts_extend_the_text_mask(tiny):
+    model = fresh(tiny)
+    apply_method(model, "ptuning", num_prompts=3)
+    model.eval()
+    batch = model.example_batch(3)
+    other = dict(batch, text=batch["text"].masked_fill(~batch["mask_text"], 7))
+    with torch.no_grad():
+        assert model.encode(batch)["text"].shape == (3, 16, 64)  # prompt outputs stripped
+        assert torch.allclose(model(batch), model(other), atol=1e-6)
+
+
 def test_lockstep_encode_equals_hf_forward():
     torch.manual_seed(1)
     config = TwoTowerConfig.tiny()

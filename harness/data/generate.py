@@ -50,7 +50,8 @@ DEFAULTS = {
     "msrvtt": dict(n_train=160, n_valid=20, n_test=40, seq_len=8),
     "howto100m": dict(n_train=200, n_valid=40, n_test=0, seq_len=8),
 }
-COMMON_OPTS = {"world_seed": None, "unimodal_weight": 0.3}
+COMMON_OPTS = {"world_seed": None, "unimodal_weight": 0.3, "interaction_scope": "aligned"}
+SCOPES = ("aligned", "pooled")
 FAMILY_OPTS = {
     "sentiment": {"latent_dim": 4, "text": 32, "audio": 8, "vision": 12, "vocab_size": 64, "frames_per_word": 2,
                   "n_folds": 1, "audio_neg_inf": True},
@@ -181,6 +182,8 @@ def generate(dataset: str, out_dir=None, seed: int = 0, n_train: int | None = No
     opts["latent_dim"] = _int("latent_dim", opts["latent_dim"], 1, 256)
     opts["world_seed"] = seed if opts["world_seed"] is None else _int("world_seed", opts["world_seed"], 0)
     opts["unimodal_weight"] = _float("unimodal_weight", opts["unimodal_weight"], 0.0, 100.0)
+    if opts["interaction_scope"] not in SCOPES:
+        raise _bad("interaction_scope", SCOPES, opts["interaction_scope"])
     n_mods = {"sentiment": 3, "food101": 2, "video": len(card.get("experts") or {})}[fam]
     k = _int("interaction_order", interaction_order, 1, n_mods)
     if out_dir is None:
@@ -246,13 +249,23 @@ def _save_pickle(path: Path, obj) -> None:
         pickle.dump(obj, f, protocol=4)
 
 
-def _interaction(world: World, z: dict, valid: np.ndarray, K, mods, head, w) -> np.ndarray:
-    """Order-|K| token-level interaction + unimodal terms, unit scale. z[m]: N x L x r."""
+def _interaction(world: World, z: dict, valid: np.ndarray, K, mods, head, w,
+                 scope: str = "aligned") -> np.ndarray:
+    """Order-|K| token-level interaction + unimodal terms, unit scale. z[m]: N x L x r.
+
+    scope "aligned": sum_t prod_m <a_m, z_m[t]> (tokens at the same position interact);
+    "pooled": prod_m sum_t <a_m, z_m[t]> (every token of one modality with every token of the
+    others: the product of per-modality token sums, the function class of Wander's Eq. 13)."""
     n = np.maximum(valid.sum(1), 1)
-    inter = np.ones(valid.shape)
-    for m in K:
-        inter = inter * (z[m] @ world.coef(m, head))
-    inter = (inter * valid).sum(1) / np.sqrt(n)
+    if scope == "aligned":
+        inter = np.ones(valid.shape)
+        for m in K:
+            inter = inter * (z[m] @ world.coef(m, head))
+        inter = (inter * valid).sum(1) / np.sqrt(n)
+    else:
+        inter = np.ones(valid.shape[0])
+        for m in K:
+            inter = inter * ((z[m] @ world.coef(m, head)) * valid).sum(1) / np.sqrt(n)
     uni = np.zeros(valid.shape[0])
     for m in mods:
         uni += ((z[m] @ world.coef(f"uni_{m}", head)) * valid).sum(1) / np.sqrt(n)
@@ -279,7 +292,8 @@ def _gen_sentiment(card, out: Path, fmt, seed, sizes, L, k, noise, opts, manifes
     K = SENT_MODS[:k]
     iemocap = name == "iemocap"
     heads = 4 if iemocap else 1
-    s = np.stack([_interaction(world, z, valid, K, SENT_MODS, h, opts["unimodal_weight"])
+    s = np.stack([_interaction(world, z, valid, K, SENT_MODS, h, opts["unimodal_weight"],
+                               opts["interaction_scope"])
                   for h in range(heads)], 1)
     s = s + noise * rng.standard_normal(s.shape)
     if iemocap:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.tasks import metrics
+from harness.tasks.retrieval_loss import max_margin_ranking_loss
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,23 @@ def _cross_entropy(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, label.view(-1).long())
 
 
+def _ranking_loss(similarity: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """MMT's bidirectional max-margin ranking loss; the batch's diagonal pairs are the positives."""
+    return max_margin_ranking_loss(similarity)
+
+
+def _retrieval_metrics(similarity: torch.Tensor, caption_video: torch.Tensor) -> dict[str, float]:
+    """R@K / MdR / MnR both ways, plus ``rsum`` (sum of the six recalls) for model selection."""
+    scores = metrics.retrieval_metrics(similarity, caption_video)
+    scores["rsum"] = sum(scores[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10))
+    return scores
+
+
 TASKS = {
     "regression": Task("regression", _regression_loss, metrics.regression_metrics, "mae",
                        lower_is_better=True),
     "emotion_binary": Task("emotion_binary", _emotion_binary_loss, _emotion_binary_metrics, "acc"),
     "emotion4": Task("emotion4", _cross_entropy, metrics.emotion_metrics, "acc"),
     "classification": Task("classification", _cross_entropy, metrics.classification_metrics, "acc"),
+    "retrieval": Task("retrieval", _ranking_loss, _retrieval_metrics, "rsum"),
 }
