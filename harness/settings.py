@@ -96,6 +96,7 @@ class RunPlan:
     variant: str
     seed: int
     train: TrainSettings
+    row: dict
     method_overrides: dict
     backbone_kind: str
     backbone: dict
@@ -104,13 +105,21 @@ class RunPlan:
     def identity(self) -> dict:
         """What identifies the run (hashed into its key, with the code hash)."""
         return {"profile": self.profile, "dataset": self.dataset, "method": self.method,
-                "variant": self.variant, "seed": self.seed,
+                "variant": self.variant, "seed": self.seed, "row": self.row,
                 "train": dataclasses.asdict(self.train), "method_overrides": self.method_overrides,
                 "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data}
 
 
+def grid_row(method: str, variant: str = "paper", settings: dict | None = None) -> dict:
+    """A grid row as params.yaml writes it: method, variant (omitted when paper), config fields."""
+    row = {"method": method, **({"variant": variant} if variant != "paper" else {})}
+    return {**row, **(settings or {})}
+
+
 def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", seed: int = 0,
-             overrides: dict[str, str] | None = None) -> RunPlan:
+             overrides: dict[str, str] | None = None, settings: dict | None = None) -> RunPlan:
+    """``settings``: typed method config fields (a grid row); ``overrides``: ``--set`` strings for
+    train settings or method config fields."""
     profile = params["profile"]
     if dataset not in BACKBONE_FOR:
         raise InputError("unknown dataset", key="dataset", expected=f"one of {sorted(BACKBONE_FOR)}",
@@ -125,12 +134,18 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
             raise InputError("unknown train setting", file=file, key=f"train.{dataset}.{key}",
                              expected=f"one of {sorted(known_train)}", found=key)
     method_defaults = _field_defaults(spec.config_class)
-    method_overrides: dict = {}
+    profile_defaults = section(params, "profiles", profile, "method_defaults").get(method) or {}
+    row_settings = dict(settings or {})
+    method_overrides: dict = {**profile_defaults, **row_settings}
+    for key in method_overrides:
+        if key not in method_defaults:
+            raise InputError("unknown method setting", file=file, key=f"{method}.{key}",
+                             expected=f"one of {sorted(method_defaults)}", found=key)
     for key, raw in (overrides or {}).items():
         if key in known_train:
             train_values[key] = coerce(raw, known_train[key], key)
         elif key in method_defaults:
-            method_overrides[key] = coerce(raw, method_defaults[key], key)
+            method_overrides[key] = row_settings[key] = coerce(raw, method_defaults[key], key)
         else:
             raise InputError("unknown --set key", key=key,
                              expected=f"a train setting {sorted(known_train)} or a {method} config "
@@ -145,5 +160,6 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
         raise InputError("missing key", file=file, key=f"data.{profile}.{dataset}.path",
                          expected="a path", found="nothing")
     kind = BACKBONE_FOR[dataset]
-    return RunPlan(profile, dataset, method, variant, seed, train, method_overrides, kind,
+    row = grid_row(method, variant, row_settings)
+    return RunPlan(profile, dataset, method, variant, seed, train, row, method_overrides, kind,
                    dict(section(params, "profiles", profile, kind)), data)
