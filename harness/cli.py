@@ -87,6 +87,67 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from harness.records import write_json_atomic
+    from harness.settings import load_params
+    from harness.sweep import sweep
+
+    params = load_params(args.params)
+    executor = args.executor or params.get("executor", {}).get("kind", "sequential")
+    workers = args.workers or params.get("executor", {}).get("workers")
+    summary = sweep(params, executor, workers, Path(args.out))
+    write_json_atomic(Path(args.out) / "index.json", summary)
+    _emit(summary, args.json, lambda s: print(
+        f"{s['runs']} runs: {s['computed']} computed, {s['reused']} already recorded "
+        f"(executor {s['executor']}, {s['workers']} workers)"))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from harness.data import describe_datasets
+
+    rows = describe_datasets()
+
+    def render(rows):
+        for r in rows:
+            state = f"present ({r['format']})" if r["present"] else "absent"
+            generated = "generated" if r.get("generated_present") else "not generated"
+            print(f"{r['name']:<10} {r['task']:<15} {state:<22} {generated:<14} {r['path']}")
+
+    _emit(rows, args.json, render)
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from harness.data import check_data
+
+    report = check_data(args.dataset, args.path, args.format)
+    _emit(report, args.json, lambda r: print(json.dumps(r, indent=2, default=str)))
+    return 0
+
+
+def cmd_data(args) -> int:
+    """The data@<dataset> stage: tiny generates the dataset in a real format; paper checks the
+    real files and records the check report next to where the generated data would be."""
+    from harness.data import check_data, generate
+    from harness.records import write_json_atomic
+    from harness.settings import load_params, section
+
+    params = load_params(args.params)
+    profile = params["profile"]
+    target = Path("datasets/generated") / args.dataset
+    if profile == "tiny":
+        options = dict(section(params, "generate", args.dataset))
+        report = generate(args.dataset, target, seed=params.get("data_seed", 0), **options)
+    else:
+        location = section(params, "data", profile, args.dataset)
+        report = check_data(args.dataset, location["path"], location.get("format"))
+        write_json_atomic(target / "check.json", report)
+    _emit(report, args.json, lambda r: print(f"{args.dataset}: {profile} data ready at "
+                                             f"{r.get('path', target)}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +167,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/runs", help="folder for run records")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run the finetune grid of params.yaml")
+    p.add_argument("--executor", choices=["sequential", "process", "ray"])
+    p.add_argument("--workers", type=int)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="results/runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("datasets", help="dataset cards and whether data is present")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("check-data", help="validate a real dataset; exit 2 when unusable")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--path", required=True)
+    p.add_argument("--format")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("data", help="stage data@<dataset>: generate (tiny) or check (paper)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("audit", help="gradient-health and identity-at-init checks")
     p.add_argument("what", choices=["grads"])

@@ -11,7 +11,10 @@ from importlib import metadata
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CODE_DIRS = ("harness", "methods")
+# What computes a run (its record key hashes these sources): not the CLI, tables or statistics.
+RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "harness/train.py",
+            "harness/run.py", "harness/text.py", "harness/settings.py", "harness/pretrain.py",
+            "harness/extract.py")
 PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")
 
 
@@ -20,10 +23,12 @@ def canonical_hash(document) -> str:
 
 
 def code_hash() -> str:
-    """Hash of every Python source file of the harness and the methods (what computes a run)."""
+    """Hash of the Python sources that compute a run (``RUN_CODE``)."""
     digest = hashlib.sha256()
-    for directory in CODE_DIRS:
-        for path in sorted((PROJECT_ROOT / directory).rglob("*.py")):
+    for entry in RUN_CODE:
+        location = PROJECT_ROOT / entry
+        files = sorted(location.rglob("*.py")) if location.is_dir() else [location] * location.is_file()
+        for path in files:
             digest.update(str(path.relative_to(PROJECT_ROOT)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -33,7 +38,7 @@ def git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_DIRS], cwd=PROJECT_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *RUN_CODE], cwd=PROJECT_ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

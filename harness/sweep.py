@@ -1,0 +1,125 @@
+"""The finetune grid and its executors.
+
+Every (dataset, grid row, seed) of params.yaml is one run, keyed by a hash of its resolved plan
+and the code (harness/run.py). A run already recorded under its key is skipped, so adding a method
+or a seed computes only what is new, and a sweep killed at any point resumes where it stopped:
+each record is written atomically when its run ends.
+
+Executors share one trial function (``run_trial``): ``sequential`` (in process), ``process`` (a
+pool of worker processes) and ``ray`` (Ray Tune; imported only when used; honours RAY_ADDRESS).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from harness import records
+from harness.errors import InputError
+from harness.run import RUNS_DIR, execute, record_path, run_key
+from harness.settings import RunPlan, plan_run, section
+from harness.train import TrainSettings
+from methods import method_names
+
+EXECUTORS = ("sequential", "process", "ray")
+
+
+def grid_plans(params: dict) -> list[RunPlan]:
+    """Every run of the study: datasets x grid rows (filtered by ``method``) x seeds."""
+    file = params["_file"]
+    chosen = params.get("method", "all")
+    if chosen != "all" and chosen not in method_names():
+        raise InputError("unknown method", file=file, key="method",
+                         expected=f"'all' or one of {method_names()}", found=chosen)
+    seeds = params.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise InputError("seeds must be a non-empty list of integers", file=file, key="seeds",
+                         expected="e.g. [0, 1, 2]", found=seeds)
+    datasets = params.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise InputError("datasets must be a non-empty list", file=file, key="datasets",
+                         expected="e.g. [mosi]", found=datasets)
+    grid = section(params, "grid")
+    plans = []
+    for dataset in datasets:
+        if dataset not in grid:
+            raise InputError("dataset has no grid rows", file=file, key=f"grid.{dataset}",
+                             expected="a list of rows", found="nothing")
+        for index, row in enumerate(grid[dataset]):
+            if not isinstance(row, dict) or "method" not in row:
+                raise InputError("a grid row must be a mapping with a method", file=file,
+                                 key=f"grid.{dataset}[{index}]", expected="{method: ...}", found=row)
+            if chosen not in ("all", row["method"]):
+                continue
+            settings = {k: v for k, v in row.items() if k not in ("method", "variant")}
+            for seed in seeds:
+                plans.append(plan_run(params, dataset, row["method"], row.get("variant", "paper"),
+                                      seed, settings=settings))
+    return plans
+
+
+def plan_to_dict(plan: RunPlan) -> dict:
+    return dataclasses.asdict(plan)
+
+
+def plan_from_dict(values: dict) -> RunPlan:
+    return RunPlan(**{**values, "train": TrainSettings(**values["train"])})
+
+
+def run_trial(plan_values: dict, out_dir: str, root: str) -> dict:
+    """The one trial function of every executor: run one plan (or read its record). Paths in the
+    plan are relative to ``root``, the project folder the sweep was started in."""
+    torch.set_num_threads(1)  # one core per trial; executors run trials side by side
+    os.chdir(root)
+    return execute(plan_from_dict(plan_values), Path(out_dir), progress=False)
+
+
+def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
+    return [p for p in plans if not record_path(p, run_key(p), out_dir).is_file()]
+
+
+def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
+          out_dir: Path = RUNS_DIR, ray_storage: Path | None = None) -> dict:
+    if executor not in EXECUTORS:
+        raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
+    plans = grid_plans(params)
+    todo = pending(plans, out_dir)
+    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    values = [plan_to_dict(p) for p in todo]
+    root, out = os.getcwd(), str(Path(out_dir).resolve())
+    if executor == "sequential":
+        for v in tqdm(values, desc="sweep", unit="run"):
+            run_trial(v, out, root)
+    elif executor == "process":
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(run_trial, v, out, root) for v in values]
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                               desc="sweep", unit="run"):
+                future.result()
+    elif values:
+        from harness.ray_executor import run_with_ray
+        run_with_ray(values, out, root, workers,
+                     Path(ray_storage or Path(out_dir).parent / "ray").resolve())
+    missing = pending(plans, out_dir)
+    if missing:
+        raise RuntimeError(f"{len(missing)} runs have no record after the sweep")
+    return {"runs": len(plans), "computed": len(todo), "reused": len(plans) - len(todo),
+            "pruned": prune(out_dir), "executor": executor, "workers": workers,
+            "records": sorted(str(record_path(p, run_key(p), out_dir).relative_to(out_dir))
+                              for p in plans)}
+
+
+def prune(out_dir: Path) -> int:
+    """Delete records computed by other code (their keys can never be asked for again)."""
+    current, removed = records.code_hash(), 0
+    for path in Path(out_dir).glob("*/*.json"):
+        if records.read_json(path).get("code_hash") != current:
+            path.unlink()
+            removed += 1
+    return removed
