@@ -1,0 +1,113 @@
+"""One fine-tuning run (`mmpetl run`): every method on every backbone, determinism, learning,
+and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.data import generate
+from harness.run import execute
+from harness.settings import load_params, plan_run
+from methods import get_method, method_names
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"mosi": dict(n_train=48, n_valid=16, n_test=16, interaction_scope="pooled"),
+         "iemocap": dict(n_train=48, n_valid=16, n_test=16),
+         "food101": dict(n_train=40, n_test=20), "msrvtt": dict(n_train=24, n_valid=8, n_test=8)}
+# sizes that fit the tiny backbones (the defaults are the paper's)
+FIT = {"wander": {"down_dim": 8, "fused_length": 8}, "adapter": {"down_dim": 8}, "lora": {"rank": 4},
+       "aurora": {"rank": 4}, "uniadapter": {"down_dim": 8}, "pmf": {"translator_hidden": 16}}
+
+
+@pytest.fixture(scope="module")
+def params_file(tmp_path_factory):
+    """params.yaml of the project, pointed at small generated data, one epoch."""
+    folder = tmp_path_factory.mktemp("project")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dataset, sizes in SMALL.items():
+        generate(dataset, folder / dataset, seed=0, **sizes)
+        params["data"]["tiny"][dataset]["path"] = str(folder / dataset)
+    params["profiles"]["tiny"]["train"] = {"epochs": 1, "batch_size": 16}
+    params["profiles"]["tiny"]["two_tower"] = {"preset": "tiny"}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _settings(method, dataset):
+    settings = dict(FIT.get(method, {}))
+    if method == "uniadapter" and dataset == "msrvtt":
+        settings["placement"] = "ffn"  # MMT's FFN is shared by all experts (no parallel slot)
+    if method == "maple" and dataset == "food101":
+        settings["source"] = "text"
+    return settings
+
+
+MATRIX = [(d, m, v) for d in SMALL for m in method_names() for v in get_method(m).variants]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset, method, variant", MATRIX)
+def test_every_method_on_every_backbone(params_file, tmp_path, dataset, method, variant):
+    plan = plan_run(load_params(params_file), dataset, method, variant, settings=_settings(method, dataset))
+    record = execute(plan, tmp_path, progress=False)
+    assert record["metrics"] and all(isinstance(v, float) for v in record["metrics"].values())
+    assert record["tunable"]["head"] > 0
+    assert len(list(tmp_path.glob("*/*.json"))) == 1
+
+
+def test_same_command_twice_gives_identical_metrics(params_file, tmp_path):
+    outputs = []
+    for attempt in range(2):
+        out = tmp_path / f"attempt{attempt}"
+        assert main(["run", "--dataset", "mosi", "--method", "wander", "--set", "down_dim=8",
+                     "--set", "fused_length=8", "--params", str(params_file), "--out", str(out),
+                     "--json"]) == 0
+        (record,) = out.glob("mosi/*.json")
+        outputs.append(json.dumps(json.loads(record.read_text())["metrics"], sort_keys=True))
+    assert outputs[0] == outputs[1]
+
+
+def test_record_carries_provenance(params_file, tmp_path):
+    record = execute(plan_run(load_params(params_file), "mosi", "lora", settings={"rank": 4}),
+                     tmp_path, progress=False)
+    for field in ("key", "row", "method_config", "train", "seed", "tunable", "wall_s", "device",
+                  "git_commit", "code_hash", "versions", "data_hash", "selected_epoch",
+                  "checkpoint_load_report"):
+        assert field in record
+    assert record["row"] == {"method": "lora", "rank": 4}
+    assert record["method_config"]["rank"] == 4 and record["versions"]["torch"]
+
+
+def test_recorded_run_is_not_recomputed(params_file, tmp_path):
+    plan = plan_run(load_params(params_file), "mosi", "linear")
+    first = execute(plan, tmp_path, progress=False)
+    (path,) = tmp_path.glob("mosi/*.json")
+    stamp = path.stat().st_mtime_ns
+    assert execute(plan, tmp_path, progress=False) == first
+    assert path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar", "--method", "wander"], "unknown dataset"),
+    (["--dataset", "mosi", "--method", "wandr"], "unknown method 'wandr'"),
+    (["--dataset", "mosi", "--method", "wander", "--variant", "v2"], "no variant 'v2'"),
+    (["--dataset", "mosi", "--method", "wander", "--set", "lr=abc"], "expected a number, found 'abc'"),
+    (["--dataset", "mosi", "--method", "wander", "--set", "nonexistent=1"], "unknown --set key"),
+    (["--dataset", "mosi", "--method", "wander", "--set", "rank_h=0"], "rank_h = 0"),
+    (["--dataset", "mosi", "--method", "lora", "--set", "dropout=-0.5"], "dropout = -0.5"),
+    (["--dataset", "mosi", "--method", "wander", "--set", "epochs"], "expected key=value"),
+])
+def test_bad_input_exits_2_and_writes_nothing(params_file, tmp_path, capsys, argv, message):
+    code = main(["run", *argv, "--params", str(params_file), "--out", str(tmp_path / "runs")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_params_file_is_named(tmp_path, capsys):
+    assert main(["run", "--dataset", "mosi", "--method", "wander", "--params",
+                 str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
