@@ -103,6 +103,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from harness.search import run_search
+    from harness.settings import load_params
+
+    params = load_params(args.params)
+    executor = args.executor or params.get("executor", {}).get("kind", "sequential")
+    workers = args.workers or params.get("executor", {}).get("workers") or 1
+    summary = run_search(params, executor, workers, Path(args.out))
+    _emit(summary, args.json, lambda s: print(
+        f"{s['trials']} trials on {s['dataset']} ({s['metric']}); Pareto front: "
+        + "; ".join(f"{p['method']} {p['tunable']:.0f} params -> {p[s['metric']]:.4f}"
+                    for p in s["pareto"])))
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from harness.data import describe_datasets
 
@@ -175,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/runs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("search", help="Optuna rank search (accuracy vs #tunable Pareto front)")
+    p.add_argument("--executor", choices=["sequential", "process", "ray"])
+    p.add_argument("--workers", type=int)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="results/search")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("datasets", help="dataset cards and whether data is present")
     p.add_argument("--json", action="store_true")

@@ -11,6 +11,7 @@ pool of worker processes) and ``ray`` (Ray Tune; imported only when used; honour
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -83,6 +84,43 @@ def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
     return [p for p in plans if not record_path(p, run_key(p), out_dir).is_file()]
 
 
+@contextlib.contextmanager
+def worker_pool(executor: str, workers: int):
+    """The process pool of the ``process`` executor (None for the others), kept open across
+    several ``run_many`` calls so worker start-up (importing torch) is paid once."""
+    if executor not in EXECUTORS:
+        raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
+    if executor != "process":
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield pool
+
+
+def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
+             ray_storage: Path | None = None, desc: str = "sweep", pool=None) -> None:
+    """Run ``plans`` (not yet recorded) through ``executor``, ``workers`` at a time."""
+    values = [plan_to_dict(p) for p in plans]
+    root, out = os.getcwd(), str(Path(out_dir).resolve())
+    if not values:
+        return
+    if executor == "sequential":
+        for v in tqdm(values, desc=desc, unit="run"):
+            run_trial(v, out, root)
+    elif executor == "process":
+        with contextlib.ExitStack() as stack:
+            pool = pool or stack.enter_context(worker_pool(executor, workers))
+            futures = [pool.submit(run_trial, v, out, root) for v in values]
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                               desc=desc, unit="run"):
+                future.result()
+    elif executor == "ray":
+        from harness.ray_executor import run_with_ray
+        run_with_ray(values, out, root, workers,
+                     Path(ray_storage or Path(out_dir).parent / "ray").resolve())
+
+
 def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
           out_dir: Path = RUNS_DIR, ray_storage: Path | None = None) -> dict:
     if executor not in EXECUTORS:
@@ -90,22 +128,7 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
     plans = grid_plans(params)
     todo = pending(plans, out_dir)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
-    values = [plan_to_dict(p) for p in todo]
-    root, out = os.getcwd(), str(Path(out_dir).resolve())
-    if executor == "sequential":
-        for v in tqdm(values, desc="sweep", unit="run"):
-            run_trial(v, out, root)
-    elif executor == "process":
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(run_trial, v, out, root) for v in values]
-            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
-                               desc="sweep", unit="run"):
-                future.result()
-    elif values:
-        from harness.ray_executor import run_with_ray
-        run_with_ray(values, out, root, workers,
-                     Path(ray_storage or Path(out_dir).parent / "ray").resolve())
+    run_many(todo, executor, workers, out_dir, ray_storage)
     missing = pending(plans, out_dir)
     if missing:
         raise RuntimeError(f"{len(missing)} runs have no record after the sweep")

@@ -1,0 +1,113 @@
+"""Optuna rank search: for each method with a searchable size (Wander's d, R_h, R_t; LoRA's rank;
+adapters' bottleneck), a multi-objective study (task metric up, #tunable down) whose trials are
+ordinary fine-tuning runs, run through the sweep's executor and recorded (so a repeated trial is
+read back, not recomputed). Each study lives in a journal file and resumes where it stopped.
+Outputs: trials.csv (every trial, Pareto flag), pareto.png.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+from optuna.storages import JournalStorage  # noqa: E402
+from optuna.storages.journal import JournalFileBackend  # noqa: E402
+
+from harness import records  # noqa: E402
+from harness.errors import InputError  # noqa: E402
+from harness.run import execute  # noqa: E402
+from harness.settings import plan_run, section  # noqa: E402
+from harness.sweep import run_many, worker_pool  # noqa: E402
+
+LOWER_IS_BETTER = {"mae", "t2v_mdr", "t2v_mnr", "v2t_mdr", "v2t_mnr"}
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+
+
+def _settings(params: dict) -> dict:
+    config = dict(section(params, "search"))
+    file = params["_file"]
+    for key in ("dataset", "metric", "trials", "batch", "sampler", "seed", "train_seed", "space"):
+        if key not in config:
+            raise InputError("missing search setting", file=file, key=f"search.{key}",
+                             expected="a value", found="nothing")
+    if config["sampler"] not in SAMPLERS:
+        raise InputError("unknown sampler", file=file, key="search.sampler",
+                         expected=sorted(SAMPLERS), found=config["sampler"])
+    return config
+
+
+def run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict:
+    config = _settings(params)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(out_dir / "journal.log")))
+    metric = config["metric"]
+    directions = ["minimize" if metric in LOWER_IS_BETTER else "maximize", "minimize"]
+    chosen = params.get("method", "all")
+    rows = []
+    with worker_pool(executor, workers) as pool:
+        for method, space in section(params, "search", "space").items():
+            if chosen in ("all", method):
+                rows += _search_method(params, config, storage, directions, method, space,
+                                       executor, workers, out_dir, pool)
+    table = pd.DataFrame(rows)
+    return _finish(table, config, metric, directions, out_dir)
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state.is_finished()]
+
+
+def _search_method(params, config, storage, directions, method, space, executor, workers,
+                   out_dir, pool) -> list[dict]:
+    """Run (or resume) one method's study until it has ``trials`` finished trials."""
+    metric = config["metric"]
+    sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
+    study = optuna.create_study(study_name=f"{config['dataset']}-{method}", storage=storage,
+                                sampler=sampler, directions=directions, load_if_exists=True)
+    study.set_metric_names([metric, "tunable"])
+    while len(_finished(study)) < config["trials"]:
+        asked = [study.ask() for _ in range(min(config["batch"], config["trials"] - len(_finished(study))))]
+        plans = [plan_run(params, config["dataset"], method, seed=config["train_seed"],
+                          settings={name: trial.suggest_categorical(name, choices)
+                                    for name, choices in space.items()})
+                 for trial in asked]
+        run_many(plans, executor, workers, out_dir / "runs", desc=f"search {method}", pool=pool)
+        for trial, plan in zip(asked, plans):
+            record = execute(plan, out_dir / "runs", progress=False)  # reads the record back
+            study.tell(trial, [record["metrics"][metric],
+                               record["tunable"]["method"] + record["tunable"]["head"]])
+    pareto = {t.number for t in study.best_trials}
+    return [{"method": method, "trial": t.number, **t.params, metric: t.values[0],
+             "tunable": t.values[1], "pareto": t.number in pareto} for t in _finished(study)]
+
+
+def _finish(table, config, metric, directions, out_dir) -> dict:
+    table.to_csv(out_dir / "trials.csv", index=False)
+    _plot(table, metric, config["dataset"], out_dir / "pareto.png")
+    summary = {"dataset": config["dataset"], "metric": metric, "directions": directions,
+               "sampler": config["sampler"], "seed": config["seed"], "trials": len(table),
+               "pareto": table[table["pareto"]].to_dict("records") if len(table) else []}
+    records.write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def _plot(table: pd.DataFrame, metric: str, dataset: str, path: Path) -> None:
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for method, group in table.groupby("method") if len(table) else []:
+        points = axes.scatter(group["tunable"], group[metric], label=method, alpha=0.6)
+        front = group[group["pareto"]].sort_values("tunable")
+        axes.plot(front["tunable"], front[metric], color=points.get_facecolor()[0], marker="o")
+    axes.set_xscale("log")
+    axes.set_xlabel("#tunable (method + head)")
+    axes.set_ylabel(metric)
+    axes.set_title(f"Rank search on {dataset}: trials and Pareto fronts")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
