@@ -12,6 +12,7 @@ from harness import records
 from harness.backbones import build_backbone
 from harness.data import load_dataset
 from harness.errors import InputError
+from harness.extract import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes, tree_hash
 from harness.settings import RunPlan
 from harness.tasks.tasks import TASKS
 from harness.text import Tokenized, WordVocab
@@ -82,7 +83,18 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
     backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
                               vocab_size=len(vocab) if vocab else None)
     config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
-    result = fine_tune(backbone, TASKS[task_name], splits, plan.train, plan.seed, progress=progress)
+    model, fit_splits, features = backbone, splits, {"cached": False}
+    if plan.train.feature_cache:  # encoders untouched by the method: read their cached outputs
+        problems = cache_problems(backbone)
+        if problems:
+            features["why_not"] = problems
+        else:
+            backbone.to(plan.train.device)
+            model, fit_splits, info = cached_splits(
+                backbone, splits, FEATURES_DIR / plan.dataset, plan_data_hashes(plan, data, vocab),
+                batch_size=max(plan.train.batch_size, 64), progress=progress)
+            features = {"cached": True, **info}
+    result = fine_tune(model, TASKS[task_name], fit_splits, plan.train, plan.seed, progress=progress)
     record = {
         "key": key,
         **plan.identity(),
@@ -95,7 +107,8 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "wall_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if plan.train.device == "cuda" else "cpu",
         "data_format": data.format,
-        "data_hash": data.report.get("data_hash"),
+        "data_hash": tree_hash(plan.data["path"]),
+        "features": features,
         "checkpoint_load_report": None,
         "git_commit": records.git_commit(),
         "code_hash": records.code_hash(),

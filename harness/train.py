@@ -27,6 +27,7 @@ class TrainSettings:
     grad_clip: float = 0.8       # max gradient norm; 0 disables
     device: str = "cpu"          # cpu | cuda
     amp: bool = False            # bf16 autocast (CUDA only)
+    feature_cache: bool = False  # read cached frozen-encoder outputs when the method allows it
 
     def validate(self) -> None:
         checks = [

@@ -1,0 +1,117 @@
+"""The finetune grid: executors agree, runs are keyed and resumable, Ray runs on a local cluster."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.data import generate
+from harness.settings import load_params
+from harness.sweep import grid_plans, sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_params(tmp_path_factory):
+    """A 8-run grid on small generated MOSI: 4 rows x 2 seeds, 1 epoch."""
+    folder = tmp_path_factory.mktemp("sweep")
+    generate("mosi", folder / "mosi", seed=0, n_train=48, n_valid=16, n_test=16)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["datasets"] = ["mosi"]
+    params["seeds"] = [0, 1]
+    params["grid"] = {"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4},
+                               {"method": "wander", "down_dim": 8}, {"method": "adapter", "down_dim": 8}]}
+    params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
+    params["profiles"]["tiny"]["train"] = {"epochs": 1, "batch_size": 16}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def metrics_by_row(out_dir: Path) -> dict:
+    found = {}
+    for path in out_dir.glob("mosi/*.json"):
+        record = json.loads(path.read_text())
+        found[(json.dumps(record["row"], sort_keys=True), record["seed"])] = record["metrics"]
+    return found
+
+
+def test_grid_filters_by_method(small_params):
+    params = load_params(small_params)
+    assert len(grid_plans(params)) == 8
+    params["method"] = "wander"
+    assert {p.method for p in grid_plans(params)} == {"wander"} and len(grid_plans(params)) == 2
+    params["method"] = "wandr"
+    with pytest.raises(Exception, match="unknown method"):
+        grid_plans(params)
+
+
+@pytest.mark.slow
+def test_executors_give_identical_metrics(small_params, tmp_path):
+    params = load_params(small_params)
+    results = {}
+    for executor in ("sequential", "process", "ray"):
+        summary = sweep(params, executor, 2, tmp_path / executor)
+        assert summary["computed"] == 8
+        results[executor] = metrics_by_row(tmp_path / executor)
+    assert len(results["sequential"]) == 8
+    assert results["sequential"] == results["process"] == results["ray"]
+
+
+def test_second_sweep_computes_nothing(small_params, tmp_path):
+    params = load_params(small_params)
+    assert sweep(params, "sequential", 1, tmp_path)["computed"] == 8
+    again = sweep(params, "sequential", 1, tmp_path)
+    assert again["computed"] == 0 and again["reused"] == 8
+    params["seeds"] = [0, 1, 2]  # a new seed computes only its own runs
+    assert sweep(params, "sequential", 1, tmp_path)["computed"] == 4
+
+
+@pytest.mark.slow
+def test_sweep_killed_with_sigkill_resumes_without_loss(small_params, tmp_path):
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "harness.cli", "sweep", "--executor", "sequential",
+               "--params", str(small_params), "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(out.glob("mosi/*.json"))) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("mosi/*.json")}
+    assert 3 <= len(finished) < 8
+    assert not list(out.glob("mosi/.*.tmp"))  # no partial record left visible... or behind
+    for path in finished:
+        json.loads(path.read_text())  # every record on disk is complete
+    summary = json.loads(subprocess.run(command + ["--json"], cwd=ROOT, capture_output=True,
+                                        text=True, check=True).stdout)
+    assert summary["computed"] == 8 - len(finished) and summary["reused"] == len(finished)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # none recomputed
+
+
+@pytest.mark.slow
+def test_ray_cluster_through_ray_address(small_params, tmp_path):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(["ray", "start", "--head", "--port=0", "--num-cpus=2", "--include-dashboard=false",
+                    "--node-ip-address=127.0.0.1"], check=True, capture_output=True, env=env)
+    try:
+        address = json.loads(subprocess.run(
+            [sys.executable, "-c", "import ray, json; ray.init(address='auto'); "
+             "print(json.dumps(ray.get_runtime_context().gcs_address))"],
+            check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
+        result = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--executor", "ray",
+                                 "--params", str(small_params), "--out", str(tmp_path), "--json"],
+                                cwd=ROOT, capture_output=True, text=True,
+                                env={**env, "RAY_ADDRESS": address})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout)["computed"] == 8
+        assert len(metrics_by_row(tmp_path)) == 8
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
