@@ -43,6 +43,12 @@ def cmd_methods(args) -> int:
 def cmd_audit(args) -> int:
     from harness.audit import audit_grads
 
+    if args.what == "params":
+        from harness.audit_params import audit_params, audit_params_markdown
+
+        rows = audit_params()
+        _emit(rows, args.json, lambda r: print(audit_params_markdown(r)))
+        return 0
     if args.what == "grads":
         rows = audit_grads(args.method or None)
 
@@ -56,7 +62,7 @@ def cmd_audit(args) -> int:
 
         _emit(rows, args.json, render)
         return 0 if all(r["ok"] for r in rows) else 1
-    raise InputError("unknown audit", key="audit", expected="grads", found=args.what)
+    raise InputError("unknown audit", key="audit", expected="grads or params", found=args.what)
 
 
 def _parse_sets(pairs: list[str] | None) -> dict[str, str]:
@@ -115,6 +121,14 @@ def cmd_search(args) -> int:
         f"{s['trials']} trials on {s['dataset']} ({s['metric']}); Pareto front: "
         + "; ".join(f"{p['method']} {p['tunable']:.0f} params -> {p[s['metric']]:.4f}"
                     for p in s["pareto"])))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from harness.cost import cost_markdown, write_cost
+
+    report = write_cost(args.out, device=args.device)
+    _emit(report, args.json, lambda r: print(cost_markdown(r)))
     return 0
 
 
@@ -199,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("cost", help="Table 6 and the Sec. 4.4 parameter counts, on this machine")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--out", default="results")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+
     p = sub.add_parser("datasets", help="dataset cards and whether data is present")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_datasets)
@@ -217,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("audit", help="gradient-health and identity-at-init checks")
-    p.add_argument("what", choices=["grads"])
+    p.add_argument("what", choices=["grads", "params"])
     p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
