@@ -132,6 +132,36 @@ def cmd_cost(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from harness.pretrain import plan_pretrain, pretrain
+    from harness.settings import coerce, load_params
+    from harness.train import TrainSettings
+
+    params = load_params(args.params)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    overrides = {}
+    for key, raw in _parse_sets(args.set).items():
+        if key not in defaults:
+            raise InputError("unknown --set key", key=key,
+                             expected=f"a train setting {sorted(defaults)}", found=key)
+        overrides[key] = coerce(raw, defaults[key], key)
+    plan = plan_pretrain(params, args.source, overrides)
+    if args.seed is not None:
+        plan["seed"] = args.seed
+    if args.out is not None:
+        plan["out_path"] = args.out
+    result = pretrain(**plan, progress=not args.json)
+
+    def render(r):
+        m, metric = r["metrics"], r["metrics"]["select_metric"]
+        print(f"pretrained {r['backbone']} on {r['source']} (seed {r['seed']}, {r['parameters']} "
+              f"parameters, all trained): valid {metric} {m['initial_valid'][metric]:.4f} -> "
+              f"{m['valid'][metric]:.4f} (epoch {m['selected_epoch']} selected)\ncheckpoint: {r['path']}")
+
+    _emit(result, args.json, render)
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from harness.data import describe_datasets
 
@@ -218,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("pretrain", help="pre-train a backbone (mosei: late fusion, howto100m: MMT); "
+                                        "writes its checkpoint")
+    p.add_argument("--source", required=True, choices=["mosei", "howto100m"])
+    p.add_argument("--seed", type=int, default=None, help="default: pretrain.seed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a pre-training train setting (repeatable)")
+    p.add_argument("--out", default=None, help="checkpoint path (default: pretrain.checkpoints.<source>)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("datasets", help="dataset cards and whether data is present")
     p.add_argument("--json", action="store_true")

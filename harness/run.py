@@ -12,6 +12,7 @@ from harness import records
 from harness.backbones import build_backbone
 from harness.data import load_dataset
 from harness.errors import InputError
+from harness.pretrain import adopt_vocab, load_pretrained, read_checkpoint
 from harness.extract import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes, tree_hash
 from harness.settings import RunPlan
 from harness.tasks.tasks import TASKS
@@ -79,9 +80,17 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
     started = time.perf_counter()
     data, splits, vocab = load_splits(plan)
     task_name, output_dim = task_for(data.info)
+    checkpoint = read_checkpoint(plan.pretrained["path"]) if plan.pretrained else None
+    vocab_report = None
+    if checkpoint is not None:  # text is tokenised with the pre-training vocabulary
+        vocab, splits, vocab_report = adopt_vocab(checkpoint, splits, vocab)
     seed_everything(plan.seed)
     backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
                               vocab_size=len(vocab) if vocab else None)
+    load_report = None
+    if checkpoint is not None:  # before apply_method: the keys are still the backbone's own
+        load_report = {**load_pretrained(backbone, checkpoint, plan.pretrained["skip"]),
+                       "sha256": plan.pretrained["sha256"], "vocab": vocab_report}
     config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
     model, fit_splits, features = backbone, splits, {"cached": False}
     if plan.train.feature_cache:  # encoders untouched by the method: read their cached outputs
@@ -109,7 +118,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "data_format": data.format,
         "data_hash": tree_hash(plan.data["path"]),
         "features": features,
-        "checkpoint_load_report": None,
+        "checkpoint_load_report": load_report,
         "git_commit": records.git_commit(),
         "code_hash": records.code_hash(),
         "versions": records.versions(),

@@ -101,13 +101,15 @@ class RunPlan:
     backbone_kind: str
     backbone: dict
     data: dict
+    pretrained: dict | None = None  # {source, path, sha256, skip}: the checkpoint the backbone starts from
 
     def identity(self) -> dict:
         """What identifies the run (hashed into its key, with the code hash)."""
         return {"profile": self.profile, "dataset": self.dataset, "method": self.method,
                 "variant": self.variant, "seed": self.seed, "row": self.row,
                 "train": dataclasses.asdict(self.train), "method_overrides": self.method_overrides,
-                "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data}
+                "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data,
+                "pretrained": self.pretrained}
 
 
 def grid_row(method: str, variant: str = "paper", settings: dict | None = None) -> dict:
@@ -162,4 +164,17 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     kind = BACKBONE_FOR[dataset]
     row = grid_row(method, variant, row_settings)
     return RunPlan(profile, dataset, method, variant, seed, train, row, method_overrides, kind,
-                   dict(section(params, "profiles", profile, kind)), data)
+                   dict(section(params, "profiles", profile, kind)), data,
+                   pretrained_plan(params, dataset, kind))
+
+
+def pretrained_plan(params: dict, dataset: str, kind: str) -> dict | None:
+    """The checkpoint a run on ``dataset`` starts from (``pretrain.use``), with its sha256 (so a
+    new checkpoint changes the run key) and the key prefixes not loaded from it."""
+    from harness.pretrain import checkpoint_sha256, pretrained_for
+
+    pretrained = pretrained_for(params, dataset)
+    if pretrained is None:
+        return None
+    skip = section(params, "pretrain", "skip", params["profile"]).get(kind, [])
+    return {**pretrained, "sha256": checkpoint_sha256(pretrained["path"]), "skip": list(skip)}
