@@ -162,6 +162,32 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    from harness.settings import load_params
+    from harness.stats import write_stats
+
+    summary = write_stats(args.runs, args.out, load_params(args.params))
+    _emit(summary, args.json, lambda s: print(f"{s['cells']} cells -> {s['path']}"))
+    return 0
+
+
+def cmd_tables(args) -> int:
+    from harness.settings import load_params
+    from harness.tables.render import render_all
+
+    summary = render_all(args.runs, args.out, load_params(args.params), cost_table=args.cost)
+    _emit(summary, args.json, lambda s: print(
+        f"{len(s['written'])} files written, {len(s['unchanged'])} unchanged in {args.out}"))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from harness.tables.diff import diff_tables
+
+    print(diff_tables(args.rev_a, args.rev_b))
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from harness.data import describe_datasets
 
@@ -259,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("stats", help="per-cell summaries and Wander-vs-baseline tests -> CSV")
+    p.add_argument("--runs", default="results/runs")
+    p.add_argument("--out", default="results/stats.csv")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("tables", help="every table and figure of the Wander paper, regenerated")
+    p.add_argument("--runs", default="results/runs")
+    p.add_argument("--out", default="results/tables")
+    p.add_argument("--cost", default="results/cost.md", help="Table 6 (written by mmpetl cost)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("diff", help="cell-by-cell change of the results tables between revisions")
+    p.add_argument("rev_a")
+    p.add_argument("rev_b")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("datasets", help="dataset cards and whether data is present")
     p.add_argument("--json", action="store_true")

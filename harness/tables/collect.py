@@ -1,0 +1,179 @@
+"""Run records -> cells: load ``results/runs/<dataset>/*.json``, check them, and select the
+records a table reads.
+
+Selection rules (``collect``):
+- a record belongs to the cell (dataset, grid row) when its ``row`` equals the grid row exactly
+  (``row_key``: canonical JSON of the dict) and its ``dataset`` matches;
+- with ``params``: only records of ``params.profile`` and of the seeds in ``params.seeds`` count;
+  a record whose resolved settings differ from what params.yaml would give now (data,
+  backbone, the train keys params.yaml sets except ``device``, the pre-training source of
+  ``pretrain.use``, method settings) is *stale*:
+  it is not used, and a row that has only stale records says so;
+- several current records for the same (dataset, row, seed) (e.g. the code changed and the run
+  was recomputed under a new key): the one whose ``code_hash`` equals the current code's is
+  used, otherwise the one with the smallest key; the table header lists each such case.
+  (Records carry no timestamp, so "the newest" cannot be told apart from file contents.)
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import InputError
+
+REQUIRED = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict}
+
+
+def row_key(row: Mapping) -> str:
+    """Canonical text of a grid row (sorted keys), the identity of a table row's runs."""
+    return json.dumps(dict(row), sort_keys=True, separators=(", ", ": "))
+
+
+def load_records(records_dir) -> list[dict]:
+    """Every ``<records_dir>/<dataset>/*.json`` record, checked; a missing folder gives []."""
+    root = Path(records_dir)
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise InputError("records folder is not a folder", file=str(root),
+                         expected="a folder of <dataset>/*.json run records", found="a file")
+    found = []
+    for path in sorted(root.glob("*/*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError("unreadable run record", file=str(path), expected="a JSON run record",
+                             found=str(error)) from error
+        if not isinstance(record, dict):
+            raise InputError("run record must be a JSON object", file=str(path),
+                             expected="an object", found=type(record).__name__)
+        for key, kind in REQUIRED.items():
+            value = record.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise InputError("bad run record", file=str(path), key=key,
+                                 expected=kind.__name__, found=repr(value))
+        if record["dataset"] != path.parent.name:
+            raise InputError("run record is in the wrong dataset folder", file=str(path),
+                             key="dataset", expected=path.parent.name, found=record["dataset"])
+        if record["row"].get("method") != record["method"]:
+            raise InputError("run record row does not name its method", file=str(path),
+                             key="row.method", expected=record["method"],
+                             found=record["row"].get("method"))
+        record["_path"] = str(path)
+        found.append(record)
+    return found
+
+
+def _get(mapping, *keys):
+    node = mapping
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def stale_reasons(record: Mapping, params: Mapping) -> list[str]:
+    """How a record's resolved settings differ from what params.yaml gives now ([] = current).
+    Only fields present on both sides are compared."""
+    profile, dataset = params.get("profile"), record["dataset"]
+    reasons = []
+
+    def check(name, expected, found):
+        if expected != found:
+            reasons.append(f"{name}: record {found!r} != params.yaml {expected!r}")
+
+    data = _get(params, "data", profile, dataset)
+    if isinstance(data, Mapping) and isinstance(record.get("data"), Mapping):
+        check("data", dict(data), record["data"])
+    kind = record.get("backbone_kind")
+    backbone = _get(params, "profiles", profile, kind) if kind else None
+    if isinstance(backbone, Mapping) and isinstance(record.get("backbone"), Mapping):
+        check(f"profiles.{profile}.{kind}", dict(backbone), record["backbone"])
+    if isinstance(record.get("train"), Mapping):
+        train = {**(_get(params, "train", dataset) or {}),
+                 **(_get(params, "profiles", profile, "train") or {})}
+        for key, value in sorted(train.items()):
+            if key != "device":
+                check(f"train.{key}", value, record["train"].get(key))
+    use = _get(params, "pretrain", "use")
+    if isinstance(use, Mapping) and "pretrained" in record:
+        pretrained = record["pretrained"]
+        found = pretrained.get("source") if isinstance(pretrained, Mapping) else None
+        check("pretrain.use", use.get(dataset), found)
+    if isinstance(record.get("method_overrides"), Mapping):
+        defaults = _get(params, "profiles", profile, "method_defaults", record["method"]) or {}
+        settings = {k: v for k, v in record["row"].items() if k not in ("method", "variant")}
+        check("method settings", {**defaults, **settings}, record["method_overrides"])
+    return reasons
+
+
+@dataclass
+class Selection:
+    """The records a rendering reads, by (dataset, row key) then seed."""
+    records_dir: str
+    profile: str | None
+    seeds: list[int] | None
+    current: dict = field(default_factory=dict)        # (dataset, key) -> {seed: record}
+    stale: dict = field(default_factory=dict)          # (dataset, key) -> [(record, reasons)]
+    ignored: Counter = field(default_factory=Counter)  # why records were left out -> count
+    duplicates: list = field(default_factory=list)     # notes on resolved duplicates
+
+    def cells(self) -> dict:
+        return self.current
+
+    def get(self, dataset: str, row: Mapping) -> dict:
+        return self.current.get((dataset, row_key(row)), {})
+
+    def stale_for(self, dataset: str, row: Mapping) -> list:
+        return self.stale.get((dataset, row_key(row)), [])
+
+
+def collect(records_dir, params: Mapping | None = None) -> Selection:
+    records = load_records(records_dir)
+    profile = params.get("profile") if params else None
+    seeds = sorted(int(s) for s in params["seeds"]) if params and params.get("seeds") else None
+    if profile is None:
+        profiles = sorted({str(r.get("profile")) for r in records})
+        if len(profiles) > 1:
+            raise InputError("run records of several profiles; pass params.yaml to choose one",
+                             file=str(records_dir), key="profile", expected="one profile",
+                             found=profiles)
+    selection = Selection(str(records_dir), profile, seeds)
+    candidates = defaultdict(list)
+    for record in records:
+        if profile is not None and record.get("profile") != profile:
+            selection.ignored[f"profile {record.get('profile')!r} (params.yaml: {profile!r})"] += 1
+            continue
+        if seeds is not None and record["seed"] not in seeds:
+            selection.ignored[f"seed {record['seed']} not in params.yaml seeds"] += 1
+            continue
+        cell = (record["dataset"], row_key(record["row"]))
+        reasons = stale_reasons(record, params) if params else []
+        if reasons:
+            selection.stale.setdefault(cell, []).append((record, reasons))
+            selection.ignored["stale vs params.yaml"] += 1
+            continue
+        candidates[(cell, record["seed"])].append(record)
+    try:
+        from harness.records import code_hash
+        current_code = code_hash()
+    except Exception:  # pragma: no cover - provenance is best effort
+        current_code = None
+    for (cell, seed), group in sorted(candidates.items()):
+        chosen = sorted(group, key=lambda r: (r.get("code_hash") != current_code,
+                                              str(r.get("key", r["_path"]))))[0]
+        if len(group) > 1:
+            selection.ignored["duplicate (dataset, row, seed)"] += len(group) - 1
+            selection.duplicates.append(
+                f"{cell[0]} {cell[1]} seed {seed}: {len(group)} records, using "
+                f"{Path(chosen['_path']).name}"
+                + (" (current code hash)" if chosen.get("code_hash") == current_code
+                   else " (smallest key; none has the current code hash)"))
+        selection.current.setdefault(cell, {})[seed] = chosen
+    return selection

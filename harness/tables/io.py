@@ -1,0 +1,71 @@
+"""Atomic, deterministic writes for tables, CSVs, figures and metrics (temp file + rename, the
+pattern of ``harness.records.write_json_atomic``). A file whose content would not change is not
+rewritten, so re-rendering unchanged inputs leaves byte-identical files (and their mtimes)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_bytes_atomic(path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically; returns False when the file already held it."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def write_text_atomic(path, text: str) -> bool:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, document) -> bool:
+    """Sorted keys, 2-space indent, trailing newline (same layout as harness.records)."""
+    return write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def num(value) -> str:
+    """A CSV cell for a number: '' for None/NaN, integers as integers, floats to 10 significant
+    digits (stable across platforms), booleans as true/false, strings as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.10g}"
+    return str(value)
+
+
+def csv_text(fields: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: num(row.get(k)) for k in fields})
+    return buffer.getvalue()
+
+
+def write_csv_atomic(path, fields: list[str], rows: list[dict]) -> bool:
+    return write_text_atomic(path, csv_text(fields, rows))

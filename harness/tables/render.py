@@ -1,0 +1,700 @@
+"""Render every spec of ``harness.tables.specs`` from the run records.
+
+Per spec: ``<out_dir>/<name>.md`` and ``<name>.csv`` (figures also ``<name>.png``), then
+``index.md`` and ``results/metrics.json``. For each cell: our mean +- std over seeds with a 95%
+bootstrap CI, the paper's value and ours - paper; for each compared row: the paired test
+against the section's main Wander row (``Section.reference``): mean paired improvement with CI,
+paired t-test p, Holm-adjusted p (family: every comparison of the spec), Wilcoxon exact p with
+its smallest attainable p, P(Wander > baseline), and a verdict. A row without usable records
+says why ("not run: <reason>"), never a blank.
+
+CSV layout (long, one line per section x row x column; what ``harness.tables.diff`` reads):
+key columns ``section, row, column``; cell fields ``status, n, seeds, mean, std, ci_low, ci_high,
+paper, diff_vs_paper``; comparison fields ``compared_to, n_paired, improvement, p_t, p_holm,
+p_wilcoxon, wilcoxon_min_p, p_better, verdict``. Numbers in paper units (accuracies x100).
+
+All files are written atomically and only when their content changes; the same records give
+byte-identical files (fixed bootstrap seed, sorted inputs, no timestamps, PNG without
+software metadata).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+from harness import stats
+from harness.errors import InputError
+from harness.tables import specs as specs_module
+from harness.tables.collect import Selection, collect, row_key
+from harness.tables.io import csv_text, write_bytes_atomic, write_json_atomic, write_text_atomic
+from harness.tables.specs import Column, Row, Section, Spec
+
+TINY_BANNER = "tiny profile: generated data and small backbones; NOT comparable to the paper"
+CSV_FIELDS = [
+    "table", "section", "row", "group", "role", "dataset", "grid_row", "column", "metric_key",
+    "convention", "lower_is_better", "status", "n", "seeds", "missing_seeds", "mean", "std",
+    "ci_low", "ci_high", "ci_note", "t_ci_low", "t_ci_high", "paper", "paper_table",
+    "diff_vs_paper", "tunable_ours", "tunable_method", "tunable_head", "tunable_paper",
+    "compared_to", "n_paired", "improvement", "improvement_ci_low", "improvement_ci_high",
+    "t_stat", "p_t", "p_holm", "p_wilcoxon", "wilcoxon_min_p", "wilcoxon_note", "p_better",
+    "p_better_all_pairs", "verdict", "comparison_note",
+]
+#: metrics.json also carries these record keys (not printed in the paper's tables).
+EXTRA_HEADLINE = {"msrvtt": ("t2v_r1", "v2t_r1", "rsum")}
+SLUG_ABBREV = {"down_dim": "d", "rank": "r", "rank_h": "rh", "rank_t": "rt"}
+
+
+# ------------------------------------------------------------------------------------------
+# building: records -> cells -> comparisons
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    column: Column
+    dataset: str
+    status: str                     # "ok" | "not run: ..." | "not measured: ..."
+    values: dict = field(default_factory=dict)   # seed -> value in paper units
+    summary: dict | None = None
+    convention: str = ""
+    missing_seeds: list = field(default_factory=list)
+    paper: float | None = None
+    comparison: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def diff(self) -> float | None:
+        if self.summary is None or self.paper is None:
+            return None
+        return self.summary["mean"] - self.paper
+
+
+@dataclass
+class RowResult:
+    section: Section
+    row: Row
+    cells: dict                     # column id -> Cell
+    tunable: dict | None            # {"total", "method", "head", "text"} or None
+    records: list
+
+    @property
+    def status(self) -> str:
+        if any(c.ok for c in self.cells.values()):
+            return "ok"
+        return next(iter(self.cells.values())).status
+
+
+@dataclass
+class SpecResult:
+    spec: Spec
+    rows: list                      # RowResult, in spec order
+    comparisons: list               # (RowResult, Column, comparison dict, reference RowResult)
+    provenance: dict
+    skipped: list = field(default_factory=list)   # (RowResult, Column, why not compared)
+
+
+def _why_not_run(row: Row, dataset: str, selection: Selection, params: Mapping | None) -> str:
+    if row.reason:
+        return f"not run: {row.reason}"
+    stale = selection.stale_for(dataset, row.grid)
+    if params:
+        datasets = params.get("datasets")
+        if isinstance(datasets, list) and dataset not in datasets:
+            return f"not run: dataset {dataset} is not in params.yaml datasets {datasets}"
+        method = params.get("method", "all")
+        allowed = method if isinstance(method, list) else [method]
+        if "all" not in allowed and row.grid["method"] not in allowed:
+            return (f"not run: method {row.grid['method']} filtered out by params.yaml "
+                    f"method={method}")
+        grid = (params.get("grid") or {}).get(dataset)
+        if isinstance(grid, list) and row_key(row.grid) not in {row_key(g) for g in grid
+                                                                if isinstance(g, Mapping)}:
+            return f"not run: row {row_key(row.grid)} is not in params.yaml grid.{dataset}"
+    if stale:
+        names = sorted({reason.split(":", 1)[0] for _, rs in stale for reason in rs})
+        return (f"not run: {len(stale)} record(s) in {selection.records_dir}/{dataset} are stale "
+                f"(resolved settings differ from params.yaml in: {', '.join(names)}; rerun "
+                f"`mmpetl sweep`)")
+    seeds = f" for seeds {selection.seeds}" if selection.seeds is not None else ""
+    return (f"not run: no records in {selection.records_dir}/{dataset} for this row{seeds} "
+            f"(run `mmpetl sweep`)")
+
+
+def _source(record: Mapping) -> str:
+    pretrained = record.get("pretrained")
+    return str(pretrained.get("source")) if isinstance(pretrained, Mapping) else "nothing"
+
+
+def _pretrained_as_required(by_seed: dict, source: str | None) -> tuple[dict, list]:
+    """Keep the records whose backbone was pre-trained on ``source`` (records without a
+    ``pretrained`` field predate pre-training support and are kept)."""
+    if source is None:
+        return by_seed, []
+    kept = {s: r for s, r in by_seed.items() if "pretrained" not in r or _source(r) == source}
+    wrong = sorted({_source(r) for s, r in by_seed.items() if s not in kept})
+    return kept, wrong
+
+
+def _metric_value(record: dict, column: Column):
+    metrics = record["metrics"]
+    for key, convention in ((column.key, column.convention), *column.fallback):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                return float(value), convention, key
+    return None, None, None
+
+
+def _tunable(records: list) -> dict | None:
+    found = set()
+    for r in records:
+        tunable = r.get("tunable")
+        if isinstance(tunable, Mapping):
+            try:
+                found.add((int(tunable.get("method") or 0), int(tunable.get("head") or 0)))
+            except (TypeError, ValueError):
+                continue
+    found = sorted(found)
+    if not found:
+        return None
+    totals = [m + h for m, h in found]
+    if len(found) == 1:
+        (method, head), = found
+        text = f"{_count(method + head)} ({_count(method)} + {_count(head)} head)"
+    else:
+        method = head = None
+        text = f"{_count(min(totals))}–{_count(max(totals))} (varies across seeds)"
+    return {"total": totals[0] if len(found) == 1 else None, "method": method, "head": head,
+            "text": text}
+
+
+def _count(n: int) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def build(spec: Spec, selection: Selection, params: Mapping | None = None, *,
+          n_resamples: int = stats.N_RESAMPLES, seed: int = stats.SEED) -> SpecResult:
+    rows = []
+    by_section: dict = {}
+    for section in spec.sections:
+        for row in section.rows:
+            cells, used = {}, []
+            for column in section.columns:
+                dataset = column.dataset or section.dataset
+                by_seed = selection.get(dataset, row.grid) if row.grid is not None else {}
+                paper = row.paper.values.get(column.id) if row.paper else None
+                by_seed, wrong_source = _pretrained_as_required(by_seed, row.pretrain)
+                if not by_seed:
+                    status = (_why_not_run(row, dataset, selection, params) if not wrong_source
+                              else f"not run: the records' backbone was pre-trained on "
+                                   f"{', '.join(wrong_source)}; this row needs {row.pretrain} "
+                                   f"(params.yaml pretrain.use)")
+                    cells[column.id] = Cell(column, dataset, status, paper=paper)
+                    continue
+                values, conventions = {}, set()
+                for s, record in sorted(by_seed.items()):
+                    value, convention, key = _metric_value(record, column)
+                    if value is not None:
+                        values[s] = value * column.scale
+                        conventions.add(convention if key == column.key
+                                        else f"{convention} (fallback key {key})")
+                        used.append(record)
+                if not values:
+                    keys = [column.key] + [k for k, _ in column.fallback]
+                    cells[column.id] = Cell(column, dataset, "not measured: the records lack "
+                                            f"metric {' / '.join(keys)}", paper=paper)
+                    continue
+                expected = selection.seeds if selection.seeds is not None else sorted(values)
+                summary = stats.summarize(list(values.values()), list(values), seed=seed,
+                                          n_resamples=n_resamples)
+                cells[column.id] = Cell(column, dataset, "ok", values, summary,
+                                        "; ".join(sorted(conventions)),
+                                        [s for s in expected if s not in values], paper)
+            section_dataset_records = [r for r in used if r["dataset"] == section.dataset] or used
+            result = RowResult(section, row, cells, _tunable(section_dataset_records),
+                               sorted({id(r): r for r in used}.values(),
+                                      key=lambda r: r["_path"]))
+            rows.append(result)
+            by_section[(id(section), row.label, row.group)] = result
+    comparisons, skipped = [], []
+    for result in rows:
+        section, row = result.section, result.row
+        if not row.compared:
+            continue
+        reference_row = section.reference(row)
+        if reference_row is None:
+            continue
+        reference = by_section[(id(section), reference_row.label, reference_row.group)]
+        for column in section.columns:
+            mine, theirs = result.cells[column.id], reference.cells[column.id]
+            if not (mine.ok and theirs.ok):
+                if mine.ok:
+                    skipped.append((result, column, f"not compared: the reference row "
+                                    f"{reference.row.name} has no values ({theirs.status})"))
+                continue
+            comparison = stats.compare(theirs.values, mine.values, column.key, seed=seed,
+                                       n_resamples=n_resamples)
+            mine.comparison = comparison
+            comparisons.append((result, column, comparison, reference))
+    stats.adjust([c for _, _, c, _ in comparisons])
+    return SpecResult(spec, rows, comparisons, _provenance(spec, rows, selection, params),
+                      skipped)
+
+
+def _provenance(spec: Spec, rows: list, selection: Selection, params: Mapping | None) -> dict:
+    records = sorted({r["_path"]: r for row in rows for r in row.records}.values(),
+                     key=lambda r: r["_path"])
+    profiles = sorted({str(r.get("profile")) for r in records})
+    if params and params.get("profile"):
+        profiles = sorted(set(profiles) | {str(params["profile"])})
+    cells = {(row_key(r["row"]), r["dataset"]) for r in records}
+    duplicates = [d for d in selection.duplicates
+                  if any(d.startswith(f"{ds} {key} ") for key, ds in cells)]
+    return {
+        "profiles": profiles,
+        "seeds": sorted({int(r["seed"]) for r in records}),
+        "params_seeds": selection.seeds,
+        "data_hashes": sorted({str(r.get("data_hash")) for r in records
+                               if r.get("data_hash") is not None}),
+        "data_hash_missing": sum(1 for r in records if r.get("data_hash") is None),
+        "git_commits": sorted({str(r.get("git_commit")) for r in records
+                               if r.get("git_commit") is not None}),
+        "pretrained": sorted({_source(r) for r in records if "pretrained" in r}),
+        "n_records": len(records),
+        "ignored": dict(sorted(selection.ignored.items())),
+        "duplicates": duplicates,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# formatting
+# ------------------------------------------------------------------------------------------
+def _f(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _p(p) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _ours(cell: Cell) -> str:
+    if not cell.ok:
+        return cell.status
+    s, d = cell.summary, cell.column.digits + 1
+    text = _f(s["mean"], d)
+    if s["std"] is not None:
+        text += f" ± {_f(s['std'], d)}"
+    if s["ci_low"] is not None:
+        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]"
+    n = f"n={s['n']}"
+    if cell.missing_seeds:
+        n += f"; missing seed {', '.join(map(str, cell.missing_seeds))}"
+    if s["ci_low"] is None:
+        n += "; CI n/a (n<3)"
+    return f"{text} ({n})"
+
+
+def _signed(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:+.{digits}f}"
+
+
+def _header(result: SpecResult) -> list[str]:
+    spec, prov = result.spec, result.provenance
+    lines = [f"# {spec.title} — ours" + (" vs the paper" if spec.kind == "table" else ""), ""]
+    if "tiny" in prov["profiles"]:
+        lines += [f"> **{TINY_BANNER}**", ""]
+    seeds = ", ".join(map(str, prov["seeds"])) or "none"
+    expected = (f" (params.yaml seeds: {', '.join(map(str, prov['params_seeds']))})"
+                if prov["params_seeds"] is not None else "")
+    hashes = ", ".join(prov["data_hashes"]) or "none"
+    if prov["data_hash_missing"]:
+        hashes += f" ({prov['data_hash_missing']} record(s) carry no data hash)"
+    lines += [f"- profile: {', '.join(prov['profiles']) or 'unknown'}",
+              f"- seeds in the records: {seeds}{expected}",
+              f"- data hash(es): {hashes}",
+              f"- git commit(s): {', '.join(prov['git_commits']) or 'not recorded'}",
+              "- pre-training of the backbone (record `pretrained.source`): "
+              + (", ".join(prov["pretrained"]).replace("nothing", "none (random init)")
+                 if prov["pretrained"] else "not recorded"),
+              f"- run records used: {prov['n_records']}"]
+    if prov["ignored"]:
+        lines.append("- records left out (whole records folder): "
+                     + "; ".join(f"{why}: {n}" for why, n in prov["ignored"].items()))
+    for note in prov["duplicates"]:
+        lines.append(f"- duplicate records: {note}")
+    return lines + [""]
+
+
+def _columns_legend(spec: Spec) -> list[str]:
+    lines = ["Columns (record metric key, convention, scale):", ""]
+    seen = set()
+    for section in spec.sections:
+        for c in section.columns:
+            where = f"{c.group} " if c.group else ""
+            text = (f"- {where}{c.label}: `{c.key}`"
+                    + (f" (×{c.scale:g})" if c.scale != 1 else "")
+                    + f", {c.convention}"
+                    + ("; lower is better" if stats.lower_is_better(c.key) else "")
+                    + "".join(f"; if absent `{k}` ({conv})" for k, conv in c.fallback))
+            if text not in seen:
+                seen.add(text)
+                lines.append(text)
+    if any(s.tunable for s in spec.sections):
+        lines.append("- #Tunable ours: the record's trainable parameters, method + task head; "
+                     "paper: as printed")
+    cells = "Cells: ours = mean ± std over seeds [95% bootstrap CI] (n)"
+    if spec.kind == "figure":
+        cells += ". The paper's figure prints no numbers, so there is no paper column."
+    else:
+        cells += "; Δ = ours − paper, in the paper's units."
+    return lines + ["", cells, ""]
+
+
+def _section_table(result: SpecResult, section: Section) -> str:
+    has_paper = any(r.paper and r.paper.values for r in section.rows)
+    has_paper_tunable = any(r.paper and r.paper.tunable for r in section.rows)
+    headers = ["Method"]
+    if section.tunable:
+        headers += ["#Tunable ours"] + (["#Tunable paper"] if has_paper_tunable else [])
+    for c in section.columns:
+        name = f"{c.group} {c.label}" if c.group else c.label
+        headers += [f"{name} ours"] + ([f"{name} paper", f"{name} Δ"] if has_paper else [])
+    headers.append("Status")
+    body = []
+    for row_result in (r for r in result.rows if r.section is section):
+        row = row_result.row
+        statuses = {c.status for c in row_result.cells.values()}
+        whole_row = len(statuses) == 1 and "ok" not in statuses
+        line = [row.name + (" **(main)**" if row.role == "main" else "")]
+        if section.tunable:
+            line.append(row_result.tunable["text"] if row_result.tunable else "—")
+            if has_paper_tunable:
+                line.append(row.paper.tunable if row.paper and row.paper.tunable else "—")
+        for c in section.columns:
+            cell = row_result.cells[c.id]
+            line.append(cell.status.split(":", 1)[0] if whole_row else _ours(cell))
+            if has_paper:
+                line += [_f(cell.paper, c.digits) if cell.paper is not None else "—",
+                         _signed(cell.diff, c.digits + 1) if cell.ok and cell.paper is not None
+                         else "—"]
+        if whole_row:
+            line.append(next(iter(statuses)))
+        elif statuses == {"ok"}:
+            line.append("ok")
+        else:
+            line.append("partial: see the cells")
+        body.append(line)
+    return tabulate(body, headers, tablefmt="github", disable_numparse=True)
+
+
+def _skipped_lines(result: SpecResult) -> list[str]:
+    reasons = {}
+    for row_result, _, why in result.skipped:
+        reasons.setdefault(row_result.row.name, why)
+    return [f"- {name}: {why}" for name, why in reasons.items()]
+
+
+def _comparison_table(result: SpecResult) -> list[str]:
+    if not result.comparisons:
+        compared = [r for r in result.rows if r.row.compared]
+        if not compared:
+            return []
+        return (["## Paired comparisons with Wander (by seed)", "",
+                 "No comparison could be made: the compared rows or their Wander reference "
+                 "lack runs.", ""] + _skipped_lines(result) + ([""] if result.skipped else []))
+    headers = ["Row", "vs", "Metric", "n", "Δ (Wander better > 0) [95% CI]", "p (t)",
+               "p (Holm)", "p (Wilcoxon) / min p", "P(Wander > row)", "verdict"]
+    body, notes = [], set()
+    for row_result, column, c, reference in result.comparisons:
+        d = column.digits + 1
+        ci = (f" [{_f(c['improvement_ci_low'], d)}, {_f(c['improvement_ci_high'], d)}]"
+              if c["improvement_ci_low"] is not None else "")
+        missing = c["missing_in_wander"] + c["missing_in_baseline"]
+        n = str(c["n"]) + (f" (unpaired seeds {sorted(set(missing))})" if missing else "")
+        wilcoxon = f"{_p(c['p_wilcoxon'])} / {c['wilcoxon_min_p']:.3g}"
+        if c["wilcoxon_min_p"] > stats.ALPHA:
+            wilcoxon += " (cannot reach 0.05)"
+        body.append([row_result.row.name, reference.row.name,
+                     f"{column.group} {column.label}" if column.group else column.label, n,
+                     _signed(c["improvement"], d) + ci, _p(c["p_t"]), _p(c["p_holm"]), wilcoxon,
+                     _f(c["p_better"], 2), c["verdict"]])
+        for note in (c["note"], c["wilcoxon_note"]):
+            if note:
+                notes.add(note)
+    lines = ["## Paired comparisons with Wander (by seed)", "",
+             tabulate(body, headers, tablefmt="github", disable_numparse=True), "",
+             "Δ: mean over paired seeds of the improvement, signed so that > 0 means Wander is "
+             "better (lower is better for MAE, MdR, MnR). p (t): paired t-test "
+             "(scipy.stats.ttest_rel, two-sided). p (Holm): Holm-adjusted over all "
+             f"{len(result.comparisons)} comparisons of this table. Wilcoxon: exact signed-rank "
+             "p and the smallest p attainable with that n (at n = 3 it is 0.25, at n = 5 0.0625: "
+             "such a test can never reach 0.05 and is not evidence either way). "
+             "P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5. "
+             "Verdict: Holm-adjusted t-test p < 0.05.", ""]
+    if notes:
+        lines += ["Notes: " + " | ".join(sorted(notes)), ""]
+    if result.skipped:
+        lines += ["Not compared:", ""] + _skipped_lines(result) + [""]
+    return lines
+
+
+def render_markdown(result: SpecResult, figure_file: str | None = None) -> str:
+    spec = result.spec
+    lines = _header(result) + _columns_legend(spec)
+    for section in spec.sections:
+        if section.title or len(spec.sections) > 1:
+            lines += [f"## {section.title or section.dataset}", ""]
+        lines += [_section_table(result, section), ""]
+    lines += _comparison_table(result)
+    if figure_file:
+        lines += [f"![{spec.paper_ref}]({figure_file})", ""]
+    if spec.notes:
+        lines += ["Notes:", ""] + [f"- {note}" for note in spec.notes] + [""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def csv_rows(result: SpecResult) -> list[dict]:
+    out = []
+    for row_result in result.rows:
+        row, section = row_result.row, row_result.section
+        for column in section.columns:
+            cell = row_result.cells[column.id]
+            s = cell.summary or {}
+            c = cell.comparison or {}
+            tun = row_result.tunable or {}
+            line = {
+                "table": result.spec.paper_ref, "section": section.title or section.dataset,
+                "row": row.name, "group": row.group, "role": row.role, "dataset": cell.dataset,
+                "grid_row": row_key(row.grid) if row.grid is not None else "",
+                "column": f"{column.group} {column.label}" if column.group else column.label,
+                "metric_key": column.key, "convention": cell.convention or column.convention,
+                "lower_is_better": stats.lower_is_better(column.key), "status": cell.status,
+                "n": s.get("n", 0), "seeds": " ".join(map(str, s.get("seeds") or [])),
+                "missing_seeds": " ".join(map(str, cell.missing_seeds)),
+                **{k: s.get(k) for k in ("mean", "std", "ci_low", "ci_high", "ci_note",
+                                         "t_ci_low", "t_ci_high")},
+                "paper": cell.paper, "paper_table": row.paper.table if row.paper else None,
+                "diff_vs_paper": cell.diff,
+                "tunable_ours": tun.get("total"), "tunable_method": tun.get("method"),
+                "tunable_head": tun.get("head"),
+                "tunable_paper": row.paper.tunable if row.paper else None,
+            }
+            skip = next((why for r, col, why in result.skipped
+                         if r is row_result and col is column), None)
+            if skip:
+                line["comparison_note"] = skip
+            if c:
+                reference = section.reference(row)
+                line.update({
+                    "compared_to": reference.name if reference else None, "n_paired": c["n"],
+                    "improvement": c["improvement"],
+                    "improvement_ci_low": c["improvement_ci_low"],
+                    "improvement_ci_high": c["improvement_ci_high"], "t_stat": c["t_stat"],
+                    "p_t": c["p_t"], "p_holm": c["p_holm"], "p_wilcoxon": c["p_wilcoxon"],
+                    "wilcoxon_min_p": c["wilcoxon_min_p"], "wilcoxon_note": c["wilcoxon_note"],
+                    "p_better": c["p_better"], "p_better_all_pairs": c["p_better_all_pairs"],
+                    "verdict": c["verdict"], "comparison_note": c["note"]})
+            out.append(line)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _plot_points(ax, points: list, label: str | None) -> bool:
+    """points: [(x, Cell)]; draws mean with CI bars where a CI exists. True if anything drawn."""
+    ok = sorted((x, cell) for x, cell in points if cell.ok)
+    if not ok:
+        return False
+    xs = [x for x, _ in ok]
+    ys = [cell.summary["mean"] for _, cell in ok]
+    lo = [(cell.summary["mean"] - cell.summary["ci_low"]) if cell.summary["ci_low"] is not None
+          else 0.0 for _, cell in ok]
+    hi = [(cell.summary["ci_high"] - cell.summary["mean"]) if cell.summary["ci_high"] is not None
+          else 0.0 for _, cell in ok]
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    return True
+
+
+def render_figure(result: SpecResult) -> bytes:
+    from matplotlib.figure import Figure
+
+    spec = result.spec
+    panels = ([(section, column) for section in spec.sections for column in section.columns])
+    fig = Figure(figsize=(4.2 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (section, column) in zip(axes, panels):
+        section_rows = [r for r in result.rows if r.section is section]
+        drawn = False
+        if spec.figure == "rank":
+            for series in ("R_h", "R_t"):
+                points = [(r.row.x, r.cells[column.id]) for r in section_rows
+                          if series in r.row.series]
+                drawn |= _plot_points(ax, points, series)
+            ax.set_xlabel("rank")
+            if drawn:
+                ax.legend(fontsize=8)
+        else:
+            points = [(r.row.x, r.cells[column.id]) for r in section_rows]
+            drawn = _plot_points(ax, points, None)
+            ax.set_xlabel("d (down-projection dimension)")
+        xs = sorted({r.row.x for r in section_rows if r.row.x is not None})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.set_ylabel(f"{column.label} (ours, mean, 95% CI)")
+        title = section.title or section.dataset
+        ax.set_title(f"{title}: {column.label}" if len(section.columns) > 1 else title,
+                     fontsize=10)
+        if not drawn:
+            reason = next(iter(section_rows[0].cells.values())).status if section_rows else ""
+            ax.text(0.5, 0.5, "no runs\n" + reason[:60], ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes, wrap=True)
+    caption = "Paper curve not drawn: no numbers in the paper's text."
+    if "tiny" in result.provenance["profiles"]:
+        caption = TINY_BANNER + ". " + caption
+    fig.suptitle(spec.title, fontsize=10)
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=7)
+    fig.subplots_adjust(bottom=0.2, top=0.85, wspace=0.35)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# metrics.json
+# ------------------------------------------------------------------------------------------
+def row_slug(row: Mapping) -> str:
+    """Stable short name of a grid row: wander_d16, lora_r16, wander_code_d16, maple_source-text,
+    wander_d16_nonlinearity-off, wander_d16_rt4."""
+    parts = [str(row["method"])]
+    if row.get("variant", "paper") != "paper":
+        parts.append(str(row["variant"]))
+    for key in sorted(k for k in row if k not in ("method", "variant")):
+        value = row[key]
+        if key in SLUG_ABBREV:
+            parts.append(f"{SLUG_ABBREV[key]}{value}")
+        elif isinstance(value, bool):
+            parts.append(f"{key}-{'on' if value else 'off'}")
+        else:
+            parts.append(f"{key}-{value}")
+    return "_".join(parts)
+
+
+def headline_metrics(selection: Selection, spec_list=None) -> dict:
+    """{dataset: {row slug: {<key>_mean, <key>_std, <key>_n, tunable}}} in record units
+    (accuracies as fractions), for every (dataset, grid row) a spec reads."""
+    spec_list = specs_module.SPECS if spec_list is None else spec_list
+    keys_for: dict = {}
+    for spec in spec_list:
+        for section in spec.sections:
+            for column in section.columns:
+                dataset = column.dataset or section.dataset
+                keys_for.setdefault(dataset, set()).update(
+                    [column.key] + [k for k, _ in column.fallback])
+    out: dict = {}
+    for spec in spec_list:
+        for dataset, grid in specs_module.grid_rows(spec):
+            by_seed = selection.get(dataset, grid)
+            if not by_seed:
+                continue
+            entry = out.setdefault(dataset, {}).setdefault(row_slug(grid), {})
+            keys = sorted(keys_for.get(dataset, set()) | set(EXTRA_HEADLINE.get(dataset, ())))
+            for key in keys:
+                values = [float(r["metrics"][key]) for _, r in sorted(by_seed.items())
+                          if isinstance(r["metrics"].get(key), (int, float))
+                          and not isinstance(r["metrics"].get(key), bool)
+                          and math.isfinite(float(r["metrics"][key]))]
+                if not values:
+                    continue
+                entry[f"{key}_mean"] = sum(values) / len(values)
+                entry[f"{key}_n"] = len(values)
+                if len(values) >= 2:
+                    mean = entry[f"{key}_mean"]
+                    entry[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values)
+                                                    / (len(values) - 1))
+            tunable = _tunable(list(by_seed.values()))
+            if tunable and tunable["total"] is not None:
+                entry["tunable"] = tunable["total"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------
+def render_all(records_dir="results/runs", out_dir="results/tables", params: Mapping | None = None,
+               *, metrics_path="results/metrics.json", names=None,
+               cost_table: str | None = None, n_resamples: int = stats.N_RESAMPLES,
+               seed: int = stats.SEED) -> dict:
+    """Render every spec (or those in ``names``) from ``records_dir`` into ``out_dir``, write the
+    index and ``metrics_path`` (None to skip). ``params``: the loaded params.yaml (selects the
+    profile and seeds, flags stale records and explains rows that did not run); without it
+    every record is used. Returns {"written": [...], "unchanged": [...], "tables": {...}}."""
+    selection = collect(records_dir, params)
+    out_dir = Path(out_dir)
+    chosen = specs_module.SPECS
+    if names:
+        try:
+            chosen = tuple(specs_module.spec_by_name(n) for n in names)
+        except KeyError as error:
+            raise InputError("unknown table", key="names",
+                             expected=[s.name for s in specs_module.SPECS],
+                             found=str(error)) from error
+    written, unchanged, summary = [], [], {}
+
+    def put(path: Path, data: bytes):
+        (written if write_bytes_atomic(path, data) else unchanged).append(str(path))
+
+    for spec in chosen:
+        result = build(spec, selection, params, n_resamples=n_resamples, seed=seed)
+        figure_file = None
+        if spec.kind == "figure":
+            figure_file = f"{spec.name}.png"
+            put(out_dir / figure_file, render_figure(result))
+        put(out_dir / f"{spec.name}.md", render_markdown(result, figure_file).encode())
+        put(out_dir / f"{spec.name}.csv", csv_text(CSV_FIELDS, csv_rows(result)).encode())
+        summary[spec.name] = {
+            "rows": len(result.rows),
+            "rows_not_run": sum(1 for r in result.rows if r.status != "ok"),
+            "comparisons": len(result.comparisons),
+        }
+    index = ["# Wander paper: tables and figures", ""]
+    for spec in specs_module.SPECS:
+        if spec.paper_ref == "Table 7":
+            index.append(_table6_line(cost_table, out_dir))
+        index.append(f"- [{spec.title}]({spec.name}.md)"
+                     + (f" ([figure]({spec.name}.png))" if spec.kind == "figure" else ""))
+    (written if write_text_atomic(out_dir / "index.md", "\n".join(index) + "\n")
+     else unchanged).append(str(out_dir / "index.md"))
+    if metrics_path is not None:
+        changed = write_json_atomic(metrics_path, headline_metrics(selection, chosen))
+        (written if changed else unchanged).append(str(metrics_path))
+    return {"written": written, "unchanged": unchanged, "tables": summary}
+
+
+def _table6_line(cost_table: str | None, out_dir: Path) -> str:
+    source = cost_table or specs_module.TABLE6_SOURCE
+    if source:
+        link = Path(os.path.relpath(Path(source), out_dir)).as_posix()
+        return f"- [Table 6: Computational analysis of SF-OP / SF-VF / SF (cost stage)]({link})"
+    return f"- Table 6: not rendered here. {specs_module.TABLE6_NOTE}"
