@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from harness.errors import InputError
-from methods import ConfigError, get_method, method_names
 
 
 def _emit(document, as_json: bool, render) -> None:
@@ -21,6 +20,8 @@ def _emit(document, as_json: bool, render) -> None:
 
 
 def cmd_methods(args) -> int:
+    from methods import get_method, method_names
+
     document = []
     for name in method_names():
         spec = get_method(name)
@@ -188,6 +189,26 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    """The extract@<dataset> stage: cache the frozen encoders' outputs."""
+    from harness.extract import extract_dataset
+    from harness.settings import load_params
+
+    summary = extract_dataset(load_params(args.params), args.dataset, Path(args.out),
+                              batch_size=args.batch_size, progress=not args.json)
+
+    def render(s):
+        if "skipped" in s:
+            print(f"{s['dataset']}: not cacheable: {'; '.join(s['skipped'])}")
+        else:
+            states = ", ".join(f"{n} {v['status'].split(':')[0]} ({v['n']} items)"
+                               for n, v in s["splits"].items())
+            print(f"{s['dataset']}: {s['folder']}: {states}")
+
+    _emit(summary, args.json, render)
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from harness.data import describe_datasets
 
@@ -306,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rev_b")
     p.set_defaults(func=cmd_diff)
 
+    p = sub.add_parser("extract", help="stage extract@<dataset>: cache the frozen encoders' outputs")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="datasets/features")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
     p = sub.add_parser("datasets", help="dataset cards and whether data is present")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_datasets)
@@ -335,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         names = getattr(args, "method", None) or []
-        for name in [names] if isinstance(names, str) else names:
-            get_method(name)
+        if names:
+            from methods import get_method
+
+            for name in [names] if isinstance(names, str) else names:
+                get_method(name)
         return args.func(args)
-    except (InputError, ConfigError) as error:
+    except (InputError, ValueError) as error:  # methods.ConfigError is a ValueError
         print(f"mmpetl: error: {error}", file=sys.stderr)
         return 2
     except KeyError as error:

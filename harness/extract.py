@@ -555,37 +555,27 @@ def plan_data_hashes(plan, data, vocab) -> dict[str, str]:
 
 
 def extract_dataset(params: dict, dataset: str, out_dir: str | Path = FEATURES_DIR,
-                    seeds: list[int] | None = None, batch_size: int = 64,
-                    progress: bool = True) -> dict:
-    """Stage ``extract@<dataset>``: the feature caches fine-tuning will look for, for every seed
-    of ``params`` (tiny towers are random and seeded, so each seed has its own encoder state).
-
-    The backbone is built the way ``harness.run.execute`` builds it (load_splits, seed_everything,
-    build_backbone); a divergence costs a cache miss at fine-tuning time, never a wrong feature,
-    since fine-tuning checks the encoder hash. Returns a JSON-able summary."""
-    from harness.backbones import build_backbone
-    from harness.run import load_splits, seed_everything, task_for
+                    batch_size: int = 64, progress: bool = True) -> dict:
+    """Stage ``extract@<dataset>``: the feature cache fine-tuning will look for. The backbone is
+    built by ``harness.run.prepare``, as fine-tuning builds it (its frozen encoders do not depend
+    on the run's seed). Returns a JSON-able summary."""
+    from harness.run import prepare
     from harness.settings import plan_run
     from methods import apply_method
 
-    summary = {"dataset": dataset, "folder": str(Path(out_dir) / dataset), "seeds": []}
-    for seed in seeds if seeds is not None else params.get("seeds", [0]):
-        plan = plan_run(params, dataset, "linear", seed=seed)
-        data, splits, vocab = load_splits(plan)
-        _, output_dim = task_for(data.info)
-        seed_everything(plan.seed)
-        backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
-                                  vocab_size=len(vocab) if vocab else None)
-        apply_method(backbone, "linear")  # freezes the encoders: the head alone trains
-        problems = cache_problems(backbone)
-        if problems:
-            summary["seeds"].append({"seed": seed, "skipped": problems})
-            continue
-        backbone.to(plan.train.device)
-        _, _, info = cached_splits(backbone, splits, Path(out_dir) / dataset,
-                                   plan_data_hashes(plan, data, vocab), batch_size, progress)
-        summary["seeds"].append({"seed": seed, **info})
-    return summary
+    plan = plan_run(params, dataset, "linear", seed=params.get("seeds", [0])[0])
+    prepared = prepare(plan)
+    backbone = prepared.backbone
+    apply_method(backbone, "linear")  # freezes the encoders: the head alone trains
+    problems = cache_problems(backbone)
+    summary = {"dataset": dataset, "folder": str(Path(out_dir) / dataset)}
+    if problems:
+        return {**summary, "skipped": problems}
+    backbone.to(plan.train.device)
+    _, _, info = cached_splits(backbone, prepared.splits, Path(out_dir) / dataset,
+                               plan_data_hashes(plan, prepared.data, prepared.vocab), batch_size,
+                               progress)
+    return {**summary, **info}
 
 
 __all__ = ["CacheError", "CachedFeatures", "FromCache", "NotCacheable", "cache_problems",

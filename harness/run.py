@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from harness import records
 from harness.backbones import build_backbone
-from harness.data import load_dataset
+from harness.data import LoadedDataset, load_dataset
 from harness.errors import InputError
 from harness.pretrain import adopt_vocab, load_pretrained, read_checkpoint
 from harness.extract import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes, tree_hash
@@ -71,6 +72,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The frozen encoders are drawn once, the same for every seed, as a pre-trained model would be;
+# the run's seed draws the task head, the method's modules, the data order and dropout.
+BACKBONE_SEED = 0
+
+
+@dataclass
+class Prepared:
+    data: LoadedDataset
+    splits: dict
+    vocab: WordVocab | None
+    task_name: str
+    backbone: torch.nn.Module
+    load_report: dict | None
+
+
+def prepare(plan: RunPlan) -> Prepared:
+    """Data (tokenised), the backbone (pre-trained where ``plan.pretrained`` says), a fresh head
+    drawn from the run's seed; no method attached yet."""
+    data, splits, vocab = load_splits(plan)
+    task_name, output_dim = task_for(data.info)
+    checkpoint = read_checkpoint(plan.pretrained["path"]) if plan.pretrained else None
+    vocab_report = None
+    if checkpoint is not None:  # text is tokenised with the pre-training vocabulary
+        vocab, splits, vocab_report = adopt_vocab(checkpoint, splits, vocab)
+    seed_everything(BACKBONE_SEED)
+    backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
+                              vocab_size=len(vocab) if vocab else None)
+    load_report = None
+    if checkpoint is not None:  # before apply_method: the keys are still the backbone's own
+        load_report = {**load_pretrained(backbone, checkpoint, plan.pretrained["skip"]),
+                       "sha256": plan.pretrained["sha256"], "vocab": vocab_report}
+    seed_everything(plan.seed)
+    for module in backbone.head.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return Prepared(data, splits, vocab, task_name, backbone, load_report)
+
+
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
     """Run ``plan`` unless a record under its key exists; return the record."""
     key = run_key(plan)
@@ -78,19 +117,9 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
     if path.is_file():
         return records.read_json(path)
     started = time.perf_counter()
-    data, splits, vocab = load_splits(plan)
-    task_name, output_dim = task_for(data.info)
-    checkpoint = read_checkpoint(plan.pretrained["path"]) if plan.pretrained else None
-    vocab_report = None
-    if checkpoint is not None:  # text is tokenised with the pre-training vocabulary
-        vocab, splits, vocab_report = adopt_vocab(checkpoint, splits, vocab)
-    seed_everything(plan.seed)
-    backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
-                              vocab_size=len(vocab) if vocab else None)
-    load_report = None
-    if checkpoint is not None:  # before apply_method: the keys are still the backbone's own
-        load_report = {**load_pretrained(backbone, checkpoint, plan.pretrained["skip"]),
-                       "sha256": plan.pretrained["sha256"], "vocab": vocab_report}
+    prepared = prepare(plan)
+    data, splits, vocab, backbone = prepared.data, prepared.splits, prepared.vocab, prepared.backbone
+    task_name, load_report = prepared.task_name, prepared.load_report
     config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
     model, fit_splits, features = backbone, splits, {"cached": False}
     if plan.train.feature_cache:  # encoders untouched by the method: read their cached outputs

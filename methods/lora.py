@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
 from torch import nn
 
 from methods.base import MethodConfig, Variant, at_most_hidden, positive, probability, require
@@ -39,7 +37,9 @@ def target_paths(backbone: nn.Module, roles: tuple[str, ...]) -> list[str]:
     return [site.path for site in backbone.linear_sites() if site.role in roles]
 
 
-def peft_config(backbone: nn.Module, config: LoraConfig) -> PeftLoraConfig:
+def peft_config(backbone: nn.Module, config: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig  # imported on use: peft takes seconds to import
+
     return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules=target_paths(backbone, config.target_roles))
 
@@ -52,6 +52,8 @@ def peft_config(backbone: nn.Module, config: LoraConfig) -> PeftLoraConfig:
                                starts_as_identity=True)},
 )
 def apply(backbone: nn.Module, config: LoraConfig, variant: str) -> None:
+    from peft import inject_adapter_in_model
+
     inject_adapter_in_model(peft_config(backbone, config), backbone)
     for name, parameter in backbone.named_parameters():
         parameter.requires_grad_("lora_" in name)

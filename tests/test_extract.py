@@ -308,10 +308,9 @@ def test_data_hash_follows_the_files_split_and_options(tmp_path):
 def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
     import yaml
 
-    from harness.backbones import build_backbone
     from harness.data import generate
     from harness.extract import extract_dataset, plan_data_hashes
-    from harness.run import load_splits, seed_everything, task_for
+    from harness.run import prepare
     from harness.settings import load_params, plan_run
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -321,23 +320,22 @@ def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
     params["profile"] = "tiny"
     params["data"]["tiny"][dataset]["path"] = str(tmp_path / "data")
     params["profiles"]["tiny"]["two_tower"] = {"preset": "tiny"}
+    params["pretrain"]["use"] = {}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     params = load_params(tmp_path / "params.yaml")
 
-    summary = extract_dataset(params, dataset, tmp_path / "features", seeds=[1], progress=False)
-    (stage,) = summary["seeds"]
+    stage = extract_dataset(params, dataset, tmp_path / "features", progress=False)
     assert {s["status"] for s in stage["splits"].values()} == {"computed: missing"}
 
-    # What harness.run.execute does for seed 1 with Wander, then reads the caches.
-    plan = plan_run(params, dataset, "wander", seed=1, settings={"down_dim": 8, "fused_length": 8})
-    data, splits, vocab = load_splits(plan)
-    _, output_dim = task_for(data.info)
-    seed_everything(plan.seed)
-    backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
-                              vocab_size=len(vocab) if vocab else None)
+    # What harness.run.execute does for another seed with Wander: the frozen encoders do not
+    # depend on the seed, so the run reads the stage's caches.
+    plan = plan_run(params, dataset, "wander", seed=2, settings={"down_dim": 8, "fused_length": 8})
+    prepared = prepare(plan)
+    backbone, splits = prepared.backbone, prepared.splits
     apply_method(backbone, "wander", **plan.method_overrides)
     _, cached, info = cached_splits(backbone, splits, tmp_path / "features" / dataset,
-                                    plan_data_hashes(plan, data, vocab), progress=False)
+                                    plan_data_hashes(plan, prepared.data, prepared.vocab),
+                                    progress=False)
     assert info["encoder_hash"] == stage["encoder_hash"]
     assert {s["status"] for s in info["splits"].values()} == {"reused"}
     assert {n: len(c) for n, c in cached.items()} == {n: len(s) for n, s in splits.items()}
