@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from harness import records
 from harness.backbones import build_backbone
@@ -44,11 +45,32 @@ def task_for(info: dict) -> tuple[str, int]:
 TEXT_FIELDS = {"food101": "text", "msrvtt": "caption", "howto100m": "caption"}
 
 
+class InMemory(Dataset):
+    """Keeps every item after its first read: for small splits whose loader streams from disk
+    (per-video HDF5 files, images), so each epoch after the first reads memory, not files."""
+
+    def __init__(self, split: Dataset):
+        self.split, self.items = split, {}
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict:
+        if index not in self.items:
+            self.items[index] = self.split[index]
+        return self.items[index]
+
+
+RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")  # data keys that are not loader options
+
+
 def load_splits(plan: RunPlan):
     """The loaded dataset, its train/valid/test splits (raw text tokenised), and the vocabulary."""
-    options = {k: v for k, v in plan.data.items() if k not in ("path", "format", "max_text_len")}
+    options = {k: v for k, v in plan.data.items() if k not in RUN_OPTIONS}
     data = load_dataset(plan.dataset, plan.data["path"], plan.data.get("format"), **options)
     splits = {name: data.split(name) for name in ("train", "valid", "test")}
+    if plan.data.get("in_memory"):
+        splits = {name: InMemory(split) for name, split in splits.items()}
     field = TEXT_FIELDS.get(plan.dataset)
     if field is None:
         return data, splits, None
