@@ -56,6 +56,7 @@ from harness.backbones import build_backbone
 from harness.data import load_dataset
 from harness.data._common import MANIFEST
 from harness.errors import InputError
+from harness.settings import RUN_OPTIONS
 from harness.tasks.tasks import TASKS
 from harness.text import SPECIALS, Tokenized, WordVocab, words
 from harness.train import TrainSettings, _autocast, _to_device, evaluate
@@ -101,7 +102,7 @@ def dataset_vocab(name: str, data: dict | None = None) -> list[str]:
     """The words of a text dataset as fine-tuning would see them: the generator's manifest
     vocabulary, else the training split's words (``data``: a params.yaml data block)."""
     data = dict(data or {})
-    options = {k: v for k, v in data.items() if k not in ("path", "format", "max_text_len")}
+    options = {k: v for k, v in data.items() if k not in RUN_OPTIONS}
     loaded = load_dataset(name, data.get("path"), data.get("format"), **options)
     if loaded.info.get("vocab"):
         return list(loaded.info["vocab"])
@@ -165,7 +166,7 @@ def _train_settings(settings) -> TrainSettings:
 def _load_source(source: str, data: dict, extra_vocab: Iterable[str] | None):
     """The loaded source, its {train, valid} splits (captions tokenised) and the vocabulary."""
     data = dict(data or {})
-    options = {k: v for k, v in data.items() if k not in ("path", "format", "max_text_len")}
+    options = {k: v for k, v in data.items() if k not in RUN_OPTIONS}
     loaded = load_dataset(source, data.get("path"), data.get("format"), **options)
     splits = {name: loaded.split(name) for name in ("train", "valid")}
     if SOURCES[source][0] != "mmt":

@@ -16,7 +16,7 @@ from harness.data import LoadedDataset, load_dataset
 from harness.errors import InputError
 from harness.pretrain import adopt_vocab, load_pretrained, read_checkpoint
 from harness.extract import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes, tree_hash
-from harness.settings import RunPlan
+from harness.settings import RUN_OPTIONS, RunPlan
 from harness.tasks.tasks import TASKS
 from harness.text import Tokenized, WordVocab
 from harness.train import fine_tune
@@ -59,9 +59,6 @@ class InMemory(Dataset):
         if index not in self.items:
             self.items[index] = self.split[index]
         return self.items[index]
-
-
-RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")  # data keys that are not loader options
 
 
 def load_splits(plan: RunPlan):

@@ -13,6 +13,8 @@ from methods import get_method
 
 PARAMS_FILE = "params.yaml"
 PROFILES = ("tiny", "paper")
+# Keys of a data block (params.yaml data.<profile>.<dataset>) that are not loader options.
+RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")
 BACKBONE_FOR = {"mosi": "late_fusion", "mosei": "late_fusion", "iemocap": "late_fusion",
                 "food101": "two_tower", "msrvtt": "mmt", "howto100m": "mmt"}
 
