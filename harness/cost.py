@@ -42,10 +42,8 @@ Down projections (sum_m (D_m * d + d)).
 from __future__ import annotations
 
 import math
-import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -379,29 +377,15 @@ def cost_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_cost(out_dir: str | Path = "results", device: str = "cpu", **table6_settings) -> dict:
     """Compute the report and write ``out_dir/cost.json`` and ``out_dir/cost.md`` atomically."""
-    from harness.records import versions, write_json_atomic
+    from harness.records import versions, write_json_atomic, write_text_atomic
 
     report = cost_report(device, **table6_settings)
     report["versions"] = versions()
     out = Path(out_dir)
     write_json_atomic(out / "cost.json", report)
-    _write_text_atomic(out / "cost.md", cost_markdown(report))
+    write_text_atomic(out / "cost.md", cost_markdown(report))
     return report
 
 

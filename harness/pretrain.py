@@ -40,8 +40,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -131,17 +129,8 @@ def data_hash(data) -> str:
 
 
 def _save_atomic(document: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(document, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with records.atomic_file(path, "wb") as stream:
+        torch.save(document, stream)
 
 
 def _train_settings(settings) -> TrainSettings:

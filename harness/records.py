@@ -1,6 +1,7 @@
 """Run records: keys, provenance (git commit, code hash, versions) and atomic JSON writes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -59,18 +60,28 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
-def write_json_atomic(path: str | Path, document) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w"):
+    """A stream to a temporary file in ``path``'s folder, renamed over ``path`` when the block
+    ends without error (and removed when it fails): readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(document, stream, indent=2, sort_keys=True, default=str)
-            stream.write("\n")
+        with os.fdopen(handle, mode) as stream:
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as stream:
+        stream.write(text)
+
+
+def write_json_atomic(path: str | Path, document) -> None:
+    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
