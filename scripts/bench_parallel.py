@@ -38,6 +38,7 @@ def main() -> int:
     rows += [{"method": "lora", "rank": r} for r in (2, 4, 8, 16)]
     params.update(datasets=["mosi"], seeds=[0], grid={"mosi": rows[: args.rows]})
     params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
+    params["pretrain"]["use"] = {}
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     loaded = load_params(folder / "params.yaml")
 

@@ -31,6 +31,7 @@ def params_file(tmp_path_factory):
         params["data"]["tiny"][dataset]["path"] = str(folder / dataset)
     params["profiles"]["tiny"]["train"] = {"epochs": 1, "batch_size": 16}
     params["profiles"]["tiny"]["two_tower"] = {"preset": "tiny"}
+    params["pretrain"]["use"] = {}  # pre-training has its own tests
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path

@@ -29,6 +29,7 @@ def small_params(tmp_path_factory):
                                {"method": "wander", "down_dim": 8}, {"method": "adapter", "down_dim": 8}]}
     params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
     params["profiles"]["tiny"]["train"] = {"epochs": 1, "batch_size": 16}
+    params["pretrain"]["use"] = {}  # pre-training has its own tests
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
