@@ -3,6 +3,7 @@ stdout; logs and progress go to stderr. Bad input exits 2 with a message naming 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -11,10 +12,16 @@ from pathlib import Path
 from harness.errors import InputError
 
 
+# With --json, stdout carries the one JSON document only: anything else printed while a command
+# runs (Ray Tune's status tables, library chatter) is sent to stderr, and _emit writes here.
+_json_stdout = None
+
+
 def _emit(document, as_json: bool, render) -> None:
     if as_json:
-        json.dump(document, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        stream = _json_stdout or sys.stdout
+        json.dump(document, stream, indent=2, default=str)
+        stream.write("\n")
     else:
         render(document)
 
@@ -361,7 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _json_stdout
     args = build_parser().parse_args(argv)
+    _json_stdout = None
+    if getattr(args, "json", False):
+        _json_stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return _dispatch(args)
+    return _dispatch(args)
+
+
+def _dispatch(args) -> int:
     try:
         names = getattr(args, "method", None) or []
         if names:

@@ -117,8 +117,8 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
                 future.result()
     elif executor == "ray":
         from harness.ray_executor import run_with_ray
-        run_with_ray(values, out, root, workers,
-                     Path(ray_storage or Path(out_dir).parent / "ray").resolve())
+        storage = ray_storage or Path(out_dir).parent / f"{Path(out_dir).name}.ray"
+        run_with_ray(values, out, root, workers, Path(storage).resolve())
 
 
 def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
@@ -141,7 +141,7 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
 def prune(out_dir: Path) -> int:
     """Delete records computed by other code (their keys can never be asked for again)."""
     current, removed = records.code_hash(), 0
-    for path in Path(out_dir).glob("*/*.json"):
+    for path in Path(out_dir).glob("*/*-seed*-*.json"):
         if records.read_json(path).get("code_hash") != current:
             path.unlink()
             removed += 1
