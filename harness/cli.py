@@ -101,15 +101,19 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _executor(args, params: dict) -> tuple[str, int | None]:
+    """The executor and its workers: the command line's, else params.yaml's ``executor``."""
+    configured = params.get("executor") or {}
+    return args.executor or configured.get("kind", "sequential"), args.workers or configured.get("workers")
+
+
 def cmd_sweep(args) -> int:
     from harness.records import write_json_atomic
     from harness.settings import load_params
     from harness.sweep import sweep
 
     params = load_params(args.params)
-    executor = args.executor or params.get("executor", {}).get("kind", "sequential")
-    workers = args.workers or params.get("executor", {}).get("workers")
-    summary = sweep(params, executor, workers, Path(args.out))
+    summary = sweep(params, *_executor(args, params), Path(args.out))
     write_json_atomic(Path(args.out) / "index.json", summary)
     _emit(summary, args.json, lambda s: print(
         f"{s['runs']} runs: {s['computed']} computed, {s['reused']} already recorded "
@@ -122,9 +126,8 @@ def cmd_search(args) -> int:
     from harness.settings import load_params
 
     params = load_params(args.params)
-    executor = args.executor or params.get("executor", {}).get("kind", "sequential")
-    workers = args.workers or params.get("executor", {}).get("workers") or 1
-    summary = run_search(params, executor, workers, Path(args.out))
+    executor, workers = _executor(args, params)
+    summary = run_search(params, executor, workers or 1, Path(args.out))
     _emit(summary, args.json, lambda s: print(
         f"{s['trials']} trials on {s['dataset']} ({s['metric']}); Pareto front: "
         + "; ".join(f"{p['method']} {p['tunable']:.0f} params -> {p[s['metric']]:.4f}"
@@ -281,21 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("sweep", help="run the finetune grid of params.yaml")
-    p.add_argument("--executor", choices=["sequential", "process", "ray"])
-    p.add_argument("--workers", type=int)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", default="results/runs")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("search", help="Optuna rank search (accuracy vs #tunable Pareto front)")
-    p.add_argument("--executor", choices=["sequential", "process", "ray"])
-    p.add_argument("--workers", type=int)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", default="results/search")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_search)
+    for name, out, func, text in (
+            ("sweep", "results/runs", cmd_sweep, "run the finetune grid of params.yaml"),
+            ("search", "results/search", cmd_search, "Optuna rank search (accuracy vs #tunable)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--executor", choices=["sequential", "process", "ray"],
+                       help="default: params.yaml executor.kind")
+        p.add_argument("--workers", type=int, help="default: params.yaml executor.workers")
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--out", default=out)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("cost", help="Table 6 and the Sec. 4.4 parameter counts, on this machine")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
