@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=8, help="trials in the grid (>= 8)")
+    parser.add_argument("--rows", type=int, default=16, help="trials in the grid (>= 8)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
@@ -34,8 +34,10 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="mmpetl-parallel-"))
     generate("mosi", folder / "mosi", seed=0, n_train=256, interaction_scope="pooled")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    rows = [{"method": "wander", "down_dim": d, "rank_t": r} for d in (8, 16, 32, 64) for r in (4, 8)]
-    rows += [{"method": "lora", "rank": r} for r in (2, 4, 8, 16)]
+    rows = [{"method": "lora", "rank": r} for r in (2, 4, 8, 16)]
+    rows += [{"method": "adapter", "down_dim": d} for d in (4, 8, 16, 32)]
+    rows += [{"method": m} for m in ("ptuning", "maple", "pmf", "full")]
+    rows += [{"method": "wander", "down_dim": d} for d in (8, 16, 32, 64)]
     params.update(datasets=["mosi"], seeds=[0], grid={"mosi": rows[: args.rows]})
     params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
     params["pretrain"]["use"] = {}
