@@ -18,13 +18,21 @@ def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
 
     from harness.sweep import run_trial
 
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        _fit(tune, run_trial, plan_values, out_dir, root, workers, storage)
+    finally:
+        if started_here:  # leave no Ray driver behind (a later `ray stop` would kill this process)
+            ray.shutdown()
 
+
+def _fit(tune, run_trial, plan_values, out_dir, root, workers, storage) -> None:
     def trainable(config: dict) -> None:
         record = run_trial(config["plan"], out_dir, root)
         tune.report({"key": record["key"], **{k: v for k, v in record["metrics"].items()
