@@ -46,8 +46,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from harness import records
 from harness.backbones import build_backbone
@@ -57,7 +55,7 @@ from harness.errors import InputError
 from harness.settings import RUN_OPTIONS
 from harness.tasks.tasks import TASKS
 from harness.text import SPECIALS, Tokenized, WordVocab, words
-from harness.train import TrainSettings, _autocast, _to_device, evaluate
+from harness.train import TrainSettings, evaluate, train_and_select
 
 log = logging.getLogger(__name__)
 
@@ -202,43 +200,11 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         parameter.requires_grad_(True)
     device = torch.device(settings.device)
     backbone.to(device)
-    parameters = list(backbone.parameters())
-    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
-    optimizer = optimizer_class(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_size, settings.gamma)
-    loader = DataLoader(splits["train"], batch_size=settings.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-
     initial_valid = evaluate(backbone, task, splits["valid"], settings)
-    best_value, best_epoch, best_state, history = None, -1, None, []
-    epochs = tqdm(range(settings.epochs), desc=f"pretrain {kind} on {source}", unit="epoch",
-                  disable=not progress)
-    for epoch in epochs:
-        backbone.train()
-        total, count = 0.0, 0
-        for batch in loader:
-            batch = _to_device(batch, device)
-            with _autocast(settings):
-                loss = task.loss(backbone(batch).float(), batch["label"])
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"pre-training on {source}: non-finite loss at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip > 0:
-                nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-            optimizer.step()
-            total += loss.item() * len(batch["label"])
-            count += len(batch["label"])
-        scheduler.step()
-        valid = evaluate(backbone, task, splits["valid"], settings)
-        value = valid[task.select_metric]
-        history.append({"epoch": epoch, "train_loss": total / count,
-                        f"valid_{task.select_metric}": value})
-        if task.better(value, best_value):
-            best_value, best_epoch = value, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-        epochs.set_postfix(loss=f"{total / count:.4f}", **{task.select_metric: f"{value:.4f}"})
-    backbone.load_state_dict(best_state)
+    trained = train_and_select(backbone, task, splits, settings, seed, progress,
+                               desc=f"pretrain {kind} on {source}")
+    best_epoch, history = trained["selected_epoch"], trained["history"]
+    best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     final_valid = evaluate(backbone, task, splits["valid"], settings)
 
     metadata = _plain({
@@ -253,7 +219,7 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
                     "history": history},
         "vocab": vocab_words(vocab) if vocab is not None else None,
         "vocab_sources": vocab_sources,
-        "parameters": sum(p.numel() for p in parameters),
+        "parameters": sum(p.numel() for p in backbone.parameters()),
         "wall_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "git_commit": records.git_commit(), "code_hash": records.code_hash(),

@@ -78,24 +78,22 @@ def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSett
     return task.evaluate(torch.cat(outputs), torch.cat(labels))
 
 
-def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings: TrainSettings,
-              seed: int, progress: bool = True) -> dict:
-    """Train the trainable parameters of ``model``; returns metrics and the training history."""
+def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
+                     settings: TrainSettings, seed: int, progress: bool = True,
+                     desc: str = "fine-tune") -> dict:
+    """Train ``model``'s trainable parameters with the settings' optimiser and StepLR schedule,
+    evaluate on the valid split after every epoch and leave the model at the best epoch's weights.
+    Returns the selected epoch, the per-epoch history and the training wall time."""
     device = torch.device(settings.device)
-    model.to(device)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
     optimizer = optimizer_class(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_size, settings.gamma)
     loader = DataLoader(splits["train"], batch_size=settings.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    initial_test = evaluate(model, task, splits["test"], settings)
     best_value, best_epoch, best_state, history = None, -1, None, []
     started = time.perf_counter()
-    epochs = tqdm(range(settings.epochs), desc="fine-tune", unit="epoch", disable=not progress)
+    epochs = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress)
     for epoch in epochs:
         model.train()
         total, count = 0.0, 0
@@ -103,6 +101,8 @@ def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings
             batch = _to_device(batch, device)
             with _autocast(settings):
                 loss = task.loss(model(batch).float(), batch["label"])
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{desc}: non-finite loss at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if settings.grad_clip > 0:
@@ -119,18 +119,27 @@ def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
         epochs.set_postfix(loss=f"{total / count:.4f}", **{task.select_metric: f"{value:.4f}"})
     wall = time.perf_counter() - started
-
     with torch.no_grad():
         for name, parameter in trainable.items():
             parameter.copy_(best_state[name])
+    return {"selected_epoch": best_epoch, "history": history, "train_wall_s": wall}
+
+
+def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings: TrainSettings,
+              seed: int, progress: bool = True) -> dict:
+    """Train the trainable parameters of ``model``; returns metrics and the training history."""
+    device = torch.device(settings.device)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    initial_test = evaluate(model, task, splits["test"], settings)
+    trained = train_and_select(model, task, splits, settings, seed, progress)
     return {
         "test": evaluate(model, task, splits["test"], settings),
         "valid": evaluate(model, task, splits["valid"], settings),
         "initial_test": initial_test,
-        "selected_epoch": best_epoch,
         "select_metric": task.select_metric,
-        "history": history,
-        "train_wall_s": wall,
+        **trained,
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                if device.type == "cuda" else None),
     }
