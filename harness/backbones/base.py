@@ -12,6 +12,35 @@ ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("fc1", "fc2")
 
 
+def lockstep_encode(backbone: nn.Module, states: dict[str, torch.Tensor],
+                    valid: dict[str, torch.Tensor | None], run_layer, finish) -> dict[str, torch.Tensor]:
+    """The lock-step loop over depth shared by the per-modality backbones: before each depth the
+    prompt provider's tokens are prepended (mask extended), ``run_layer(m, depth, x, mask)`` runs
+    modality m's layer, the prompt outputs are stripped (and handed to the provider at the next
+    depth); after the last depth ``finish(states)`` applies the final norms; the fusion hook of
+    each depth sees every modality's states."""
+    previous: dict[str, torch.Tensor] = {}
+    for depth in range(backbone.depth):
+        extra = backbone.prompts(depth, states, previous) if backbone.prompts is not None else {}
+        previous = {}
+        for m in backbone.modalities:
+            x, mask = states[m], valid[m]
+            prompt = extra.get(m)
+            if prompt is not None:
+                x = torch.cat([prompt.to(x.dtype), x], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask.new_ones(mask.shape[0], prompt.shape[1]), mask], dim=1)
+            x = run_layer(m, depth, x, mask)
+            if prompt is not None:
+                previous[m], x = x[:, : prompt.shape[1]], x[:, prompt.shape[1]:]
+            states[m] = x
+        if depth == backbone.depth - 1:
+            states = finish(states)
+        if str(depth) in backbone.fusion_hooks:
+            states = backbone.fusion_hooks[str(depth)](states)
+    return states
+
+
 class LockstepBackbone(nn.Module):
     """Subclasses build ``self.encoders`` ({modality: ModuleList[EncoderLayer]}, equal depths),
     ``self.final_norms`` ({modality: LayerNorm}), ``self.head`` and implement ``embed`` and ``pool``."""
@@ -75,28 +104,11 @@ class LockstepBackbone(nn.Module):
     # --- forward ----------------------------------------------------------------------------
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-modality token states after the last layer (and its fusion hook, if any)."""
-        states = self.embed(batch)
         valid = {m: batch.get(f"mask_{m}") for m in self.modalities}  # (B, L_m) bool, True = token
-        previous: dict[str, torch.Tensor] = {}
-        for depth in range(self.depth):
-            extra = self.prompts(depth, states, previous) if self.prompts is not None else {}
-            previous = {}
-            for m in self.modalities:
-                x, mask = states[m], valid[m]
-                prompt = extra.get(m)
-                if prompt is not None:
-                    x = torch.cat([prompt, x], dim=1)
-                    if mask is not None:
-                        mask = torch.cat([mask.new_ones(mask.shape[0], prompt.shape[1]), mask], dim=1)
-                x = self.encoders[m][depth](x, mask)
-                if prompt is not None:
-                    previous[m], x = x[:, : prompt.shape[1]], x[:, prompt.shape[1]:]
-                states[m] = x
-            if depth == self.depth - 1:
-                states = {m: self.final_norms[m](x) for m, x in states.items()}
-            if str(depth) in self.fusion_hooks:
-                states = self.fusion_hooks[str(depth)](states)
-        return states
+        return lockstep_encode(
+            self, self.embed(batch), valid,
+            run_layer=lambda m, depth, x, mask: self.encoders[m][depth](x, mask),
+            finish=lambda states: {m: self.final_norms[m](x) for m, x in states.items()})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.pool(self.encode(batch)))

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from methods.base import LinearSite, PromptProvider
+from harness.backbones.base import lockstep_encode
 from harness.backbones.layers import EncoderLayer
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
@@ -558,25 +559,14 @@ class TwoTowerBackbone(nn.Module):
     def _encode(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
                                                                dict[str, torch.Tensor | None]]:
         states, valid = self.embed(batch)
-        previous: dict[str, torch.Tensor] = {}
-        for depth in range(self.depth):
-            extra = self.prompts(depth, states, previous) if self.prompts is not None else {}
-            previous = {}
-            for m in self.modalities:
-                x, mask = states[m], valid[m]
-                prompt = extra.get(m)
-                if prompt is not None:
-                    x = torch.cat([prompt.to(x.dtype), x], dim=1)
-                    if mask is not None:
-                        mask = torch.cat([mask.new_ones(mask.shape[0], prompt.shape[1]), mask], dim=1)
-                x = self.layer(m, depth)(x, self._attention_mask(m, x, mask))
-                if prompt is not None:
-                    previous[m], x = x[:, : prompt.shape[1]], x[:, prompt.shape[1]:]
-                states[m] = x
-            if depth == self.depth - 1:
-                states["image"] = self.encoders["image"].layernorm(states["image"])
-            if str(depth) in self.fusion_hooks:
-                states = self.fusion_hooks[str(depth)](states)
+
+        def final_norm(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # BERT is post-LN
+            return {**states, "image": self.encoders["image"].layernorm(states["image"])}
+
+        states = lockstep_encode(
+            self, states, valid,
+            run_layer=lambda m, depth, x, mask: self.layer(m, depth)(x, self._attention_mask(m, x, mask)),
+            finish=final_norm)
         return states, valid
 
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
