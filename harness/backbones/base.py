@@ -41,7 +41,20 @@ def lockstep_encode(backbone: nn.Module, states: dict[str, torch.Tensor],
     return states
 
 
-class LockstepBackbone(nn.Module):
+class HookPoints:
+    """The prompt and fusion-hook points of the method contract; a backbone using it sets
+    ``self.prompts = None`` and ``self.fusion_hooks = nn.ModuleDict()`` and has ``depth``."""
+
+    def set_prompts(self, provider: PromptProvider) -> None:
+        self.prompts = provider
+
+    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
+        if not 0 <= depth < self.depth:
+            raise ValueError(f"fusion hook depth must be in [0, {self.depth}), got {depth}")
+        self.fusion_hooks[str(depth)] = module
+
+
+class LockstepBackbone(HookPoints, nn.Module):
     """Subclasses build ``self.encoders`` ({modality: ModuleList[EncoderLayer]}, equal depths),
     ``self.final_norms`` ({modality: LayerNorm}), ``self.head`` and implement ``embed`` and ``pool``."""
 
@@ -92,14 +105,6 @@ class LockstepBackbone(nn.Module):
         if point not in ("attn", "ffn"):
             raise ValueError(f"adapter point must be 'attn' or 'ffn', got {point!r}")
         setattr(self.layer(modality, depth), f"{point}_adapter", module)
-
-    def set_prompts(self, provider: PromptProvider) -> None:
-        self.prompts = provider
-
-    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
-        if not 0 <= depth < self.depth:
-            raise ValueError(f"fusion hook depth must be in [0, {self.depth}), got {depth}")
-        self.fusion_hooks[str(depth)] = module
 
     # --- forward ----------------------------------------------------------------------------
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

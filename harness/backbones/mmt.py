@@ -81,6 +81,7 @@ from torch import nn
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
+from harness.backbones.base import HookPoints
 from harness.backbones.layers import EncoderLayer
 from harness.errors import InputError
 from methods.base import LinearSite, PromptProvider
@@ -226,7 +227,7 @@ class SegmentAdapters(nn.Module):
                           for (name, _), p in zip(self.layout, pieces)], dim=1)
 
 
-class MMTBackbone(nn.Module):
+class MMTBackbone(HookPoints, nn.Module):
     activation = "relu"  # the joint layers' FFN nonlinearity (layers.FeedForward)
 
     def __init__(self, config: MMTConfig):
@@ -294,14 +295,6 @@ class MMTBackbone(nn.Module):
         if not 0 <= depth < self.depth:
             raise ValueError(f"adapter depth must be in [0, {self.depth}), got {depth}")
         getattr(self.layers[depth], f"{point}_adapter").adapters[modality] = module
-
-    def set_prompts(self, provider: PromptProvider) -> None:
-        self.prompts = provider
-
-    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
-        if not 0 <= depth < self.depth:
-            raise ValueError(f"fusion hook depth must be in [0, {self.depth}), got {depth}")
-        self.fusion_hooks[str(depth)] = module
 
     # --- inputs -------------------------------------------------------------------------------
     def _batch_size(self, batch: dict) -> int:

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from methods.base import LinearSite, PromptProvider
-from harness.backbones.base import lockstep_encode
+from harness.backbones.base import HookPoints, lockstep_encode
 from harness.backbones.layers import EncoderLayer
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
@@ -408,7 +408,7 @@ class FusionHead(nn.Module):
 
 
 # --- the backbone ----------------------------------------------------------------------------
-class TwoTowerBackbone(nn.Module):
+class TwoTowerBackbone(HookPoints, nn.Module):
     """ViT + BERT in lock-step, fusion transformer + MLP head (see the module docstring).
 
     ``forward(batch)``: ``image`` (B, 3, H, W) float (what the ViT expects: the paper's ViT-B/16
@@ -496,14 +496,6 @@ class TwoTowerBackbone(nn.Module):
         else:
             owner = layer.attention if modality == "image" else layer.attention.output
         owner.adapter = module
-
-    def set_prompts(self, provider: PromptProvider) -> None:
-        self.prompts = provider
-
-    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
-        if not 0 <= depth < self.depth:
-            raise ValueError(f"fusion hook depth must be in [0, {self.depth}), got {depth}")
-        self.fusion_hooks[str(depth)] = module
 
     def _known(self, modality: str) -> str:
         if modality not in self.modalities:
