@@ -290,3 +290,31 @@ def check_replaceable(out_dir: Path) -> None:
                          file=str(out_dir), key="out_dir",
                          expected=f"an empty directory or one holding {MANIFEST}",
                          found=list_dir(out_dir))
+
+
+# ----------------------------------------------------------------------------- format detection
+
+def require_path(path: Path, expected: str) -> None:
+    if not path.exists():
+        raise InputError("data path not found", file=str(path), key="path", expected=expected,
+                         found="missing")
+
+
+def pick_format(card, found: list[tuple[str, Any]], forced: str | None, where: Path,
+                describe) -> tuple[str, Any]:
+    """The (format, location) to read among the ``found`` layouts: the forced one if given (an
+    error when its layout is not there), else the first; ``describe(fmt)`` says what a format's
+    layout looks like."""
+    if forced is not None:
+        for fmt, location in found:
+            if fmt == forced:
+                return fmt, location
+        other = [fmt for fmt, _ in found]
+        raise InputError(f"forced format {forced!r} not found (wrong format forced?)",
+                         file=str(where), key="format", expected=describe(forced),
+                         found=(f"the layout of format(s) {other}" if other else list_dir(where)))
+    if not found:
+        raise InputError(f"no {card.name} format recognised", file=str(where), key="format",
+                         expected="one of: " + "; ".join(describe(f) for f in card.formats),
+                         found=list_dir(where))
+    return found[0]

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import LoadedDataset, list_dir, load_json, read_manifest
+from ._common import LoadedDataset, load_json, pick_format, read_manifest, require_path
 from .cards import Card
 
 
@@ -84,25 +84,12 @@ def locate(card: Card, path: Path, forced: str | None) -> tuple[str, Path]:
     path = Path(path)
     if forced is not None:
         card.fmt(forced)
-    if not path.exists():
-        raise InputError("data path not found", file=str(path), key="path",
-                         expected="one of: " + "; ".join(_describe(card, f) for f in card.formats),
-                         found="missing")
+    require_path(path, "one of: " + "; ".join(_describe(card, f) for f in card.formats))
     root = path.parent if path.is_file() else path
     if path.is_file() and path.parent.name == "texts":
         root = path.parent.parent
-    found = [f for f in card.formats if _present(card, root, f)]
-    if forced is not None:
-        if forced in found:
-            return forced, root
-        raise InputError(f"forced format {forced!r} not found (wrong format forced?)",
-                         file=str(root), key="format", expected=_describe(card, forced),
-                         found=(f"the layout of format(s) {found}" if found else list_dir(root)))
-    if not found:
-        raise InputError("no food101 format recognised", file=str(root), key="format",
-                         expected="one of: " + "; ".join(_describe(card, f) for f in card.formats),
-                         found=list_dir(root))
-    return found[0], root
+    found = [(f, root) for f in card.formats if _present(card, root, f)]
+    return pick_format(card, found, forced, root, lambda f: _describe(card, f))
 
 
 def _require(file: Path, split: str) -> Path:

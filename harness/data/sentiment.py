@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from harness.errors import InputError
 
 from ._common import (LoadedDataset, check_finite, decode, float_array, length_stats,
-                      list_dir, load_npy, load_pickle, read_manifest)
+                      list_dir, load_npy, load_pickle, pick_format, read_manifest, require_path)
 from .cards import Card
 
 MODALITIES = ("text", "audio", "vision")
@@ -163,10 +163,7 @@ def locate(card: Card, path: Path, forced: str | None):
     path = Path(path)
     if forced is not None:
         card.fmt(forced)
-    if not path.exists():
-        raise InputError("data path not found", file=str(path), key="path",
-                         expected="one of: " + "; ".join(_describe(card, f) for f in card.formats),
-                         found="missing")
+    require_path(path, "one of: " + "; ".join(_describe(card, f) for f in card.formats))
     if path.is_file():
         if forced == "mmin":
             raise InputError("format mmin is a directory layout, not a file", file=str(path),
@@ -177,19 +174,7 @@ def locate(card: Card, path: Path, forced: str | None):
                     return fmt, path
         return forced, path
     found = [(f, hit) for f in card.formats if (hit := _find(card, path, f)) is not None]
-    if forced is not None:
-        for f, hit in found:
-            if f == forced:
-                return f, hit
-        other = [f for f, _ in found]
-        raise InputError(f"forced format {forced!r} not found (wrong format forced?)",
-                         file=str(path), key="format", expected=_describe(card, forced),
-                         found=(f"the layout of format(s) {other}" if other else list_dir(path)))
-    if not found:
-        raise InputError(f"no {card.name} format recognised", file=str(path), key="format",
-                         expected="one of: " + "; ".join(_describe(card, f) for f in card.formats),
-                         found=list_dir(path))
-    return found[0]
+    return pick_format(card, found, forced, path, lambda f: _describe(card, f))
 
 
 # ----------------------------------------------------------------------------- pickles
