@@ -87,13 +87,16 @@ def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
 @contextlib.contextmanager
 def worker_pool(executor: str, workers: int):
     """The process pool of the ``process`` executor (None for the others), kept open across
-    several ``run_many`` calls so worker start-up (importing torch) is paid once."""
+    several ``run_many`` calls. Workers are forked, so they start with torch and the harness
+    already imported; spawned (a fresh interpreter each) where fork is unavailable or this
+    process has initialised CUDA, which a forked child cannot use."""
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     if executor != "process":
         yield None
         return
-    context = multiprocessing.get_context("spawn")
+    forkable = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+    context = multiprocessing.get_context("fork" if forkable else "spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         yield pool
 

@@ -79,7 +79,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel
 
 from harness.backbones.base import HookPoints
 from harness.backbones.layers import EncoderLayer
@@ -235,6 +234,7 @@ class MMTBackbone(HookPoints, nn.Module):
         self.config = config
         self.modalities = config.experts
         D = config.width
+        from transformers import BertConfig, BertModel  # imported here: late-fusion runs never need it
         self.text = BertModel(BertConfig(**config.text), add_pooling_layer=False)
         text_dim = self.text.config.hidden_size
         self.experts = nn.ModuleDict(
