@@ -3,20 +3,23 @@
 Imported only when the ``ray`` executor is chosen. ``ray.init`` joins the cluster named by
 RAY_ADDRESS when it is set (``RAY_ADDRESS=... dvc repro``), else starts a local instance.
 Tune's storage lives inside the results folder, not ~/ray_results.
+
+Two entry points: ``run_with_ray`` runs a fixed list of plans (the finetune grid, a grid search
+over plans); ``search_with_ray`` lets Ray's ``OptunaSearch`` ask an Optuna study for each trial's
+settings (the rank search), the same study (journal storage) the other executors drive.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 
-def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
-                 storage: Path) -> None:
+@contextlib.contextmanager
+def ray_session(workers: int):
+    """Ray, initialised here unless the caller already did (then left running)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    from ray import tune
-
-    from harness.sweep import run_trial
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -26,27 +29,71 @@ def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
         else:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        _fit(tune, run_trial, plan_values, out_dir, root, workers, storage)
+        yield
     finally:
         if started_here:  # leave no Ray driver behind (a later `ray stop` would kill this process)
             ray.shutdown()
 
 
-def _fit(tune, run_trial, plan_values, out_dir, root, workers, storage) -> None:
-    def trainable(config: dict) -> None:
-        record = run_trial(config["plan"], out_dir, root)
-        tune.report({"key": record["key"], **{k: v for k, v in record["metrics"].items()
-                                               if isinstance(v, (int, float))}})
+def _fit(trainable, name: str, storage: Path, workers: int, **tune_config) -> None:
+    from ray import tune
 
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
-        param_space={"plan": tune.grid_search(plan_values)},
+        param_space=tune_config.pop("param_space", None),
         # reuse_actors: a worker process (torch, harness imported) runs trial after trial instead of
         # one fresh process per trial; Tune's default (False) costs seconds per tiny trial.
-        tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=True),
-        run_config=tune.RunConfig(name="finetune", storage_path=str(storage), verbose=1),
+        tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=True, **tune_config),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} Ray trials failed; first: {errors[0]}")
+
+
+def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
+                 storage: Path) -> None:
+    from ray import tune
+
+    from harness.sweep import run_trial
+
+    def trainable(config: dict) -> None:
+        record = run_trial(config["plan"], out_dir, root)
+        tune.report({"key": record["key"], **{k: v for k, v in record["metrics"].items()
+                                               if isinstance(v, (int, float))}})
+
+    with ray_session(workers):
+        _fit(trainable, "finetune", storage, workers,
+             param_space={"plan": tune.grid_search(plan_values)})
+
+
+def search_with_ray(study_name: str, journal, sampler, directions: list[str], space: dict[str, list],
+                    trials: int, plan_for, metric: str, out_dir: str, root: str, workers: int,
+                    storage: Path) -> None:
+    """Run ``trials`` more trials of the Optuna study ``study_name`` in ``journal`` (two
+    objectives: ``metric`` and the #tunable, in ``directions``), each asked by Ray's OptunaSearch
+    over the categorical ``space`` with ``sampler`` and turned into a plan by
+    ``plan_for(settings)``, at most ``workers`` at a time."""
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from harness.sweep import plan_to_dict, run_trial
+
+    def trainable(config: dict) -> None:
+        os.chdir(root)  # plan_for resolves the data and checkpoint paths
+        record = run_trial(plan_to_dict(plan_for(config)), out_dir, root)
+        tune.report({metric: record["metrics"][metric],
+                     "tunable": record["tunable"]["method"] + record["tunable"]["head"]})
+
+    searcher = OptunaSearch(
+        space={name: optuna.distributions.CategoricalDistribution(choices)
+               for name, choices in space.items()},
+        metric=[metric, "tunable"],
+        mode=[direction[:3] for direction in directions],  # minimize -> min, maximize -> max
+        sampler=sampler, study_name=study_name, storage=journal)
+    with ray_session(workers):
+        _fit(trainable, f"search-{study_name}", storage, workers,
+             search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers), num_samples=trials)

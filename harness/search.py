@@ -2,10 +2,15 @@
 adapters' bottleneck), a multi-objective study (task metric up, #tunable down) whose trials are
 ordinary fine-tuning runs, run through the sweep's executor and recorded (so a repeated trial is
 read back, not recomputed). Each study lives in a journal file and resumes where it stopped.
+The sequential and process executors ask a batch of trials, run them and tell the results; the ray
+executor hands the same study to Ray Tune's OptunaSearch, which asks as workers free up (so its
+trials can differ from the batched ones).
 Outputs: trials.csv (every trial, Pareto flag), pareto.png.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -67,15 +72,29 @@ def _search_method(params, config, storage, directions, method, space, executor,
                    out_dir, pool) -> list[dict]:
     """Run (or resume) one method's study until it has ``trials`` finished trials."""
     metric = config["metric"]
+    study_name = f"{config['dataset']}-{method}"
     sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
-    study = optuna.create_study(study_name=f"{config['dataset']}-{method}", storage=storage,
-                                sampler=sampler, directions=directions, load_if_exists=True)
-    study.set_metric_names([metric, "tunable"])
-    while len(_finished(study)) < config["trials"]:
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric, "tunable"])
+
+    def plan_for(settings: dict):
+        return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
+
+    todo = config["trials"] - len(_finished(study))
+    if executor == "ray" and todo > 0:  # Ray's OptunaSearch asks this study as workers free up
+        from harness.ray_executor import search_with_ray
+
+        search_with_ray(study_name, storage, sampler, directions, space, todo, plan_for, metric,
+                        str((out_dir / "runs").resolve()), os.getcwd(), workers,
+                        (out_dir / "ray").resolve())
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    while len(_finished(study)) < config["trials"]:  # ask a batch, run it, tell
         asked = [study.ask() for _ in range(min(config["batch"], config["trials"] - len(_finished(study))))]
-        plans = [plan_run(params, config["dataset"], method, seed=config["train_seed"],
-                          settings={name: trial.suggest_categorical(name, choices)
-                                    for name, choices in space.items()})
+        plans = [plan_for({name: trial.suggest_categorical(name, choices)
+                           for name, choices in space.items()})
                  for trial in asked]
         run_many(plans, executor, workers, out_dir / "runs", desc=f"search {method}", pool=pool)
         for trial, plan in zip(asked, plans):
@@ -84,7 +103,8 @@ def _search_method(params, config, storage, directions, method, space, executor,
                                record["tunable"]["method"] + record["tunable"]["head"]])
     pareto = {t.number for t in study.best_trials}
     return [{"method": method, "trial": t.number, **t.params, metric: t.values[0],
-             "tunable": t.values[1], "pareto": t.number in pareto} for t in _finished(study)]
+             "tunable": t.values[1], "pareto": t.number in pareto}
+            for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
 
 
 def _finish(table, config, metric, directions, out_dir) -> dict:

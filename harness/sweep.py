@@ -86,12 +86,18 @@ def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
 
 @contextlib.contextmanager
 def worker_pool(executor: str, workers: int):
-    """The process pool of the ``process`` executor (None for the others), kept open across
-    several ``run_many`` calls. Workers are forked, so they start with torch and the harness
-    already imported; spawned (a fresh interpreter each) where fork is unavailable or this
-    process has initialised CUDA, which a forked child cannot use."""
+    """What the executor keeps running across several ``run_many`` calls: the ``process``
+    executor's pool (yielded), the ``ray`` executor's Ray instance (started once, not per call).
+    Pool workers are forked, so they start with torch and the harness already imported; spawned
+    (a fresh interpreter each) where fork is unavailable or this process has initialised CUDA,
+    which a forked child cannot use."""
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
+    if executor == "ray":
+        from harness.ray_executor import ray_session
+        with ray_session(workers):
+            yield None
+        return
     if executor != "process":
         yield None
         return
