@@ -54,17 +54,23 @@ def _zero_grad_names(model: nn.Module) -> set[str]:
 
 def audit_one(method: str, variant: str, n_modalities: int, seed: int = 0,
               overrides: dict | None = None) -> dict:
-    spec = get_method(method)
+    """The audit of ``method`` / ``variant`` on the small late-fusion backbone."""
     backbone = audit_backbone(n_modalities, seed)
-    frozen = copy.deepcopy(backbone).eval()
     if overrides is None:
         overrides = AUDIT_OVERRIDES.get(method, {})
+    report = audit_model(backbone, random_batch(backbone, seed=seed), method, variant, overrides)
+    return {"method": method, "variant": variant, "modalities": n_modalities, **report}
+
+
+def audit_model(backbone: nn.Module, batch: dict, method: str, variant: str, overrides: dict) -> dict:
+    """Attach ``method`` to ``backbone`` (any backbone of the method contract), then check identity
+    at init (where the variant declares it) and dead tensors over one SGD step on ``batch``."""
+    spec = get_method(method).variant(variant)
+    frozen = copy.deepcopy(backbone).eval()
     apply_method(backbone, method, variant, **overrides)
     backbone.eval()  # no dropout: the identity comparison must be exact
-    batch = random_batch(backbone, seed=seed)
-    expected_identity = spec.variant(variant).starts_as_identity
     identity = None
-    if expected_identity is not None:
+    if spec.starts_as_identity is not None:
         with torch.no_grad():
             identity = torch.allclose(backbone(batch), frozen(batch), atol=1e-6, rtol=1e-5)
 
@@ -81,13 +87,12 @@ def audit_one(method: str, variant: str, n_modalities: int, seed: int = 0,
     optimizer.step()
     dead = sorted(zero_at_init & backward())
     counts = count_parameters(backbone)
-    flag = spec.variant(variant).flag
-    ok = flag is not None or (not dead and (expected_identity is None or identity == expected_identity))
-    return {"method": method, "variant": variant, "modalities": n_modalities,
-            "trainable_method": counts["method"], "trainable_head": counts["head"],
+    ok = spec.flag is not None or (not dead and (spec.starts_as_identity is None
+                                                 or identity == spec.starts_as_identity))
+    return {"trainable_method": counts["method"], "trainable_head": counts["head"],
             "dead_tensors": dead, "zero_grad_at_init": sorted(zero_at_init),
-            "identity_at_init": identity, "identity_expected": expected_identity,
-            "flag": flag, "ok": ok}
+            "identity_at_init": identity, "identity_expected": spec.starts_as_identity,
+            "flag": spec.flag, "ok": ok}
 
 
 def audit_grads(methods: list[str] | None = None, modalities=AUDIT_MODALITIES) -> list[dict]:

@@ -264,105 +264,89 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _command(sub, name: str, func, text: str, params: bool = False, json: bool = True):
+    """A subcommand; ``params``: it reads params.yaml (--params), ``json``: it can print JSON."""
+    p = sub.add_parser(name, help=text)
+    if params:
+        p.add_argument("--params", default="params.yaml")
+    if json:
+        p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("methods", help="registered methods and variants")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_methods)
+    _command(sub, "methods", cmd_methods, "registered methods and variants")
 
-    p = sub.add_parser("run", help="one fine-tuning run; writes its run record")
+    p = _command(sub, "run", cmd_run, "one fine-tuning run; writes its run record", params=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--variant", default="paper")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a train setting or a method config field (repeatable)")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="results/runs", help="folder for run records")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_run)
 
     for name, out, func, text in (
             ("sweep", "results/runs", cmd_sweep, "run the finetune grid of params.yaml"),
             ("search", "results/search", cmd_search, "Optuna rank search (accuracy vs #tunable)")):
-        p = sub.add_parser(name, help=text)
+        p = _command(sub, name, func, text, params=True)
         p.add_argument("--executor", choices=["sequential", "process", "ray"],
                        help="default: params.yaml executor.kind")
         p.add_argument("--workers", type=int, help="default: params.yaml executor.workers")
-        p.add_argument("--params", default="params.yaml")
         p.add_argument("--out", default=out)
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=func)
 
-    p = sub.add_parser("cost", help="Table 6 and the Sec. 4.4 parameter counts, on this machine")
+    p = _command(sub, "cost", cmd_cost, "Table 6 and the Sec. 4.4 parameter counts, on this machine")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--out", default="results")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("pretrain", help="pre-train a backbone (mosei: late fusion, howto100m: MMT); "
-                                        "writes its checkpoint")
+    p = _command(sub, "pretrain", cmd_pretrain, "pre-train a backbone (mosei: late fusion, "
+                 "howto100m: MMT); writes its checkpoint", params=True)
     p.add_argument("--source", required=True, choices=["mosei", "howto100m"])
     p.add_argument("--seed", type=int, default=None, help="default: pretrain.seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a pre-training train setting (repeatable)")
     p.add_argument("--out", default=None, help="checkpoint path (default: pretrain.checkpoints.<source>)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("stats", help="per-cell summaries and Wander-vs-baseline tests -> CSV")
+    p = _command(sub, "stats", cmd_stats, "per-cell summaries and Wander-vs-baseline tests -> CSV",
+                 params=True)
     p.add_argument("--runs", default="results/runs")
     p.add_argument("--out", default="results/stats.csv")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("tables", help="every table and figure of the Wander paper, regenerated")
+    p = _command(sub, "tables", cmd_tables, "every table and figure of the Wander paper, regenerated",
+                 params=True)
     p.add_argument("--runs", default="results/runs")
     p.add_argument("--out", default="results/tables")
     p.add_argument("--cost", default="results/cost.md", help="Table 6 (written by mmpetl cost)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_tables)
 
-    p = sub.add_parser("diff", help="cell-by-cell change of the results tables between revisions")
+    p = _command(sub, "diff", cmd_diff, "cell-by-cell change of the results tables between revisions",
+                 json=False)
     p.add_argument("rev_a")
     p.add_argument("rev_b")
-    p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("extract", help="stage extract@<dataset>: cache the frozen encoders' outputs")
+    p = _command(sub, "extract", cmd_extract, "stage extract@<dataset>: cache the frozen encoders' "
+                 "outputs", params=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="datasets/features")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("datasets", help="dataset cards and whether data is present")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_datasets)
+    _command(sub, "datasets", cmd_datasets, "dataset cards and whether data is present")
 
-    p = sub.add_parser("check-data", help="validate a real dataset; exit 2 when unusable")
+    p = _command(sub, "check-data", cmd_check_data, "validate a real dataset; exit 2 when unusable")
     p.add_argument("--dataset", required=True)
     p.add_argument("--path", required=True)
     p.add_argument("--format")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("data", help="stage data@<dataset>: generate (tiny) or check (paper)")
+    p = _command(sub, "data", cmd_data, "stage data@<dataset>: generate (tiny) or check (paper)",
+                 params=True)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("audit", help="gradient-health and identity-at-init checks")
+    p = _command(sub, "audit", cmd_audit, "gradient-health and identity-at-init checks")
     p.add_argument("what", choices=["grads", "params"])
     p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -12,21 +12,12 @@ from torch import nn
 
 import methods.aurora  # noqa: F401  (registers "aurora")
 from harness.audit import audit_backbone, audit_one, random_batch
-from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
+from helpers import wide_backbone
 from methods import ConfigError, apply_method, count_parameters
 from methods.aurora import AuroraLinear
 
 VARIANTS = ("paper", "code")
 AUDIT_OVERRIDES = {"rank": 4}  # width-32 audit backbone
-
-
-def wide_backbone(n: int, seed: int = 1) -> LateFusionBackbone:
-    """A second size: width 40, depth 3, ffn multiplier 4 (the late-fusion default)."""
-    names = [f"m{i}" for i in range(n)]
-    torch.manual_seed(seed)
-    return LateFusionBackbone(LateFusionConfig(input_dims={m: 4 + i for i, m in enumerate(names)},
-                                               seq_lens={m: 3 + i % 2 for i, m in enumerate(names)},
-                                               width=40, depth=3, heads=4))
 
 
 def wrapped(backbone: nn.Module) -> list[AuroraLinear]:

@@ -1,6 +1,4 @@
 """Optuna rank search: two objectives, a resumable journal, a Pareto front, and Ray's OptunaSearch."""
-from pathlib import Path
-
 import optuna
 import pandas as pd
 import pytest
@@ -8,22 +6,16 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from harness.data import generate
 from harness.search import run_search
 from harness.settings import load_params
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import small_mosi_params
 
 
 @pytest.fixture(scope="module")
 def search_params(tmp_path_factory):
     """Wander's d over two values and LoRA's rank over two, 3 trials each, 1 epoch on small MOSI."""
     folder = tmp_path_factory.mktemp("search")
-    generate("mosi", folder / "mosi", seed=0, n_train=48, n_valid=16, n_test=16)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
-    params["profiles"]["tiny"]["train"] = {"epochs": 1, "batch_size": 16}
-    params["pretrain"]["use"] = {}
+    params = small_mosi_params(folder)
     params["search"].update(dataset="mosi", metric="mae", trials=3, batch=2,
                             space={"wander": {"down_dim": [4, 8]}, "lora": {"rank": [2, 4]}})
     path = folder / "params.yaml"

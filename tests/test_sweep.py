@@ -10,26 +10,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.data import generate
 from harness.settings import load_params
 from harness.sweep import grid_plans, sweep
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, small_mosi_params
 
 
 @pytest.fixture(scope="module")
 def small_params(tmp_path_factory):
     """A 8-run grid on small generated MOSI: 4 rows x 2 seeds, 1 epoch."""
     folder = tmp_path_factory.mktemp("sweep")
-    generate("mosi", folder / "mosi", seed=0, n_train=48, n_valid=16, n_test=16)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = small_mosi_params(folder)
     params["datasets"] = ["mosi"]
     params["seeds"] = [0, 1]
     params["grid"] = {"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4},
                                {"method": "wander", "down_dim": 8}, {"method": "adapter", "down_dim": 8}]}
-    params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
-    params["profiles"]["tiny"]["train"] = {"epochs": 1, "batch_size": 16}
-    params["pretrain"]["use"] = {}  # pre-training has its own tests
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path

@@ -13,20 +13,12 @@ import torch.nn.functional as F
 
 import methods.uniadapter  # noqa: F401  (registers "uniadapter")
 from harness.audit import audit_backbone, audit_one, random_batch
-from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
+from helpers import wide_backbone
 from methods import ConfigError, apply_method, count_parameters
 from methods.uniadapter import SharedDown, UniAdapterBranch
 
 VARIANTS = ("paper", "code")
 AUDIT_OVERRIDES = {"down_dim": 8}  # width-32 audit backbone
-
-
-def wide_backbone(n: int, seed: int = 1) -> LateFusionBackbone:
-    names = [f"m{i}" for i in range(n)]
-    torch.manual_seed(seed)
-    return LateFusionBackbone(LateFusionConfig(input_dims={m: 4 + i for i, m in enumerate(names)},
-                                               seq_lens={m: 3 + i % 2 for i, m in enumerate(names)},
-                                               width=40, depth=3, heads=4))
 
 
 def branches(backbone: nn.Module) -> list[UniAdapterBranch]:
