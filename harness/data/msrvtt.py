@@ -34,7 +34,8 @@ from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import LoadedDataset, decode, length_stats, list_dir, load_pickle, read_manifest
+from ._common import (LoadedDataset, decode, length_stats, load_pickle, pick_format, read_manifest,
+                      require_path)
 from .cards import Card
 
 FEAT_DIR = Path("vid_feat_files") / "mult_h5"
@@ -192,19 +193,16 @@ def locate(card: Card, path: Path, forced: str | None) -> tuple[str, Path]:
     path = Path(path)
     if forced is not None:
         card.fmt(forced)
-    spec_desc = "; ".join(f"{f} ({card.formats[f].get('features', '')})" for f in card.formats)
-    if not path.exists():
-        raise InputError("data path not found", file=str(path), key="path",
-                         expected=spec_desc, found="missing")
+
+    def describe(fmt: str) -> str:
+        return f"{fmt} ({card.formats[fmt].get('features', '')})"
+
+    require_path(path, "; ".join(describe(f) for f in card.formats))
     if not path.is_dir():
         raise InputError("MMT data must be a directory", file=str(path), key="path",
-                         expected=spec_desc, found="a file")
-    if not (path / FEAT_DIR).is_dir():
-        msg = ("forced format 'mmt' not found (wrong format forced?)" if forced
-               else f"no {card.name} format recognised")
-        raise InputError(msg, file=str(path), key="format", expected=spec_desc,
-                         found=list_dir(path))
-    return "mmt", path
+                         expected=describe("mmt"), found="a file")
+    found = [("mmt", path)] if (path / FEAT_DIR).is_dir() else []
+    return pick_format(card, found, forced, path, describe)
 
 
 def _split_file(root: Path, spec: dict, name: str) -> Path | None:
