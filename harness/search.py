@@ -26,7 +26,7 @@ from harness import records  # noqa: E402
 from harness.errors import InputError  # noqa: E402
 from harness.run import execute  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
-from harness.sweep import run_many, worker_pool  # noqa: E402
+from harness.sweep import RAY_STORAGE, run_many, worker_pool  # noqa: E402
 
 LOWER_IS_BETTER = {"mae", "t2v_mdr", "t2v_mnr", "v2t_mdr", "v2t_mnr"}
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
@@ -89,7 +89,7 @@ def _search_method(params, config, storage, directions, method, space, executor,
 
         search_with_ray(study_name, storage, sampler, directions, space, todo, plan_for, metric,
                         str((out_dir / "runs").resolve()), os.getcwd(), workers,
-                        (out_dir / "ray").resolve())
+                        (out_dir / RAY_STORAGE).resolve())
         study = optuna.load_study(study_name=study_name, storage=storage)
     while len(_finished(study)) < config["trials"]:  # ask a batch, run it, tell
         asked = [study.ask() for _ in range(min(config["batch"], config["trials"] - len(_finished(study))))]

@@ -28,6 +28,8 @@ from harness.train import TrainSettings
 from methods import method_names
 
 EXECUTORS = ("sequential", "process", "ray")
+# Ray Tune's storage, inside the records folder (a DVC output; .dvcignore and .gitignore skip it)
+RAY_STORAGE = ".ray"
 
 
 def grid_plans(params: dict) -> list[RunPlan]:
@@ -108,7 +110,7 @@ def worker_pool(executor: str, workers: int):
 
 
 def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
-             ray_storage: Path | None = None, desc: str = "sweep", pool=None) -> None:
+             desc: str = "sweep", pool=None) -> None:
     """Run ``plans`` (not yet recorded) through ``executor``, ``workers`` at a time."""
     values = [plan_to_dict(p) for p in plans]
     root, out = os.getcwd(), str(Path(out_dir).resolve())
@@ -126,18 +128,17 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
                 future.result()
     elif executor == "ray":
         from harness.ray_executor import run_with_ray
-        storage = ray_storage or Path(out_dir).parent / f"{Path(out_dir).name}.ray"
-        run_with_ray(values, out, root, workers, Path(storage).resolve())
+        run_with_ray(values, out, root, workers, (Path(out_dir) / RAY_STORAGE).resolve())
 
 
 def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
-          out_dir: Path = RUNS_DIR, ray_storage: Path | None = None) -> dict:
+          out_dir: Path = RUNS_DIR) -> dict:
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     plans = grid_plans(params)
     todo = pending(plans, out_dir)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
-    run_many(todo, executor, workers, out_dir, ray_storage)
+    run_many(todo, executor, workers, out_dir)
     missing = pending(plans, out_dir)
     if missing:
         raise RuntimeError(f"{len(missing)} runs have no record after the sweep")

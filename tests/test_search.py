@@ -63,5 +63,5 @@ def test_search_through_ray_optuna_search(search_params, tmp_path):
     search_params["search"]["trials"] = 3
     summary = run_search(search_params, "ray", 2, tmp_path)
     check_outputs(tmp_path, summary, 6)
-    assert list((tmp_path / "ray").glob("search-mosi-wander/*"))  # Tune's storage beside the study
+    assert list((tmp_path / ".ray").glob("search-mosi-wander/*"))  # Tune's storage beside the study
     assert run_search(search_params, "ray", 2, tmp_path)["trials"] == 6  # resumes: nothing new

@@ -57,6 +57,7 @@ def test_executors_give_identical_metrics(small_params, tmp_path):
         results[executor] = metrics_by_row(tmp_path / executor)
     assert len(results["sequential"]) == 8
     assert results["sequential"] == results["process"] == results["ray"]
+    assert (tmp_path / "ray" / ".ray" / "finetune").is_dir()  # Tune's storage inside the records folder
 
 
 def test_second_sweep_computes_nothing(small_params, tmp_path):
