@@ -380,11 +380,11 @@ def _write_cache(backbone, dataset_split, path: Path, encoder_hash_: str, data_h
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    started = time.perf_counter()
     loader = DataLoader(dataset_split, batch_size=batch_size, shuffle=False)
     bar = tqdm(total=n, desc=desc, unit="item", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     try:
+        # no timestamps, no timings: the same encoder and data give the same bytes (DVC hashes them)
         with _bare(backbone), h5py.File(temporary, "w") as f:
             datasets: dict[str, h5py.Dataset] = {}
             done = 0
@@ -407,7 +407,7 @@ def _write_cache(backbone, dataset_split, path: Path, encoder_hash_: str, data_h
                     array = value.detach().cpu().numpy()
                     if key not in datasets:
                         datasets[key] = f.create_dataset(key, shape=(n, *array.shape[1:]),
-                                                         dtype=array.dtype)
+                                                         dtype=array.dtype, track_times=False)
                     target = datasets[key]
                     if array.shape[1:] != target.shape[1:] or array.shape[0] != size:
                         raise InputError("item shapes change within the split", file=str(path),
@@ -426,7 +426,6 @@ def _write_cache(backbone, dataset_split, path: Path, encoder_hash_: str, data_h
                 "shapes": shapes, "dtype": str(STORAGE_DTYPE).replace("torch.", ""),
                 "dtypes": {k: str(d.dtype) for k, d in datasets.items()},
                 "encoder_mode": "eval (no dropout), before the last-layer fusion hook",
-                "extract_s": round(time.perf_counter() - started, 3),
                 "torch": torch.__version__,
             }, sort_keys=True)
         with open(temporary, "rb+") as stream:

@@ -30,8 +30,12 @@ reads it)::
     state_dict: {name: tensor} (CPU, every parameter and persistent buffer),
     source, data: {path, format, hash, sizes}, seed, train: TrainSettings as a dict,
     profile_settings, task, metrics: {valid, initial_valid, selected_epoch, select_metric,
-    history, train_wall_s}, vocab: [words] | None, vocab_sources,
-    git_commit, code_hash, versions, parameters (count)
+    history}, vocab: [words] | None, vocab_sources, device, code_hash, versions,
+    parameters (count)
+
+The file is a function of its inputs alone (same data, settings, seed and code: the same bytes),
+so DVC and the run keys (which hold its sha256) see the same checkpoint from every clone and
+commit; the run's wall time and git commit are in the report ``pretrain`` returns, not the file.
 """
 from __future__ import annotations
 
@@ -220,13 +224,12 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         "vocab": vocab_words(vocab) if vocab is not None else None,
         "vocab_sources": vocab_sources,
         "parameters": sum(p.numel() for p in backbone.parameters()),
-        "wall_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "git_commit": records.git_commit(), "code_hash": records.code_hash(),
-        "versions": records.versions(),
+        "code_hash": records.code_hash(), "versions": records.versions(),
     })
     _save_atomic({**metadata, "state_dict": best_state}, out_path)
-    return {**metadata, "path": str(out_path)}
+    return {**metadata, "path": str(out_path), "wall_s": time.perf_counter() - started,
+            "git_commit": records.git_commit()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
         "checkpoint": where, "backbone": kind, "source": document.get("source"),
         "checkpoint_seed": document.get("seed"),
         "checkpoint_data_hash": (document.get("data") or {}).get("hash"),
-        "checkpoint_git_commit": document.get("git_commit"),
+        "checkpoint_code_hash": document.get("code_hash"),
         "skip_prefixes": list(prefixes),
         "n_loaded": len(loaded), "loaded_values": sum(state[k].numel() for k in loaded),
         "missing": missing, "n_missing": len(missing),

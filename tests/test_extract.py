@@ -4,6 +4,7 @@ are atomic and the progress bar is harmless off a terminal."""
 from __future__ import annotations
 
 import copy
+import time
 import os
 from types import SimpleNamespace
 
@@ -216,6 +217,15 @@ def test_cache_is_reused_and_invalidated(towers, tmp_path):
     assert weights_changed.meta["encoder_hash"] == encoder_hash(backbone)
     assert not torch.equal(weights_changed[0]["feat_text"], first[0]["feat_text"])
     assert torch.equal(weights_changed[0]["feat_image"], first[0]["feat_image"])  # other tower
+
+
+def test_same_encoder_and_data_give_the_same_bytes(towers, tmp_path):
+    """DVC hashes the caches (stage extract): no timestamps or timings may change the file."""
+    backbone, items = setup("two_tower", towers, None, "wander")
+    extract(backbone, items, tmp_path / "a.h5")
+    time.sleep(1.1)  # HDF5 object timestamps have one-second resolution
+    extract(backbone, items, tmp_path / "b.h5")
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
 
 
 def test_encoder_hash_is_stable(towers, late):

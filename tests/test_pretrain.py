@@ -61,6 +61,16 @@ MOSI_DIMS = {"text": 10, "audio": 3, "vision": 5}  # differ from the generated M
 # pre-training and the checkpoint
 # ---------------------------------------------------------------------------------------------
 
+def test_same_inputs_give_the_same_checkpoint_bytes(late_checkpoint, data_dir, tmp_path):
+    """DVC and the fine-tuning run keys hash the file: a second pre-training with the same data,
+    settings and seed (another time, another commit) must write the very same bytes."""
+    path, meta = late_checkpoint
+    again = pretrain("mosei", tmp_path / "again.pt", LATE, TRAIN, seed=0,
+                     data={"path": str(data_dir / "mosei")}, progress=False)
+    assert again["wall_s"] > 0 and "git_commit" in again  # in the report, not the file
+    assert (tmp_path / "again.pt").read_bytes() == path.read_bytes()
+
+
 def test_checkpoint_holds_state_and_metadata(late_checkpoint, data_dir):
     path, meta = late_checkpoint
     document = read_checkpoint(path)
@@ -69,7 +79,8 @@ def test_checkpoint_holds_state_and_metadata(late_checkpoint, data_dir):
     assert document["config"]["input_dims"] == {"text": 32, "audio": 8, "vision": 12}
     assert document["data"]["hash"] and len(document["data"]["hash"]) == 64
     assert len(document["metrics"]["history"]) == TRAIN["epochs"]
-    assert "mae" in document["metrics"]["valid"] and "git_commit" in document
+    assert "mae" in document["metrics"]["valid"] and "code_hash" in document
+    assert "git_commit" not in document and "wall_s" not in document  # the file depends on its inputs only
     assert meta["path"] == str(path) and "state_dict" not in meta
     # the whole backbone is in it
     model = LateFusionBackbone(LateFusionConfig(**{k: document["config"][k] for k in
