@@ -56,7 +56,8 @@ def main() -> int:
                    "--workers", str(workers), "--params", str(folder / "params.yaml"),
                    "--out", str(out), "--json"]
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # run in the temporary folder: feature caches land there, not in this checkout's DVC outputs
+        done = subprocess.run(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         times[executor] = time.perf_counter() - started
         if done.returncode != 0:
             print(f"{executor}: mmpetl sweep exited {done.returncode}", file=sys.stderr)
