@@ -19,6 +19,9 @@ from pathlib import Path
 def ray_session(workers: int):
     """Ray, initialised here unless the caller already did (then left running)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # no per-trial CSV / JSON / TensorBoard logs from Tune: the run records hold every result, and
+    # writing them costs CPU that the trials compete for on a small machine
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
 
     started_here = not ray.is_initialized()
