@@ -61,14 +61,16 @@ def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
 
     from harness.sweep import run_trial
 
+    # A trial's config is its index in the grid: the plans travel once, with the function, and
+    # Tune's driver names, stores and checkpoints small configs.
     def trainable(config: dict) -> None:
-        record = run_trial(config["plan"], out_dir, root)
+        record = run_trial(plan_values[config["run"]], out_dir, root)
         tune.report({"key": record["key"], **{k: v for k, v in record["metrics"].items()
                                                if isinstance(v, (int, float))}})
 
     with ray_session(workers):
         _fit(trainable, "finetune", storage, workers,
-             param_space={"plan": tune.grid_search(plan_values)})
+             param_space={"run": tune.grid_search(list(range(len(plan_values))))})
 
 
 def search_with_ray(study_name: str, journal, sampler, directions: list[str], space: dict[str, list],
