@@ -2,7 +2,7 @@
 
 Expected values are derived by hand in the comments; random-data checks compare against
 independent implementations written here (scipy.stats for Pearson and average ranks, a
-confusion-matrix F1 via np.add.at).
+confusion-matrix F1 via np.add.at) and sklearn's f1_score.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn.metrics import f1_score
 
 from harness.errors import InputError
 from harness.tasks.metrics import (
@@ -60,8 +61,10 @@ def brute_retrieval(sim, caption_video):
     v2t = np.array(v2t)
     out = {}
     for name, ranks in (("t2v", t2v), ("v2t", v2t)):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * sum(1 for r in ranks if r <= k) / len(ranks)
+        # MMT's hits on 0-based ranks: R@1 rank == 0, R@5 / R@10 rank < K
+        out[f"{name}_r1"] = 100.0 * sum(1 for r in ranks if r - 1 == 0) / len(ranks)
+        for k in (5, 10):
+            out[f"{name}_r{k}"] = 100.0 * sum(1 for r in ranks if r - 1 < k) / len(ranks)
         out[f"{name}_mdr"] = float(np.median(ranks))
         out[f"{name}_mnr"] = float(np.mean(ranks))
     return out
@@ -91,17 +94,43 @@ def test_regression_hand_case_three_acc2_conventions_differ():
     assert m["f1_non0"] == approx(1 / 3)
     # Has0: y>=0 = [T,T,T,F,T], p>=0 = [T,F,T,T,F] -> matches 0,2 -> 2/5
     #   class T: support 4, predicted 3, tp 2 -> P 2/3, R 1/2, F1 4/7; class F: tp 0 -> 0
-    #   weighted = 4/7 * 4/5 = 16/35
+    #   sklearn order (weights = true counts 4, 1): 4/7 * 4/5 = 16/35
+    #   MulT/Wander order (weights = predicted counts 3, 2): 4/7 * 3/5 = 12/35
     assert m["acc2_has0"] == approx(0.4)
-    assert m["f1_has0"] == approx(16 / 35)
+    assert m["f1_has0"] == approx(12 / 35)
+    assert m["f1_has0_sklearn"] == approx(16 / 35)
     # Pos: y>0 = [F,F,T,F,T], p>0 = [F,F,T,T,F] -> matches 0,1,2 -> 3/5
     #   class T: support 2, predicted 2, tp 1 -> F1 1/2; class F: support 3, predicted 3,
-    #   tp 2 -> F1 2/3; weighted = (1/2*2 + 2/3*3)/5 = 3/5
+    #   tp 2 -> F1 2/3; weighted = (1/2*2 + 2/3*3)/5 = 3/5 (true and predicted counts agree)
     assert m["acc2_pos"] == approx(0.6)
-    assert m["f1_pos"] == approx(0.6)
-    assert set(m) == {"mae", "corr", "acc7", "acc5", "acc2_non0", "f1_non0",
-                      "acc2_has0", "f1_has0", "acc2_pos", "f1_pos"}
+    assert m["f1_pos"] == m["f1_pos_sklearn"] == approx(0.6)
+    assert m["f1_non0_sklearn"] == approx(1 / 3)  # Non0: true and predicted counts agree too
+    assert set(m) == {"mae", "corr", "acc7", "acc5", "acc2_non0", "f1_non0", "f1_non0_sklearn",
+                      "acc2_has0", "f1_has0", "f1_has0_sklearn", "acc2_pos", "f1_pos",
+                      "f1_pos_sklearn"}
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_f1_reference_code_order_vs_sklearn_order_confusion_matrix():
+    """Confusion matrix (rows truth, columns prediction, classes pos / neg):
+                 pred pos  pred neg
+    truth pos       3         1
+    truth neg       2         2
+    Per-class F1 = 2 TP / (2 TP + FP + FN): pos 6 / 9 = 2/3, neg 4 / 7.
+    True counts pos 4, neg 4; predicted counts pos 5, neg 3.
+    sklearn order f1_score(truth, preds), weighted by true counts: (2/3 * 4 + 4/7 * 4) / 8 = 13/21.
+    MulT / Wander order f1_score(preds, truth), weighted by predicted counts:
+    (2/3 * 5 + 4/7 * 3) / 8 = (70/21 + 36/21) / 8 = 53/84."""
+    y = np.array([1.0] * 4 + [-1.0] * 4)
+    p = np.array([1.0, 1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0])
+    m = regression_metrics(p, y)
+    for name in ("non0", "has0", "pos"):  # no zero label or prediction: the three agree
+        assert m[f"acc2_{name}"] == approx(5 / 8)
+        assert m[f"f1_{name}"] == approx(53 / 84)
+        assert m[f"f1_{name}_sklearn"] == approx(13 / 21)
+    # the exact calls of the reference code (predictions first) and of MMSA (truth first)
+    assert f1_score(p > 0, y > 0, average="weighted") == approx(53 / 84)
+    assert f1_score(y > 0, p > 0, average="weighted") == approx(13 / 21)
 
 
 def test_acc7_rounds_half_to_even_and_clips():
@@ -125,13 +154,13 @@ def test_acc5_differs_from_acc7_by_clipping():
     assert m["acc5"] == approx(2 / 3)
 
 
-def test_corr_constant_side_is_zero():
-    assert regression_metrics([0.3, 0.3, 0.3, 0.3], [1.0, 2.0, 3.0, 4.0])["corr"] == 0.0
-    assert regression_metrics([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])["corr"] == 0.0
+def test_corr_constant_side_is_undefined():
+    assert math.isnan(regression_metrics([0.3, 0.3, 0.3, 0.3], [1.0, 2.0, 3.0, 4.0])["corr"])
+    assert math.isnan(regression_metrics([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])["corr"])
     # 0.1 repeated: the mean carries rounding noise, still constant
-    assert regression_metrics([0.1] * 7, np.arange(7.0))["corr"] == 0.0
+    assert math.isnan(regression_metrics([0.1] * 7, np.arange(7.0))["corr"])
     # a single sample has no correlation either
-    assert regression_metrics([1.0], [2.0])["corr"] == 0.0
+    assert math.isnan(regression_metrics([1.0], [2.0])["corr"])
     # perfectly linear -> 1 and -1
     assert regression_metrics([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])["corr"] == approx(1.0)
     assert regression_metrics([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])["corr"] == approx(-1.0)
@@ -140,13 +169,18 @@ def test_corr_constant_side_is_zero():
 def test_non0_all_zero_labels_is_nan():
     m = regression_metrics([0.5, -0.5], [0.0, 0.0])
     assert math.isnan(m["acc2_non0"]) and math.isnan(m["f1_non0"])
+    assert math.isnan(m["f1_non0_sklearn"])
     # Has0: y>=0 all T; p>=0 = [T, F] -> acc 1/2; class T: support 2, pred 1, tp 1 ->
-    # P 1, R 1/2, F1 2/3; class F support 0 -> weighted 2/3
+    # P 1, R 1/2, F1 2/3; class F: support 0, pred 1, F1 0.
+    # sklearn order, weights = true counts (2, 0): 2/3. Predicted counts (1, 1): 1/3.
     assert m["acc2_has0"] == approx(0.5)
-    assert m["f1_has0"] == approx(2 / 3)
-    # Pos: y>0 all F; p>0 = [T, F] -> acc 1/2; class F: support 2, pred 1, tp 1 -> 2/3
+    assert m["f1_has0_sklearn"] == approx(2 / 3)
+    assert m["f1_has0"] == approx(1 / 3)
+    # Pos: y>0 all F; p>0 = [T, F] -> acc 1/2; class F: support 2, pred 1, tp 1 -> 2/3,
+    # class T: F1 0; true counts (F 2, T 0) -> 2/3, predicted counts (1, 1) -> 1/3
     assert m["acc2_pos"] == approx(0.5)
-    assert m["f1_pos"] == approx(2 / 3)
+    assert m["f1_pos_sklearn"] == approx(2 / 3)
+    assert m["f1_pos"] == approx(1 / 3)
 
 
 def test_regression_random_cross_check():
@@ -162,7 +196,10 @@ def test_regression_random_cross_check():
     for key, pp, yy in (("non0", p[nz] > 0, y[nz] > 0), ("has0", p >= 0, y >= 0),
                         ("pos", p > 0, y > 0)):
         assert m[f"acc2_{key}"] == approx(np.mean(pp == yy))
-        assert m[f"f1_{key}"] == approx(cm_f1(yy, pp, "weighted"))
+        assert m[f"f1_{key}"] == approx(cm_f1(pp, yy, "weighted"))
+        assert m[f"f1_{key}"] == approx(f1_score(pp, yy, average="weighted"))
+        assert m[f"f1_{key}_sklearn"] == approx(cm_f1(yy, pp, "weighted"))
+        assert m[f"f1_{key}_sklearn"] == approx(f1_score(yy, pp, average="weighted"))
     a7 = sum(int(np.round(np.clip(a, -3, 3)) == np.round(np.clip(b, -3, 3))) for a, b in zip(p, y))
     assert m["acc7"] == approx(a7 / 400)
 
@@ -265,7 +302,7 @@ def test_retrieval_tie_gives_average_rank():
                     [0.2, 0.5, 0.8],   # caption 1: video 1 behind 0.8 -> rank 2
                     [0.3, 0.4, 0.7]])  # caption 2: video 2 first -> rank 1
     m = retrieval_metrics(sim, np.array([0, 1, 2]))
-    # t2v ranks [1.5, 2, 1]: R@1 1/3 (1.5 is not <= 1), R@5 = R@10 = all, MdR 1.5, MnR 1.5
+    # t2v ranks [1.5, 2, 1]: R@1 1/3 (0-based 0.5 is not 0), R@5 = R@10 = all, MdR 1.5, MnR 1.5
     assert m["t2v_r1"] == approx(100 / 3)
     assert m["t2v_r5"] == 100.0 and m["t2v_r10"] == 100.0
     assert m["t2v_mdr"] == approx(1.5) and m["t2v_mnr"] == approx(1.5)
@@ -319,6 +356,27 @@ def test_retrieval_recall_at_5_and_10():
         assert m[f"{d}_r10"] == approx(1000 / 12)
         assert m[f"{d}_mdr"] == approx(6.5)
         assert m[f"{d}_mnr"] == approx(6.5)
+
+
+def test_retrieval_recall_counts_tied_ranks_as_mmt():
+    """MMT counts an R@K hit when the 0-based tie-averaged rank is < K (R@1: == 0)."""
+    n = 12
+    sim = np.zeros((n, n))
+    sim[0, [1, 2, 3, 4]] = 1.0                 # caption 0: 4 above, video 0 tied with video 5
+    sim[0, [0, 5]] = 0.5                       #   -> rank 4 + (1 + 2) / 2 = 5.5
+    sim[1, [0, 2, 3, 4, 5, 6, 7, 8, 9]] = 1.0  # caption 1: 9 above, video 1 tied with video 10
+    sim[1, [1, 10]] = 0.5                      #   -> rank 9 + 1.5 = 10.5
+    sim[2, [0, 1, 3, 4, 5]] = 1.0              # caption 2: 5 above, no tie -> rank 6
+    sim[2, 2] = 0.5
+    for i in range(3, n):                      # captions 3..11: own video alone on top -> 1
+        sim[i, i] = 2.0
+    m = retrieval_metrics(sim)
+    # t2v ranks [5.5, 10.5, 6, 1 x 9]; 0-based [4.5, 9.5, 5, 0 x 9]
+    assert m["t2v_r1"] == approx(100 * 9 / 12)
+    assert m["t2v_r5"] == approx(100 * 10 / 12)   # 4.5 < 5 counts ("rank <= 5" would give 9)
+    assert m["t2v_r10"] == approx(100.0)           # 9.5 < 10 counts ("<= 10" would give 11)
+    assert m["t2v_mdr"] == approx(1.0)
+    assert m["t2v_mnr"] == approx((9 + 5.5 + 10.5 + 6) / 12)
 
 
 def test_retrieval_random_cross_check_with_ties():

@@ -12,7 +12,9 @@ Functions and keys
     ``acc2_non0``, ``f1_non0``  -- drop samples with y == 0, compare p > 0 with y > 0
                                    (MulT default, MMSA "Non0"),
     ``acc2_has0``, ``f1_has0``  -- all samples, p >= 0 vs y >= 0 (MMSA "Has0", neg/nonneg),
-    ``acc2_pos``,  ``f1_pos``   -- all samples, p > 0 vs y > 0 (Wander code default, pos/nonpos).
+    ``acc2_pos``,  ``f1_pos``   -- all samples, p > 0 vs y > 0 (Wander code default, pos/nonpos),
+    ``f1_non0_sklearn``, ``f1_has0_sklearn``, ``f1_pos_sklearn`` -- the same three F1s in
+                                   sklearn's usual argument order (see "F1 of MOSI/MOSEI" below).
 ``classification_metrics(logits_or_pred, label, num_classes=None)``  (UPMC-Food101)
     ``acc``, ``f1_macro``, ``f1_weighted``.
 ``emotion_metrics(logits, label)``  (IEMOCAP 4-class, MMIN/CGGM layout)
@@ -28,13 +30,26 @@ Conventions
   OR the predictions (classes absent from both are ignored); a zero precision (or recall)
   denominator gives 0 for that term, and F1 = 0 when precision + recall = 0. ``weighted``
   weights each class by its support in the labels; ``macro`` is the plain mean.
-* Pearson ``corr`` is 0.0 (not NaN) when either side is constant (or N < 2): the
-  correlation is undefined there, and 0.0 keeps the number usable in tables and searches.
+* F1 of MOSI/MOSEI (``f1_non0``, ``f1_has0``, ``f1_pos``) is computed as the reference code
+  computes it: ``f1_score(preds > 0, truth > 0, average='weighted')``, the predictions in
+  sklearn's ``y_true`` slot, so each class is weighted by how often it is PREDICTED (per-class
+  F1 itself is symmetric in the two arguments). Read in yaohungt/Multimodal-Transformer
+  ``src/eval_metrics.py`` (``eval_mosei_senti``, which ``eval_mosi`` calls), zrguo/CGGM
+  ``src/eval_metrics.py`` (``eval_senti``) and the Wander code as released in
+  HalfMoon1008/WANDER and shinnew9/WANDER ``utils/eval_metrics.py`` (``eval_senti``, called
+  by ``train/mosi_train.py``): the paper's MOSI F1 comes from this call. The usual order
+  (weights = true class counts, MMSA) is kept as ``f1_*_sklearn``.
+  IEMOCAP and Food-101 F1s use the usual order, as the reference code does there
+  (MulT ``eval_iemocap``, CGGM ``eval_iemocap``, Wander/CGGM ``eval_food``: all
+  ``f1_score(truth, preds)``).
+* Pearson ``corr`` is NaN when either side is constant (or N < 2): the correlation is
+  undefined there (0.0 would read as "no correlation"); the tables show such a value as
+  undefined and the statistics exclude it with a note.
 * Rounding for ACC-7 / ACC-5 is ``np.round``, i.e. round half to EVEN (2.5 -> 2, -0.5 -> -0,
   1.5 -> 2), exactly as the MulT and MMSA evaluation code does.
 * ``acc2_non0`` / ``f1_non0`` are NaN when every label is 0 (no sample left).
 * Retrieval ranks are 1-based, ties averaged (see :func:`retrieval_metrics`); R@K is in
-  percent and counts rank <= K.
+  percent and counts hits as MMT does (rank - 1 == 0 for R@1, rank - 1 < K for R@5 / R@10).
 """
 from __future__ import annotations
 
@@ -168,7 +183,7 @@ def macro_f1(y_true: Any, y_pred: Any) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; 0.0 when either side is constant (undefined correlation)."""
+    """Pearson correlation; NaN when either side is constant (the correlation is undefined)."""
     da = a - a.mean()
     db = b - b.mean()
     na = np.sqrt(np.sum(da * da))
@@ -178,15 +193,16 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     scale_b = max(np.abs(b).max(), 1.0)
     eps = np.finfo(np.float64).eps * 16
     if na <= eps * scale_a * np.sqrt(a.size) or nb <= eps * scale_b * np.sqrt(b.size):
-        return 0.0
+        return float("nan")
     r = float(np.sum(da * db) / (na * nb))
     return float(min(1.0, max(-1.0, r)))
 
 
-def _binary(p_pos: np.ndarray, y_pos: np.ndarray) -> tuple[float, float]:
+def _binary(p_pos: np.ndarray, y_pos: np.ndarray) -> tuple[float, float, float]:
+    """(accuracy, F1 as the MulT/Wander code calls it, F1 in sklearn's usual order)."""
     if y_pos.size == 0:
-        return float("nan"), float("nan")
-    return float(np.mean(p_pos == y_pos)), weighted_f1(y_pos, p_pos)
+        return float("nan"), float("nan"), float("nan")
+    return float(np.mean(p_pos == y_pos)), weighted_f1(p_pos, y_pos), weighted_f1(y_pos, p_pos)
 
 
 def regression_metrics(pred: Any, label: Any) -> dict[str, float]:
@@ -203,9 +219,10 @@ def regression_metrics(pred: Any, label: Any) -> dict[str, float]:
     out["acc5"] = float(np.mean(np.round(np.clip(p, -2, 2)) == np.round(np.clip(y, -2, 2))))
 
     nz = y != 0  # Non0: samples with a zero label are dropped
-    out["acc2_non0"], out["f1_non0"] = _binary(p[nz] > 0, y[nz] > 0)
-    out["acc2_has0"], out["f1_has0"] = _binary(p >= 0, y >= 0)  # neg / non-neg
-    out["acc2_pos"], out["f1_pos"] = _binary(p > 0, y > 0)  # non-pos / pos
+    for name, p_pos, y_pos in (("non0", p[nz] > 0, y[nz] > 0),
+                               ("has0", p >= 0, y >= 0),   # neg / non-neg
+                               ("pos", p > 0, y > 0)):     # non-pos / pos
+        out[f"acc2_{name}"], out[f"f1_{name}"], out[f"f1_{name}_sklearn"] = _binary(p_pos, y_pos)
     return out
 
 
@@ -275,7 +292,7 @@ def emotion_binary_metrics(logits: Any, labels: Any,
     ``logits``: (N, K, 2) scores (or (N, 2K), read as (N, K, 2), the flat output of MulT's
     head); ``labels``: (N, K) 0/1 ints or (N, K, 2) one-hot (argmax over the last axis).
     For each emotion ``name``: ``{name}_acc`` and ``{name}_f1`` (weighted F1 of that binary
-    task), as MulT's ``eval_iemocap``.
+    task, sklearn's usual order ``f1_score(truth, preds)``), as MulT's ``eval_iemocap``.
     """
     names = tuple(names)
     k = len(names)
@@ -333,7 +350,12 @@ def _tie_averaged_rank(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
-    out = {f"{prefix}_r{k}": float(100.0 * np.mean(ranks <= k)) for k in (1, 5, 10)}
+    """R@K, MdR, MnR from 1-based tie-averaged ranks, with MMT's hit rule (gabeur/mmt
+    ``model/metric.py``, ``cols2metrics``, on 0-based ranks): R@1 counts rank - 1 == 0,
+    R@5 / R@10 count rank - 1 < K, so a tie-averaged 5.5 is an R@5 hit, 1.5 is no R@1 hit."""
+    zero_based = ranks - 1
+    out = {f"{prefix}_r1": float(100.0 * np.mean(zero_based == 0))}
+    out.update({f"{prefix}_r{k}": float(100.0 * np.mean(zero_based < k)) for k in (5, 10)})
     out[f"{prefix}_mdr"] = float(np.median(ranks))
     out[f"{prefix}_mnr"] = float(np.mean(ranks))
     return out
@@ -353,8 +375,9 @@ def retrieval_metrics(sim: Any, caption_video: Any = None) -> dict[str, float]:
     Ranks are 1-based; ties are averaged in both directions (a correct item tied with k others
     gets the mean of the tied positions; in v2t this applies to each caption against all
     captions, including the video's other captions, before the minimum is taken, as MMT).
-    R@K is the percentage of queries with rank <= K (a tie-averaged rank 1.5 is not an R@1
-    hit); MdR and MnR are the median and mean rank. Every video needs at least one caption.
+    R@K is the percentage of hits by MMT's rule (see :func:`_rank_summary`: a tie-averaged
+    rank 1.5 is not an R@1 hit, 5.5 is an R@5 hit, 10.5 an R@10 hit); MdR and MnR are the
+    median and mean rank. Every video needs at least one caption.
     """
     s = _numeric(sim, "sim")
     if s.ndim != 2:
