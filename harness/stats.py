@@ -7,36 +7,48 @@ Direction
     ``t2v_mnr``, ``v2t_mdr``, ``v2t_mnr``, and any key ending in ``_mdr`` / ``_mnr``); every
     other metric is higher-is-better. A comparison's ``improvement`` is the paired difference
     signed so that a positive value means *Wander is better* (wander - baseline for
-    higher-is-better metrics, baseline - wander for lower-is-better ones).
+    higher-is-better metrics, baseline - wander for lower-is-better ones). The paired t
+    statistic is that of the improvement, so ``t_stat > 0`` also means Wander is better.
+
+Undefined values
+    A NaN value (e.g. a Pearson correlation with a constant side) is never used as a number:
+    ``summarize`` and ``compare`` leave its seed out and list it (``undefined_seeds``, and a
+    note); the lower-level functions refuse non-finite input (``ValueError``).
+
+Rounding
+    Two values closer than ``RELATIVE_TOLERANCE`` times the largest |value| of the comparison
+    are equal: such a paired difference is zero (a tie), and paired differences whose spread
+    is within it have zero variance (t-test untestable). Float rounding (0.1 + 0.2 - 0.3 =
+    5.6e-17, or accuracies scaled x100) therefore cannot turn "untestable" into p = 1e-31.
 
 Summary of one cell (``summarize``)
-    mean, std (ddof=1), n and the seeds; a 95% bootstrap CI of the mean from
-    ``scipy.stats.bootstrap`` (BCa, 9999 resamples, a fixed ``numpy`` generator seeded with
-    ``seed``, so reruns are identical). With n < 3 no CI is given (``ci_note`` says why) rather
-    than one made up from one or two numbers; when all values are equal the CI is the point
-    [v, v] and the note says so. A Student-t interval (``t_ci_*``) is reported next to it:
-    bootstrap CIs of a mean under-cover at small n (about 0.90 instead of 0.95 at n = 10 for
-    normal data), the t interval is exact for normal data.
+    mean, std (ddof=1), n and the seeds; the 95% Student-t interval of the mean
+    (``t_ci_low``, ``t_ci_high``: mean +- t_{0.975, n-1} s / sqrt(n)), exact for normal data at
+    every n >= 2. No bootstrap: with the 3-5 seeds of these tables a BCa bootstrap interval of
+    the mean covers about 75% (n = 3) instead of 95%. With n < 2 no interval is given
+    (``ci_note`` says why); equal values give the zero-width interval, noted.
 
 Paired comparison (``compare``)
-    Only seeds present on both sides pair up; the seeds missing on either side are listed and
-    reduce n. Reported: the mean paired improvement with a bootstrap CI (same rules as above);
-    the paired t-test (``scipy.stats.ttest_rel``, two-sided); the Wilcoxon signed-rank test
-    (``scipy.stats.wilcoxon``, two-sided, exact: zero differences dropped as in Wilcoxon's
-    original rule; when |differences| tie, the exact p comes from enumerating all 2^n sign
-    flips with mid-ranks, ``scipy.stats.PermutationMethod``, since scipy's "exact" table
-    ignores ties); ``wilcoxon_min_p``, the smallest two-sided p attainable with that many
-    non-zero differences (2 / 2^n: 0.25 at n = 3, 0.0625 at n = 5), and a note when it is above
-    alpha: such a test can never be significant and is no evidence either way.
-    ``p_better`` = P(Wander > baseline), the *paired* estimator: over the matched seeds, the
-    fraction where Wander is better (direction-aware), a tie counting 0.5.
+    Only seeds present (and defined) on both sides pair up; the seeds missing on either side
+    are listed and reduce n. Reported: the mean paired improvement with its t interval (same
+    rules as above); the paired t-test (two-sided, ``scipy.stats.ttest_1samp`` of the
+    improvements against 0, i.e. ``ttest_rel`` with the sign of the improvement); the
+    Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided, exact: zero differences
+    dropped as in Wilcoxon's original rule; when |differences| tie, the exact p comes from
+    enumerating all 2^n sign flips with mid-ranks, ``scipy.stats.PermutationMethod``, since
+    scipy's "exact" table ignores ties); ``wilcoxon_min_p``, the smallest two-sided p
+    attainable with that many non-zero differences (2 / 2^n: 0.25 at n = 3, 0.0625 at n = 5),
+    and a note when it is above alpha: such a test can never be significant and is no
+    evidence either way. ``p_better`` = P(Wander > baseline), the *paired* estimator: over the
+    matched seeds, the fraction where Wander is better (direction-aware), a tie counting 0.5.
     ``p_better_all_pairs`` is the unpaired estimator of Agarwal et al. (2021) (the
     Mann-Whitney AUC over every Wander seed x every baseline seed, ties 0.5), for reference.
 
 Multiple comparisons (``holm``, ``adjust``)
     Holm's step-down adjustment over a family of p-values (the t-test p-values of all
-    comparisons of one table); adjusted p-values are monotone in the raw ones and capped at 1.
-    ``verdict`` reads the Holm-adjusted t-test p at alpha = 0.05.
+    comparisons of one table); adjusted p-values are monotone in the raw ones and capped at 1
+    (the same numbers as statsmodels' ``multipletests(method='holm')``).
+    ``verdict`` rejects at Holm-adjusted t-test p <= alpha = 0.05.
 """
 from __future__ import annotations
 
@@ -48,10 +60,10 @@ from scipy import stats as sps
 
 LOWER_IS_BETTER = frozenset({"mae", "t2v_mdr", "t2v_mnr", "v2t_mdr", "v2t_mnr"})
 CONFIDENCE = 0.95
-N_RESAMPLES = 9999
 SEED = 0
 ALPHA = 0.05
-MIN_N_CI = 3
+RELATIVE_TOLERANCE = 1e-9
+INTERVAL = "95% Student-t interval of the mean"
 
 WANDER_BETTER = "Wander better"
 BASELINE_BETTER = "baseline better"
@@ -65,9 +77,13 @@ def lower_is_better(metric: str) -> bool:
 
 
 def _finite(values) -> np.ndarray:
+    """1-D float64 array; refuses NaN and inf (an undefined metric is not a number to test)."""
     arr = np.asarray([float(v) for v in values], dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError("expected a 1-D sequence of numbers")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"undefined (NaN / inf) value among {arr.tolist()}: leave it out "
+                         f"(summarize / compare do, with a note)")
     return arr
 
 
@@ -78,56 +94,60 @@ def _none_if_nan(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def bootstrap_ci(values: Sequence[float], *, confidence: float = CONFIDENCE,
-                 n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                 ) -> tuple[float | None, float | None, str]:
-    """95% (by default) BCa bootstrap CI of the mean: (low, high, note).
+def _defined(value) -> bool:
+    return value is not None and math.isfinite(float(value))
 
-    n < 3: (None, None, "CI unavailable: ..."); all values equal: the point interval, noted;
-    BCa undefined (NaN): falls back to the percentile interval and says so.
-    """
-    x = _finite(values)
-    n = x.size
-    if n < MIN_N_CI:
-        return None, None, f"CI unavailable: n={n} < {MIN_N_CI}"
-    if np.all(x == x[0]):
-        return float(x[0]), float(x[0]), "all values equal: CI is the point"
-    note = ""
-    for method in ("BCa", "percentile"):
-        result = sps.bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                               method=method, rng=np.random.default_rng(seed))
-        low, high = result.confidence_interval
-        if np.isfinite(low) and np.isfinite(high):
-            return float(low), float(high), note
-        note = "BCa undefined: percentile interval"
-    return None, None, "CI unavailable: bootstrap degenerate"
+
+def tolerance(*arrays: np.ndarray) -> float:
+    """Rounding tolerance of differences between the given values: RELATIVE_TOLERANCE x the
+    largest |value| (0 when every value is 0)."""
+    scale = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    return RELATIVE_TOLERANCE * scale
+
+
+def improvements(wander: np.ndarray, baseline: np.ndarray, metric: str) -> np.ndarray:
+    """Direction-signed differences (> 0: Wander better), broadcasting; differences within the
+    rounding ``tolerance`` of the values are exactly 0 (ties)."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    d = sign * (wander - baseline)
+    return np.where(np.abs(d) <= tolerance(wander, baseline), 0.0, d)
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE,
-               ) -> tuple[float | None, float | None]:
-    """Student-t interval of the mean (n >= 2), for reference next to the bootstrap CI."""
+               ) -> tuple[float | None, float | None, str]:
+    """Student-t interval of the mean: (low, high, note); None with a note when n < 2."""
     x = _finite(values)
     if x.size < 2:
-        return None, None
+        return None, None, f"CI unavailable: n={x.size} < 2"
+    mean = float(x.mean())
+    if np.ptp(x) <= tolerance(x):
+        return mean, mean, "all values equal: zero-width interval"
     half = sps.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
+    return float(mean - half), float(mean + half), ""
 
 
 def summarize(values: Sequence[float], seeds: Sequence[int] | None = None, *,
-              confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
-              seed: int = SEED) -> dict:
-    """mean, std (ddof=1), n, seeds, bootstrap CI (+ note) and t interval of one cell."""
-    x = _finite(values)
+              confidence: float = CONFIDENCE) -> dict:
+    """mean, std (ddof=1), n, seeds and the Student-t interval (+ note) of one cell.
+
+    Undefined (NaN) values are left out: their seeds (positions when ``seeds`` is None) are
+    listed in ``undefined_seeds`` and ``note``."""
+    raw = [float(v) for v in values]
+    labels = list(seeds) if seeds is not None else list(range(len(raw)))
+    undefined = sorted(int(s) for s, v in zip(labels, raw) if not math.isfinite(v))
+    kept = [(int(s), v) for s, v in zip(labels, raw) if math.isfinite(v)]
+    x = _finite([v for _, v in kept])
     n = int(x.size)
-    low, high, note = bootstrap_ci(x, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    t_low, t_high = t_interval(x, confidence)
+    low, high, ci_note = t_interval(x, confidence)
     return {
         "n": n,
-        "seeds": sorted(int(s) for s in seeds) if seeds is not None else None,
+        "seeds": sorted(s for s, _ in kept) if seeds is not None else None,
         "mean": float(x.mean()) if n else None,
         "std": float(x.std(ddof=1)) if n >= 2 else None,
-        "ci_low": low, "ci_high": high, "ci_note": note,
-        "t_ci_low": t_low, "t_ci_high": t_high,
+        "t_ci_low": low, "t_ci_high": high, "ci_note": ci_note,
+        "undefined_seeds": undefined,
+        "note": (f"undefined (NaN) at seed(s) {', '.join(map(str, undefined))}: left out"
+                 if undefined else ""),
         "confidence": confidence,
     }
 
@@ -170,16 +190,23 @@ def wilcoxon_exact(differences: Sequence[float], alpha: float = ALPHA) -> dict:
     return {"p": p, "n": n, "min_p": min_p, "method": method_name, "note": "; ".join(notes)}
 
 
-def paired_t(a: Sequence[float], b: Sequence[float]) -> tuple[float | None, float | None, str]:
-    """Paired t-test (scipy.stats.ttest_rel, two-sided): (t, p, note)."""
-    a, b = _finite(a), _finite(b)
-    if a.size < 2:
-        return None, None, f"t-test needs n >= 2 pairs (n={a.size})"
-    d = a - b
-    if np.all(d == d[0]):
-        return None, None, ("all paired differences equal: t-test undefined (zero variance)"
-                            if d[0] != 0 else "all paired differences zero: t-test undefined")
-    result = sps.ttest_rel(a, b)
+def paired_t(wander: Sequence[float], baseline: Sequence[float], metric: str,
+             ) -> tuple[float | None, float | None, str]:
+    """Two-sided paired t-test of the direction-signed improvement: (t, p, note).
+
+    ``t > 0`` means Wander is better, whatever the metric's direction. Untestable (None, None)
+    with n < 2 pairs or when the improvements' spread is within the rounding tolerance."""
+    w, b = _finite(wander), _finite(baseline)
+    if w.size != b.size:
+        raise ValueError("paired t-test needs equal-length, seed-matched inputs")
+    if w.size < 2:
+        return None, None, f"t-test needs n >= 2 pairs (n={w.size})"
+    d = improvements(w, b, metric)
+    if np.ptp(d) <= tolerance(w, b):
+        return None, None, ("all paired differences zero: t-test undefined"
+                            if np.all(d == 0) else
+                            "all paired differences equal: t-test undefined (zero variance)")
+    result = sps.ttest_1samp(d, 0.0)
     return _none_if_nan(result.statistic), _none_if_nan(result.pvalue), ""
 
 
@@ -189,22 +216,21 @@ def _wins(improvement: np.ndarray) -> np.ndarray:
 
 def prob_better(wander: Sequence[float], baseline: Sequence[float], metric: str,
                 paired: bool = True) -> float | None:
-    """P(Wander > baseline), direction-aware, ties 0.5.
+    """P(Wander > baseline), direction-aware, ties (within the rounding tolerance) 0.5.
 
     paired=True: ``wander[i]`` and ``baseline[i]`` are the same seed; the fraction of seeds where
     Wander is better. paired=False: over all len(wander) x len(baseline) combinations.
     """
     w, b = _finite(wander), _finite(baseline)
-    sign = -1.0 if lower_is_better(metric) else 1.0
     if paired:
         if w.size != b.size:
             raise ValueError("paired P(Wander > baseline) needs equal-length, seed-matched inputs")
         if w.size == 0:
             return None
-        return float(_wins(sign * (w - b)).mean())
+        return float(_wins(improvements(w, b, metric)).mean())
     if w.size == 0 or b.size == 0:
         return None
-    return float(_wins(sign * (w[:, None] - b[None, :])).mean())
+    return float(_wins(improvements(w[:, None], b[None, :], metric)).mean())
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -225,49 +251,54 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
 
 
 def compare(wander: Mapping[int, float], baseline: Mapping[int, float], metric: str, *,
-            confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-            alpha: float = ALPHA) -> dict:
-    """Wander vs one baseline on one metric, paired by seed (``{seed: value}`` on each side)."""
-    seeds = sorted(set(wander) & set(baseline))
+            confidence: float = CONFIDENCE, alpha: float = ALPHA) -> dict:
+    """Wander vs one baseline on one metric, paired by seed (``{seed: value}`` on each side).
+    A seed whose value is undefined (NaN) on either side is left out and listed."""
+    common = sorted(set(wander) & set(baseline))
+    undefined = [s for s in common if not (_defined(wander[s]) and _defined(baseline[s]))]
+    seeds = [s for s in common if s not in undefined]
     w = _finite([wander[s] for s in seeds])
     b = _finite([baseline[s] for s in seeds])
-    sign = -1.0 if lower_is_better(metric) else 1.0
-    improvement = sign * (w - b)
+    improvement = improvements(w, b, metric)
     n = len(seeds)
-    low, high, ci_note = bootstrap_ci(improvement, confidence=confidence,
-                                      n_resamples=n_resamples, seed=seed)
-    t_stat, p_t, t_note = paired_t(w, b)
+    low, high, ci_note = t_interval(improvement, confidence)
+    t_stat, p_t, t_note = paired_t(w, b, metric)
     wil = (wilcoxon_exact(improvement, alpha) if n else
            {"p": None, "n": 0, "min_p": 1.0, "method": None, "note": "no paired seeds"})
-    notes = [note for note in (t_note, ci_note) if note]
+    undefined_note = (f"seed(s) {', '.join(map(str, undefined))} left out: {metric} undefined "
+                      f"(NaN) on one side" if undefined else "")
+    notes = [note for note in (undefined_note, t_note, ci_note) if note]
     return {
         "metric": metric,
         "lower_is_better": lower_is_better(metric),
         "n": n,
         "seeds": seeds,
+        "undefined_seeds": undefined,
         "missing_in_wander": sorted(set(baseline) - set(wander)),
         "missing_in_baseline": sorted(set(wander) - set(baseline)),
         "wander_mean": float(w.mean()) if n else None,
         "baseline_mean": float(b.mean()) if n else None,
         "improvement": float(improvement.mean()) if n else None,
-        "improvement_ci_low": low, "improvement_ci_high": high,
+        "improvement_t_ci_low": low, "improvement_t_ci_high": high,
         "t_stat": t_stat, "p_t": p_t,
         "p_wilcoxon": wil["p"], "wilcoxon_n": wil["n"], "wilcoxon_min_p": wil["min_p"],
         "wilcoxon_method": wil["method"], "wilcoxon_note": wil["note"],
         "p_better": prob_better(w, b, metric, paired=True),
-        "p_better_all_pairs": prob_better(list(wander.values()), list(baseline.values()), metric,
-                                          paired=False),
+        "p_better_all_pairs": prob_better([v for v in wander.values() if _defined(v)],
+                                          [v for v in baseline.values() if _defined(v)],
+                                          metric, paired=False),
         "note": "; ".join(notes),
         "p_holm": None, "verdict": None,
     }
 
 
 def verdict(comparison: Mapping, alpha: float = ALPHA) -> str:
-    """Reads the Holm-adjusted t-test p and the sign of the mean improvement."""
+    """Reads the Holm-adjusted t-test p (rejected at p <= alpha) and the sign of the mean
+    improvement."""
     p = comparison.get("p_holm")
     if p is None:
         return UNTESTABLE
-    if p >= alpha:
+    if p > alpha:
         return NOT_SIGNIFICANT
     return WANDER_BETTER if comparison["improvement"] > 0 else BASELINE_BETTER
 
@@ -279,8 +310,7 @@ def adjust(comparisons: Sequence[dict], alpha: float = ALPHA) -> None:
         comparison["verdict"] = verdict(comparison, alpha)
 
 
-def write_stats(records_dir="results/runs", out_path="results/stats.csv", params=None, *,
-                n_resamples: int = N_RESAMPLES) -> dict:
+def write_stats(records_dir="results/runs", out_path="results/stats.csv", params=None) -> dict:
     """The ``stats`` stage: a per-(dataset, grid row, metric) summary over seeds of every metric
     in the selected records, as one CSV (written atomically). Returns {"path", "cells"}."""
     from harness.tables.collect import collect
@@ -293,14 +323,14 @@ def write_stats(records_dir="results/runs", out_path="results/stats.csv", params
                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for metric in metrics:
             seeds = [s for s in sorted(by_seed) if metric in by_seed[s]["metrics"]]
-            summary = summarize([by_seed[s]["metrics"][metric] for s in seeds], seeds,
-                                n_resamples=n_resamples)
+            summary = summarize([by_seed[s]["metrics"][metric] for s in seeds], seeds)
             rows.append({"dataset": dataset, "row": key, "metric": metric,
                          "lower_is_better": lower_is_better(metric),
-                         **{k: summary[k] for k in ("n", "mean", "std", "ci_low", "ci_high",
-                                                    "ci_note", "t_ci_low", "t_ci_high")},
-                         "seeds": " ".join(str(s) for s in seeds)})
-    fields = ["dataset", "row", "metric", "lower_is_better", "n", "seeds", "mean", "std", "ci_low",
-              "ci_high", "ci_note", "t_ci_low", "t_ci_high"]
+                         **{k: summary[k] for k in ("n", "mean", "std", "t_ci_low", "t_ci_high",
+                                                    "ci_note")},
+                         "seeds": " ".join(map(str, summary["seeds"])),
+                         "undefined_seeds": " ".join(map(str, summary["undefined_seeds"]))})
+    fields = ["dataset", "row", "metric", "lower_is_better", "n", "seeds", "undefined_seeds",
+              "mean", "std", "t_ci_low", "t_ci_high", "ci_note"]
     write_csv_atomic(out_path, fields, rows)
     return {"path": str(out_path), "cells": len(rows)}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from scipy import stats as sps
 
 from harness.errors import InputError
 from harness.tables import specs
@@ -17,7 +18,6 @@ from harness.tables.diff import diff_tables
 from harness.tables.render import TINY_BANNER, render_all, row_slug
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = 199  # bootstrap resamples in tests
 SEEDS = [0, 1, 2]
 METRIC_KEYS = {
     "mosi": ["acc2_non0", "f1_non0", "acc2_has0", "f1_has0", "acc2_pos", "f1_pos", "acc7", "acc5",
@@ -96,8 +96,7 @@ def rendered(tmp_path_factory):
     base = tmp_path_factory.mktemp("render")
     runs, out = base / "runs", base / "tables"
     write_all(runs, skip_methods=("pmf",))
-    result = render_all(runs, out, make_params(), metrics_path=base / "metrics.json",
-                        n_resamples=FAST)
+    result = render_all(runs, out, make_params(), metrics_path=base / "metrics.json")
     return base, runs, out, result
 
 
@@ -224,10 +223,10 @@ def test_no_banner_for_paper_profile(tmp_path):
     runs = tmp_path / "runs"
     write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, 0, profile="paper")
     render_all(runs, tmp_path / "t", make_params(profile="paper"),
-               metrics_path=tmp_path / "m.json", names=["table3_mosi"], n_resamples=FAST)
+               metrics_path=tmp_path / "m.json", names=["table3_mosi"])
     md = (tmp_path / "t" / "table3_mosi.md").read_text()
     assert TINY_BANNER not in md and "profile: paper" in md
-    assert "CI n/a (n<3)" in md and "missing seed 1, 2" in md
+    assert "CI n/a (n<2)" in md and "missing seed 1, 2" in md
 
 
 def test_outputs_and_numeric_metrics_json(rendered):
@@ -257,12 +256,11 @@ def test_outputs_and_numeric_metrics_json(rendered):
 def test_rerender_is_byte_identical(rendered, tmp_path):
     base, runs, out, _ = rendered
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = render_all(runs, out, make_params(), metrics_path=base / "metrics.json",
-                       n_resamples=FAST)
+    again = render_all(runs, out, make_params(), metrics_path=base / "metrics.json")
     assert again["written"] == []
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     fresh = tmp_path / "fresh"
-    render_all(runs, fresh, make_params(), metrics_path=tmp_path / "m.json", n_resamples=FAST)
+    render_all(runs, fresh, make_params(), metrics_path=tmp_path / "m.json")
     assert {p.name: p.read_bytes() for p in fresh.iterdir()} == before
 
 
@@ -272,12 +270,16 @@ def test_missing_seed_reduces_n_and_is_reported(tmp_path):
         write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, seed)
     for seed in (0, 1):
         write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["Table 3"],
-               n_resamples=FAST)
+    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["Table 3"])
     lines = read_csv(tmp_path / "t" / "table3_mosi.csv")
     lora = next(l for l in lines if l["row"] == "LoRA (r=16)" and l["column"] == "ACC-2")
     assert lora["n"] == "2" and lora["missing_seeds"] == "2" and lora["n_paired"] == "2"
-    assert lora["ci_low"] == ""
+    # n = 2 still has a Student-t interval: mean +- t_{0.975, 1} * s / sqrt(2)
+    values = [metric_values("mosi", {"method": "lora", "rank": 16}, s)["acc2_non0"] * 100
+              for s in (0, 1)]
+    half = sps.t.ppf(0.975, 1) * np.std(values, ddof=1) / np.sqrt(2)
+    assert float(lora["t_ci_low"]) == pytest.approx(np.mean(values) - half)
+    assert float(lora["t_ci_high"]) == pytest.approx(np.mean(values) + half)
     md = (tmp_path / "t" / "table3_mosi.md").read_text()
     assert "missing seed 2" in md and "unpaired seeds [2]" in md
 
@@ -291,8 +293,7 @@ def test_reasons_filtered_method_and_stale(tmp_path):
                  train={"epochs": 6, "lr": 0.001})
     write_record(runs, "mosi", {"method": "wander", "down_dim": 64}, 0,
                  train={"epochs": 3, "lr": 0.001})
-    render_all(runs, tmp_path / "t", params, metrics_path=None, names=["table3_mosi"],
-               n_resamples=FAST)
+    render_all(runs, tmp_path / "t", params, metrics_path=None, names=["table3_mosi"])
     status = {l["row"]: l["status"] for l in read_csv(tmp_path / "t" / "table3_mosi.csv")}
     assert status["Wander (d=16)"] == "ok"
     assert "stale" in status["Wander (d=64)"] and "train.epochs" in status["Wander (d=64)"]
@@ -328,7 +329,7 @@ def test_corrupt_record_names_the_file(tmp_path):
 
 def test_no_records_at_all_still_renders_reasons(tmp_path):
     result = render_all(tmp_path / "none", tmp_path / "t", make_params(), metrics_path=tmp_path /
-                        "m.json", n_resamples=FAST)
+                        "m.json")
     assert all(t["rows_not_run"] == t["rows"] for t in result["tables"].values())
     assert json.loads((tmp_path / "m.json").read_text()) == {}
     lines = read_csv(tmp_path / "t" / "table1_food101.csv")
@@ -350,16 +351,14 @@ def test_diff_between_two_commits(tmp_path):
     for seed in SEEDS:
         write_record(runs, "mosi", row, seed)
         write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
-    render_all(runs, tables, make_params(), metrics_path=None, names=["table3_mosi"],
-               n_resamples=FAST)
+    render_all(runs, tables, make_params(), metrics_path=None, names=["table3_mosi"])
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "first")
     for path in (runs / "mosi").glob("wander-*.json"):
         path.unlink()
     for seed in SEEDS:
         write_record(runs, "mosi", row, seed, shift=0.2)
-    render_all(runs, tables, make_params(), metrics_path=None, names=["table3_mosi", "Table 7"],
-               n_resamples=FAST)
+    render_all(runs, tables, make_params(), metrics_path=None, names=["table3_mosi", "Table 7"])
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "second")
     report = diff_tables("HEAD~1", "HEAD", repo=repo)
@@ -392,19 +391,18 @@ def test_write_stats(rendered, tmp_path):
     from harness.stats import write_stats
 
     _, runs, _, _ = rendered
-    result = write_stats(runs, tmp_path / "stats.csv", make_params(), n_resamples=FAST)
+    result = write_stats(runs, tmp_path / "stats.csv", make_params())
     lines = read_csv(tmp_path / "stats.csv")
     assert result["cells"] == len(lines) > 0
     mae = next(l for l in lines if l["dataset"] == "mosi" and l["metric"] == "mae")
-    assert mae["lower_is_better"] == "true" and mae["n"] == "3" and mae["ci_low"] != ""
+    assert mae["lower_is_better"] == "true" and mae["n"] == "3" and mae["t_ci_low"] != ""
 
 
 def test_row_without_reference_says_not_compared(tmp_path):
     runs = tmp_path / "runs"
     for seed in SEEDS:
         write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["table3_mosi"],
-               n_resamples=FAST)
+    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["table3_mosi"])
     lines = read_csv(tmp_path / "t" / "table3_mosi.csv")
     lora = next(l for l in lines if l["row"] == "LoRA (r=16)" and l["column"] == "MAE")
     assert lora["status"] == "ok" and lora["p_t"] == ""
@@ -418,8 +416,7 @@ def test_table8_needs_mosei_pretraining(tmp_path):
         write_record(runs, "mosi", {"method": "full"}, seed, pretrained=None)
         write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, seed,
                      pretrained={"source": "mosei", "sha256": "x"})
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["Table 8"],
-               n_resamples=FAST)
+    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["Table 8"])
     status = {(l["row"], l["column"]): l["status"]
               for l in read_csv(tmp_path / "t" / "table8_pretraining.csv")}
     assert status[("CMU-MOSEI / Wander(d=16)", "CMU-MOSI ACC")] == "ok"
@@ -429,8 +426,43 @@ def test_table8_needs_mosei_pretraining(tmp_path):
     assert "pre-training of the backbone (record `pretrained.source`): mosei" in md
     params = make_params()
     params["pretrain"] = {"use": {"mosi": "mosei"}}
-    render_all(runs, tmp_path / "t2", params, metrics_path=None, names=["Table 3"],
-               n_resamples=FAST)
+    render_all(runs, tmp_path / "t2", params, metrics_path=None, names=["Table 3"])
     t3 = {l["row"]: l["status"] for l in read_csv(tmp_path / "t2" / "table3_mosi.csv")}
     assert "stale" in t3["Full fine-tuning"] and "pretrain.use" in t3["Full fine-tuning"]
     assert t3["Wander (d=16)"] == "ok"
+
+
+def test_interval_is_named_in_table_and_csv(rendered):
+    _, _, out, _ = rendered
+    md = (out / "table3_mosi.md").read_text()
+    assert "[95% Student-t interval of the mean]" in md and "[95% t CI]" in md
+    assert "bootstrap" not in md
+    header = (out / "table3_mosi.csv").read_text().splitlines()[0].split(",")
+    assert {"t_ci_low", "t_ci_high", "improvement_t_ci_low", "undefined_seeds"} <= set(header)
+    assert "ci_low" not in header
+
+
+def test_undefined_metric_is_left_out_with_a_note(tmp_path):
+    runs = tmp_path / "runs"
+    wander, lora = {"method": "wander", "down_dim": 16}, {"method": "lora", "rank": 16}
+    for seed in SEEDS:
+        record = write_record(runs, "mosi", wander, seed)
+        document = json.loads(record.read_text())
+        if seed == 1:
+            document["metrics"]["corr"] = float("nan")  # constant prediction at this seed
+        record.write_text(json.dumps(document))
+        record = write_record(runs, "mosi", lora, seed)
+        document = json.loads(record.read_text())
+        document["metrics"]["corr"] = float("nan")
+        record.write_text(json.dumps(document))
+    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["table3_mosi"])
+    lines = read_csv(tmp_path / "t" / "table3_mosi.csv")
+    corr = {l["row"]: l for l in lines if l["column"] == "Corr"}
+    main = corr["Wander (d=16)"]
+    assert main["status"] == "ok" and main["n"] == "2" and main["undefined_seeds"] == "1"
+    kept = [metric_values("mosi", wander, s)["corr"] for s in (0, 2)]
+    assert float(main["mean"]) == pytest.approx(np.mean(kept))
+    assert corr["LoRA (r=16)"]["status"].startswith("undefined:")
+    assert corr["LoRA (r=16)"]["verdict"] == ""  # nothing compared, no tie invented
+    md = (tmp_path / "t" / "table3_mosi.md").read_text()
+    assert "undefined (NaN) at seed 1, left out" in md

@@ -18,7 +18,7 @@ from harness.errors import InputError
 
 KEY = ("section", "row", "column")
 #: fields compared, in report order (the first ones get their own columns)
-WATCHED = ("status", "mean", "std", "n", "ci_low", "ci_high", "paper", "diff_vs_paper",
+WATCHED = ("status", "mean", "std", "n", "t_ci_low", "t_ci_high", "paper", "diff_vs_paper",
            "tunable_ours", "tunable_paper", "compared_to", "n_paired", "improvement", "p_t",
            "p_holm", "p_wilcoxon", "wilcoxon_min_p", "p_better", "verdict", "metric_key",
            "convention")

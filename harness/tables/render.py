@@ -1,21 +1,24 @@
 """Render every spec of ``harness.tables.specs`` from the run records.
 
 Per spec: ``<out_dir>/<name>.md`` and ``<name>.csv`` (figures also ``<name>.png``), then
-``index.md`` and ``results/metrics.json``. For each cell: our mean +- std over seeds with a 95%
-bootstrap CI, the paper's value and ours - paper; for each compared row: the paired test
-against the section's main Wander row (``Section.reference``): mean paired improvement with CI,
-paired t-test p, Holm-adjusted p (family: every comparison of the spec), Wilcoxon exact p with
-its smallest attainable p, P(Wander > baseline), and a verdict. A row without usable records
-says why ("not run: <reason>"), never a blank.
+``index.md`` and ``results/metrics.json``. For each cell: our mean +- std over seeds with the 95%
+Student-t interval of the mean (``harness.stats.INTERVAL``), the paper's value and ours - paper;
+for each compared row: the paired test against the section's main Wander row
+(``Section.reference``): mean paired improvement with its t interval, paired t-test p,
+Holm-adjusted p (family: every comparison of the spec), Wilcoxon exact p with its smallest
+attainable p, P(Wander > baseline), and a verdict. A row without usable records says why
+("not run: <reason>"), never a blank; a metric that is NaN (undefined) in a record is left out
+of that cell with a note, and a cell whose every value is NaN reads "undefined: ...".
 
 CSV layout (long, one line per section x row x column; what ``harness.tables.diff`` reads):
-key columns ``section, row, column``; cell fields ``status, n, seeds, mean, std, ci_low, ci_high,
-paper, diff_vs_paper``; comparison fields ``compared_to, n_paired, improvement, p_t, p_holm,
-p_wilcoxon, wilcoxon_min_p, p_better, verdict``. Numbers in paper units (accuracies x100).
+key columns ``section, row, column``; cell fields ``status, n, seeds, undefined_seeds, mean, std,
+t_ci_low, t_ci_high, paper, diff_vs_paper``; comparison fields ``compared_to, n_paired,
+improvement, improvement_t_ci_low, improvement_t_ci_high, t_stat (> 0: Wander better), p_t,
+p_holm, p_wilcoxon, wilcoxon_min_p, p_better, verdict``. Numbers in paper units (accuracies
+x100).
 
 All files are written atomically and only when their content changes; the same records give
-byte-identical files (fixed bootstrap seed, sorted inputs, no timestamps, PNG without
-software metadata).
+byte-identical files (sorted inputs, no timestamps, PNG without software metadata).
 """
 from __future__ import annotations
 
@@ -38,13 +41,18 @@ from harness.tables.specs import Column, Row, Section, Spec
 TINY_BANNER = "tiny profile: generated data and small backbones; NOT comparable to the paper"
 CSV_FIELDS = [
     "table", "section", "row", "group", "role", "dataset", "grid_row", "column", "metric_key",
-    "convention", "lower_is_better", "status", "n", "seeds", "missing_seeds", "mean", "std",
-    "ci_low", "ci_high", "ci_note", "t_ci_low", "t_ci_high", "paper", "paper_table",
+    "convention", "lower_is_better", "status", "n", "seeds", "missing_seeds", "undefined_seeds",
+    "mean", "std", "t_ci_low", "t_ci_high", "ci_note", "paper", "paper_table",
     "diff_vs_paper", "tunable_ours", "tunable_method", "tunable_head", "tunable_paper",
-    "compared_to", "n_paired", "improvement", "improvement_ci_low", "improvement_ci_high",
+    "compared_to", "n_paired", "improvement", "improvement_t_ci_low", "improvement_t_ci_high",
     "t_stat", "p_t", "p_holm", "p_wilcoxon", "wilcoxon_min_p", "wilcoxon_note", "p_better",
     "p_better_all_pairs", "verdict", "comparison_note",
 ]
+
+
+def profile_banner(profiles) -> str | None:
+    """The warning every table and figure carries when its numbers come from the tiny profile."""
+    return TINY_BANNER if "tiny" in profiles else None
 #: metrics.json also carries these record keys (not printed in the paper's tables).
 EXTRA_HEADLINE = {"msrvtt": ("t2v_r1", "v2t_r1", "rsum")}
 SLUG_ABBREV = {"down_dim": "d", "rank": "r", "rank_h": "rh", "rank_t": "rt"}
@@ -57,8 +65,8 @@ SLUG_ABBREV = {"down_dim": "d", "rank": "r", "rank_h": "rh", "rank_t": "rt"}
 class Cell:
     column: Column
     dataset: str
-    status: str                     # "ok" | "not run: ..." | "not measured: ..."
-    values: dict = field(default_factory=dict)   # seed -> value in paper units
+    status: str                     # "ok" | "not run: ..." | "not measured: ..." | "undefined: ..."
+    values: dict = field(default_factory=dict)   # seed -> value in paper units (NaN: undefined)
     summary: dict | None = None
     convention: str = ""
     missing_seeds: list = field(default_factory=list)
@@ -143,12 +151,13 @@ def _pretrained_as_required(by_seed: dict, source: str | None) -> tuple[dict, li
 
 
 def _metric_value(record: dict, column: Column):
+    """(value, convention, key) of the first of the column's keys the record has; NaN when the
+    record has it undefined (a fallback key is for a record lacking the key, not for NaN)."""
     metrics = record["metrics"]
     for key, convention in ((column.key, column.convention), *column.fallback):
         value = metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(float(value)):
-                return float(value), convention, key
+            return float(value), convention, key
     return None, None, None
 
 
@@ -183,8 +192,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def build(spec: Spec, selection: Selection, params: Mapping | None = None, *,
-          n_resamples: int = stats.N_RESAMPLES, seed: int = stats.SEED) -> SpecResult:
+def build(spec: Spec, selection: Selection, params: Mapping | None = None) -> SpecResult:
     rows = []
     by_section: dict = {}
     for section in spec.sections:
@@ -215,9 +223,13 @@ def build(spec: Spec, selection: Selection, params: Mapping | None = None, *,
                     cells[column.id] = Cell(column, dataset, "not measured: the records lack "
                                             f"metric {' / '.join(keys)}", paper=paper)
                     continue
+                if not any(math.isfinite(v) for v in values.values()):
+                    cells[column.id] = Cell(column, dataset, "undefined: the metric is NaN "
+                                            f"(undefined) at every seed ({column.key}, e.g. a "
+                                            "correlation with a constant side)", paper=paper)
+                    continue
                 expected = selection.seeds if selection.seeds is not None else sorted(values)
-                summary = stats.summarize(list(values.values()), list(values), seed=seed,
-                                          n_resamples=n_resamples)
+                summary = stats.summarize(list(values.values()), list(values))
                 cells[column.id] = Cell(column, dataset, "ok", values, summary,
                                         "; ".join(sorted(conventions)),
                                         [s for s in expected if s not in values], paper)
@@ -243,8 +255,7 @@ def build(spec: Spec, selection: Selection, params: Mapping | None = None, *,
                     skipped.append((result, column, f"not compared: the reference row "
                                     f"{reference.row.name} has no values ({theirs.status})"))
                 continue
-            comparison = stats.compare(theirs.values, mine.values, column.key, seed=seed,
-                                       n_resamples=n_resamples)
+            comparison = stats.compare(theirs.values, mine.values, column.key)
             mine.comparison = comparison
             comparisons.append((result, column, comparison, reference))
     stats.adjust([c for _, _, c, _ in comparisons])
@@ -297,13 +308,15 @@ def _ours(cell: Cell) -> str:
     text = _f(s["mean"], d)
     if s["std"] is not None:
         text += f" ± {_f(s['std'], d)}"
-    if s["ci_low"] is not None:
-        text += f" [{_f(s['ci_low'], d)}, {_f(s['ci_high'], d)}]"
+    if s["t_ci_low"] is not None:
+        text += f" [{_f(s['t_ci_low'], d)}, {_f(s['t_ci_high'], d)}]"
     n = f"n={s['n']}"
     if cell.missing_seeds:
         n += f"; missing seed {', '.join(map(str, cell.missing_seeds))}"
-    if s["ci_low"] is None:
-        n += "; CI n/a (n<3)"
+    if s["undefined_seeds"]:
+        n += f"; undefined (NaN) at seed {', '.join(map(str, s['undefined_seeds']))}, left out"
+    if s["t_ci_low"] is None:
+        n += "; CI n/a (n<2)"
     return f"{text} ({n})"
 
 
@@ -314,8 +327,9 @@ def _signed(x, digits: int) -> str:
 def _header(result: SpecResult) -> list[str]:
     spec, prov = result.spec, result.provenance
     lines = [f"# {spec.title} — ours" + (" vs the paper" if spec.kind == "table" else ""), ""]
-    if "tiny" in prov["profiles"]:
-        lines += [f"> **{TINY_BANNER}**", ""]
+    banner = profile_banner(prov["profiles"])
+    if banner:
+        lines += [f"> **{banner}**", ""]
     seeds = ", ".join(map(str, prov["seeds"])) or "none"
     expected = (f" (params.yaml seeds: {', '.join(map(str, prov['params_seeds']))})"
                 if prov["params_seeds"] is not None else "")
@@ -355,7 +369,7 @@ def _columns_legend(spec: Spec) -> list[str]:
     if any(s.tunable for s in spec.sections):
         lines.append("- #Tunable ours: the record's trainable parameters, method + task head; "
                      "paper: as printed")
-    cells = "Cells: ours = mean ± std over seeds [95% bootstrap CI] (n)"
+    cells = f"Cells: ours = mean ± std over seeds [{stats.INTERVAL}] (n)"
     if spec.kind == "figure":
         cells += ". The paper's figure prints no numbers, so there is no paper column."
     else:
@@ -415,13 +429,13 @@ def _comparison_table(result: SpecResult) -> list[str]:
         return (["## Paired comparisons with Wander (by seed)", "",
                  "No comparison could be made: the compared rows or their Wander reference "
                  "lack runs.", ""] + _skipped_lines(result) + ([""] if result.skipped else []))
-    headers = ["Row", "vs", "Metric", "n", "Δ (Wander better > 0) [95% CI]", "p (t)",
+    headers = ["Row", "vs", "Metric", "n", "Δ (Wander better > 0) [95% t CI]", "p (t)",
                "p (Holm)", "p (Wilcoxon) / min p", "P(Wander > row)", "verdict"]
     body, notes = [], set()
     for row_result, column, c, reference in result.comparisons:
         d = column.digits + 1
-        ci = (f" [{_f(c['improvement_ci_low'], d)}, {_f(c['improvement_ci_high'], d)}]"
-              if c["improvement_ci_low"] is not None else "")
+        ci = (f" [{_f(c['improvement_t_ci_low'], d)}, {_f(c['improvement_t_ci_high'], d)}]"
+              if c["improvement_t_ci_low"] is not None else "")
         missing = c["missing_in_wander"] + c["missing_in_baseline"]
         n = str(c["n"]) + (f" (unpaired seeds {sorted(set(missing))})" if missing else "")
         wilcoxon = f"{_p(c['p_wilcoxon'])} / {c['wilcoxon_min_p']:.3g}"
@@ -437,13 +451,14 @@ def _comparison_table(result: SpecResult) -> list[str]:
     lines = ["## Paired comparisons with Wander (by seed)", "",
              tabulate(body, headers, tablefmt="github", disable_numparse=True), "",
              "Δ: mean over paired seeds of the improvement, signed so that > 0 means Wander is "
-             "better (lower is better for MAE, MdR, MnR). p (t): paired t-test "
-             "(scipy.stats.ttest_rel, two-sided). p (Holm): Holm-adjusted over all "
+             f"better (lower is better for MAE, MdR, MnR); [..]: {stats.INTERVAL} "
+             "improvement. p (t): paired t-test of the improvement (two-sided; t > 0 means "
+             "Wander better, in the CSV's t_stat). p (Holm): Holm-adjusted over all "
              f"{len(result.comparisons)} comparisons of this table. Wilcoxon: exact signed-rank "
              "p and the smallest p attainable with that n (at n = 3 it is 0.25, at n = 5 0.0625: "
              "such a test can never reach 0.05 and is not evidence either way). "
              "P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5. "
-             "Verdict: Holm-adjusted t-test p < 0.05.", ""]
+             "Verdict: significant when the Holm-adjusted t-test p <= 0.05.", ""]
     if notes:
         lines += ["Notes: " + " | ".join(sorted(notes)), ""]
     if result.skipped:
@@ -484,8 +499,8 @@ def csv_rows(result: SpecResult) -> list[dict]:
                 "lower_is_better": stats.lower_is_better(column.key), "status": cell.status,
                 "n": s.get("n", 0), "seeds": " ".join(map(str, s.get("seeds") or [])),
                 "missing_seeds": " ".join(map(str, cell.missing_seeds)),
-                **{k: s.get(k) for k in ("mean", "std", "ci_low", "ci_high", "ci_note",
-                                         "t_ci_low", "t_ci_high")},
+                "undefined_seeds": " ".join(map(str, s.get("undefined_seeds") or [])),
+                **{k: s.get(k) for k in ("mean", "std", "t_ci_low", "t_ci_high", "ci_note")},
                 "paper": cell.paper, "paper_table": row.paper.table if row.paper else None,
                 "diff_vs_paper": cell.diff,
                 "tunable_ours": tun.get("total"), "tunable_method": tun.get("method"),
@@ -501,8 +516,8 @@ def csv_rows(result: SpecResult) -> list[dict]:
                 line.update({
                     "compared_to": reference.name if reference else None, "n_paired": c["n"],
                     "improvement": c["improvement"],
-                    "improvement_ci_low": c["improvement_ci_low"],
-                    "improvement_ci_high": c["improvement_ci_high"], "t_stat": c["t_stat"],
+                    "improvement_t_ci_low": c["improvement_t_ci_low"],
+                    "improvement_t_ci_high": c["improvement_t_ci_high"], "t_stat": c["t_stat"],
                     "p_t": c["p_t"], "p_holm": c["p_holm"], "p_wilcoxon": c["p_wilcoxon"],
                     "wilcoxon_min_p": c["wilcoxon_min_p"], "wilcoxon_note": c["wilcoxon_note"],
                     "p_better": c["p_better"], "p_better_all_pairs": c["p_better_all_pairs"],
@@ -530,10 +545,10 @@ def _plot_points(ax, points: list, label: str | None) -> bool:
         return False
     xs = [x for x, _ in ok]
     ys = [cell.summary["mean"] for _, cell in ok]
-    lo = [(cell.summary["mean"] - cell.summary["ci_low"]) if cell.summary["ci_low"] is not None
-          else 0.0 for _, cell in ok]
-    hi = [(cell.summary["ci_high"] - cell.summary["mean"]) if cell.summary["ci_high"] is not None
-          else 0.0 for _, cell in ok]
+    lo = [(cell.summary["mean"] - cell.summary["t_ci_low"])
+          if cell.summary["t_ci_low"] is not None else 0.0 for _, cell in ok]
+    hi = [(cell.summary["t_ci_high"] - cell.summary["mean"])
+          if cell.summary["t_ci_high"] is not None else 0.0 for _, cell in ok]
     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
     return True
 
@@ -564,7 +579,7 @@ def render_figure(result: SpecResult) -> bytes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:g}" for x in xs])
-        ax.set_ylabel(f"{column.label} (ours, mean, 95% CI)")
+        ax.set_ylabel(f"{column.label} (ours, mean, 95% t CI)")
         title = section.title or section.dataset
         ax.set_title(f"{title}: {column.label}" if len(section.columns) > 1 else title,
                      fontsize=10)
@@ -573,8 +588,9 @@ def render_figure(result: SpecResult) -> bytes:
             ax.text(0.5, 0.5, "no runs\n" + reason[:60], ha="center", va="center", fontsize=7,
                     transform=ax.transAxes, wrap=True)
     caption = "Paper curve not drawn: no numbers in the paper's text."
-    if "tiny" in result.provenance["profiles"]:
-        caption = TINY_BANNER + ". " + caption
+    banner = profile_banner(result.provenance["profiles"])
+    if banner:
+        caption = banner + ". " + caption
     fig.suptitle(spec.title, fontsize=10)
     fig.text(0.5, 0.01, caption, ha="center", fontsize=7)
     fig.subplots_adjust(bottom=0.2, top=0.85, wspace=0.35)
@@ -644,8 +660,7 @@ def headline_metrics(selection: Selection, spec_list=None) -> dict:
 # ------------------------------------------------------------------------------------------
 def render_all(records_dir="results/runs", out_dir="results/tables", params: Mapping | None = None,
                *, metrics_path="results/metrics.json", names=None,
-               cost_table: str | None = None, n_resamples: int = stats.N_RESAMPLES,
-               seed: int = stats.SEED) -> dict:
+               cost_table: str | None = None) -> dict:
     """Render every spec (or those in ``names``) from ``records_dir`` into ``out_dir``, write the
     index and ``metrics_path`` (None to skip). ``params``: the loaded params.yaml (selects the
     profile and seeds, flags stale records and explains rows that did not run); without it
@@ -666,7 +681,7 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
         (written if write_bytes_atomic(path, data) else unchanged).append(str(path))
 
     for spec in chosen:
-        result = build(spec, selection, params, n_resamples=n_resamples, seed=seed)
+        result = build(spec, selection, params)
         figure_file = None
         if spec.kind == "figure":
             figure_file = f"{spec.name}.png"

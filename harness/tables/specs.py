@@ -5,7 +5,9 @@ the harness: each is typed once, with the table it is printed in.
 
 Conventions of the columns
 - MOSI (Tables 3, 5, 7, 8): ACC-2 / F1 -> ``acc2_non0`` / ``f1_non0``, the "non0 (MulT)"
-  convention (samples with label 0 dropped, p > 0 vs y > 0, weighted F1); ACC-7 -> ``acc7``;
+  convention (samples with label 0 dropped, p > 0 vs y > 0, weighted F1 computed as the MulT
+  and Wander code call it, ``f1_score(preds, truth)``: weights = predicted class counts; the
+  usual order is ``f1_non0_sklearn``, see ``harness.tasks.metrics``); ACC-7 -> ``acc7``;
   MAE -> ``mae`` (lower is better); Corr -> ``corr`` (Pearson). Accuracies are fractions in
   the records and are shown x100 as in the paper.
 - IEMOCAP (Tables 2, 8, Figures 4, 5): ACC / F1 -> ``acc`` / ``f1``: in the MulT layout the
@@ -120,13 +122,15 @@ def _g(method: str, **settings) -> dict:
 # columns
 # ------------------------------------------------------------------------------------------
 NON0 = "non0 (MulT): label-0 samples dropped, p > 0 vs y > 0"
+F1_REFERENCE_ORDER = (", weighted F1 as the MulT / Wander code computes it, f1_score(preds, truth): "
+                      "weights = predicted class counts (usual order: f1_non0_sklearn)")
 
 
 def mosi_columns(prefix: str = "", dataset: str | None = None, group: str | None = None,
                  full: bool = True) -> tuple:
     cols = [Column(f"{prefix}acc2", "ACC-2" if full else "ACC", "acc2_non0", NON0,
                    dataset=dataset, group=group),
-            Column(f"{prefix}f1", "F1", "f1_non0", NON0 + ", weighted F1", dataset=dataset,
+            Column(f"{prefix}f1", "F1", "f1_non0", NON0 + F1_REFERENCE_ORDER, dataset=dataset,
                    group=group)]
     if full:
         cols += [Column("acc7", "ACC-7", "acc7", "7-class accuracy, clip to [-3, 3] and round"),
@@ -143,7 +147,8 @@ def iemocap_columns(prefix: str = "", dataset: str | None = None, group: str | N
                     ) -> tuple:
     return (Column(f"{prefix}acc", "ACC", "acc", IEMOCAP_ACC + ", accuracy", dataset=dataset,
                    group=group),
-            Column(f"{prefix}f1", "F1", "f1", IEMOCAP_ACC + ", weighted F1 per task",
+            Column(f"{prefix}f1", "F1", "f1", IEMOCAP_ACC + ", weighted F1 per task "
+                   "(f1_score(truth, preds), as MulT's eval_iemocap)",
                    dataset=dataset, group=group,
                    fallback=(("f1_weighted", "4-class weighted F1 (MMIN/CGGM layout)"),)))
 
