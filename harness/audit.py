@@ -4,6 +4,8 @@ A trainable tensor is *dead* when its gradient is exactly zero at the initial st
 after one SGD step on every trainable tensor. Zero-initialised up-projections (LoRA's B, adapters'
 up, Aurora's V) give their partner factor a zero gradient at step 0 only; that is not dead, and is
 listed in ``zero_grad_at_init`` for information. The released Wander init stays at zero forever.
+Identity at init compares with the frozen backbone under the same head: where a method switches the
+backbone to an alternative head (``use_head``), the frozen copy gets that head with the same weights.
 """
 from __future__ import annotations
 
@@ -68,6 +70,11 @@ def audit_model(backbone: nn.Module, batch: dict, method: str, variant: str, ove
     spec = get_method(method).variant(variant)
     frozen = copy.deepcopy(backbone).eval()
     apply_method(backbone, method, variant, **overrides)
+    choice = getattr(backbone, "head_choice", "default")
+    if choice != "default":  # the method chose another head: compare under that same head
+        frozen.set_head(choice)
+        frozen.head.load_state_dict(backbone.head.state_dict())
+        frozen.eval()
     backbone.eval()  # no dropout: the identity comparison must be exact
     identity = None
     if spec.starts_as_identity is not None:

@@ -33,10 +33,17 @@ Construction runs on the ``meta`` device by default: shapes and ``requires_grad`
 needs, so the paper-size backbones (up to 210M parameters) cost no memory and the whole audit runs
 in seconds; ``device="cpu"`` builds real (random) tensors and gives the same counts.
 
-A row whose settings a backbone refuses (Wander / Adapter d = 64 on the width-40 late-fusion
-backbone: down_dim > hidden) is reported with status ``infeasible``, the ConfigError message and,
-where the modules can still be built with the check lifted, that count as ``unchecked_total``
-(information only; such a model would not run or would not be a bottleneck).
+A row whose settings a backbone refuses (Adapter d = 64 on the width-40 late-fusion backbone:
+down_dim > hidden; Wander d = 64 on IEMOCAP: d_t = d = 64 fused tokens exceed the 3 x 20 tokens the
+residual adds to, which the released code cannot run either) is reported with status
+``infeasible``, the ConfigError message and, where the modules can still be built with the check
+lifted, that count as ``unchecked_total`` (information only; such a model would not run or would
+not be a bottleneck). Wander accepts d > width (the released code runs d = 64 on width 40).
+
+Wander's late-fusion rows are counted twice: the ``paper`` variant (R_h = R_t = 8, the backbone's
+MulT head) and the ``code`` variant (the released model, HalfMoon1008/WANDER models/model.py
+AdapterModel with run/mosi_run.py defaults drank 8, trank 12: the adapter plus the released head
+M*40 -> 40 -> 40 -> 40 -> out on the fused token 0); each code row names the paper variant's count.
 """
 from __future__ import annotations
 
@@ -214,6 +221,9 @@ _TT = ("our head = 2 x 768 fusion transformer {head_fusion} + MLP {head_mlp} (th
        "trains the fusion layers with every method); without the fusion transformer ours would "
        "be {without_fusion}")
 _LF = "released backbone: {frozen} parameters besides the head (width 40 x 32 layers x 3 modalities)"
+_LF_CODE = ("code variant = the released AdapterModel: per modality Down 40 x d + d, factor_dim "
+            "8 x d x 40, factor_t 12 x T x d, and the released head on the fused token 0 repeated 3 "
+            "times (120 -> 40 -> 40 -> 40 -> out); only adapter + head train; {alt}. " + _LF)
 _MMT = ("our head = 7 gated embedding units {head_geu} + 7 mixture logits {head_mixture}; "
         "with the mixture logits alone as head ours would be {without_geu}")
 
@@ -269,6 +279,11 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
              note="20 tokens per modality (MulT aligned). " + _LF),
     PaperRow(W2, "Wander (d=64)", "1.0M", "iemocap", "wander", {"down_dim": 64},
              note="also d_t = d = 64 exceeds the 60 tokens the residual can add to. " + _LF),
+    PaperRow(W2, "Wander (d=16)", "0.3M", "iemocap", "wander", {"down_dim": 16}, variant="code",
+             note=_LF_CODE),
+    PaperRow(W2, "Wander (d=64)", "1.0M", "iemocap", "wander", {"down_dim": 64}, variant="code",
+             note="d_t = d = 64 fused tokens exceed the 60 tokens (3 x 20): the released "
+                  "Adapter's residual (fusion += original[:, :64]) fails the same way. " + _LF_CODE),
     # --- Wander Table 3: CMU-MOSI, late fusion ---
     PaperRow(W3, "Full fine-tuning", "80M", "mosi", "full", {},
              note="the printed 80M is {paper_x} our whole model. " + _LF),
@@ -283,6 +298,10 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
              note="per modality Down 40 x 16 + 16, w_h 8 x 40 x 16, w_t 8 x 16 x 50. Table 5 prints "
                   "0.1M for the same row. " + _LF),
     PaperRow(W3, "Wander (d=64)", "0.9M", "mosi", "wander", {"down_dim": 64}, note=_LF),
+    PaperRow(W3, "Wander (d=16)", "0.3M", "mosi", "wander", {"down_dim": 16}, variant="code",
+             note=_LF_CODE),
+    PaperRow(W3, "Wander (d=64)", "0.9M", "mosi", "wander", {"down_dim": 64}, variant="code",
+             note=_LF_CODE),
     # --- Wander Table 4: MSR-VTT, MMT with 7 experts ---
     PaperRow(W4, "Full fine-tuning", "134M", "msrvtt", "full", {},
              note="BERT-base-cased {text_bert} + video transformer and expert projections {video} "
@@ -433,6 +452,17 @@ def _build_and_count(row: PaperRow, device: str) -> tuple[dict | None, str | Non
     return None, message, unchecked
 
 
+def _other_variant(row: PaperRow, variant: str, device: str) -> str:
+    """The same row's count under another variant, in words (for the explanation)."""
+    other = PaperRow(row.table, row.row, row.printed, row.backbone, row.method, row.settings,
+                     variant=variant)
+    counts, error, _ = _build_and_count(other, device)
+    if counts is None:
+        return f"the {variant} variant is not buildable here either ({error})"
+    return (f"the {variant} variant counts {counts['method']:,} + head {counts['head']:,} = "
+            f"{counts['method'] + counts['head']:,}")
+
+
 class _Context(dict):
     def __missing__(self, key: str) -> str:
         return "n/a"
@@ -462,6 +492,8 @@ def audit_row(row: PaperRow, device: str = "meta") -> dict:
         context.update({k: _m(v) for k, v in anatomy.items()})
         context["paper_x"] = f"{paper_value / anatomy['total']:.0f}x"
         counts, error, unchecked = _build_and_count(row, device)
+        if row.method == "wander" and row.variant == "code":
+            context["alt"] = _other_variant(row, "paper", device)
         explanation = []
         if error is not None:
             out["status"] = "infeasible"

@@ -16,6 +16,18 @@ A backbone (implemented in harness/backbones, never imported here) is an ``nn.Mo
   is "after the last layer";
 - ``head``: the task head; every parameter under ``head.`` counts as head, the rest as method.
 
+Optional, for method variants that reproduce a released model whose task head differs from the
+backbone's own: ``head_options`` (the names of the alternative heads the backbone offers),
+``set_head(name)`` (replaces ``head`` by a freshly initialised head of that name, together with
+the pooling that feeds it; everything under ``head.`` still counts as head) and ``head_choice``
+(the active name, ``"default"`` until ``set_head``). A method asks through ``use_head(backbone,
+name)``, which leaves a backbone that does not offer ``name`` unchanged and returns False. Names:
+
+- ``RELEASED_WANDER_HEAD`` (``"wander_released"``): the head of the released Wander model. On
+  ``late_fusion`` (released ``models/model.py`` AdapterModel): the first token of the concatenation
+  of all modalities after the last fusion hook (the fused token 0), repeated M times, into the
+  released MLP (M*D -> D, ReLU; D -> D, ReLU, dropout, D -> D, plus the residual; D -> out).
+
 Encoders run in lock-step over depth so prompt and fusion hooks can see all modalities at once.
 """
 from __future__ import annotations
@@ -140,6 +152,18 @@ def freeze(module: nn.Module) -> None:
 def trainable_head(backbone: nn.Module) -> None:
     for parameter in backbone.head.parameters():
         parameter.requires_grad_(True)
+
+
+RELEASED_WANDER_HEAD = "wander_released"
+
+
+def use_head(backbone: nn.Module, name: str) -> bool:
+    """Switch ``backbone`` to its alternative head ``name`` where it offers one (see the module
+    docstring); returns whether it did. The new head is freshly initialised and trainable."""
+    if name not in getattr(backbone, "head_options", ()):
+        return False
+    backbone.set_head(name)
+    return True
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

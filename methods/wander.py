@@ -19,7 +19,9 @@ so R_h and R_t change only the parameter count and the init scale; ``lmf`` keeps
 Variants: ``paper`` (ours): every factor Gaussian, scaled so that each modality term has roughly the
 input's scale, so every tensor gets a gradient from the first step (the paper gives no init).
 ``code``: the released init, w_h ~ N(0, 1) and w_t = 0 for every modality: with M >= 2 zero terms in
-the product every Wander tensor has exactly zero gradient forever; the adapter never trains.
+the product every Wander tensor has exactly zero gradient forever; the adapter never trains. It also
+asks for the released model's head (``task_head: released``, where the backbone offers it: on
+late_fusion the fused token 0 repeated M times into the released MLP head).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.base import MethodConfig, Variant, at_most_hidden, positive, require
+from methods.base import RELEASED_WANDER_HEAD, MethodConfig, Variant, positive, require, use_head
 from methods.registry import register
 
 FORMS = ("sf", "sf_op", "sf_vf", "vf")
@@ -50,6 +52,7 @@ class WanderConfig(MethodConfig):
     residual: bool = True
     insert: str = "last"            # last (released code) | every layer
     init: str = "scaled"            # scaled (our paper variant) | released (dead: all w_t = 0)
+    task_head: str = "backbone"     # backbone (its own head) | released (see _use_released_head)
 
     def validate(self) -> None:
         positive(self, "down_dim", "rank_h", "rank_t")
@@ -63,9 +66,12 @@ class WanderConfig(MethodConfig):
                 "'backbone', 'gelu' or 'relu'")
         require(self.insert in ("last", "every"), self, "insert", "'last' or 'every'")
         require(self.init in ("scaled", "released"), self, "init", "'scaled' or 'released'")
+        require(self.task_head in ("backbone", "released"), self, "task_head",
+                "'backbone' or 'released'")
 
     def validate_for(self, backbone: nn.Module) -> None:
-        at_most_hidden(self, backbone, "down_dim")
+        # down_dim may exceed the width: Down is a plain projection D -> d and the released code
+        # runs d = 64 on width 40 (the paper's "Wander (d=64)" rows for MOSI / IEMOCAP).
         widths = {backbone.hidden_size(m) for m in backbone.modalities}
         require(len(widths) == 1, self, "form",
                 f"a backbone whose modalities share one width (the residual adds to their "
@@ -166,6 +172,15 @@ class Wander(nn.Module):
         return dict(zip(self.modalities, split))
 
 
+def _use_released_head(backbone: nn.Module, config: WanderConfig) -> None:
+    """``task_head: released`` (the code variant): the released model's head where the backbone
+    offers it (methods/base.py ``RELEASED_WANDER_HEAD``; late_fusion: fused token 0 repeated M
+    times into the released MLP, HalfMoon1008/WANDER models/model.py AdapterModel.forward).
+    Backbones without one keep their own head."""
+    if config.task_head == "released":
+        use_head(backbone, RELEASED_WANDER_HEAD)
+
+
 def activation_for(config: WanderConfig, backbone: nn.Module) -> str:
     if config.activation == "backbone":
         return getattr(backbone, "activation", "gelu")
@@ -181,9 +196,11 @@ def activation_for(config: WanderConfig, backbone: nn.Module) -> str:
         "paper": Variant("paper hyper-parameters (R_h = R_t = 8); an init that trains: every "
                          "factor Gaussian, scaled to keep each modality term at the input's scale",
                          starts_as_identity=None, defaults={"init": "scaled"}),
-        "code": Variant("released code: w_h ~ N(0,1), w_t = 0 for every modality, GELU, trank 12",
+        "code": Variant("released code: w_h ~ N(0,1), w_t = 0 for every modality, GELU, trank 12, "
+                        "the released head where the backbone offers it",
                         starts_as_identity=True,
-                        defaults={"init": "released", "rank_t": 12, "activation": "gelu"},
+                        defaults={"init": "released", "rank_t": 12, "activation": "gelu",
+                                  "task_head": "released"},
                         flag="released Wander init: every w_t is zero, so the product over M >= 2 "
                              "modalities has zero gradient for every Wander tensor; the adapter "
                              "never trains (frozen backbone + trainable head)"),
@@ -197,3 +214,4 @@ def apply(backbone: nn.Module, config: WanderConfig, variant: str) -> None:
     for depth in depths:
         backbone.set_fusion_hook(depth, Wander(dims, lengths, width, config,
                                                activation_for(config, backbone)))
+    _use_released_head(backbone, config)

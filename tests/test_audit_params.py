@@ -17,6 +17,15 @@ def late_fusion_head(width=D, modalities=M, out=1):
     return 2 * (n * n + n) + n * out + out
 
 
+def released_head(width=D, modalities=M, out=1):
+    # released AdapterModel head: proj0 (M*D -> D), proj1, proj2 (D -> D), out_layer (D -> out)
+    return (modalities * width * width + width) + 2 * (width * width + width) + width * out + out
+
+
+def released_adapter_per_modality(width, d, length, drank=8, trank=12):
+    return (width * d + d) + drank * d * width + trank * length * d  # down, factor_dim, factor_t
+
+
 def wander_per_modality(width, d, length, r_h=R, r_t=R, d_t=None):
     d_t = d if d_t is None else d_t
     return (width * d + d) + r_h * width * d + r_t * d_t * length  # Down + w_h + w_t
@@ -98,7 +107,7 @@ def test_lora_and_adapter_on_late_fusion(rows):
 
 def test_full_fine_tuning_late_fusion(rows):
     layer = 4 * (D * D + D) + 2 * 2 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)
-    projections = (768 + 5 + 20) * D  # Conv1d(k=1), no bias
+    projections = (768 + 5 + 20) * D + M * D  # Conv1d(k=1) with bias, as released
     r = find(rows, "Wander Table 3", "Full fine-tuning")
     assert r["ours_method"] == LAYERS * M * layer + projections + M * 2 * D
     assert r["ours_head"] == late_fusion_head()
@@ -120,13 +129,41 @@ def test_two_tower_and_mmt_rows(rows):
 
 def test_infeasible_rows_are_reported_not_raised(rows):
     for table in ("Wander Table 2", "Wander Table 3"):
-        for label in ("Wander (d=64)", "Adapter (d=64)"):
-            r = find(rows, table, label)
-            assert r["status"] == "infeasible"
-            assert r["ours_total"] is None and r["ratio"] is None
-            assert "at most the smallest hidden size" in r["explanation"]
-    r = find(rows, "Wander Table 3", "Wander (d=64)")
-    assert r["unchecked_total"] == M * wander_per_modality(D, 64, L_MOSI) + late_fusion_head()
+        r = find(rows, table, "Adapter (d=64)")
+        assert r["status"] == "infeasible"
+        assert r["ours_total"] is None and r["ratio"] is None
+        assert "at most the smallest hidden size" in r["explanation"]
+    for variant in ("paper", "code"):  # IEMOCAP: 64 fused tokens, 3 x 20 tokens
+        r = find(rows, "Wander Table 2", "Wander (d=64)", variant)
+        assert r["status"] == "infeasible" and r["ours_total"] is None
+        assert f"total number of tokens ({M * L_IEMOCAP})" in r["explanation"]
+    r = find(rows, "Wander Table 2", "Wander (d=64)")
+    assert r["unchecked_total"] == M * wander_per_modality(D, 64, L_IEMOCAP) + late_fusion_head(out=8)
+
+
+def test_wander_d_larger_than_width_on_mosi(rows):
+    r = find(rows, "Wander Table 3", "Wander (d=64)")  # d = 64 > width 40 is accepted
+    assert r["status"] == "ok"
+    assert r["ours_method"] == M * wander_per_modality(D, 64, L_MOSI)
+
+
+def test_wander_code_rows_are_the_released_model(rows):
+    r = find(rows, "Wander Table 3", "Wander (d=16)", "code")
+    # 3 x (40*16+16 + 8*16*40 + 12*50*16) = 3 x (656 + 5,120 + 9,600) = 46,128
+    assert r["ours_method"] == M * released_adapter_per_modality(D, 16, L_MOSI) == 46_128
+    # 120*40+40 + 2*(40*40+40) + 40*1+1 = 4,840 + 3,280 + 41 = 8,161
+    assert r["ours_head"] == released_head() == 8_161
+    assert r["ours_total"] == 54_289  # what the released get_parameter_number reports trainable
+    paper = find(rows, "Wander Table 3", "Wander (d=16)")
+    assert f"the paper variant counts {paper['ours_method']:,} + head {paper['ours_head']:,}" \
+        in r["explanation"]
+    r = find(rows, "Wander Table 3", "Wander (d=64)", "code")
+    # 3 x (40*64+64 + 8*64*40 + 12*50*64) = 3 x (2,624 + 20,480 + 38,400) = 184,512
+    assert r["ours_method"] == M * released_adapter_per_modality(D, 64, L_MOSI) == 184_512
+    assert r["ours_head"] == released_head()
+    r = find(rows, "Wander Table 2", "Wander (d=16)", "code")
+    assert r["ours_method"] == M * released_adapter_per_modality(D, 16, L_IEMOCAP)
+    assert r["ours_head"] == released_head(out=8)
 
 
 def test_blip_base_closed_forms(rows):
@@ -154,7 +191,7 @@ def test_meta_and_cpu_builds_count_the_same():
     picked = [row for row in PAPER_ROWS if row.backbone == "mosi"
               and row.row in ("LoRA (r=16)", "Wander (d=16)", "Adapter (d=16)", "Adapter (d=64)")
               and row.table == "Wander Table 3"]
-    assert len(picked) == 4
+    assert len(picked) == 5  # Wander (d=16) twice: paper and code variants
     for row in picked:
         meta, cpu = audit_row(row, "meta"), audit_row(row, "cpu")
         for key in ("ours_method", "ours_head", "ours_total", "status", "unchecked_total"):

@@ -135,9 +135,9 @@ def test_late_fusion_load_skips_projections_and_output_layer(late_checkpoint, ou
     model = late_fusion(MOSI_DIMS, output_dim)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     report = load_pretrained(model, path)
-    expected_skipped = sorted([f"projections.{m}.weight" for m in MOSI_DIMS]
+    expected_skipped = sorted([f"projections.{m}.{p}" for m in MOSI_DIMS for p in ("weight", "bias")]
                               + ["head.out.bias", "head.out.weight"])
-    assert report["skipped"] == expected_skipped and report["n_skipped"] == 5
+    assert report["skipped"] == expected_skipped and report["n_skipped"] == 3 * 2 + 2  # Conv1d w, b
     assert report["missing"] == [] and report["unexpected"] == []
     assert report["n_missing"] == report["n_unexpected"] == 0
     assert report["backbone"] == "late_fusion" and report["source"] == "mosei"

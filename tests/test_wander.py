@@ -5,7 +5,7 @@ import string
 import pytest
 import torch
 
-from harness.audit import audit_backbone, audit_one
+from harness.audit import audit_backbone, audit_one, random_batch
 from methods import ConfigError, apply_method, count_parameters
 from methods.wander import Wander, WanderConfig
 
@@ -170,8 +170,18 @@ def test_invalid_config_names_field_and_value(overrides, field):
         apply_method(audit_backbone(2), "wander", "paper", **overrides)
 
 
-def test_down_dim_larger_than_hidden_is_refused():
-    with pytest.raises(ConfigError, match=r"down_dim = 64 .*hidden size of the backbone \(32\)"):
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_down_dim_larger_than_hidden_is_accepted(variant):
+    backbone = audit_backbone(2)  # width 32, 5 + 6 tokens
+    apply_method(backbone, "wander", variant, down_dim=64, fused_length=8)
+    hook = backbone.fusion_hooks[str(backbone.depth - 1)]
+    assert hook.down["text"].out_features == 64 > backbone.config.width
+    backbone(random_batch(backbone)).sum().backward()
+
+
+def test_fused_length_beyond_the_tokens_is_refused():
+    # d_t defaults to d: 64 fused tokens cannot be added to 5 + 6 tokens
+    with pytest.raises(ConfigError, match=r"fused_length = None .*total number of tokens \(11\)"):
         apply_method(audit_backbone(2), "wander", "paper", down_dim=64)
 
 

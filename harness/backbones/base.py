@@ -43,7 +43,28 @@ def lockstep_encode(backbone: nn.Module, states: dict[str, torch.Tensor],
 
 class HookPoints:
     """The prompt and fusion-hook points of the method contract; a backbone using it sets
-    ``self.prompts = None`` and ``self.fusion_hooks = nn.ModuleDict()`` and has ``depth``."""
+    ``self.prompts = None`` and ``self.fusion_hooks = nn.ModuleDict()`` and has ``depth``.
+
+    Alternative heads (methods/base.py, ``use_head``): a backbone offering some lists their names
+    in ``head_options`` and builds them in ``make_head(name)``; ``set_head`` installs one and
+    records it in ``head_choice`` (which the backbone's pooling may read)."""
+
+    head_options: tuple[str, ...] = ()
+    head_choice: str = "default"
+
+    def make_head(self, name: str) -> nn.Module:
+        raise NotImplementedError
+
+    def set_head(self, name: str) -> None:
+        if name not in self.head_options:
+            raise ValueError(f"{type(self).__name__} offers no head {name!r}; "
+                             f"offered: {list(self.head_options)}")
+        head = self.make_head(name)
+        reference = next(self.head.parameters(), None)
+        if reference is not None:  # where and in which precision the backbone's head was
+            head = head.to(device=reference.device, dtype=reference.dtype)
+        self.head = head
+        self.head_choice = name
 
     def set_prompts(self, provider: PromptProvider) -> None:
         self.prompts = provider

@@ -69,11 +69,19 @@ class EncoderLayer(nn.Module):
         return x + self.res_dropout(self.ffn_adapter(self.ffn(self.ffn_norm(x))))
 
 
-def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
-    """(length, width) fixed sinusoidal position table (Vaswani et al. 2017)."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
-    table = torch.zeros(length, width)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency)[:, : width // 2]
+def fairseq_sinusoidal_table(num_positions: int, width: int) -> torch.Tensor:
+    """(num_positions, width) float32 sinusoidal table as in fairseq, used by MulT and the released
+    Wander code (HalfMoon1008/WANDER models/position_embedding.py, ``get_embedding``): frequency
+    i of ``width // 2`` is exp(-i log(10000) / (width // 2 - 1)); row p is [sin(p f), cos(p f)]
+    (the sin half, then the cos half, not interleaved); an odd width gets a zero last column; row
+    0 (the padding position) is all zeros. Computed in float32 as released; cast by the caller."""
+    half = width // 2
+    if half < 2:
+        raise ValueError(f"the fairseq sinusoidal table needs a width >= 4, got {width}")
+    frequency = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    angle = torch.arange(num_positions, dtype=torch.float32)[:, None] * frequency[None, :]
+    table = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    if width % 2:
+        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)
+    table[0] = 0
     return table
