@@ -129,8 +129,10 @@ def cmd_search(args) -> int:
     executor, workers = _executor(args, params)
     summary = run_search(params, executor, workers or 1, Path(args.out))
     _emit(summary, args.json, lambda s: print(
-        f"{s['trials']} trials on {s['dataset']} ({s['metric']}); Pareto front: "
-        + "; ".join(f"{p['method']} {p['tunable']:.0f} params -> {p[s['metric']]:.4f}"
+        f"{s['trials']} trials on {s['dataset']} (selected on validation {s['metric']}); "
+        "Pareto front: "
+        + "; ".join(f"{p['method']} {p['tunable']:.0f} params -> validation "
+                    f"{p['valid_' + s['metric']]:.4f} (test {p['test_' + s['metric']]:.4f})"
                     for p in s["pareto"])))
     return 0
 

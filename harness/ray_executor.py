@@ -77,8 +77,8 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
                     trials: int, plan_for, metric: str, out_dir: str, root: str, workers: int,
                     storage: Path) -> None:
     """Run ``trials`` more trials of the Optuna study ``study_name`` in ``journal`` (two
-    objectives: ``metric`` and the #tunable, in ``directions``), each asked by Ray's OptunaSearch
-    over the categorical ``space`` with ``sampler`` and turned into a plan by
+    objectives: the validation ``metric`` and the #tunable, in ``directions``), each asked by
+    Ray's OptunaSearch over the categorical ``space`` with ``sampler`` and turned into a plan by
     ``plan_for(settings)``, at most ``workers`` at a time."""
     import optuna
     from ray import tune
@@ -90,7 +90,7 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
     def trainable(config: dict) -> None:
         os.chdir(root)  # plan_for resolves the data and checkpoint paths
         record = run_trial(plan_to_dict(plan_for(config)), out_dir, root)
-        tune.report({metric: record["metrics"][metric],
+        tune.report({metric: record["valid_metrics"][metric],  # select on validation
                      "tunable": record["tunable"]["method"] + record["tunable"]["head"]})
 
     searcher = OptunaSearch(

@@ -5,7 +5,14 @@ read back, not recomputed). Each study lives in a journal file and resumes where
 The sequential and process executors ask a batch of trials, run them and tell the results; the ray
 executor hands the same study to Ray Tune's OptunaSearch, which asks as workers free up (so its
 trials can differ from the batched ones).
-Outputs: trials.csv (every trial, Pareto flag), pareto.png.
+
+The search selects on the VALIDATION split: a trial's objective is its record's
+``valid_metrics[metric]`` (the validation metrics at the epoch the run selected), never the test
+metric, so the Pareto front is chosen without looking at test data. The test metric of the same
+record is reported beside it. Studies are named ``<dataset>-<method>-valid``; studies of an
+older journal that optimised the test metric (``<dataset>-<method>``) are not resumed.
+Outputs: trials.csv (every trial: ``valid_<metric>``, ``test_<metric>``, #tunable, Pareto flag
+on validation), pareto.png (validation metric vs #tunable, with the profile banner).
 """
 from __future__ import annotations
 
@@ -24,11 +31,12 @@ from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
 from harness import records  # noqa: E402
 from harness.errors import InputError  # noqa: E402
-from harness.run import execute  # noqa: E402
+from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
+from harness.stats import lower_is_better  # noqa: E402
 from harness.sweep import RAY_STORAGE, run_many, worker_pool  # noqa: E402
+from harness.tables.render import profile_banner  # noqa: E402
 
-LOWER_IS_BETTER = {"mae", "t2v_mdr", "t2v_mnr", "v2t_mdr", "v2t_mnr"}
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
@@ -52,7 +60,7 @@ def run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(out_dir / "journal.log")))
     metric = config["metric"]
-    directions = ["minimize" if metric in LOWER_IS_BETTER else "maximize", "minimize"]
+    directions = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]
     chosen = params.get("method", "all")
     rows = []
     with worker_pool(executor, workers) as pool:
@@ -61,7 +69,7 @@ def run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict
                 rows += _search_method(params, config, storage, directions, method, space,
                                        executor, workers, out_dir, pool)
     table = pd.DataFrame(rows)
-    return _finish(table, config, metric, directions, out_dir)
+    return _finish(table, config, metric, directions, out_dir, params["profile"])
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -72,13 +80,13 @@ def _search_method(params, config, storage, directions, method, space, executor,
                    out_dir, pool) -> list[dict]:
     """Run (or resume) one method's study until it has ``trials`` finished trials."""
     metric = config["metric"]
-    study_name = f"{config['dataset']}-{method}"
+    study_name = f"{config['dataset']}-{method}-valid"
     sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([metric, "tunable"])
+        study.set_metric_names([f"valid_{metric}", "tunable"])
 
     def plan_for(settings: dict):
         return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
@@ -99,35 +107,50 @@ def _search_method(params, config, storage, directions, method, space, executor,
         run_many(plans, executor, workers, out_dir / "runs", desc=f"search {method}", pool=pool)
         for trial, plan in zip(asked, plans):
             record = execute(plan, out_dir / "runs", progress=False)  # reads the record back
-            study.tell(trial, [record["metrics"][metric],
+            study.tell(trial, [record["valid_metrics"][metric],
                                record["tunable"]["method"] + record["tunable"]["head"]])
     pareto = {t.number for t in study.best_trials}
-    return [{"method": method, "trial": t.number, **t.params, metric: t.values[0],
+    return [{"method": method, "trial": t.number, **t.params, f"valid_{metric}": t.values[0],
+             f"test_{metric}": _test_value(plan_for(t.params), out_dir / "runs", metric),
              "tunable": t.values[1], "pareto": t.number in pareto}
             for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
 
 
-def _finish(table, config, metric, directions, out_dir) -> dict:
+def _test_value(plan, runs_dir: Path, metric: str) -> float | None:
+    """The test metric of a trial's run record (None when the record is gone: not recomputed)."""
+    path = record_path(plan, run_key(plan), runs_dir)
+    return records.read_json(path)["metrics"][metric] if path.is_file() else None
+
+
+def _finish(table, config, metric, directions, out_dir, profile) -> dict:
     table.to_csv(out_dir / "trials.csv", index=False)
-    _plot(table, metric, config["dataset"], out_dir / "pareto.png")
-    summary = {"dataset": config["dataset"], "metric": metric, "directions": directions,
-               "sampler": config["sampler"], "seed": config["seed"], "trials": len(table),
+    figure = pareto_figure(table, metric, config["dataset"], profile)
+    figure.savefig(out_dir / "pareto.png", dpi=120)
+    plt.close(figure)
+    summary = {"dataset": config["dataset"], "metric": metric, "selected_on": "valid",
+               "directions": directions, "sampler": config["sampler"], "seed": config["seed"],
+               "trials": len(table),
                "pareto": table[table["pareto"]].to_dict("records") if len(table) else []}
     records.write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 
-def _plot(table: pd.DataFrame, metric: str, dataset: str, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4))
+def pareto_figure(table: pd.DataFrame, metric: str, dataset: str, profile: str):
+    """Validation ``metric`` vs #tunable of every trial, each method's Pareto front joined."""
+    figure, axes = plt.subplots(figsize=(6, 4.4))
+    column = f"valid_{metric}"
     for method, group in table.groupby("method") if len(table) else []:
-        points = axes.scatter(group["tunable"], group[metric], label=method, alpha=0.6)
+        points = axes.scatter(group["tunable"], group[column], label=method, alpha=0.6)
         front = group[group["pareto"]].sort_values("tunable")
-        axes.plot(front["tunable"], front[metric], color=points.get_facecolor()[0], marker="o")
+        axes.plot(front["tunable"], front[column], color=points.get_facecolor()[0], marker="o")
     axes.set_xscale("log")
     axes.set_xlabel("#tunable (method + head)")
-    axes.set_ylabel(metric)
-    axes.set_title(f"Rank search on {dataset}: trials and Pareto fronts")
+    axes.set_ylabel(f"validation {metric} (selected epoch)")
+    axes.set_title(f"Rank search on {dataset}: validation {metric}, Pareto fronts", fontsize=10)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    banner = profile_banner([profile])
+    figure.text(0.5, 0.01, f"profile: {profile}" + (f". {banner}" if banner else ""),
+                ha="center", fontsize=7)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    return figure
+

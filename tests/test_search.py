@@ -1,4 +1,7 @@
-"""Optuna rank search: two objectives, a resumable journal, a Pareto front, and Ray's OptunaSearch."""
+"""Optuna rank search: two objectives on the validation split, a resumable journal, a Pareto
+front, and Ray's OptunaSearch."""
+import json
+
 import optuna
 import pandas as pd
 import pytest
@@ -6,8 +9,9 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from harness.search import run_search
+from harness.search import pareto_figure, run_search
 from harness.settings import load_params
+from harness.tables.render import TINY_BANNER
 from helpers import small_mosi_params
 
 
@@ -24,22 +28,39 @@ def search_params(tmp_path_factory):
 
 
 def dominated(row, others) -> bool:
-    """Another trial is at least as good on both objectives (MAE down, #tunable down) and better
-    on one."""
-    return any(o.mae <= row.mae and o.tunable <= row.tunable and (o.mae < row.mae or o.tunable < row.tunable)
+    """Another trial is at least as good on both objectives (validation MAE down, #tunable down)
+    and better on one."""
+    return any(o.valid_mae <= row.valid_mae and o.tunable <= row.tunable
+               and (o.valid_mae < row.valid_mae or o.tunable < row.tunable)
                for o in others.itertuples())
+
+
+def recorded(out) -> dict:
+    """(method, searched size) -> (validation MAE, test MAE) of the run records."""
+    found = {}
+    for path in (out / "runs").rglob("*.json"):
+        record = json.loads(path.read_text())
+        size = record["row"].get("down_dim", record["row"].get("rank"))
+        found[(record["method"], size)] = (record["valid_metrics"]["mae"], record["metrics"]["mae"])
+    return found
 
 
 def check_outputs(out, summary, trials: int) -> None:
     table = pd.read_csv(out / "trials.csv")
     assert summary["directions"] == ["minimize", "minimize"]  # MAE is lower-is-better
+    assert summary["selected_on"] == "valid"
     assert len(table) == summary["trials"] == trials
+    runs = recorded(out)
+    for row in table.itertuples():  # the objective is the validation MAE, test MAE beside it
+        size = row.down_dim if row.method == "wander" else row.rank
+        assert (row.valid_mae, row.test_mae) == pytest.approx(runs[(row.method, int(size))])
+    assert any(valid != test for valid, test in runs.values())  # the two splits do differ
     for method, group in table.groupby("method"):
         for row in group.itertuples():
             assert row.pareto == (not dominated(row, group)), (method, row)
     assert (out / "pareto.png").stat().st_size > 0
     storage = JournalStorage(JournalFileBackend(str(out / "journal.log")))
-    for name in ("mosi-wander", "mosi-lora"):
+    for name in ("mosi-wander-valid", "mosi-lora-valid"):
         study = optuna.load_study(study_name=name, storage=storage)
         assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
 
@@ -63,5 +84,19 @@ def test_search_through_ray_optuna_search(search_params, tmp_path):
     search_params["search"]["trials"] = 3
     summary = run_search(search_params, "ray", 2, tmp_path)
     check_outputs(tmp_path, summary, 6)
-    assert list((tmp_path / ".ray").glob("search-mosi-wander/*"))  # Tune's storage beside the study
+    assert list((tmp_path / ".ray").glob("search-mosi-wander-valid/*"))  # Tune's storage
     assert run_search(search_params, "ray", 2, tmp_path)["trials"] == 6  # resumes: nothing new
+
+
+def test_pareto_plot_names_the_split_and_carries_the_banner():
+    table = pd.DataFrame({"method": ["wander", "wander"], "valid_mae": [0.9, 1.0],
+                          "test_mae": [1.1, 1.0], "tunable": [100, 50], "pareto": [True, True]})
+    figure = pareto_figure(table, "mae", "mosi", "tiny")
+    axes = figure.axes[0]
+    assert axes.get_ylabel().startswith("validation mae")
+    assert "validation" in axes.get_title()
+    assert list(axes.collections[0].get_offsets()[:, 1]) == [0.9, 1.0]  # validation, not test
+    texts = [t.get_text() for t in figure.texts]
+    assert any(TINY_BANNER in t for t in texts)
+    paper = pareto_figure(table, "mae", "mosi", "paper")
+    assert not any(TINY_BANNER in t.get_text() for t in paper.texts)
