@@ -6,6 +6,16 @@ up, Aurora's V) give their partner factor a zero gradient at step 0 only; that i
 listed in ``zero_grad_at_init`` for information. The released Wander init stays at zero forever.
 Identity at init compares with the frozen backbone under the same head: where a method switches the
 backbone to an alternative head (``use_head``), the frozen copy gets that head with the same weights.
+
+Batch dependence: every audited model is also run on each sample of the batch alone (eval mode);
+``batch_dependence`` is the largest |output in the batch - output alone|. A model whose backbone
+declares ``mixes_batch`` (the released Wander Food-101 model: its fusion transformer attends across
+the samples of a batch) is expected to depend on its batch (``batch_mixing_expected``: reported, not
+a failure); for every other model a dependence above ``BATCH_ATOL`` fails the audit.
+
+Backbones: the small late-fusion backbone with 2, 3 and 7 modalities for every method
+(``audit_one``), and the tiny two-tower backbone for the methods in ``TWO_TOWER_AUDITS``
+(``audit_two_tower``: Wander, whose ``code`` variant switches that backbone to the released head).
 """
 from __future__ import annotations
 
@@ -31,6 +41,12 @@ AUDIT_OVERRIDES: dict[str, dict] = {
     "uniadapter": {"down_dim": 8},
     "pmf": {"translator_hidden": 16},
 }
+
+
+# Methods also audited on the tiny two-tower backbone, with sizes that fit it (width 64, 17 + 16
+# tokens): Wander's code variant runs the released Food-101 model there (batch-mixing fusion).
+TWO_TOWER_AUDITS: dict[str, dict] = {"wander": {"down_dim": 8}}
+BATCH_ATOL = 1e-5  # float32: a batch-independent model agrees with its one-sample runs far closer
 
 
 def audit_backbone(n_modalities: int, seed: int = 0) -> LateFusionBackbone:
@@ -61,7 +77,39 @@ def audit_one(method: str, variant: str, n_modalities: int, seed: int = 0,
     if overrides is None:
         overrides = AUDIT_OVERRIDES.get(method, {})
     report = audit_model(backbone, random_batch(backbone, seed=seed), method, variant, overrides)
-    return {"method": method, "variant": variant, "modalities": n_modalities, **report}
+    return {"method": method, "variant": variant, "modalities": n_modalities,
+            "backbone": "late_fusion", **report}
+
+
+def audit_two_tower(method: str, variant: str, seed: int = 0, overrides: dict | None = None) -> dict:
+    """The audit of ``method`` / ``variant`` on the tiny two-tower backbone (4 samples)."""
+    from harness.backbones.two_tower import TwoTowerBackbone, TwoTowerConfig
+
+    torch.manual_seed(seed)
+    backbone = TwoTowerBackbone(TwoTowerConfig.tiny())
+    if overrides is None:
+        overrides = TWO_TOWER_AUDITS.get(method, {})
+    report = audit_model(backbone, backbone.example_batch(4, seed=seed), method, variant, overrides)
+    return {"method": method, "variant": variant, "modalities": len(backbone.modalities),
+            "backbone": "two_tower", **report}
+
+
+def batch_dependence(model: nn.Module, batch: dict) -> float | None:
+    """max |model(batch)[i] - model(sample i alone)| over the samples (eval mode, no grad); None
+    where the output is not one row per sample (retrieval similarity matrices)."""
+    with torch.no_grad():
+        batched = model(batch)
+        if not isinstance(batched, torch.Tensor) or batched.dim() == 0:
+            return None
+        size = batched.shape[0]
+        worst = 0.0
+        for i in range(size):
+            alone = model({k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0
+                           and v.shape[0] == size else v for k, v in batch.items()})
+            if not isinstance(alone, torch.Tensor) or alone.shape != batched[i:i + 1].shape:
+                return None
+            worst = max(worst, (alone - batched[i:i + 1]).abs().max().item())
+    return worst
 
 
 def audit_model(backbone: nn.Module, batch: dict, method: str, variant: str, overrides: dict) -> dict:
@@ -81,6 +129,8 @@ def audit_model(backbone: nn.Module, batch: dict, method: str, variant: str, ove
         with torch.no_grad():
             identity = torch.allclose(backbone(batch), frozen(batch), atol=1e-6, rtol=1e-5)
 
+    dependence = batch_dependence(backbone, batch)
+    mixing_expected = bool(getattr(backbone, "mixes_batch", None))
     target = torch.randn_like(frozen(batch))
     trainable = [p for p in backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.1)
@@ -94,15 +144,19 @@ def audit_model(backbone: nn.Module, batch: dict, method: str, variant: str, ove
     optimizer.step()
     dead = sorted(zero_at_init & backward())
     counts = count_parameters(backbone)
-    ok = spec.flag is not None or (not dead and (spec.starts_as_identity is None
-                                                 or identity == spec.starts_as_identity))
+    batch_ok = dependence is None or mixing_expected or dependence <= BATCH_ATOL
+    ok = batch_ok and (spec.flag is not None or (not dead and (spec.starts_as_identity is None
+                                                               or identity == spec.starts_as_identity)))
     return {"trainable_method": counts["method"], "trainable_head": counts["head"],
             "dead_tensors": dead, "zero_grad_at_init": sorted(zero_at_init),
             "identity_at_init": identity, "identity_expected": spec.starts_as_identity,
+            "batch_dependence": dependence, "batch_mixing_expected": mixing_expected,
             "flag": spec.flag, "ok": ok}
 
 
 def audit_grads(methods: list[str] | None = None, modalities=AUDIT_MODALITIES) -> list[dict]:
-    jobs = [(m, v, n) for m in (methods or method_names())
-            for v in get_method(m).variants for n in modalities]
-    return [audit_one(*job) for job in tqdm(jobs, desc="audit grads", unit="check")]
+    names = methods or method_names()
+    jobs = [(audit_one, (m, v, n)) for m in names for v in get_method(m).variants for n in modalities]
+    jobs += [(audit_two_tower, (m, v)) for m in names if m in TWO_TOWER_AUDITS
+             for v in get_method(m).variants]
+    return [run(*args) for run, args in tqdm(jobs, desc="audit grads", unit="check")]

@@ -9,7 +9,10 @@ Backbones (paper sizes):
 
 - ``food101``: ``TwoTowerConfig.paper()``: ViT-B/16 (224) + BERT-base (50 tokens), a 2-layer 768-d
   fusion transformer and an MLP head (the fusion transformer is part of ``head``: every method
-  trains it, as the Wander code does).
+  trains it; that is OUR head for the methods, NOT what the released Wander code does). Wander's
+  ``code`` rows count the released FoodModelWander (HalfMoon1008/WANDER models/foodmodel.py): its
+  fusion transformer is frozen (0 of 14,177,280 trainable), Wander runs after it and only the
+  adapter, ``proj1`` and ``out_layer`` train (head 768*768+768 + 768*101+101 = 668,261).
 - ``mosi``: the released late-fusion backbone (``PAPER_MOSI``: width 40, 32 layers, 8 heads; input
   dims text 768, audio 5, vision 20 (MMSA BERT features, data-and-metrics.md); 50 aligned tokens),
   output 1 (regression).
@@ -217,9 +220,13 @@ class PaperRow:
 W1, W2, W3, W4, W5 = (f"Wander Table {i}" for i in range(1, 6))
 AU, UA = "Aurora Table 1", "UniAdapter"
 
-_TT = ("our head = 2 x 768 fusion transformer {head_fusion} + MLP {head_mlp} (the Wander code "
-       "trains the fusion layers with every method); without the fusion transformer ours would "
-       "be {without_fusion}")
+_TT = ("our head = 2 x 768 fusion transformer {head_fusion} + MLP {head_mlp} (our choice: every "
+       "method trains the fusion layers; the released Wander model freezes them, see the code "
+       "rows); without the fusion transformer ours would be {without_fusion}")
+_TT_CODE = ("code variant = the released FoodModelWander: per tower Down 768 x d + d, factor_dim 8 x "
+            "d x 768, factor_t 12 x T x d (T = 197 ViT / 50 BERT tokens) after the FROZEN 2-layer "
+            "fusion transformer ({head_fusion}, none of it trains), head proj1 768 x 768 + 768 and "
+            "out_layer 768 x 101 + 101 = 668,261 on the fused token 0; {alt}")
 _LF = "released backbone: {frozen} parameters besides the head (width 40 x 32 layers x 3 modalities)"
 _LF_CODE = ("code variant = the released AdapterModel: per modality Down 40 x d + d, factor_dim "
             "8 x d x 40, factor_t 12 x T x d, and the released head on the fused token 0 repeated 3 "
@@ -261,6 +268,10 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
     PaperRow(W1, "Wander (d=128)", "4.9M", "food101", "wander", {"down_dim": 128},
              note="paper's d=64 -> 128 step +1.8M, ours +{method_half} (every Wander term is "
                   "linear in d when d_t = d). " + _TT),
+    PaperRow(W1, "Wander (d=64)", "3.1M", "food101", "wander", {"down_dim": 64}, variant="code",
+             note=_TT_CODE),
+    PaperRow(W1, "Wander (d=128)", "4.9M", "food101", "wander", {"down_dim": 128}, variant="code",
+             note=_TT_CODE),
     # --- Wander Table 2: IEMOCAP, late fusion ---
     PaperRow(W2, "Full fine-tuning", "80M", "iemocap", "full", {},
              note="the printed 80M is {paper_x} our whole model. " + _LF),
@@ -513,9 +524,9 @@ def audit_row(row: PaperRow, device: str = "meta") -> dict:
             if "head_geu" in anatomy:
                 context["without_geu"] = _m(out["ours_total"] - anatomy["head_geu"])
             low, high = printed_bounds(row.printed)
-            if row.method not in ("full", "linear") and high < anatomy["head"]:
+            if row.method not in ("full", "linear") and high < counts["head"]:
                 explanation.append(f"the paper's {row.printed} is below our head alone "
-                                   f"({_m(anatomy['head'])}): the paper cannot count the same head")
+                                   f"({_m(counts['head'])}): the paper cannot count the same head")
             if row.method != "full" and low > anatomy["total"]:
                 explanation.append(f"the paper's {row.printed} exceeds our whole backbone "
                                    f"({_m(anatomy['total'])}): not countable on this backbone")

@@ -64,9 +64,14 @@ def cmd_audit(args) -> int:
             for r in rows:
                 status = "ok" if r["ok"] else "FAIL"
                 note = f"  flagged: {r['flag']}" if r["flag"] else ""
-                print(f"{status:<4} {r['method']:<11} {r['variant']:<6} M={r['modalities']} "
+                mixing = r.get("batch_dependence")
+                mixing = "-" if mixing is None else f"{mixing:.1e}" + (
+                    " (expected: mixes the batch)" if r.get("batch_mixing_expected") else "")
+                print(f"{status:<4} {r['method']:<11} {r['variant']:<6} "
+                      f"{r.get('backbone', 'late_fusion'):<11} M={r['modalities']} "
                       f"method={r['trainable_method']:>7} head={r['trainable_head']:>7} "
-                      f"dead={len(r['dead_tensors'])} identity={r['identity_at_init']}{note}")
+                      f"dead={len(r['dead_tensors'])} identity={r['identity_at_init']} "
+                      f"batch-dependence={mixing}{note}")
 
         _emit(rows, args.json, render)
         return 0 if all(r["ok"] for r in rows) else 1

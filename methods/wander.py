@@ -175,8 +175,10 @@ class Wander(nn.Module):
 def _use_released_head(backbone: nn.Module, config: WanderConfig) -> None:
     """``task_head: released`` (the code variant): the released model's head where the backbone
     offers it (methods/base.py ``RELEASED_WANDER_HEAD``; late_fusion: fused token 0 repeated M
-    times into the released MLP, HalfMoon1008/WANDER models/model.py AdapterModel.forward).
-    Backbones without one keep their own head."""
+    times into the released MLP, HalfMoon1008/WANDER models/model.py AdapterModel.forward;
+    two_tower: the frozen, batch-mixing fusion transformer then Wander then relu(proj1) ->
+    out_layer on token 0, models/foodmodel.py FoodModelWander). Backbones without one keep their
+    own head."""
     if config.task_head == "released":
         use_head(backbone, RELEASED_WANDER_HEAD)
 
@@ -203,7 +205,10 @@ def activation_for(config: WanderConfig, backbone: nn.Module) -> str:
                                   "task_head": "released"},
                         flag="released Wander init: every w_t is zero, so the product over M >= 2 "
                              "modalities has zero gradient for every Wander tensor; the adapter "
-                             "never trains (frozen backbone + trainable head)"),
+                             "never trains (frozen backbone + trainable head). On two_tower "
+                             "(Food-101) the released model's frozen fusion transformer attends "
+                             "across the samples of a batch: a sample's prediction depends on its "
+                             "batch-mates"),
     },
 )
 def apply(backbone: nn.Module, config: WanderConfig, variant: str) -> None:

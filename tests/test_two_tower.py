@@ -168,6 +168,12 @@ def test_every_method_trains_on_two_tower(tiny, method, variant):
     frozen = copy.deepcopy(model).eval()
     head = sum(p.numel() for p in model.head.parameters())
     apply_method(model, method, variant, **OVERRIDES.get(method, {}))
+    if model.head_choice != "default":  # the variant chose another head (Wander code: released)
+        frozen.set_head(model.head_choice)  # compare under that head, same weights
+        frozen.head.load_state_dict(model.head.state_dict())
+        frozen.eval()
+        head = sum(p.numel() for p in model.head.parameters())
+        assert head < sum(p.numel() for p in tiny.head.parameters())  # fusion layers left out
     model.eval()  # no dropout: the identity comparison must be exact
     batch = model.example_batch(3)
     spec = get_method(method).variant(variant)

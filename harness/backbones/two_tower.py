@@ -26,12 +26,52 @@ The method contract (methods/base.py):
   layer called per modality, prompt outputs stripped; after the last depth the ViT's final
   LayerNorm (BERT is post-LN and has none), then the fusion hook of that depth.
 
-Task head: ``self.head`` holds the fusion transformer (``harness.backbones.layers.EncoderLayer``,
-pre-LN, with a final LayerNorm) AND the MLP. The Wander code trains its fusion layers together
-with the classifier, so every method trains them and they count as head (``head.*``) in
-#Tunable, not as method parameters. The fusion transformer is deliberately not exposed as a
+Task head (default): ``self.head`` holds the fusion transformer
+(``harness.backbones.layers.EncoderLayer``, pre-LN, with a final LayerNorm) AND the MLP; every
+method trains both and they count as head (``head.*``) in #Tunable. That is OUR choice of a task
+head for the methods the Wander code does not cover: the released Wander Food-101 model does NOT
+train its fusion transformer (see below). The fusion transformer is deliberately not exposed as a
 backbone attribute ``fusion_layers``: that name is what Aurora / UniAdapter look for to attach
 their cross-attention (BLIP-style) fusion branches, which this self-attention fusion lacks.
+
+Released Wander head (``set_head(RELEASED_WANDER_HEAD)``, what Wander's ``code`` variant asks for
+through ``methods.base.use_head``): the released Food-101 model (HalfMoon1008/WANDER
+``models/foodmodel.py`` FoodModelWander, trained by ``train/food_train.py``, run by
+``run/food_run.py``) is towers -> the base FoodModel's 2-layer fusion transformer over
+[ViT tokens; BERT tokens], FROZEN -> the Wander adapter on the fused sequence split back into its
+image part and its text part (``get_embed``: ``v_f = fusion[:, :T_v]``, ``t_f = fusion[:, T_v:]``)
+-> ``out_layer(dropout(relu(proj1(adapter_output[:, 0]))))``. Only the adapter, ``proj1`` and
+``out_layer`` train (FoodModelWander freezes ``basemodel`` and re-enables ``proj1`` / ``out_layer``):
+at the released sizes the head is 768*768+768 + 768*101+101 = 668,261 parameters and none of the
+fusion transformer's 14,177,280. Here:
+
+- the fusion transformer moves out of ``head`` into the last-depth fusion hook point
+  (``fusion_hooks.<last>.fusion``, frozen at construction, so it never counts as trainable), and
+  the Wander module (``set_fusion_hook`` at the last depth, in either order) becomes that stage's
+  ``adapter`` (``fusion_hooks.<last>.adapter``: method parameters). The cached-feature path
+  (harness/extract.py: tower outputs, then the last hook, then the head) therefore still applies;
+- ``head`` becomes ``ReleasedWanderHead`` (``proj1``, ``out_layer``, ReLU, dropout 0 as
+  ``run/food_run.py``'s ``--out_dropout`` default) on token 0 of the adapter output (the image CLS
+  after fusion and Wander). ``proj1`` / ``out_layer`` and the fusion layers are ADOPTED from the
+  backbone's own head (the released model loads ``basemodel.*``, fusion transformer and head alike,
+  from a FoodModel checkpoint: ``utils/util.py`` transfer_model); the fusion layers' dropouts are
+  set to the released 0 (``models/transformer.py`` TransformerEncoder defaults);
+- the fusion transformer runs with the released BATCH-MIXING semantics (``ReleasedFusionTransformer``):
+  the released ``TransformerEncoder`` is sequence-first (fairseq / MulT: (T, B, D)) but FoodModel
+  passes it the batch-first (B, T, D) concatenation, so (i) its attention runs across the B
+  SAMPLES of the batch, separately for every token position, (ii) its fairseq sinusoidal position
+  of a token is the sample's index in the batch + 1 (zero vector where the token's first feature is
+  exactly 0, ``make_positions`` with ``padding_idx = 0``), (iii) inputs are scaled by sqrt(D) first.
+  A sample's prediction therefore depends on its batch-mates (``mixes_batch`` says so; ``mmpetl
+  audit grads`` measures it). Released ``food_train.py`` loaders do not shuffle, so every training
+  sample keeps the same batch-mates each epoch; with > 1 GPU its ``nn.DataParallel`` (used for
+  batches > 10) mixes within each GPU's chunk only.
+
+Fixes assumed to build the released model (it fails as shipped): ``FoodModel(vit_path=...,
+bert_path=...)`` -> ``vis_path`` / ``text_path``; ``self.get_embed`` -> ``self.basemodel.get_embed``;
+``hyp_params.t_dim`` (never set by ``food_run.py``) -> the split's lengths (197 ViT tokens, 50 BERT
+tokens); shinnew9/WANDER's ``fusion[:, :v.shape[1]:, :]`` -> ``fusion[:, v.shape[1]:, :]`` (the
+HalfMoon1008 fork's text part).
 
 Changes to the HF module tree (parameter names are unchanged except where noted):
 
@@ -55,14 +95,16 @@ attention implementation the tower's config names. Older layouts are refused wit
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
-from methods.base import LinearSite, PromptProvider
+from methods.base import RELEASED_WANDER_HEAD, LinearSite, PromptProvider
 from harness.backbones.base import HookPoints, lockstep_encode
-from harness.backbones.layers import EncoderLayer
+from harness.backbones.layers import EncoderLayer, fairseq_sinusoidal_table
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("fc1", "fc2")
@@ -407,6 +449,95 @@ class FusionHead(nn.Module):
         return self.mlp(self.norm(x)[:, 0])
 
 
+# --- the released Wander Food-101 head (see the module docstring) ------------------------------
+RELEASED_OUT_DROPOUT = 0.0  # HalfMoon1008/WANDER run/food_run.py: --out_dropout default 0.0
+
+
+def released_batch_positions(x: torch.Tensor) -> torch.Tensor:
+    """The positional embedding the released Food-101 fusion transformer adds to a batch-first
+    (B, T, D) input (HalfMoon1008/WANDER models/transformer.py ``TransformerEncoder.forward``:
+    ``embed_positions(x_in.transpose(0, 1)[:, :, 0]).transpose(0, 1)``; models/position_embedding.py
+    ``make_positions`` / ``get_embedding``): the (T, B) slice of first features is read as (bsz,
+    seq_len), so the position of token t of sample b is b + 1 (its index in the BATCH), or the
+    padding index 0 (an all-zero row) where that first feature is exactly 0. The fairseq table is
+    computed in float32 and cast, as released."""
+    batch, length, width = x.shape
+    table = fairseq_sinusoidal_table(batch + 1, width).to(device=x.device, dtype=x.dtype)
+    index = torch.arange(1, batch + 1, device=x.device)[:, None].expand(batch, length)
+    return table[index.masked_fill(x[..., 0] == 0, 0)]
+
+
+class ReleasedFusionTransformer(nn.Module):
+    """The released FoodModel fusion transformer, called as FoodModel calls it (batch-first input
+    into a sequence-first module; HalfMoon1008/WANDER models/foodmodel.py ``get_embed``,
+    models/transformer.py, models/multihead_attention.py).
+
+    h = sqrt(D) x + ``released_batch_positions(x)``; the pre-LN layers then see (B, T, D) as
+    (sequence = B, batch = T, D): self-attention over the B samples for every token position t
+    (the released MultiheadAttention has no mask); the FFN and LayerNorms act per vector; a final
+    LayerNorm. ``layers`` (``EncoderLayer``: the released pre-LN layer with q, k, v split out of
+    ``in_proj_weight``) and ``norm`` are adopted; every dropout is set to the released 0
+    (TransformerEncoder's defaults, which FoodModel keeps). Frozen at construction.
+    """
+
+    def __init__(self, layers: nn.ModuleList, norm: nn.LayerNorm):
+        super().__init__()
+        self.layers = layers
+        self.norm = norm
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+            elif isinstance(getattr(module, "dropout", None), float):  # layers.Attention
+                module.dropout = 0.0
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = math.sqrt(x.shape[-1]) * x + released_batch_positions(x)
+        h = h.transpose(0, 1)  # (T, B, D): EncoderLayer attends along dim 1, i.e. across samples
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm(h).transpose(0, 1)
+
+
+class ReleasedWanderStage(nn.Module):
+    """What runs at the last-depth fusion hook point under the released Wander head: the frozen
+    released fusion transformer over [image tokens; text tokens], the fused sequence split back
+    into its image and text parts (released ``get_embed``: v_f, t_f), then ``adapter`` (the Wander
+    module; ``nn.Identity`` until one is set)."""
+
+    def __init__(self, modalities: tuple[str, ...], fusion: ReleasedFusionTransformer,
+                 adapter: nn.Module | None = None):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.fusion = fusion
+        self.adapter: nn.Module = adapter if adapter is not None else nn.Identity()
+
+    def forward(self, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lengths = [states[m].shape[1] for m in self.modalities]
+        fused = self.fusion(torch.cat([states[m] for m in self.modalities], dim=1))
+        return self.adapter(dict(zip(self.modalities, fused.split(lengths, dim=1))))
+
+
+class ReleasedWanderHead(nn.Module):
+    """The released FoodModelWander head (HalfMoon1008/WANDER models/foodmodel.py
+    ``FoodModelWander.forward``): ``out_layer(dropout(relu(proj1(x[:, 0]))))`` on token 0 of the
+    adapter output (the first modality's first token). No residual, no second projection; ReLU
+    (the base FoodModel's own forward uses GELU)."""
+
+    def __init__(self, modalities: tuple[str, ...], proj1: nn.Linear, out_layer: nn.Linear,
+                 dropout: float = RELEASED_OUT_DROPOUT):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.proj1 = proj1
+        self.out_layer = out_layer
+        self.dropout = dropout
+
+    def forward(self, states: dict[str, torch.Tensor],
+                masks: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
+        hidden = F.relu(self.proj1(states[self.modalities[0]][:, 0]))
+        return self.out_layer(F.dropout(hidden, p=self.dropout, training=self.training))
+
+
 # --- the backbone ----------------------------------------------------------------------------
 class TwoTowerBackbone(HookPoints, nn.Module):
     """ViT + BERT in lock-step, fusion transformer + MLP head (see the module docstring).
@@ -496,6 +627,57 @@ class TwoTowerBackbone(HookPoints, nn.Module):
         else:
             owner = layer.attention if modality == "image" else layer.attention.output
         owner.adapter = module
+
+    # --- alternative heads (methods/base.py use_head) ------------------------------------------
+    head_options = (RELEASED_WANDER_HEAD,)
+
+    def make_head(self, name: str) -> nn.Module:
+        """``RELEASED_WANDER_HEAD``: ``ReleasedWanderHead`` adopting this backbone's own ``proj1`` /
+        ``out_layer`` (``head.mlp[0]`` / ``head.mlp[-1]``); ``set_head`` moves the fusion layers."""
+        if name != RELEASED_WANDER_HEAD:
+            raise ValueError(f"two_tower offers no head {name!r}; offered: {list(self.head_options)}")
+        head = self.head
+        if not isinstance(head, FusionHead):
+            raise ValueError(f"the two-tower head is already {type(head).__name__} "
+                             f"({self.head_choice!r}); set_head switches the default head once")
+        widths = {m: self.hidden_size(m) for m in self.modalities}
+        if any(not isinstance(proj, nn.Identity) for proj in head.proj.values()):
+            raise ValueError(f"the released Wander head needs towers as wide as the fusion "
+                             f"transformer (the released model concatenates 768-d ViT and BERT "
+                             f"tokens, no projection); found tower widths {widths} and fusion "
+                             f"width {self.config.fusion_dim}")
+        return ReleasedWanderHead(self.modalities, head.mlp[0], head.mlp[-1])
+
+    def set_head(self, name: str) -> None:
+        """``HookPoints.set_head``; for ``RELEASED_WANDER_HEAD`` also installs the
+        ``ReleasedWanderStage`` at the last depth: the previous head's fusion layers and final norm,
+        frozen, run with the released batch-mixing semantics; a fusion hook already set at that
+        depth becomes the stage's adapter (see the module docstring)."""
+        previous = self.head
+        super().set_head(name)
+        if name == RELEASED_WANDER_HEAD:
+            last = str(self.depth - 1)
+            adapter = self.fusion_hooks[last] if last in self.fusion_hooks else None
+            fusion = ReleasedFusionTransformer(previous.fusion, previous.norm)
+            self.fusion_hooks[last] = ReleasedWanderStage(self.modalities, fusion, adapter)
+
+    def set_fusion_hook(self, depth: int, module: nn.Module) -> None:
+        """As ``HookPoints.set_fusion_hook``; under the released Wander head the last depth's hook is
+        the adapter inside ``ReleasedWanderStage`` (after the released fusion transformer)."""
+        last = str(self.depth - 1)
+        stage = self.fusion_hooks[last] if last in self.fusion_hooks else None
+        if str(depth) == last and isinstance(stage, ReleasedWanderStage):
+            stage.adapter = module
+        else:
+            super().set_fusion_hook(depth, module)
+
+    @property
+    def mixes_batch(self) -> str | None:
+        """Why a sample's output depends on the other samples of its batch (None: it does not)."""
+        if self.head_choice == RELEASED_WANDER_HEAD:
+            return ("released Wander Food-101 model: its fusion transformer attends across the "
+                    "samples of a batch and positions tokens by their sample's index in the batch")
+        return None
 
     def _known(self, modality: str) -> str:
         if modality not in self.modalities:
