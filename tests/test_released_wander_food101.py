@@ -349,3 +349,38 @@ def test_audit_params_reports_the_released_count_beside_the_paper_variant():
     assert f"the paper variant counts {paper['ours_method']:,} + head {paper['ours_head']:,}" \
         in code["explanation"]
     assert "below our head alone" not in code["explanation"]  # 3.1M > 1.74M: no such claim
+
+
+def test_fine_tuning_from_the_feature_cache_trains_only_adapter_and_head(tmp_path):
+    from harness.extract import cached_splits
+    from harness.tasks.tasks import TASKS
+    from harness.train import TrainSettings, fine_tune
+
+    torch.manual_seed(0)
+    backbone = TwoTowerBackbone(TwoTowerConfig.tiny(num_classes=CLASSES))
+    apply_method(backbone, "wander", "code", down_dim=d)
+    batch = backbone.example_batch(20, seed=4)
+    items = [{"image": batch["image"][i], "text": batch["text"][i], "mask_text": batch["mask_text"][i],
+              "label": torch.tensor(i % CLASSES), "index": torch.tensor(i)} for i in range(20)]
+
+    class Items(Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    splits = {"train": Items(items), "valid": Items(items[:8]), "test": Items(items[8:])}
+    hashes = {name: f"h-{name}" for name in splits}
+    model, cached, _ = cached_splits(backbone, splits, tmp_path, hashes, batch_size=8, progress=False)
+    before = {n: p.clone() for n, p in backbone.named_parameters()}
+    settings = TrainSettings(optimizer="adamw", lr=1e-3, batch_size=8, epochs=1)
+    fine_tune(model, TASKS["classification"], cached, settings, seed=0, progress=False)
+    changed = {n for n, p in backbone.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n in changed if n.startswith("head.")}  # proj1 / out_layer trained
+    assert all(n.startswith(("head.", "fusion_hooks.1.adapter.")) for n in changed), changed
+    _, _, again = cached_splits(backbone, splits, tmp_path, hashes, batch_size=8, progress=False)
+    assert {s["status"] for s in again["splits"].values()} == {"reused"}
