@@ -256,12 +256,21 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
                   "(the two-tower fusion has no cross-attention). " + _TT),
     PaperRow(W1, "UniAdapter (d=128)", "35.9M", "food101", "uniadapter", {"down_dim": 128},
              variant="code",
-             note="code variant: LayerNorm + down per depth, biases. " + _TT),
+             note="code variant (the released model, RERV/UniAdapter): LayerNorm + down per depth "
+                  "shared by both towers, biases, an up per tower and depth: 12 x (2 x 768 + 768 x "
+                  "128 + 128) + 24 x (128 x 768 + 768) = {method}; the paper variant has one "
+                  "bias-free down for all layers and no LayerNorm; the released training filter "
+                  "('adapter' in name and '_m' not in name) trains all of these (no fusion "
+                  "branch here). " + _TT),
     PaperRow(W1, "Aurora (d=128)", "2.6M", "food101", "aurora", {"rank": 128},
              note="paper variant: global U, V (2 x 768 x 128) + (p, lambda) per q/k/v matrix "
                   "(72). " + _TT),
     PaperRow(W1, "Aurora (d=128)", "2.6M", "food101", "aurora", {"rank": 128}, variant="code",
-             note="code variant: the 128^3 core alone is 2.10M. " + _TT),
+             note="code variant (the released models, WillDreamer/Aurora CP/vit.py, CP/med.py): "
+                  "U, V 2 x 768 x 128 + the 128^3 core (2.10M alone) + per layer the ViT's (R, 4) "
+                  "and (R, 8) slices (q, k, v, o, fc1, fc2) and the BERT's three (R, 1) (q, k, v "
+                  "only) = 2 x 768 x 128 + 128^3 + 12 x 15 x 128 = {method}; the paper variant "
+                  "(CP: p and lambda per q/k/v matrix, no core) is far smaller. " + _TT),
     PaperRow(W1, "Wander (d=64)", "3.1M", "food101", "wander", {"down_dim": 64},
              note="Wander after the last layer, d_t = d, R_h = R_t = 8; image 197 + text 50 "
                   "tokens. " + _TT),
@@ -370,9 +379,10 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
              note="code layout (the UniAdapter paper prints 19.0M); {alt}"),
     PaperRow(AU, "Aurora (r=64)", "0.1M", "blip_base", "aurora", {"rank": 64},
              note="paper variant: 2 x 768 x 64 (U, V) + 108 x 2 x 64 (p, lambda) + 12 x 2 x 768 "
-                  "(gated query) = Aurora's formula L(3+6)2r + 2dr + 2Ld exactly"),
+                  "(gated query) = Aurora's formula L(3+6)2r + 2dr + 2Ld exactly; {alt}: the "
+                  "released models add the R^3 core and adapt o, fc1, fc2 of the ViT too"),
     PaperRow(AU, "Aurora (r=128)", "0.2M", "blip_base", "aurora", {"rank": 128},
-             note="paper variant, same layout; = Aurora's formula L(3+6)2r + 2dr + 2Ld"),
+             note="paper variant, same layout; = Aurora's formula L(3+6)2r + 2dr + 2Ld; {alt}"),
     # --- UniAdapter paper (Sec. 4.1 and Table 2): BLIP-base, not built ---
     PaperRow(UA + " Sec. 4.1", "UniAdapter (r=128)", "4.8M", "blip_base", "uniadapter",
              {"down_dim": 128}, variant="code",
@@ -411,11 +421,36 @@ def _blip_counts(method: str, variant: str, settings: dict) -> tuple[int, str]:
                 cross = CrossModalUniAdapter(text, make_up(D, config, config.zero_up == "all"), D,
                                              config)
                 parts.extend([visual, text, cross])
+        trained = sum(p.numel() for p in parts.parameters() if p.requires_grad)
+        rule = ("" if trained == _numel(parts) else
+                f"; the released training filter ('adapter' in name and '_m' not in name, "
+                f"train_retrieval.py) leaves the {L} cross-modal LayerNorms frozen "
+                f"(adapter_layer_norm_cross_modal holds '_m'): it trains {trained:,} of these, "
+                f"plus the text encoder's video key / value LoRA adapters (2 x 99,137 at "
+                f"bottleneck 64), which are not built here")
         return _numel(parts), (f"{variant} layout from methods.uniadapter classes: {L} depths x "
-                               f"(visual, text, cross-modal) with shared downs")
+                               f"(visual, text, cross-modal) with shared downs{rule}")
     if method == "aurora":
         from methods.aurora import AuroraFactors, AuroraLinear, GatedQuery
 
+        if config.layout == "released":  # the released models (WillDreamer/Aurora CP/): ViT q, k,
+            # v, o, fc1, fc2; BERT self- and cross-attention q, k, v ((R, 1) p each); 2 gates
+            # (CP_scale/shift self and cross) per text layer
+            with building("meta"):
+                factors = AuroraFactors(D, config.rank, config.form)
+                vit = [(D, D, r) for r in ("q", "k", "v", "o")] + [(D, 4 * D, "fc1"),
+                                                                    (4 * D, D, "fc2")]
+                wrappers = nn.ModuleList(
+                    [AuroraLinear(nn.Linear(i, o), factors, r, config, "vit")
+                     for _ in range(L) for i, o, r in vit]
+                    + [AuroraLinear(nn.Linear(D, D), factors, "q", config, "bert")
+                       for _ in range(L * 6)])
+                gates = nn.ModuleList(GatedQuery(D, config.form) for _ in range(2 * L))
+            count = sum(p.numel() for n, p in wrappers.named_parameters() if ".base." not in n)
+            return count + _numel(gates), (f"{variant} layout (the released models) from "
+                                           f"methods.aurora classes: global factors and core, "
+                                           f"{L} x 12 ViT core slices, {L} x 6 BERT q/k/v "
+                                           f"(self + cross), {2 * L} gates")
         with building("meta"):
             factors = AuroraFactors(D, config.rank, config.form)
             wrappers = nn.ModuleList(AuroraLinear(nn.Linear(D, D), factors, "q", config)
@@ -491,7 +526,7 @@ def audit_row(row: PaperRow, device: str = "meta") -> dict:
         count, how = _blip_counts(row.method, row.variant, row.settings)
         out.update(status="closed_form", ours_method=count, ours_head=0, ours_total=count,
                    backbone_description="BLIP-base layout (not built): 12 layers, width 768")
-        if row.method == "uniadapter":
+        if row.method in ("uniadapter", "aurora"):
             other = "paper" if row.variant == "code" else "code"
             alt, _ = _blip_counts(row.method, other, row.settings)
             context["alt"] = f"the {other} variant's layout gives {alt:,} ({_m(alt)})"

@@ -9,6 +9,9 @@ A backbone (implemented in harness/backbones, never imported here) is an ``nn.Mo
   depth, role in ``q k v o fc1 fc2``), for LoRA and Aurora;
 - ``set_adapter(point, modality, depth, module)``: runs ``module`` on the output of the
   ``point`` sub-layer ("attn" or "ffn") of layer ``depth`` before its residual add (Houlsby);
+- optional ``set_parallel_adapter(modality, depth, module)``: ``module(h)`` is added to the output
+  of layer ``depth``, h = the layer's post-attention residual stream (UniAdapter's parallel
+  placement as released; methods fall back to hooking the FFN block where it is absent);
 - ``set_prompts(provider)``: a ``PromptProvider`` whose tokens are prepended to every layer's
   input and removed after it (P-tuning v2, MaPLe, PMF);
 - ``set_fusion_hook(depth, module)``: a cross-modal module applied after layer ``depth`` of every

@@ -5,35 +5,57 @@
 One down-projection W_down (D -> r) is shared by the adapters of every modality; each modality m
 has its own up-projection W_up^m (r -> D) in every layer ("the down-projection layer in all
 UniAdapters is shared while the up-projection can learn modality-specific knowledge", Sec. 3.4).
-M >= 2 modalities: one up per modality (backbone order; the first is the "text" modality).
+M >= 2 modalities: one up per modality (backbone order); the modality named ``text`` is the text
+one (the released text up, the one the fusion branch reuses).
 
 Placement (``placement``). Eq. 3 and Eq. 6 put the adapter in parallel with the feed-forward
 block, reading the post-attention residual stream h: l = h + FFN(LN(h)) + s * Delta(h) ("we follow
 MAM [scaled parallel adapter] to inject UniAdapter between the self-attention layer and the
-feed-forward layer"); the released code does the same (ViT: adapter(x) added to mlp(norm2(x));
-BERT: adapter(attention_output) added to the FFN output). Neither ``set_adapter`` point of the
-backbone sees h (the 'attn' point sees the attention output, the 'ffn' point the FFN output), so
-``parallel`` (the default of both variants) hooks the FFN block itself (the parent module of the
-layer's fc1 linear site; the adapter becomes its child ``uniadapter`` and a forward hook adds its
-output, so every linear keeps its path): FFN'(y) = FFN(y) + s * Delta(y) with
-y = LN_ffn(h), the FFN's own (frozen pre-LN) input. The adapter therefore reads h normalised by
-the frozen pre-FFN LayerNorm instead of raw h: exact when that LayerNorm's affine is the identity
-and, for the code variant, nearly so anyway, since its own LayerNorm re-normalises the input
-(LN_a(LN_ffn(h)) = LN_a(h) whenever LN_ffn's gain is uniform and its bias zero). ``attn``
-(sequential, on the attention output: the "adapter behind the multi-head attention" reading) and
-``ffn`` (sequential, on the FFN output, Houlsby's second position) use the backbone's
-``set_adapter`` points and are offered as alternatives.
+feed-forward layer"). The released models (RERV/UniAdapter) do the same, tower by tower:
+
+- ViT (``models/vit.py`` Block.forward): ``adapt_x = adapter(x)`` on the RAW stream x after the
+  attention residual (not on ``norm2(x)``), then ``x = residual + mlp(norm2(x)) + adapt_x``;
+- BERT (``models/med.py`` BertLayer.forward): ``adapt_x = adapter(attention_output)`` (the
+  post-attention, post-LayerNorm stream), added to ``layer_output`` = the output of BertOutput,
+  i.e. AFTER the post-FFN LayerNorm: l = LN(h + dropout(FFN(h))) + s * Delta(h).
+
+``parallel`` (the default of both variants) asks the backbone for exactly that through
+``set_parallel_adapter(modality, depth, module)`` (``module(h)`` is added to the layer's output;
+the two-tower backbone implements it, ViT and BERT as above; Eq. 3 is written for a pre-LN block,
+so for the post-LN BERT both variants take the released position). A backbone without that hook gets
+the adapter on its FFN block instead (the parent module of the layer's fc1 linear site; a forward
+hook adds s * Delta(y) to the FFN output, every linear keeps its path), reading y = LN_ffn(h), the
+FFN's pre-LN input: exact when that LayerNorm's affine is the identity and, for the code variant,
+nearly so anyway, since its own LayerNorm re-normalises the input. ``attn`` (sequential, on the
+attention output) and ``ffn`` (sequential, on the FFN output, Houlsby's second position) use the
+backbone's ``set_adapter`` points and are offered as alternatives.
 
 Variants:
 - paper: ONE down shared globally (all layers, all modalities), no LayerNorm, no biases (Eq. 1
   has none), Kaiming-normal down, every up zero: the adapted model starts as the frozen one.
   Count: D r + M L r D.
-- code (released RERV/UniAdapter): LayerNorm before down, ReLU, biases, one down (with its
-  LayerNorm) per LAYER depth i shared by every modality's layer i, Kaiming-uniform down (a = sqrt 5,
-  zero bias), only the first (text) modality's up zeroed; the other ups keep nn.Linear's default
-  init, so the model does NOT start as the frozen one (starts_as_identity=False: the audit then
-  checks that the released init really perturbs the output at step 0).
+- code (the released model, RERV/UniAdapter ``models/adapter.py``, ``models/blip_retrieval.py``,
+  ``train_retrieval.py``): one adapter module per LAYER depth i, shared by ViT block i and BERT
+  layer i (so one LayerNorm + down per depth shared by every modality's layer i), ReLU, biases;
+  per modality its own up (``visual_up_proj`` for the image, ``up_proj`` for the text). The
+  released init, in construction order: the adapter's own init (Kaiming-uniform down, zero
+  ``up_proj``); the ViT's ``self.apply(self._init_weights)`` (the adapter is a child of each Block:
+  trunc-normal 0.02 on every Linear, zero biases, LayerNorm 1 / 0); BERT's ``init_weights()``
+  (transformers 4.15, ``requirements.txt``: ``apply(_init_weights)``, the adapter is a child of each
+  BertLayer: N(0, 0.02) on every Linear, zero biases, LayerNorm 1 / 0); then ``train_retrieval.py``
+  calls ``init_adapter_weights()`` on each adapter: Kaiming-uniform (a = sqrt 5) down, zero down
+  bias, zero ``up_proj`` weight and bias. Final state: down Kaiming-uniform / 0, the TEXT up zero
+  (chosen by the modality's name, ``text``; none is zeroed where no modality is so named), every
+  other up N(0, 0.02) with a zero bias, LayerNorm 1 / 0. The image adapters therefore perturb the
+  output from step 0 (starts_as_identity=False: the audit checks that it really does).
   Count: L (2 D + D r + r) + M L (r D + D).
+  Trainable set: the released script trains ``'adapter' in name and '_m' not in name`` (plus its
+  task heads). That rule also freezes ``adapter_layer_norm_cross_modal`` (its name contains
+  "_m"): the cross-modal LayerNorm of the fusion branch stays at 1 / 0; the code variant
+  reproduces it (flagged; it only exists where a fusion branch is built) and the parameter audit
+  shows both counts. The fusion-only parameters (``multi_up_proj``, that LayerNorm, the text
+  encoder's ``video_key_adapter`` / ``video_value_adapter``) are read only in BLIP's
+  ``multimodal`` mode and are not built on backbones without a cross-attention fusion encoder.
 
 Cross-modal branch (Sec. 3.3-3.4, Eq. 6): in a fusion (multimodal) encoder the adapter adds
 s * [act(h W_down) W_up^T + act(h W_down) W_up^C] (the text up reused, plus a fusion up) and the
@@ -60,6 +82,7 @@ from methods.base import ConfigError, MethodConfig, Variant, at_most_hidden, pos
 from methods.registry import register
 
 PLACEMENTS = ("parallel", "attn", "ffn")
+TEXT = "text"  # the modality whose up is the released text ``up_proj`` (zeroed in the code variant)
 
 
 @dataclass
@@ -73,7 +96,10 @@ class UniAdapterConfig(MethodConfig):
     dropout: float = 0.0              # on the bottleneck activations (code: 0.0)
     placement: str = "parallel"       # parallel to the FFN (Eq. 3, 6) | attn | ffn
     down_init: str = "kaiming_normal"  # kaiming_normal (paper) | kaiming_uniform (code)
-    zero_up: str = "all"              # all (paper) | first (code: only the text up)
+    zero_up: str = "all"              # all (paper) | text (code: only the up of the modality "text")
+    up_std: float | None = None       # non-zeroed ups: N(0, up_std), zero bias (code: 0.02); None =
+                                      # nn.Linear's default init
+    train_cross_norm: bool = True     # fusion branch's LayerNorm trainable (code: False, released filter)
     fusion: bool = True               # cross-modal / query-residual branch, fusion backbones only
 
     def validate(self) -> None:
@@ -86,7 +112,10 @@ class UniAdapterConfig(MethodConfig):
         require(self.placement in PLACEMENTS, self, "placement", f"one of {PLACEMENTS}")
         require(self.down_init in ("kaiming_normal", "kaiming_uniform"), self, "down_init",
                 "'kaiming_normal' or 'kaiming_uniform'")
-        require(self.zero_up in ("all", "first"), self, "zero_up", "'all' or 'first'")
+        require(self.zero_up in ("all", "text"), self, "zero_up", "'all' or 'text'")
+        require(self.up_std is None or (isinstance(self.up_std, (int, float))
+                                        and math.isfinite(self.up_std) and self.up_std > 0),
+                self, "up_std", "None or a finite number > 0")
 
     def validate_for(self, backbone: nn.Module) -> None:
         at_most_hidden(self, backbone, "down_dim")
@@ -95,7 +124,7 @@ class UniAdapterConfig(MethodConfig):
             raise ConfigError(f"{type(self).__name__}: uniadapter shares its down-projection across "
                               f"modalities and needs one width for all of them; the backbone has "
                               f"widths {widths}")
-        if self.placement == "parallel":
+        if self.placement == "parallel" and not hasattr(backbone, "set_parallel_adapter"):
             for m in backbone.modalities:
                 for depth in range(backbone.num_layers(m)):
                     require(_ffn_path(backbone, m, depth) is not None, self, "placement",
@@ -130,22 +159,29 @@ class SharedDown(nn.Module):
 
 
 def make_up(width: int, config: UniAdapterConfig, zero: bool) -> nn.Linear:
-    up = nn.Linear(config.down_dim, width, bias=config.bias)  # nn.Linear default init otherwise
-    if zero:
-        with torch.no_grad():
+    """An up-projection: zero, N(0, ``up_std``) with a zero bias (the released non-text ups after
+    BERT's ``_init_weights``, see the module docstring), or nn.Linear's default init."""
+    up = nn.Linear(config.down_dim, width, bias=config.bias)
+    with torch.no_grad():
+        if zero:
             up.weight.zero_()
-            if up.bias is not None:
-                up.bias.zero_()
+        elif config.up_std is not None:
+            up.weight.normal_(0.0, float(config.up_std))
+        if up.bias is not None and (zero or config.up_std is not None):
+            up.bias.zero_()
     return up
 
 
 class UniAdapterBranch(nn.Module):
-    """One modality's adapter at one depth: shared down, its own up."""
+    """One modality's adapter at one depth: shared down, its own up. ``forward`` is x + delta(x)
+    (sequential use) or, with ``parallel``, delta(x) alone (the term a parallel hook adds)."""
 
-    def __init__(self, down: SharedDown, up: nn.Linear, config: UniAdapterConfig):
+    def __init__(self, down: SharedDown, up: nn.Linear, config: UniAdapterConfig,
+                 parallel: bool = False):
         super().__init__()
         self.down = down  # shared: registered in every branch, counted once
         self.up = up
+        self.parallel = parallel
         self.scale = float(config.scale)
         self.activation = config.activation
         self.dropout = nn.Dropout(config.dropout)
@@ -158,8 +194,10 @@ class UniAdapterBranch(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * self.up(self.hidden(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # sequential use (Eq. 1)
-        return x + self.delta(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            return self.delta(x)
+        return x + self.delta(x)  # sequential use (Eq. 1)
 
 
 def _parallel_hook(ffn: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -188,6 +226,9 @@ class CrossModalUniAdapter(nn.Module):
         self.text = text  # shared with the text modality's adapter at this depth
         self.fusion_up = fusion_up
         self.norm = nn.LayerNorm(width) if config.layer_norm else nn.Identity()
+        if not config.train_cross_norm:  # the released filter: "_m" in adapter_layer_norm_cross_modal
+            for parameter in self.norm.parameters():
+                parameter.requires_grad_(False)
 
     def forward(self, query: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
         hidden = self.text.hidden(fused)
@@ -225,12 +266,21 @@ def _attach_fusion_branch(backbone: nn.Module, config: UniAdapterConfig, width: 
                          starts_as_identity=True,
                          defaults={"share_down": "global", "layer_norm": False, "bias": False,
                                    "down_init": "kaiming_normal", "zero_up": "all"}),
-        "code": Variant("released code: LayerNorm + down shared per layer depth, ReLU, biases, "
-                        "Kaiming-uniform down, only the text (first modality) up zeroed, so the "
-                        "other modalities' adapters perturb the output from step 0",
+        "code": Variant("released model: LayerNorm + down shared per layer depth, ReLU, biases, "
+                        "Kaiming-uniform down, the text up zeroed (by name), the other ups "
+                        "N(0, 0.02) with zero bias, so they perturb the output from step 0; ViT "
+                        "adapter on the raw stream, BERT adapter added after the post-FFN "
+                        "LayerNorm",
                         starts_as_identity=False,
                         defaults={"share_down": "layer", "layer_norm": True, "bias": True,
-                                  "down_init": "kaiming_uniform", "zero_up": "first"}),
+                                  "down_init": "kaiming_uniform", "zero_up": "text",
+                                  "up_std": 0.02, "train_cross_norm": False},
+                        flag="trainable set = the released train_retrieval.py filter "
+                             "('adapter' in name and '_m' not in name): it freezes the fusion "
+                             "branch's cross-modal LayerNorm (adapter_layer_norm_cross_modal "
+                             "contains '_m'), kept frozen here; on backbones without a fusion "
+                             "branch the trained set is every LayerNorm, down and up built, "
+                             "L (2D + Dr + r) + M L (rD + D)"),
     },
 )
 def apply(backbone: nn.Module, config: UniAdapterConfig, variant: str) -> None:
@@ -244,13 +294,18 @@ def apply(backbone: nn.Module, config: UniAdapterConfig, variant: str) -> None:
         return downs[key]
 
     text_branches: dict[int, UniAdapterBranch] = {}
-    for index, modality in enumerate(backbone.modalities):
-        zero = config.zero_up == "all" or index == 0
+    text = TEXT if TEXT in backbone.modalities else backbone.modalities[0]  # fusion branch's text
+    hooked = config.placement == "parallel" and hasattr(backbone, "set_parallel_adapter")
+    for modality in backbone.modalities:
+        zero = config.zero_up == "all" or modality == TEXT
         for depth in range(backbone.num_layers(modality)):
-            branch = UniAdapterBranch(down_for(depth), make_up(width, config, zero), config)
-            if index == 0:
+            branch = UniAdapterBranch(down_for(depth), make_up(width, config, zero), config,
+                                      parallel=hooked)
+            if modality == text:
                 text_branches[depth] = branch
-            if config.placement == "parallel":
+            if hooked:
+                backbone.set_parallel_adapter(modality, depth, branch)
+            elif config.placement == "parallel":
                 attach_parallel(backbone.get_submodule(_ffn_path(backbone, modality, depth)), branch)
             else:
                 backbone.set_adapter(config.placement, modality, depth, branch)

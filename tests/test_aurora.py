@@ -24,13 +24,18 @@ def wrapped(backbone: nn.Module) -> list[AuroraLinear]:
     return [m for m in backbone.modules() if isinstance(m, AuroraLinear)]
 
 
-def expected_count(variant: str, M: int, L: int, D: int, R: int, ffn_mult: int = 4) -> int:
+def expected_count(variant: str, M: int, L: int, D: int, R: int, ffn_mult: int = 4,
+                   text: bool = False) -> int:
+    """``text``: one of the M modalities is named "text" (the code variant adapts it as the
+    released BERT: q, k, v only)."""
     shared_uv = R * D + D * R                        # U (R x D) and V (D x R), one pair globally
     if variant == "paper":
         matrices = M * L * 3                         # q, k, v: one D x D matrix each
         return shared_uv + matrices * (R + R)        # per matrix: p_j (R) and lambda_j (R)
-    # code: q, k, v, o are one D x D block each; fc1 (D -> 4D) and fc2 (4D -> D) are 4 blocks each
-    matrices = M * L * (4 + ffn_mult + ffn_mult)
+    # code, as the released ViT: q, k, v, o are one D x D block each; fc1 (D -> 4D) and
+    # fc2 (4D -> D) are 4 blocks each; as the released BERT (the "text" modality): q, k, v
+    vit_like = M - 1 if text else M
+    matrices = vit_like * L * (4 + ffn_mult + ffn_mult) + (L * 3 if text else 0)
     return shared_uv + R ** 3 + matrices * R         # core C (R x R x R) and p_j (R) per block
 
 
@@ -59,11 +64,13 @@ def test_closed_form_count(variant, n, size):
     head = sum(p.numel() for p in backbone.head.parameters())
     apply_method(backbone, "aurora", variant, rank=R)
     counts = count_parameters(backbone)
-    assert counts["method"] == expected_count(variant, n, L, D, R)
+    text = "text" in backbone.modalities  # audit backbones with 2 and 3 modalities have one
+    assert counts["method"] == expected_count(variant, n, L, D, R, text=text)
     assert counts["head"] == head
-    # worked example: width 32, depth 2, rank 4, three modalities
+    # worked example: width 32, depth 2, rank 4, three modalities (text, audio, vision):
+    # code = U, V 256 + core 64 + (2 non-text x 2 layers x 12 blocks + 2 text layers x 3) x 4
     if size == "audit" and n == 3:
-        assert counts["method"] == {"paper": 256 + 18 * 8, "code": 256 + 64 + 72 * 4}[variant]
+        assert counts["method"] == {"paper": 256 + 18 * 8, "code": 256 + 64 + 54 * 4}[variant]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -74,8 +81,12 @@ def test_factors_shared_globally_and_targets(variant):
     assert len({id(m.factors) for m in modules}) == 1
     roles = {path.rsplit(".", 1)[1] for path, m in backbone.named_modules() if isinstance(m, AuroraLinear)}
     assert roles == ({"q", "k", "v"} if variant == "paper" else {"q", "k", "v", "o", "fc1", "fc2"})
-    # every site of those roles, of every modality and layer, is wrapped
-    assert len(modules) == 3 * 2 * len(roles)
+    # every site of those roles, of every modality and layer, is wrapped; code: the "text"
+    # modality (released BERT) has q, k, v only
+    text_roles = {path.rsplit(".", 1)[1] for path, m in backbone.named_modules()
+                  if isinstance(m, AuroraLinear) and ".text." in f".{path}."}
+    assert text_roles == {"q", "k", "v"}
+    assert len(modules) == (3 * 2 * 3 if variant == "paper" else 2 * 2 * 6 + 2 * 3)
     trainable = {n for n, p in backbone.named_parameters() if p.requires_grad and not n.startswith("head.")}
     assert all("base" not in n for n in trainable)  # the adapted linears stay frozen
 
@@ -151,5 +162,6 @@ def test_variant_defaults():
     spec = get_method("aurora")
     paper, code = spec.make_config("paper"), spec.make_config("code")
     assert (paper.rank, paper.form, tuple(paper.targets), paper.dropout) == (64, "cp", ("q", "k", "v"), 0.0)
-    assert (code.form, code.dropout, code.scale) == ("tucker", 0.1, 1.0)
+    assert (code.form, code.dropout, code.scale, code.layout) == ("tucker", 0.1, 1.0, "released")
+    assert paper.layout == "block"
     assert set(code.targets) == {"q", "k", "v", "o", "fc1", "fc2"}

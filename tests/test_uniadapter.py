@@ -189,4 +189,23 @@ def test_variant_defaults():
     paper, code = spec.make_config("paper"), spec.make_config("code")
     assert (paper.down_dim, paper.scale, paper.share_down, paper.zero_up) == (128, 0.1, "global", "all")
     assert (code.share_down, code.layer_norm, code.down_init, code.zero_up, code.activation) == \
-        ("layer", True, "kaiming_uniform", "first", "relu")
+        ("layer", True, "kaiming_uniform", "text", "relu")
+    assert (code.up_std, code.train_cross_norm, paper.up_std, paper.train_cross_norm) == \
+        (0.02, False, None, True)
+
+
+def test_code_zeroes_the_up_of_the_modality_named_text_only():
+    """By name, not position: with no modality called "text" no up is zeroed; the other ups are
+    N(0, 0.02) with zero bias (the released init), and the cross-modal LayerNorm is frozen."""
+    from methods.uniadapter import CrossModalUniAdapter, make_up
+
+    backbone = audit_backbone(7)  # s3d, vggish, ...: no "text"
+    apply_method(backbone, "uniadapter", "code", down_dim=8)
+    for m in backbone.modalities:
+        up = backbone.encoders[m][0].ffn.uniadapter.up
+        assert torch.any(up.weight != 0) and not torch.any(up.bias != 0)
+    spec_config = __import__("methods").get_method("uniadapter").make_config("code", down_dim=8)
+    text = UniAdapterBranch(SharedDown(32, spec_config), make_up(32, spec_config, True), spec_config)
+    cross = CrossModalUniAdapter(text, make_up(32, spec_config, False), 32, spec_config)
+    assert not any(p.requires_grad for p in cross.norm.parameters())
+    assert cross.fusion_up.weight.requires_grad
