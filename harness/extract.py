@@ -20,7 +20,9 @@ cacheable(backbone) -> bool
     ``require_cacheable(backbone)`` raises ``NotCacheable`` (an ``InputError``) with the reasons.
 encoder_hash(backbone) -> str
     sha256 of the backbone's class, config (and its HF towers' configs), the backbone code, the
-    torch / transformers versions and every parameter and buffer outside ``head.*`` and
+    torch / transformers versions, the identity of every pretrained tower it was built from
+    (model name, ``weights_sha256`` of the loaded state dict, ``tokenizer_sha256``; see
+    ``harness.backbones.pretrained``) and every parameter and buffer outside ``head.*`` and
     ``fusion_hooks.*`` (the frozen encoder state).
 extract_features(backbone, dataset_split, cache_path, data_hash, batch_size=64, progress=True)
     -> CachedFeatures
@@ -232,6 +234,18 @@ def encoder_state_hash(backbone: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def pretrained_identity(backbone: nn.Module) -> dict:
+    """{module path: identity} of the pretrained towers inside ``backbone`` (their
+    ``load_report`` carries the loader's weights / tokenizer hashes); empty when none."""
+    found = {}
+    for name, module in backbone.named_modules():
+        report = getattr(module, "load_report", None)
+        if isinstance(report, dict) and "weights_sha256" in report:
+            found[name] = {k: report[k] for k in ("model", "architecture", "weights_sha256",
+                                                  "tokenizer_sha256") if k in report}
+    return found
+
+
 def encoder_hash(backbone: nn.Module) -> str:
     """The encoder config hash a cache is valid for (see the module docstring)."""
     try:
@@ -242,6 +256,7 @@ def encoder_hash(backbone: nn.Module) -> str:
     document = {"backbone": type(backbone).__name__, **_config_document(backbone),
                 "code": _code_hash(backbone), "torch": torch.__version__.split("+")[0],
                 "transformers": transformers_version, "state": encoder_state_hash(backbone),
+                "pretrained": pretrained_identity(backbone),
                 "storage": str(STORAGE_DTYPE), "format_version": VERSION}
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -547,9 +562,15 @@ def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: st
 
 def plan_data_hashes(plan, data, vocab) -> dict[str, str]:
     """Per-split data hashes for a run plan: the dataset content + the loader options of
-    ``plan.data`` (all but ``path``) + the word vocabulary used to tokenise raw text."""
+    ``plan.data`` (all but ``path``) + the vocabulary used to tokenise raw text (the word list,
+    or a pretrained tokenizer's identity, its ``tokenizer_sha256``)."""
     options = {k: v for k, v in plan.data.items() if k != "path"}
-    options["vocab"] = sorted(vocab.index) if vocab is not None else None
+    if vocab is None:
+        options["vocab"] = None
+    elif hasattr(vocab, "index"):  # WordVocab
+        options["vocab"] = sorted(vocab.index)
+    else:
+        options["vocab"] = vocab.identity()
     return {name: data_hash_for(data, name, **options) for name in data.splits}
 
 

@@ -20,7 +20,9 @@ pre-training data's words (the generator's manifest vocabulary, else the trainin
 and the words of the datasets it is shared with (``extra_vocab``; ``dataset_vocab('msrvtt', ...)``
 gives MSR-VTT's the same way). The word list is stored in the checkpoint (``vocab``), and
 fine-tuning MUST tokenise with it (``adopt_vocab``): same ids, same table size. Downstream words
-missing from it become [UNK] and are counted in the load report.
+missing from it become [UNK] and are counted in the load report. Where the profile's ``mmt`` block
+names a pretrained ``text_model``, its own tokenizer is used instead (pre-training and
+fine-tuning alike): the checkpoint stores no word list, ``tokenizer`` identifies the tokenizer.
 
 Checkpoint format (``torch.save`` of a dict, written atomically; ``torch.load(weights_only=True)``
 reads it)::
@@ -30,7 +32,8 @@ reads it)::
     state_dict: {name: tensor} (CPU, every parameter and persistent buffer),
     source, data: {path, format, hash, sizes}, seed, train: TrainSettings as a dict,
     profile_settings, task, metrics: {valid, initial_valid, selected_epoch, select_metric,
-    history}, vocab: [words] | None, vocab_sources, device, code_hash, versions,
+    history}, vocab: [words] | None, tokenizer: {kind, model, tokenizer_sha256} | None,
+    vocab_sources, device, code_hash, versions,
     parameters (count)
 
 The file is a function of its inputs alone (same data, settings, seed and code: the same bytes),
@@ -58,7 +61,7 @@ from harness.data._common import MANIFEST
 from harness.errors import InputError
 from harness.settings import RUN_OPTIONS
 from harness.tasks.tasks import TASKS
-from harness.text import SPECIALS, Tokenized, WordVocab, words
+from harness.text import SPECIALS, PretrainedTokenizer, Tokenized, WordVocab, words
 from harness.train import TrainSettings, evaluate, train_and_select
 
 log = logging.getLogger(__name__)
@@ -154,21 +157,26 @@ def _train_settings(settings) -> TrainSettings:
 # pre-training
 # ---------------------------------------------------------------------------------------------
 
-def _load_source(source: str, data: dict, extra_vocab: Iterable[str] | None):
-    """The loaded source, its {train, valid} splits (captions tokenised) and the vocabulary."""
+def _load_source(source: str, data: dict, extra_vocab: Iterable[str] | None,
+                 tokenizer: PretrainedTokenizer | None = None):
+    """The loaded source, its {train, valid} splits (captions tokenised) and the vocabulary
+    (``tokenizer``, the pretrained text tower's, when given: no word vocabulary then)."""
     data = dict(data or {})
     options = {k: v for k, v in data.items() if k not in RUN_OPTIONS}
     loaded = load_dataset(source, data.get("path"), data.get("format"), **options)
     splits = {name: loaded.split(name) for name in ("train", "valid")}
     if SOURCES[source][0] != "mmt":
         return loaded, splits, None, None
+    max_len = data.get("max_text_len", 16)
+    if tokenizer is not None:
+        return (loaded, {n: Tokenized(s, tokenizer, max_len, TEXT_FIELD) for n, s in splits.items()},
+                tokenizer, {"tokenizer": tokenizer.identity()})
     own = (list(loaded.info["vocab"]) if loaded.info.get("vocab")
            else sorted({w for item in splits["train"] for w in words(item[TEXT_FIELD])}))
     extra = sorted(set(extra_vocab or ()) - set(SPECIALS))
     vocab = WordVocab(own + extra)
     sources = {source: len(set(own)), "extra": len(extra),
                "extra_not_in_source": len(set(extra) - set(own)), "total": len(vocab)}
-    max_len = data.get("max_text_len", 16)
     return loaded, {n: Tokenized(s, vocab, max_len, TEXT_FIELD) for n, s in splits.items()}, vocab, sources
 
 
@@ -191,7 +199,12 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
     settings = _train_settings(train_settings)
     out_path = Path(out_path)
     started = time.perf_counter()
-    loaded, splits, vocab, vocab_sources = _load_source(source, data or {}, extra_vocab)
+    from harness.backbones.pretrained import load_named
+
+    text = load_named(kind, dict(profile_settings or {}), f"profiles.*.{kind}").get("text")
+    tokenizer = (PretrainedTokenizer(text.tokenizer, text.name, text.tokenizer_sha256)
+                 if text is not None else None)
+    loaded, splits, vocab, vocab_sources = _load_source(source, data or {}, extra_vocab, tokenizer)
     if loaded.info.get("task") != ("regression" if task_name == "regression" else "retrieval"):
         raise InputError("pre-training data of the wrong task", file=loaded.path, key="task",
                          expected=task_name, found=loaded.info.get("task"))
@@ -221,7 +234,8 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         "metrics": {"valid": final_valid, "initial_valid": initial_valid,
                     "selected_epoch": best_epoch, "select_metric": task.select_metric,
                     "history": history},
-        "vocab": vocab_words(vocab) if vocab is not None else None,
+        "vocab": vocab_words(vocab) if isinstance(vocab, WordVocab) else None,
+        "tokenizer": vocab.identity() if isinstance(vocab, PretrainedTokenizer) else None,
         "vocab_sources": vocab_sources,
         "parameters": sum(p.numel() for p in backbone.parameters()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -437,6 +451,9 @@ def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> d
                              key=f"pretrain.train.{source}.{key}", expected=f"one of {sorted(known)}",
                              found=key)
     data = dict(section(params, "data", profile, source))
+    from harness.backbones.pretrained import plan_encoders  # refuses a bad text_model by its key
+    plan_encoders(kind, dict(section(params, "profiles", profile, kind)),
+                  f"profiles.{profile}.{kind}", file)
     shared = (pre.get("share_vocab") or {}).get(source) or []
     extra: list[str] = []
     for name in [shared] if isinstance(shared, str) else shared:

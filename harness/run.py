@@ -18,7 +18,7 @@ from harness.pretrain import adopt_vocab, load_pretrained, read_checkpoint
 from harness.extract import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes, tree_hash
 from harness.settings import RUN_OPTIONS, RunPlan
 from harness.tasks.tasks import TASKS
-from harness.text import Tokenized, WordVocab
+from harness.text import PretrainedTokenizer, Tokenized, WordVocab
 from harness.train import fine_tune
 from methods import apply_method, count_parameters
 
@@ -61,8 +61,19 @@ class InMemory(Dataset):
         return self.items[index]
 
 
+def text_vocab(plan: RunPlan) -> PretrainedTokenizer | None:
+    """The pretrained text tower's tokenizer when the plan's backbone block names one
+    (``text_model``, or ``text_encoder: minilm``), else None (a word vocabulary is used)."""
+    from harness.backbones.pretrained import load_named
+
+    text = load_named(plan.backbone_kind, plan.backbone, f"profiles.{plan.profile}.{plan.backbone_kind}"
+                      ).get("text")
+    return PretrainedTokenizer(text.tokenizer, text.name, text.tokenizer_sha256) if text else None
+
+
 def load_splits(plan: RunPlan):
-    """The loaded dataset, its train/valid/test splits (raw text tokenised), and the vocabulary."""
+    """The loaded dataset, its train/valid/test splits (raw text tokenised), and the vocabulary:
+    the pretrained text tower's tokenizer where the backbone names one, else a word vocabulary."""
     options = {k: v for k, v in plan.data.items() if k not in RUN_OPTIONS}
     data = load_dataset(plan.dataset, plan.data["path"], plan.data.get("format"), **options)
     splits = {name: data.split(name) for name in ("train", "valid", "test")}
@@ -71,8 +82,8 @@ def load_splits(plan: RunPlan):
     field = TEXT_FIELDS.get(plan.dataset)
     if field is None:
         return data, splits, None
-    vocab = (WordVocab(data.info["vocab"]) if data.info.get("vocab")
-             else WordVocab.from_texts(item[field] for item in splits["train"]))
+    vocab = text_vocab(plan) or (WordVocab(data.info["vocab"]) if data.info.get("vocab")
+                                 else WordVocab.from_texts(item[field] for item in splits["train"]))
     max_len = plan.data.get("max_text_len", 16)
     return data, {n: Tokenized(s, vocab, max_len, field) for n, s in splits.items()}, vocab
 
@@ -113,7 +124,22 @@ def prepare(plan: RunPlan) -> Prepared:
     task_name, output_dim = task_for(data.info)
     checkpoint = read_checkpoint(plan.pretrained["path"]) if plan.pretrained else None
     vocab_report = None
-    if checkpoint is not None:  # text is tokenised with the pre-training vocabulary
+    if checkpoint is not None and isinstance(vocab, PretrainedTokenizer):
+        if checkpoint.get("vocab"):
+            raise InputError("the pre-training checkpoint was trained on a word vocabulary, this "
+                             "run tokenises with the pretrained text model's tokenizer",
+                             file=plan.pretrained["path"], key=f"pretrain.use.{plan.dataset}",
+                             expected=f"a checkpoint pre-trained with text_model {vocab.name!r} "
+                                      f"(mmpetl pretrain under the same profile)",
+                             found=f"a word vocabulary of {len(checkpoint['vocab'])} words")
+        stored = checkpoint.get("tokenizer") or {}
+        if stored.get("tokenizer_sha256") not in (None, vocab.sha256):
+            raise InputError("the pre-training checkpoint was trained with another tokenizer",
+                             file=plan.pretrained["path"], key="tokenizer.tokenizer_sha256",
+                             expected=f"{vocab.sha256[:16]}... (text_model {vocab.name!r})",
+                             found=f"{stored['tokenizer_sha256'][:16]}...")
+        vocab_report = {"tokenizer": vocab.identity(), "checkpoint_tokenizer": stored or None}
+    elif checkpoint is not None:  # text is tokenised with the pre-training vocabulary
         vocab, splits, vocab_report = adopt_vocab(checkpoint, splits, vocab)
     seed_everything(BACKBONE_SEED)
     backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
@@ -127,6 +153,17 @@ def prepare(plan: RunPlan) -> Prepared:
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     return Prepared(data, splits, vocab, task_name, backbone, load_report)
+
+
+def encoder_sources(plan: RunPlan) -> dict | None:
+    """Where each pretrained tower was read from (directory or hub id) and its load report."""
+    if not plan.encoders:
+        return None
+    from harness.backbones.pretrained import load_named
+
+    loaded = load_named(plan.backbone_kind, plan.backbone,
+                        f"profiles.{plan.profile}.{plan.backbone_kind}")
+    return {m: {"source": e.source, "load_report": e.load_report} for m, e in loaded.items()}
 
 
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
@@ -168,6 +205,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "data_hash": tree_hash(plan.data["path"]),
         "features": features,
         "checkpoint_load_report": load_report,
+        "encoder_sources": encoder_sources(plan),
         "git_commit": records.git_commit(),
         "code_hash": records.code_hash(),
         "versions": records.versions(),

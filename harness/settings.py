@@ -104,6 +104,9 @@ class RunPlan:
     backbone: dict
     data: dict
     pretrained: dict | None = None  # {source, path, sha256, skip}: the checkpoint the backbone starts from
+    # {modality: {model, architecture, weights_sha256[, tokenizer_sha256]}}: the pretrained towers
+    # the backbone block names (image_model / text_model), None when it names none
+    encoders: dict | None = None
 
     def identity(self) -> dict:
         """What identifies the run (hashed into its key, with the code hash)."""
@@ -111,7 +114,8 @@ class RunPlan:
                 "variant": self.variant, "seed": self.seed, "row": self.row,
                 "train": dataclasses.asdict(self.train), "method_overrides": self.method_overrides,
                 "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data,
-                "pretrained": self.pretrained}
+                "pretrained": self.pretrained,
+                **({"encoders": self.encoders} if self.encoders else {})}
 
 
 def grid_row(method: str, variant: str = "paper", settings: dict | None = None) -> dict:
@@ -165,9 +169,19 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
                          expected="a path", found="nothing")
     kind = BACKBONE_FOR[dataset]
     row = grid_row(method, variant, row_settings)
+    backbone = dict(section(params, "profiles", profile, kind))
     return RunPlan(profile, dataset, method, variant, seed, train, row, method_overrides, kind,
-                   dict(section(params, "profiles", profile, kind)), data,
-                   pretrained_plan(params, dataset, kind))
+                   backbone, data, pretrained_plan(params, dataset, kind),
+                   encoders_plan(params, kind, backbone))
+
+
+def encoders_plan(params: dict, kind: str, backbone: dict) -> dict | None:
+    """The pretrained towers ``profiles.<profile>.<kind>`` names, loaded (once per process) and
+    checked, as {modality: {model, architecture, weights_sha256[, tokenizer_sha256]}}: in the run
+    key, so two different checkpoints never share a record."""
+    from harness.backbones.pretrained import plan_encoders
+
+    return plan_encoders(kind, backbone, f"profiles.{params['profile']}.{kind}", params["_file"])
 
 
 def pretrained_plan(params: dict, dataset: str, kind: str) -> dict | None:

@@ -3,9 +3,11 @@ HowTo100M backbone, implementing the method contract (methods/base.py).
 
 Model
 -----
-Text: a BERT (transformers ``BertModel`` built from a config, random weights; the paper preset is
-BERT-base-cased, no pooler), whose [CLS] output feeds, per expert e, a gated embedding unit
-GEU_e (Linear(D_text -> D), context gating y * sigmoid(W y + b), L2 norm) and a mixture logit
+Text: a BERT (transformers ``BertModel``, no pooler): pretrained where ``MMTConfig.text_model``
+names a Hugging Face model id or a ``save_pretrained`` directory (``harness.backbones.pretrained``;
+MMT's released code loads ``bert-base-cased``), else built from the ``text`` config with random
+weights (the paper preset has BERT-base-cased's sizes). Its [CLS] output feeds, per expert e, a
+gated embedding unit GEU_e (Linear(D_text -> D), context gating y * sigmoid(W y + b), L2 norm) and a mixture logit
 a_e (Linear(D_text -> 1)).
 
 Video: ONE joint transformer over ONE sequence
@@ -125,6 +127,7 @@ class MMTConfig:
     time_embeddings: int = 16
     dropout: float = 0.1
     adapt_text: bool = False  # list BERT's linears in linear_sites() (modality "text")
+    text_model: str | None = None  # pretrained BERT (HF id or directory); None = random from `text`
 
     @classmethod
     def tiny(cls, **overrides) -> "MMTConfig":
@@ -226,6 +229,41 @@ class SegmentAdapters(nn.Module):
                           for (name, _), p in zip(self.layout, pieces)], dim=1)
 
 
+TEXT_CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings", "type_vocab_size")
+
+
+def pretrained_text_config(loaded) -> dict:
+    """``MMTConfig.text`` for a pretrained text tower (a ``LoadedEncoder``): its BERT sizes."""
+    return {k: getattr(loaded.model.config, k) for k in TEXT_CONFIG_FIELDS}
+
+
+def build_text_tower(config: MMTConfig) -> nn.Module:
+    """The text BERT: a copy of the pretrained ``config.text_model`` (its sizes must be those in
+    ``config.text``; ``hidden_dropout_prob`` / ``attention_probs_dropout_prob`` there apply), or
+    a random ``BertModel(BertConfig(**config.text))``."""
+    from transformers import BertConfig, BertModel  # imported here: late-fusion runs never need it
+
+    if not config.text_model:
+        return BertModel(BertConfig(**config.text), add_pooling_layer=False)
+    from harness.backbones.pretrained import load_encoder, with_dropout
+
+    loaded = load_encoder(config.text_model, "bert", key="MMTConfig.text_model")
+    expected = pretrained_text_config(loaded)
+    differ = {k: (config.text[k], v) for k, v in expected.items()
+              if k in config.text and config.text[k] != v}
+    if differ:
+        raise ValueError(f"MMTConfig.text differs from the pretrained text tower "
+                         f"{config.text_model!r}: " + ", ".join(
+                             f"{k} = {a!r}, the model has {b!r}" for k, (a, b) in differ.items()))
+    model = loaded.model_copy()
+    dropout = config.text.get("hidden_dropout_prob")
+    if dropout is not None:
+        with_dropout(model, dropout)
+    model.load_report = {**loaded.load_report, **loaded.identity()}
+    return model
+
+
 class MMTBackbone(HookPoints, nn.Module):
     activation = "relu"  # the joint layers' FFN nonlinearity (layers.FeedForward)
 
@@ -234,8 +272,7 @@ class MMTBackbone(HookPoints, nn.Module):
         self.config = config
         self.modalities = config.experts
         D = config.width
-        from transformers import BertConfig, BertModel  # imported here: late-fusion runs never need it
-        self.text = BertModel(BertConfig(**config.text), add_pooling_layer=False)
+        self.text = build_text_tower(config)
         text_dim = self.text.config.hidden_size
         self.experts = nn.ModuleDict(
             {e: ExpertEmbedding(config.expert_dims[e], D) for e in self.modalities})

