@@ -27,6 +27,9 @@ The method contract (methods/base.py):
 - ``set_adapter``: Houlsby placement, the module runs on a sub-layer's output right after its
   output dense projection, before dropout and the residual add (ViT: o_proj / fc2 then dropout,
   residual; BERT: dense then dropout, residual and post-LayerNorm);
+- ``set_parallel_adapter`` (optional contract hook, UniAdapter's parallel placement as released):
+  the module reads a layer's post-attention stream h and its output is added to the layer's
+  output (ViT: the raw h, not LN2(h); BERT: after the post-FFN LayerNorm);
 - prompts and fusion hooks as in ``LockstepBackbone.encode``: per depth, prompts prepended, the HF
   layer called per modality, prompt outputs stripped; after the last depth the ViT's final
   LayerNorm (BERT is post-LN and has none), then the fusion hook of that depth.
@@ -429,15 +432,34 @@ class PostNormOutput(nn.Module):
 
 
 class ResidualNorm(nn.Module):
-    """BertOutput without its dense (moved into ``FeedForward``): LayerNorm(dropout(h) + residual)."""
+    """BertOutput without its dense (moved into ``FeedForward``): LayerNorm(dropout(h) + residual),
+    plus ``parallel(residual)`` AFTER the LayerNorm where ``set_parallel_adapter`` put one (the
+    residual is the layer's post-attention stream; RERV/UniAdapter models/med.py BertLayer)."""
 
     def __init__(self, dropout: nn.Module, norm: nn.LayerNorm):
         super().__init__()
         self.dropout = dropout
         self.LayerNorm = norm
+        self.parallel: nn.Module | None = None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(hidden) + residual)
+        out = self.LayerNorm(self.dropout(hidden) + residual)
+        if self.parallel is not None:
+            out = out + self.parallel(residual)
+        return out
+
+
+def _capture_stream(norm: nn.Module, args: tuple) -> None:
+    """Pre-hook on a ViT layer's ``layernorm_after``: keeps its input, the post-attention stream."""
+    norm.stream = args[0]
+
+
+def _parallel_adapter_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """On a ViT layer: adds ``parallel_adapter(h)`` to the layer's output, h = the raw stream after
+    the attention residual (RERV/UniAdapter models/vit.py Block: residual + mlp(norm2(x)) +
+    adapter(x)). Plain functions reading the modules, so deep copies stay consistent."""
+    stream = layer.layernorm_after.__dict__.pop("stream")
+    return output + layer.parallel_adapter(stream)
 
 
 def _attention_adapter_hook(module: nn.Module, args: tuple, output):
@@ -694,6 +716,23 @@ class TwoTowerBackbone(HookPoints, nn.Module):
         else:
             owner = layer.attention if modality == "image" else layer.attention.output
         owner.adapter = module
+
+    def set_parallel_adapter(self, modality: str, depth: int, module: nn.Module) -> None:
+        """``module(h)`` is added to the output of layer ``depth`` of ``modality``, h = the layer's
+        post-attention residual stream (the FFN sub-layer's input before any pre-LayerNorm). ViT:
+        out = h + dropout(FFN(LN2(h))) + module(h); BERT: out = LN(h + dropout(FFN(h))) + module(h),
+        after the post-FFN LayerNorm. UniAdapter's parallel placement as released (RERV/UniAdapter
+        models/vit.py Block.forward, models/med.py BertLayer.forward)."""
+        if not 0 <= depth < self.num_layers(modality):
+            raise ValueError(f"adapter depth must be in [0, {self.num_layers(modality)}), got {depth}")
+        layer = self.layer(modality, depth)
+        if modality == "text":
+            layer.output.parallel = module
+            return
+        if getattr(layer, "parallel_adapter", None) is None:
+            layer.layernorm_after.register_forward_pre_hook(_capture_stream)
+            layer.register_forward_hook(_parallel_adapter_hook)
+        layer.parallel_adapter = module
 
     # --- alternative heads (methods/base.py use_head) ------------------------------------------
     head_options = (RELEASED_WANDER_HEAD,)
