@@ -19,9 +19,10 @@ _json_stdout = None
 
 def _emit(document, as_json: bool, render) -> None:
     if as_json:
+        from harness.records import dumps_strict
+
         stream = _json_stdout or sys.stdout
-        json.dump(document, stream, indent=2, default=str)
-        stream.write("\n")
+        stream.write(dumps_strict(document, indent=2) + "\n")  # strict JSON: NaN -> null + reason
     else:
         render(document)
 
@@ -361,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     global _json_stdout
     args = build_parser().parse_args(argv)
     _json_stdout = None
+    from harness.records import lock_warning
+
+    warning = lock_warning()  # one line on stderr when the environment is not the locked one
+    if warning:
+        print(warning, file=sys.stderr)
     if getattr(args, "json", False):
         _json_stdout = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):

@@ -55,8 +55,8 @@ data_hash_for(data, split, **options) -> str
 
 File format: one HDF5 file per split (h5py). Datasets ``feat_<m>`` (N, L_m, D_m) float16,
 ``mask_<m>`` (N, L_m) bool, ``label`` (N, ...), ``index`` (N,); attribute ``meta``: JSON with
-format, version, encoder_hash, data_hash, backbone class, modalities, n, shapes, dtype, the fields
-and the extraction time. Files up to ``IN_MEMORY_LIMIT`` bytes are read into memory; larger ones are
+format, version, encoder_hash, data_hash, backbone class, modalities, n, shapes, dtype and the
+fields (no time, host or installed versions: the same encoder and data give the same bytes). Files up to ``IN_MEMORY_LIMIT`` bytes are read into memory; larger ones are
 read item by item (paper-size Food-101 features do not fit in RAM).
 
 Backbones: two-tower (Food-101) and late-fusion (MOSI / IEMOCAP / MOSEI), both implement
@@ -441,7 +441,8 @@ def _write_cache(backbone, dataset_split, path: Path, encoder_hash_: str, data_h
                 "shapes": shapes, "dtype": str(STORAGE_DTYPE).replace("torch.", ""),
                 "dtypes": {k: str(d.dtype) for k, d in datasets.items()},
                 "encoder_mode": "eval (no dropout), before the last-layer fusion hook",
-                "torch": torch.__version__,
+                # no installed versions or build labels (torch 2.13.0+cpu vs +cu128): the bytes
+                # depend on what computes them only (encoder_hash holds torch's public version)
             }, sort_keys=True)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())

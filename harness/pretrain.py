@@ -33,12 +33,13 @@ reads it)::
     source, data: {path, format, hash, sizes}, seed, train: TrainSettings as a dict,
     profile_settings, task, metrics: {valid, initial_valid, selected_epoch, select_metric,
     history}, vocab: [words] | None, tokenizer: {kind, model, tokenizer_sha256} | None,
-    vocab_sources, device, code_hash, versions,
-    parameters (count)
+    vocab_sources, parameters (count)
 
 The file is a function of its inputs alone (same data, settings, seed and code: the same bytes),
-so DVC and the run keys (which hold its sha256) see the same checkpoint from every clone and
-commit; the run's wall time and git commit are in the report ``pretrain`` returns, not the file.
+so DVC and the run keys (which hold its sha256) see the same checkpoint from every clone, commit
+and environment. Provenance that does not change the numbers (device name, code hash, package
+versions, host, git commit, wall time) is written BESIDE it, in ``<checkpoint>.provenance.json``
+(``provenance_path``; .dvcignore keeps it out of DVC's hash of the checkpoint folder).
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ from harness.train import TrainSettings, evaluate, train_and_select
 log = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "mmpetl.pretrained_backbone", 1
+PROVENANCE_SUFFIX = ".provenance.json"  # beside the checkpoint; .dvcignore leaves it out of DVC's hash
 # source -> (backbone kind, task, output size)
 SOURCES = {"mosei": ("late_fusion", "regression", 1), "howto100m": ("mmt", "retrieval", 0)}
 # what a fine-tuning load leaves out by default, per backbone kind
@@ -238,12 +240,25 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         "tokenizer": vocab.identity() if isinstance(vocab, PretrainedTokenizer) else None,
         "vocab_sources": vocab_sources,
         "parameters": sum(p.numel() for p in backbone.parameters()),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "code_hash": records.code_hash(), "versions": records.versions(),
     })
     _save_atomic({**metadata, "state_dict": best_state}, out_path)
-    return {**metadata, "path": str(out_path), "wall_s": time.perf_counter() - started,
-            "git_commit": records.git_commit()}
+    provenance = {
+        "checkpoint": out_path.name, "sha256": checkpoint_sha256(out_path),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "code_hash": records.code_hash(), "versions": records.versions(),
+        "packages": records.compute_versions(), "host": records.host(),
+        "git_commit": records.git_commit(), "wall_s": round(time.perf_counter() - started, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    records.write_json_atomic(provenance_path(out_path), provenance)
+    return {**metadata, **provenance, "path": str(out_path),
+            "provenance": str(provenance_path(out_path)), "wall_s": time.perf_counter() - started}
+
+
+def provenance_path(checkpoint_path: str | Path) -> Path:
+    """``<checkpoint>.provenance.json``: how and where the checkpoint was made (not its inputs)."""
+    path = Path(checkpoint_path)
+    return path.with_name(path.name + PROVENANCE_SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +287,8 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
         raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
                          expected="{name: tensor}", found=type(state).__name__)
     document["path"] = str(path)  # where it was read from (not stored in the file)
+    beside = provenance_path(path)
+    document["provenance"] = records.read_json(beside) if beside.is_file() else None
     return document
 
 
@@ -333,7 +350,8 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
         "checkpoint": where, "backbone": kind, "source": document.get("source"),
         "checkpoint_seed": document.get("seed"),
         "checkpoint_data_hash": (document.get("data") or {}).get("hash"),
-        "checkpoint_code_hash": document.get("code_hash"),
+        "checkpoint_code_hash": (document.get("provenance") or {}).get("code_hash",
+                                                                       document.get("code_hash")),
         "skip_prefixes": list(prefixes),
         "n_loaded": len(loaded), "loaded_values": sum(state[k].numel() for k in loaded),
         "missing": missing, "n_missing": len(missing),

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from importlib import metadata
@@ -17,6 +20,11 @@ RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "ha
             "harness/run.py", "harness/text.py", "harness/settings.py", "harness/pretrain.py",
             "harness/extract.py")
 PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")
+# The packages whose versions can change a run's numbers: their versions are in every run key, so
+# records made under another environment are never read back as these.
+COMPUTE_PACKAGES = ("torch", "transformers", "peft", "numpy")
+# Exact versions of every package of the install (scripts/refresh_lock.sh writes it)
+LOCK_FILE = PROJECT_ROOT / "requirements-lock.txt"
 
 
 def canonical_hash(document) -> str:
@@ -56,8 +64,131 @@ def versions() -> dict:
     return found
 
 
+def _public(version: str | None) -> str | None:
+    """``2.13.0+cpu`` -> ``2.13.0``: a local build label (CPU / CUDA wheel of one release) is not
+    a different release."""
+    return version.split("+", 1)[0] if version else version
+
+
+@functools.lru_cache(maxsize=1)
+def compute_versions() -> dict:
+    """{package: version} of ``COMPUTE_PACKAGES`` (public versions; None when not installed)."""
+    found = {}
+    for package in COMPUTE_PACKAGES:
+        try:
+            found[package] = _public(metadata.version(package))
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: str | Path = None) -> dict[str, str]:
+    """{normalised name: version} of the ``name==version`` lines of the lock file."""
+    pins = {}
+    for line in Path(path or LOCK_FILE).read_text().splitlines():
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        name, sep, version = line.partition("==")
+        if sep:
+            pins[_normalised(name.split("[", 1)[0].strip())] = version.strip()
+    return pins
+
+
+def lock_mismatches(path: str | Path = None) -> list[str]:
+    """``"name installed (lock pinned)"`` / ``"name missing (lock pinned)"`` for every package of
+    the lock whose installed version differs (compute packages first); [] without a lock file
+    (e.g. a non-editable install)."""
+    path = Path(path or LOCK_FILE)
+    if not path.is_file():
+        return []
+    installed = {}
+    for distribution in metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name:
+            installed.setdefault(_normalised(name), distribution.version)
+    differ = []
+    pins = read_lock(path)
+    for name in sorted(pins, key=lambda n: (n not in COMPUTE_PACKAGES, n)):
+        have = installed.get(name)
+        if have is None:
+            differ.append(f"{name} missing (lock {pins[name]})")
+        elif _public(have) != _public(pins[name]):
+            differ.append(f"{name} {have} (lock {pins[name]})")
+    return differ
+
+
+def lock_warning(path: str | Path = None) -> str | None:
+    """One line naming the installed packages that differ from the lock, or None."""
+    differ = lock_mismatches(path)
+    if not differ:
+        return None
+    shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+    return (f"mmpetl: warning: installed packages differ from {Path(path or LOCK_FILE).name}: "
+            f"{shown}; run keys hold torch/transformers/peft/numpy versions, so the committed "
+            f"study's records may not be reused (python -m pip install -r requirements-lock.txt)")
+
+
+def strict(document, _where: str = ""):
+    """A copy of ``document`` that is strict JSON: each non-finite float (NaN, inf) becomes None
+    and its path is listed under ``null_reasons`` of the top-level mapping (why it is null)."""
+    reasons: dict[str, str] = {}
+
+    def walk(node, where):
+        if isinstance(node, float) and not math.isfinite(node):
+            reasons[where or "(value)"] = ("undefined (NaN)" if math.isnan(node)
+                                           else f"not finite ({node})")
+            return None
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    cleaned = walk(document, _where)
+    if reasons:
+        if isinstance(cleaned, dict):
+            cleaned["null_reasons"] = {**(cleaned.get("null_reasons") or {}), **reasons}
+        else:
+            cleaned = {"value": cleaned, "null_reasons": reasons}
+    return cleaned
+
+
+def dumps_strict(document, **options) -> str:
+    """``json.dumps`` of ``strict(document)`` (never NaN / Infinity; ``default=str``)."""
+    return json.dumps(strict(document), allow_nan=False, default=str, **options)
+
+
+def host() -> dict:
+    """Where something was computed (provenance: kept beside artifacts, never in their bytes)."""
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def restore_nan(document):
+    """Inverse of ``strict`` for reading: each path listed in ``null_reasons`` becomes NaN again
+    (statistics leave undefined values out with a note, as they did before JSON was strict)."""
+    if not isinstance(document, dict) or not document.get("null_reasons"):
+        return document
+    for where, why in document["null_reasons"].items():
+        parts = re.findall(r"([^.\[\]]+)|\[(\d+)\]", where)
+        node = document
+        try:
+            for key, index in parts[:-1]:
+                node = node[int(index)] if index else node[key]
+            key, index = parts[-1]
+            if (node[int(index)] if index else node[key]) is None:
+                value = float("nan") if "NaN" in why else float(why.split("(")[-1].rstrip(")"))
+                node[int(index) if index else key] = value
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+    return document
+
+
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
+    return restore_nan(json.loads(Path(path).read_text()))
 
 
 @contextlib.contextmanager
@@ -72,10 +203,17 @@ def atomic_file(path: str | Path, mode: str = "w"):
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600: follow the umask
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -84,4 +222,4 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, document) -> None:
-    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(path, dumps_strict(document, indent=2, sort_keys=True) + "\n")

@@ -89,7 +89,10 @@ def load_splits(plan: RunPlan):
 
 
 def run_key(plan: RunPlan) -> str:
-    return records.canonical_hash({"run": plan.identity(), "code": records.code_hash()})
+    # the compute packages' versions: a record made under another torch / transformers / peft /
+    # numpy is never read back as this run's
+    return records.canonical_hash({"run": plan.identity(), "code": records.code_hash(),
+                                   "packages": records.compute_versions()})
 
 
 def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
@@ -209,6 +212,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "git_commit": records.git_commit(),
         "code_hash": records.code_hash(),
         "versions": records.versions(),
+        "packages": records.compute_versions(),  # in the key
     }
     records.write_json_atomic(path, record)
     return record

@@ -149,10 +149,12 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
 
 
 def prune(out_dir: Path) -> int:
-    """Delete records computed by other code (their keys can never be asked for again)."""
-    current, removed = records.code_hash(), 0
+    """Delete records computed by other code or under other compute-package versions (their keys
+    can never be asked for again here)."""
+    current, packages, removed = records.code_hash(), records.compute_versions(), 0
     for path in Path(out_dir).glob("*/*-seed*-*.json"):
-        if records.read_json(path).get("code_hash") != current:
+        record = records.read_json(path)
+        if record.get("code_hash") != current or record.get("packages") != packages:
             path.unlink()
             removed += 1
     return removed

@@ -2,6 +2,8 @@
 fine-tuning with a load report that names every key left out (missing / unexpected / skipped)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,9 +12,10 @@ from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
 from harness.backbones.mmt import ALL_EXPERTS, PRETRAIN_EXPERTS
 from harness.data import generate, load_dataset
 from harness.errors import InputError
-from harness.pretrain import (FORMAT, adopt_vocab, checkpoint_path, dataset_vocab, load_pretrained,
-                              plan_pretrain, pretrain, pretrained_for, read_checkpoint)
+from harness.pretrain import (FORMAT, adopt_vocab, checkpoint_path, checkpoint_sha256, dataset_vocab,
+                              load_pretrained, plan_pretrain, pretrain, pretrained_for, read_checkpoint)
 from harness.text import Tokenized, WordVocab
+from helpers import ROOT
 
 LATE = {"width": 16, "depth": 1, "heads": 2}
 MMT = {"preset": "tiny", "width": 16, "depth": 1, "heads": 2}
@@ -71,6 +74,28 @@ def test_same_inputs_give_the_same_checkpoint_bytes(late_checkpoint, data_dir, t
     assert (tmp_path / "again.pt").read_bytes() == path.read_bytes()
 
 
+def test_provenance_lives_beside_the_checkpoint(late_checkpoint, data_dir, tmp_path, monkeypatch):
+    """Versions, device, host, code hash and times do not change the numbers: they are written to
+    <checkpoint>.provenance.json, so another environment (a venv without the ray extra, another
+    host) writes the same checkpoint bytes."""
+    from harness import records
+
+    path, meta = late_checkpoint
+    provenance = json.loads((path.parent / (path.name + ".provenance.json")).read_text())
+    assert provenance["sha256"] == checkpoint_sha256(path) and provenance["versions"]["torch"]
+    assert {"device", "code_hash", "host", "git_commit", "wall_s", "packages"} <= set(provenance)
+    monkeypatch.setattr(records, "versions", lambda: {"torch": "0.0", "ray": None})
+    monkeypatch.setattr(records, "code_hash", lambda: "0" * 64)
+    monkeypatch.setattr(records, "host", lambda: {"platform": "elsewhere"})
+    other = pretrain("mosei", tmp_path / "other-env.pt", LATE, TRAIN, seed=0,
+                     data={"path": str(data_dir / "mosei")}, progress=False)
+    assert (tmp_path / "other-env.pt").read_bytes() == path.read_bytes()
+    assert other["versions"] == {"torch": "0.0", "ray": None}
+    assert read_checkpoint(tmp_path / "other-env.pt")["provenance"]["host"] == {"platform": "elsewhere"}
+    dvcignore = (ROOT / ".dvcignore").read_text().splitlines()
+    assert "*.provenance.json" in dvcignore  # DVC's hash of the checkpoint folder leaves it out
+
+
 def test_checkpoint_holds_state_and_metadata(late_checkpoint, data_dir):
     path, meta = late_checkpoint
     document = read_checkpoint(path)
@@ -79,8 +104,9 @@ def test_checkpoint_holds_state_and_metadata(late_checkpoint, data_dir):
     assert document["config"]["input_dims"] == {"text": 32, "audio": 8, "vision": 12}
     assert document["data"]["hash"] and len(document["data"]["hash"]) == 64
     assert len(document["metrics"]["history"]) == TRAIN["epochs"]
-    assert "mae" in document["metrics"]["valid"] and "code_hash" in document
-    assert "git_commit" not in document and "wall_s" not in document  # the file depends on its inputs only
+    assert "mae" in document["metrics"]["valid"] and document["provenance"]["code_hash"]
+    for field in ("git_commit", "wall_s", "code_hash", "versions", "device"):  # beside, not inside
+        assert field not in torch.load(path, weights_only=True)
     assert meta["path"] == str(path) and "state_dict" not in meta
     # the whole backbone is in it
     model = LateFusionBackbone(LateFusionConfig(**{k: document["config"][k] for k in

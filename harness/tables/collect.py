@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import InputError
+from harness.records import restore_nan
 
 REQUIRED = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict}
 
@@ -45,7 +46,7 @@ def load_records(records_dir) -> list[dict]:
         if path.name.startswith("."):
             continue
         try:
-            record = json.loads(path.read_text())
+            record = restore_nan(json.loads(path.read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InputError("unreadable run record", file=str(path), expected="a JSON run record",
                              found=str(error)) from error

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from harness.records import atomic_file
+from harness.records import atomic_file, dumps_strict
 
 
 def write_bytes_atomic(path, data: bytes) -> bool:
@@ -28,7 +28,7 @@ def write_text_atomic(path, text: str) -> bool:
 
 def write_json_atomic(path, document) -> bool:
     """Sorted keys, 2-space indent, trailing newline (same layout as harness.records)."""
-    return write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return write_text_atomic(path, dumps_strict(document, indent=2, sort_keys=True) + "\n")
 
 
 def num(value) -> str:
