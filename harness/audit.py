@@ -1,4 +1,4 @@
-"""Gradient-health and identity-at-init audit of every method x variant (DESIGN.md, method contract).
+"""Gradient-health and identity-at-init audit of every method x variant (contract: methods.base).
 
 A trainable tensor is *dead* when its gradient is exactly zero at the initial state AND still zero
 after one SGD step on every trainable tensor. Zero-initialised up-projections (LoRA's B, adapters'

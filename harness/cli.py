@@ -1,4 +1,4 @@
-"""The ``mmpetl`` command line (DESIGN.md, CLI contract). ``--json`` prints one JSON document on
+"""The ``mmpetl`` command line. ``--json`` prints one JSON document on
 stdout; logs and progress go to stderr. Bad input exits 2 with a message naming what is wrong."""
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Pre-training of the late-fusion and MMT backbones, and loading their checkpoints for fine-tuning.
+"""Stage ``pretrain@<source>``: pre-training of the late-fusion and MMT backbones (loading their
+checkpoints for fine-tuning is ``harness.checkpoints``).
 
-Sources (data-and-metrics.md, "Pre-training")
----------------------------------------------
+Sources
+-------
 - ``mosei``     -> the late-fusion backbone, regression with the L1 loss (as MOSI). Fine-tuning on
   MOSI / IEMOCAP loads everything except the input projections (``projections.*``: the input dims
   differ) and the output layer (``head.out.*``: output sizes differ).
@@ -39,12 +40,12 @@ The file is a function of its inputs alone (same data, settings, seed and code: 
 so DVC and the run keys (which hold its sha256) see the same checkpoint from every clone, commit
 and environment. Provenance that does not change the numbers (device name, code hash, package
 versions, host, git commit, wall time) is written BESIDE it, in ``<checkpoint>.provenance.json``
-(``provenance_path``; .dvcignore keeps it out of DVC's hash of the checkpoint folder).
+(``harness.checkpoints.provenance_path``; .dvcignore keeps it out of DVC's hash of the
+checkpoint folder).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -53,44 +54,28 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from torch import nn
 
 from harness import records
-from harness.backbones import build_backbone
+from harness.backbones import build_backbone, load_named, plan_encoders
 from harness.data import load_dataset
 from harness.data._common import MANIFEST
+from harness.checkpoints import (FORMAT, FORMAT_VERSION, SOURCES, checkpoint_sha256,
+                                 provenance_path)
 from harness.errors import InputError
-from harness.settings import RUN_OPTIONS
+from harness.records import atomic_file, canonical_hash, update_with_file
+from harness.settings import RUN_OPTIONS, checkpoint_path, section
 from harness.tasks.tasks import TASKS
 from harness.text import SPECIALS, PretrainedTokenizer, Tokenized, WordVocab, words
-from harness.train import TrainSettings, evaluate, train_and_select
+from harness.train import TrainSettings, evaluate, seed_everything, train_and_select
 
 log = logging.getLogger(__name__)
 
-FORMAT, FORMAT_VERSION = "mmpetl.pretrained_backbone", 1
-PROVENANCE_SUFFIX = ".provenance.json"  # beside the checkpoint; .dvcignore leaves it out of DVC's hash
-# source -> (backbone kind, task, output size)
-SOURCES = {"mosei": ("late_fusion", "regression", 1), "howto100m": ("mmt", "retrieval", 0)}
-# what a fine-tuning load leaves out by default, per backbone kind
-DEFAULT_SKIP = {"late_fusion": ("projections.", "head.out."), "mmt": ()}
 TEXT_FIELD = "caption"
-# config fields that change the computation without changing any tensor shape
-STRUCTURAL = {"late_fusion": ("heads",), "mmt": ("heads", "text.num_attention_heads")}
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-def backbone_kind(backbone: nn.Module) -> str:
-    from harness.backbones.late_fusion import LateFusionBackbone
-    from harness.backbones.mmt import MMTBackbone
-    from harness.backbones.two_tower import TwoTowerBackbone
-    for cls, kind in ((LateFusionBackbone, "late_fusion"), (MMTBackbone, "mmt"),
-                      (TwoTowerBackbone, "two_tower")):
-        if isinstance(backbone, cls):
-            return kind
-    return type(backbone).__name__
 
 
 def _plain(document):
@@ -126,17 +111,15 @@ def data_hash(data) -> str:
     manifest = (root if root.is_dir() else root.parent) / MANIFEST
     for path in sorted(set(files + ([manifest] if manifest.is_file() else []))):
         digest.update(path.name.encode())
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-    digest.update(records.canonical_hash(  # location-independent: no paths
+        update_with_file(digest, path)
+    digest.update(canonical_hash(  # location-independent: no paths
         {"name": data.name, "format": data.format,
          "sizes": {n: len(s) for n, s in data.splits.items()}}).encode())
     return digest.hexdigest()
 
 
 def _save_atomic(document: dict, path: Path) -> None:
-    with records.atomic_file(path, "wb") as stream:
+    with atomic_file(path, "wb") as stream:
         torch.save(document, stream)
 
 
@@ -201,8 +184,6 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
     settings = _train_settings(train_settings)
     out_path = Path(out_path)
     started = time.perf_counter()
-    from harness.backbones.pretrained import load_named
-
     text = load_named(kind, dict(profile_settings or {}), f"profiles.*.{kind}").get("text")
     tokenizer = (PretrainedTokenizer(text.tokenizer, text.name, text.tokenizer_sha256)
                  if text is not None else None)
@@ -211,7 +192,6 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         raise InputError("pre-training data of the wrong task", file=loaded.path, key="task",
                          expected=task_name, found=loaded.info.get("task"))
 
-    from harness.run import seed_everything  # late import: run.py may import this module
     seed_everything(seed)
     backbone = build_backbone(kind, dict(profile_settings or {}), loaded.info, output_dim,
                               vocab_size=len(vocab) if vocab is not None else None)
@@ -255,192 +235,9 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
             "provenance": str(provenance_path(out_path)), "wall_s": time.perf_counter() - started}
 
 
-def provenance_path(checkpoint_path: str | Path) -> Path:
-    """``<checkpoint>.provenance.json``: how and where the checkpoint was made (not its inputs)."""
-    path = Path(checkpoint_path)
-    return path.with_name(path.name + PROVENANCE_SUFFIX)
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------------------------
-
-def read_checkpoint(checkpoint_path: str | Path) -> dict:
-    """The checkpoint document, checked; InputError names the file when it is missing or bad."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise InputError("pre-trained checkpoint not found (run `mmpetl pretrain` first)",
-                         file=str(path), key="checkpoint", expected="an existing checkpoint file",
-                         found="missing")
-    try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated / not a torch file / foreign pickle
-        raise InputError("cannot read the pre-trained checkpoint", file=str(path), key="(whole file)",
-                         expected="a checkpoint written by `mmpetl pretrain`",
-                         found=f"{type(error).__name__}: {str(error)[:200]}") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        found = document.get("format") if isinstance(document, dict) else type(document).__name__
-        raise InputError("not an mmpetl pre-trained backbone checkpoint", file=str(path),
-                         key="format", expected=FORMAT, found=found)
-    state = document.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
-                         expected="{name: tensor}", found=type(state).__name__)
-    document["path"] = str(path)  # where it was read from (not stored in the file)
-    beside = provenance_path(path)
-    document["provenance"] = records.read_json(beside) if beside.is_file() else None
-    return document
-
-
-def _as_document(checkpoint) -> tuple[dict, str]:
-    if isinstance(checkpoint, dict):
-        return checkpoint, str(checkpoint.get("path", "<in memory>"))
-    return read_checkpoint(checkpoint), str(checkpoint)
-
-
-def _config_value(config, dotted: str):
-    node = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterable[str] | None = None
-                    ) -> dict:
-    """Load a pre-trained checkpoint into a freshly built ``backbone`` (before ``apply_method``)
-    and return the load report (for the run record's ``checkpoint_load_report``).
-
-    ``skip_prefixes`` (default per kind, ``DEFAULT_SKIP``): checkpoint keys starting with one of
-    them are not loaded. Every other checkpoint tensor that the backbone has must fit its shape
-    (InputError naming the tensor and both shapes); the backbone's keys the checkpoint lacks
-    keep their fresh initialisation (``missing``); checkpoint keys the backbone lacks are left
-    out (``unexpected``). ``checkpoint_path`` may also be a document from ``read_checkpoint``."""
-    document, where = _as_document(checkpoint_path)
-    kind = backbone_kind(backbone)
-    if document.get("backbone") != kind:
-        raise InputError("checkpoint is for another backbone kind", file=where, key="backbone",
-                         expected=kind, found=document.get("backbone"))
-    for field in STRUCTURAL.get(kind, ()):
-        mine, theirs = _config_value(backbone.config, field), _config_value(document.get("config", {}), field)
-        if theirs is not None and mine is not None and mine != theirs:
-            raise InputError("checkpoint backbone config does not fit", file=where,
-                             key=f"config.{field}", expected=f"{mine} (backbone)",
-                             found=f"{theirs} (checkpoint)")
-    prefixes = tuple(DEFAULT_SKIP.get(kind, ()) if skip_prefixes is None else skip_prefixes)
-    state = document["state_dict"]
-    own = backbone.state_dict()
-    skipped = sorted(k for k in state if k.startswith(prefixes)) if prefixes else []
-    considered = [k for k in state if k not in set(skipped)]
-    unexpected = sorted(k for k in considered if k not in own)
-    loaded = sorted(k for k in considered if k in own)
-    missing = sorted(k for k in own if k not in state)
-    misfits = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in loaded
-               if state[k].shape != own[k].shape]
-    if misfits:
-        name, theirs, mine = misfits[0]
-        more = f" (and {len(misfits) - 1} more tensor(s))" if len(misfits) > 1 else ""
-        raise InputError(f"checkpoint tensor {name!r} does not fit the backbone{more}", file=where,
-                         key=name, expected=f"shape {mine} (backbone)",
-                         found=f"shape {theirs} (checkpoint)")
-    result = backbone.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    report = {
-        "checkpoint": where, "backbone": kind, "source": document.get("source"),
-        "checkpoint_seed": document.get("seed"),
-        "checkpoint_data_hash": (document.get("data") or {}).get("hash"),
-        "checkpoint_code_hash": (document.get("provenance") or {}).get("code_hash",
-                                                                       document.get("code_hash")),
-        "skip_prefixes": list(prefixes),
-        "n_loaded": len(loaded), "loaded_values": sum(state[k].numel() for k in loaded),
-        "missing": missing, "n_missing": len(missing),
-        "unexpected": unexpected, "n_unexpected": len(unexpected),
-        "skipped": skipped, "n_skipped": len(skipped),
-        "fresh_values": sum(own[k].numel() for k in missing)
-        + sum(own[k].numel() for k in skipped if k in own),
-    }
-    if missing or unexpected or skipped:
-        log.warning("checkpoint %s: loaded %d tensors; %d missing (fresh), %d unexpected, "
-                    "%d skipped", where, len(loaded), len(missing), len(unexpected), len(skipped))
-    return report
-
-
-def checkpoint_vocab(checkpoint) -> WordVocab | None:
-    document, _ = _as_document(checkpoint)
-    return WordVocab(document["vocab"]) if document.get("vocab") else None
-
-
-def adopt_vocab(checkpoint, splits: dict, vocab: WordVocab | None):
-    """Fine-tuning side of the shared vocabulary: re-tokenise ``splits`` (``Tokenized`` datasets
-    from ``run.load_splits``) with the checkpoint's vocabulary. Returns (vocab, splits, report);
-    unchanged when the checkpoint or the data has no vocabulary."""
-    document, _ = _as_document(checkpoint)
-    if vocab is None or not document.get("vocab"):
-        return vocab, splits, None
-    shared = WordVocab(document["vocab"])
-    downstream = set(vocab.index)
-    unknown = sorted(downstream - set(shared.index))
-    retokenised = {n: Tokenized(s.split, shared, s.max_len, s.field) if isinstance(s, Tokenized) else s
-                   for n, s in splits.items()}
-    report = {"size": len(shared), "downstream_words": len(downstream),
-              "downstream_words_not_in_checkpoint": len(unknown), "examples_unknown": unknown[:20]}
-    if unknown:
-        log.warning("%d downstream words are not in the checkpoint's vocabulary (mapped to [UNK])",
-                    len(unknown))
-    return shared, retokenised, report
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_sha256(checkpoint_path: str | Path) -> str | None:
-    """sha256 of the checkpoint file (for run keys), None when it does not exist yet."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
 # ---------------------------------------------------------------------------------------------
 # params.yaml
 # ---------------------------------------------------------------------------------------------
-
-def _pretrain_section(params: dict) -> dict:
-    from harness.settings import section
-    return section(params, "pretrain")
-
-
-def checkpoint_path(params: dict, source: str) -> str:
-    """``pretrain.checkpoints.<source>`` with ``{profile}`` filled in."""
-    from harness.settings import section
-    paths = section(params, "pretrain", "checkpoints")
-    if source not in paths:
-        raise InputError("no checkpoint path for this pre-training source", file=params.get("_file"),
-                         key=f"pretrain.checkpoints.{source}", expected="a path", found="nothing")
-    return str(paths[source]).format(profile=params["profile"])
-
-
-def pretrained_for(params: dict, dataset: str) -> dict | None:
-    """{source, path} of the checkpoint a fine-tuning run on ``dataset`` starts from, or None
-    (``pretrain.use`` maps fine-tuning datasets to sources)."""
-    if "pretrain" not in params:
-        return None
-    use = _pretrain_section(params).get("use") or {}
-    source = use.get(dataset)
-    if source is None:
-        return None
-    if source not in SOURCES:
-        raise InputError("unknown pre-training source", file=params.get("_file"),
-                         key=f"pretrain.use.{dataset}", expected=sorted(SOURCES), found=source)
-    return {"source": source, "path": checkpoint_path(params, source)}
 
 
 def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> dict:
@@ -448,13 +245,12 @@ def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> d
     ``pretrain.train.<source>`` + ``pretrain.profiles.<p>`` (+ ``overrides``: typed train
     fields), ``data.<p>.<source>``, ``pretrain.seed``, ``pretrain.checkpoints.<source>``, and the
     vocabularies of ``pretrain.share_vocab.<source>`` (fine-tuning datasets)."""
-    from harness.settings import section
     if source not in SOURCES:
         raise InputError("unknown pre-training source", key="source", expected=sorted(SOURCES),
                          found=source)
     profile, file = params["profile"], params.get("_file")
     kind = SOURCES[source][0]
-    pre = _pretrain_section(params)
+    pre = section(params, "pretrain")
     base = (pre.get("train") or {}).get(source) or {}
     on_top = (pre.get("profiles") or {}).get(profile) or {}
     for key, block in ((f"pretrain.train.{source}", base), (f"pretrain.profiles.{profile}", on_top)):
@@ -469,7 +265,7 @@ def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> d
                              key=f"pretrain.train.{source}.{key}", expected=f"one of {sorted(known)}",
                              found=key)
     data = dict(section(params, "data", profile, source))
-    from harness.backbones.pretrained import plan_encoders  # refuses a bad text_model by its key
+    # refuses a bad text_model by its key
     plan_encoders(kind, dict(section(params, "profiles", profile, kind)),
                   f"profiles.{profile}.{kind}", file)
     shared = (pre.get("share_vocab") or {}).get(source) or []
@@ -482,6 +278,4 @@ def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> d
             "extra_vocab": sorted(set(extra)) or None}
 
 
-__all__ = ["DEFAULT_SKIP", "FORMAT", "SOURCES", "adopt_vocab", "backbone_kind", "checkpoint_path",
-           "checkpoint_sha256", "checkpoint_vocab", "data_hash", "dataset_vocab", "load_pretrained",
-           "plan_pretrain", "pretrain", "pretrained_for", "read_checkpoint", "vocab_words"]
+__all__ = ["data_hash", "dataset_vocab", "plan_pretrain", "pretrain", "vocab_words"]

@@ -1,6 +1,6 @@
 """Ray Tune executor: the same trial function as the other executors, one CPU per trial.
 
-Imported only when the ``ray`` executor is chosen. ``ray.init`` joins the cluster named by
+Ray itself is imported only when the ``ray`` executor is chosen. ``ray.init`` joins the cluster named by
 RAY_ADDRESS when it is set (``RAY_ADDRESS=... dvc repro``), else starts a local instance.
 Tune's storage lives inside the results folder, not ~/ray_results.
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+
+from harness.run import run_trial
+from harness.settings import plan_to_dict
 
 
 @contextlib.contextmanager
@@ -59,8 +62,6 @@ def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
                  storage: Path) -> None:
     from ray import tune
 
-    from harness.sweep import run_trial
-
     # A trial's config is its index in the grid: the plans travel once, with the function, and
     # Tune's driver names, stores and checkpoints small configs.
     def trainable(config: dict) -> None:
@@ -84,8 +85,6 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
-
-    from harness.sweep import plan_to_dict, run_trial
 
     def trainable(config: dict) -> None:
         os.chdir(root)  # plan_for resolves the data and checkpoint paths

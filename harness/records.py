@@ -1,4 +1,6 @@
-"""Run records: keys, provenance (git commit, code hash, versions) and atomic JSON writes."""
+"""Run records: provenance (git commit, code hash, package versions, lock), strict JSON, and the
+one home of the project's file helpers: atomic writes, the streamed sha256 of a file or a tree and
+the canonical-JSON hash (every module that writes a result or hashes a file uses these)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +17,12 @@ from importlib import metadata
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# What computes a run (its record key hashes these sources): not the CLI, tables or statistics.
-RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "harness/train.py",
-            "harness/run.py", "harness/text.py", "harness/settings.py", "harness/pretrain.py",
-            "harness/extract.py")
+# What computes a run (its record key hashes these sources): every module ``harness.run`` imports,
+# directly or not (tests/test_architecture.py checks it); not the stages, tables or statistics.
+RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "harness/errors.py",
+            "harness/train.py", "harness/text.py", "harness/settings.py", "harness/checkpoints.py",
+            "harness/features.py", "harness/run.py")
+CHUNK = 1 << 20  # bytes read at a time when hashing a file
 PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")
 # The packages whose versions can change a run's numbers: their versions are in every run key, so
 # records made under another environment are never read back as these.
@@ -28,7 +32,40 @@ LOCK_FILE = PROJECT_ROOT / "requirements-lock.txt"
 
 
 def canonical_hash(document) -> str:
+    """sha256 of ``document`` as JSON with sorted keys (``str`` for what JSON cannot hold)."""
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def update_with_file(digest, path: str | Path) -> None:
+    """Feed the bytes of ``path`` to ``digest``, a block at a time."""
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(CHUNK), b""):
+            digest.update(block)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    update_with_file(digest, path)
+    return digest.hexdigest()
+
+
+_TREE_MEMO: dict[tuple, str] = {}
+
+
+def tree_hash(path: str | Path) -> str:
+    """sha256 over the relative paths and contents of every file under ``path`` (or of one file).
+    Memoised in-process on the files' names, sizes and modification times."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    signature = (str(root.resolve()),) + tuple(
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if signature not in _TREE_MEMO:
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(str(p.relative_to(root) if root.is_dir() else p.name).encode())
+            update_with_file(digest, p)
+        _TREE_MEMO[signature] = digest.hexdigest()
+    return _TREE_MEMO[signature]
 
 
 def code_hash() -> str:
@@ -192,22 +229,30 @@ def read_json(path: str | Path):
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w"):
-    """A stream to a temporary file in ``path``'s folder, renamed over ``path`` when the block
-    ends without error (and removed when it fails): readers never see a partial file."""
+def atomic_path(path: str | Path):
+    """A temporary file name in ``path``'s folder for the block to write (by name: h5py, or
+    ``atomic_file``'s stream); when the block ends without error the file is synced, given the
+    umask's permissions and renamed over ``path``, else removed: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, mode) as stream:
-            yield stream
-            stream.flush()
+        yield Path(temporary)
+        with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600: follow the umask
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w"):
+    """A stream to a temporary file, renamed over ``path`` when the block ends without error."""
+    with atomic_path(path) as temporary, open(temporary, mode) as stream:
+        yield stream
 
 
 def current_umask() -> int:

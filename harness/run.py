@@ -1,25 +1,25 @@
 """Execute one planned fine-tuning run and write its record (atomically)."""
 from __future__ import annotations
 
-import random
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from harness import records
-from harness.backbones import build_backbone
+from harness.backbones import build_backbone, load_named
+from harness.checkpoints import adopt_vocab, load_pretrained, read_checkpoint
 from harness.data import LoadedDataset, load_dataset
 from harness.errors import InputError
-from harness.pretrain import adopt_vocab, load_pretrained, read_checkpoint
-from harness.extract import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes, tree_hash
-from harness.settings import RUN_OPTIONS, RunPlan
+from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes
+from harness.records import canonical_hash, tree_hash, write_json_atomic
+from harness.settings import RUN_OPTIONS, RunPlan, plan_from_dict
 from harness.tasks.tasks import TASKS
 from harness.text import PretrainedTokenizer, Tokenized, WordVocab
-from harness.train import fine_tune
+from harness.train import fine_tune, seed_everything
 from methods import apply_method, count_parameters
 
 RUNS_DIR = Path("results/runs")
@@ -64,8 +64,6 @@ class InMemory(Dataset):
 def text_vocab(plan: RunPlan) -> PretrainedTokenizer | None:
     """The pretrained text tower's tokenizer when the plan's backbone block names one
     (``text_model``, or ``text_encoder: minilm``), else None (a word vocabulary is used)."""
-    from harness.backbones.pretrained import load_named
-
     text = load_named(plan.backbone_kind, plan.backbone, f"profiles.{plan.profile}.{plan.backbone_kind}"
                       ).get("text")
     return PretrainedTokenizer(text.tokenizer, text.name, text.tokenizer_sha256) if text else None
@@ -91,18 +89,12 @@ def load_splits(plan: RunPlan):
 def run_key(plan: RunPlan) -> str:
     # the compute packages' versions: a record made under another torch / transformers / peft /
     # numpy is never read back as this run's
-    return records.canonical_hash({"run": plan.identity(), "code": records.code_hash(),
-                                   "packages": records.compute_versions()})
+    return canonical_hash({"run": plan.identity(), "code": records.code_hash(),
+                           "packages": records.compute_versions()})
 
 
 def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
     return Path(out_dir) / plan.dataset / f"{plan.method}-{plan.variant}-seed{plan.seed}-{key[:12]}.json"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # The frozen encoders are drawn once, the same for every seed, as a pre-trained model would be;
@@ -162,8 +154,6 @@ def encoder_sources(plan: RunPlan) -> dict | None:
     """Where each pretrained tower was read from (directory or hub id) and its load report."""
     if not plan.encoders:
         return None
-    from harness.backbones.pretrained import load_named
-
     loaded = load_named(plan.backbone_kind, plan.backbone,
                         f"profiles.{plan.profile}.{plan.backbone_kind}")
     return {m: {"source": e.source, "load_report": e.load_report} for m, e in loaded.items()}
@@ -214,5 +204,14 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "versions": records.versions(),
         "packages": records.compute_versions(),  # in the key
     }
-    records.write_json_atomic(path, record)
+    write_json_atomic(path, record)
     return record
+
+
+def run_trial(plan_values: dict, out_dir: str, root: str) -> dict:
+    """The one trial function of every executor (``harness.sweep``, ``harness.ray_executor``): run
+    one plan given as ``plan_to_dict`` values (or read its record). Paths in the plan are relative
+    to ``root``, the project folder the sweep was started in."""
+    torch.set_num_threads(1)  # one core per trial; executors run trials side by side
+    os.chdir(root)
+    return execute(plan_from_dict(plan_values), Path(out_dir), progress=False)

@@ -33,7 +33,7 @@ from harness import records  # noqa: E402
 from harness.errors import InputError  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
-from harness.stats import lower_is_better  # noqa: E402
+from harness.tasks.metrics import lower_is_better  # noqa: E402
 from harness.sweep import RAY_STORAGE, run_many, worker_pool  # noqa: E402
 from harness.tables.render import profile_banner  # noqa: E402
 

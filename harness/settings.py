@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from harness.backbones import plan_encoders
+from harness.checkpoints import SOURCES, checkpoint_sha256
 from harness.errors import InputError
 from harness.train import TrainSettings
 from methods import get_method
@@ -179,18 +181,47 @@ def encoders_plan(params: dict, kind: str, backbone: dict) -> dict | None:
     """The pretrained towers ``profiles.<profile>.<kind>`` names, loaded (once per process) and
     checked, as {modality: {model, architecture, weights_sha256[, tokenizer_sha256]}}: in the run
     key, so two different checkpoints never share a record."""
-    from harness.backbones.pretrained import plan_encoders
-
     return plan_encoders(kind, backbone, f"profiles.{params['profile']}.{kind}", params["_file"])
 
 
 def pretrained_plan(params: dict, dataset: str, kind: str) -> dict | None:
     """The checkpoint a run on ``dataset`` starts from (``pretrain.use``), with its sha256 (so a
     new checkpoint changes the run key) and the key prefixes not loaded from it."""
-    from harness.pretrain import checkpoint_sha256, pretrained_for
-
     pretrained = pretrained_for(params, dataset)
     if pretrained is None:
         return None
     skip = section(params, "pretrain", "skip", params["profile"]).get(kind, [])
     return {**pretrained, "sha256": checkpoint_sha256(pretrained["path"]), "skip": list(skip)}
+
+
+def checkpoint_path(params: dict, source: str) -> str:
+    """``pretrain.checkpoints.<source>`` with ``{profile}`` filled in."""
+    paths = section(params, "pretrain", "checkpoints")
+    if source not in paths:
+        raise InputError("no checkpoint path for this pre-training source", file=params.get("_file"),
+                         key=f"pretrain.checkpoints.{source}", expected="a path", found="nothing")
+    return str(paths[source]).format(profile=params["profile"])
+
+
+def pretrained_for(params: dict, dataset: str) -> dict | None:
+    """{source, path} of the checkpoint a fine-tuning run on ``dataset`` starts from, or None
+    (``pretrain.use`` maps fine-tuning datasets to sources)."""
+    if "pretrain" not in params:
+        return None
+    use = section(params, "pretrain").get("use") or {}
+    source = use.get(dataset)
+    if source is None:
+        return None
+    if source not in SOURCES:
+        raise InputError("unknown pre-training source", file=params.get("_file"),
+                         key=f"pretrain.use.{dataset}", expected=sorted(SOURCES), found=source)
+    return {"source": source, "path": checkpoint_path(params, source)}
+
+
+def plan_to_dict(plan: RunPlan) -> dict:
+    """A plan as plain values (what executors send to their workers)."""
+    return dataclasses.asdict(plan)
+
+
+def plan_from_dict(values: dict) -> RunPlan:
+    return RunPlan(**{**values, "train": TrainSettings(**values["train"])})

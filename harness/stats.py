@@ -3,8 +3,7 @@
 Conventions (every table and figure of ``harness.tables`` uses these):
 
 Direction
-    ``lower_is_better(metric)`` is true for MAE and the retrieval ranks (``mae``, ``t2v_mdr``,
-    ``t2v_mnr``, ``v2t_mdr``, ``v2t_mnr``, and any key ending in ``_mdr`` / ``_mnr``); every
+    ``lower_is_better(metric)`` (``harness.tasks.metrics``: MAE and the retrieval ranks); every
     other metric is higher-is-better. A comparison's ``improvement`` is the paired difference
     signed so that a positive value means *Wander is better* (wander - baseline for
     higher-is-better metrics, baseline - wander for lower-is-better ones). The paired t
@@ -58,7 +57,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as sps
 
-LOWER_IS_BETTER = frozenset({"mae", "t2v_mdr", "t2v_mnr", "v2t_mdr", "v2t_mnr"})
+from harness.tasks.metrics import lower_is_better
+
 CONFIDENCE = 0.95
 SEED = 0
 ALPHA = 0.05
@@ -69,11 +69,6 @@ WANDER_BETTER = "Wander better"
 BASELINE_BETTER = "baseline better"
 NOT_SIGNIFICANT = "no significant difference"
 UNTESTABLE = "untestable"
-
-
-def lower_is_better(metric: str) -> bool:
-    """True for metrics where smaller is better (MAE, median and mean retrieval rank)."""
-    return metric in LOWER_IS_BETTER or metric.endswith(("_mdr", "_mnr"))
 
 
 def _finite(values) -> np.ndarray:
@@ -314,7 +309,7 @@ def write_stats(records_dir="results/runs", out_path="results/stats.csv", params
     """The ``stats`` stage: a per-(dataset, grid row, metric) summary over seeds of every metric
     in the selected records, as one CSV (written atomically). Returns {"path", "cells"}."""
     from harness.tables.collect import collect
-    from harness.tables.io import write_csv_atomic
+    from harness.tables.io import write_csv_if_changed
 
     selection = collect(records_dir, params)
     rows = []
@@ -332,5 +327,5 @@ def write_stats(records_dir="results/runs", out_path="results/stats.csv", params
                          "undefined_seeds": " ".join(map(str, summary["undefined_seeds"]))})
     fields = ["dataset", "row", "metric", "lower_is_better", "n", "seeds", "undefined_seeds",
               "mean", "std", "t_ci_low", "t_ci_high", "ci_note"]
-    write_csv_atomic(out_path, fields, rows)
+    write_csv_if_changed(out_path, fields, rows)
     return {"path": str(out_path), "cells": len(rows)}

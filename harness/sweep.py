@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 from pathlib import Path
@@ -22,9 +21,9 @@ from tqdm import tqdm
 
 from harness import records
 from harness.errors import InputError
-from harness.run import RUNS_DIR, execute, record_path, run_key
-from harness.settings import RunPlan, plan_run, section
-from harness.train import TrainSettings
+from harness.ray_executor import ray_session, run_with_ray
+from harness.run import RUNS_DIR, record_path, run_key, run_trial
+from harness.settings import RunPlan, plan_run, plan_to_dict, section
 from methods import method_names
 
 EXECUTORS = ("sequential", "process", "ray")
@@ -66,22 +65,6 @@ def grid_plans(params: dict) -> list[RunPlan]:
     return plans
 
 
-def plan_to_dict(plan: RunPlan) -> dict:
-    return dataclasses.asdict(plan)
-
-
-def plan_from_dict(values: dict) -> RunPlan:
-    return RunPlan(**{**values, "train": TrainSettings(**values["train"])})
-
-
-def run_trial(plan_values: dict, out_dir: str, root: str) -> dict:
-    """The one trial function of every executor: run one plan (or read its record). Paths in the
-    plan are relative to ``root``, the project folder the sweep was started in."""
-    torch.set_num_threads(1)  # one core per trial; executors run trials side by side
-    os.chdir(root)
-    return execute(plan_from_dict(plan_values), Path(out_dir), progress=False)
-
-
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
     return [p for p in plans if not record_path(p, run_key(p), out_dir).is_file()]
 
@@ -96,7 +79,6 @@ def worker_pool(executor: str, workers: int):
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     if executor == "ray":
-        from harness.ray_executor import ray_session
         with ray_session(workers):
             yield None
         return
@@ -127,7 +109,6 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
                                desc=desc, unit="run"):
                 future.result()
     elif executor == "ray":
-        from harness.ray_executor import run_with_ray
         run_with_ray(values, out, root, workers, (Path(out_dir) / RAY_STORAGE).resolve())
 
 

@@ -4,9 +4,11 @@ released Wander code only ever reported validation numbers; we do not)."""
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -14,6 +16,12 @@ from tqdm import tqdm
 
 from harness.tasks.tasks import Task
 
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 @dataclass
 class TrainSettings:

@@ -56,7 +56,8 @@ def build(args, workdir: Path):
     """The tiny two-tower Wander run of params.yaml on freshly generated data."""
     from harness.backbones import build_backbone
     from harness.data import generate
-    from harness.run import load_splits, seed_everything, task_for
+    from harness.run import load_splits, task_for
+    from harness.train import seed_everything
     from harness.settings import load_params, plan_run
     from methods import apply_method
 
@@ -153,7 +154,7 @@ def logits_diff(backbone: nn.Module, cached_model: nn.Module, raw, cached, count
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from harness.extract import cached_splits, data_hash_for, FromCache
+    from harness.features import cached_splits, data_hash_for, FromCache
     from harness.tasks.tasks import TASKS
 
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:

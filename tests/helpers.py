@@ -10,6 +10,13 @@ from harness.data import generate
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def sized_backbone(size: str, n: int) -> tuple[LateFusionBackbone, int, int]:
+    """(backbone, width, depth) of the ``audit`` (32 x 2) or ``wide`` (40 x 3) size."""
+    from harness.audit import audit_backbone
+
+    return (audit_backbone(n), 32, 2) if size == "audit" else (wide_backbone(n), 40, 3)
+
+
 def wide_backbone(n: int, seed: int = 1) -> LateFusionBackbone:
     """A second size next to the audit backbone: width 40, depth 3, ffn multiplier 4 (the
     late-fusion default), ``n`` modalities."""

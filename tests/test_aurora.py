@@ -12,7 +12,7 @@ from torch import nn
 
 import methods.aurora  # noqa: F401  (registers "aurora")
 from harness.audit import audit_backbone, audit_one, random_batch
-from helpers import wide_backbone
+from helpers import sized_backbone
 from methods import ConfigError, apply_method, count_parameters
 from methods.aurora import AuroraLinear
 
@@ -57,10 +57,8 @@ def test_identity_at_init(variant, n):
 @pytest.mark.parametrize("n", (2, 3, 7))
 @pytest.mark.parametrize("size", ("audit", "wide"))
 def test_closed_form_count(variant, n, size):
-    if size == "audit":
-        backbone, D, L, R = audit_backbone(n), 32, 2, 4
-    else:
-        backbone, D, L, R = wide_backbone(n), 40, 3, 8
+    backbone, D, L = sized_backbone(size, n)
+    R = 4 if size == "audit" else 8
     head = sum(p.numel() for p in backbone.head.parameters())
     apply_method(backbone, "aurora", variant, rank=R)
     counts = count_parameters(backbone)

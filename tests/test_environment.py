@@ -101,12 +101,12 @@ def test_run_key_holds_the_compute_packages(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_files_follow_the_umask(tmp_path, umask):
-    from harness.tables.io import write_text_atomic
+    from harness.tables.io import write_text_if_changed
 
     old = os.umask(umask)
     try:
         records.write_json_atomic(tmp_path / "record.json", {"a": 1})
-        write_text_atomic(tmp_path / "table.md", "x\n")
+        write_text_if_changed(tmp_path / "table.md", "x\n")
     finally:
         os.umask(old)
     for name in ("record.json", "table.md"):

@@ -1,4 +1,4 @@
-"""Cached feature extraction (harness/extract.py): the cached path reproduces the full forward,
+"""Cached feature extraction (harness/features.py, stage harness/extract.py): the cached path reproduces the full forward,
 only methods that leave the encoders untouched are cacheable, stale caches are recomputed, writes
 are atomic and the progress bar is harmless off a terminal."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
 from harness.backbones.two_tower import TwoTowerBackbone, TwoTowerConfig
 from harness.errors import InputError
-from harness.extract import (CacheError, CachedFeatures, FromCache, NotCacheable, cache_problems,
+from harness.features import (CacheError, CachedFeatures, FromCache, NotCacheable, cache_problems,
                              cacheable, cached_splits, data_hash_for, encoder_hash,
                              extract_features, load_features)
 from harness.tasks.tasks import TASKS
@@ -319,7 +319,8 @@ def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
     import yaml
 
     from harness.data import generate
-    from harness.extract import extract_dataset, plan_data_hashes
+    from harness.extract import extract_dataset
+    from harness.features import plan_data_hashes
     from harness.run import prepare
     from harness.settings import load_params, plan_run
 

@@ -1,4 +1,4 @@
-"""Pre-training (harness/pretrain.py): checkpoints of the whole backbone, and loading them for
+"""Pre-training (harness/pretrain.py, harness/checkpoints.py): checkpoints of the whole backbone, and loading them for
 fine-tuning with a load report that names every key left out (missing / unexpected / skipped)."""
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
 from harness.backbones.mmt import ALL_EXPERTS, PRETRAIN_EXPERTS
 from harness.data import generate, load_dataset
 from harness.errors import InputError
-from harness.pretrain import (FORMAT, adopt_vocab, checkpoint_path, checkpoint_sha256, dataset_vocab,
-                              load_pretrained, plan_pretrain, pretrain, pretrained_for, read_checkpoint)
+from harness.checkpoints import FORMAT, adopt_vocab, checkpoint_sha256, load_pretrained, read_checkpoint
+from harness.pretrain import dataset_vocab, plan_pretrain, pretrain
+from harness.settings import checkpoint_path, pretrained_for
 from harness.text import Tokenized, WordVocab
 from helpers import ROOT
 

@@ -147,7 +147,7 @@ def test_a_tiny_food101_run_completes_and_records_the_weights(food_params, tmp_p
 
 
 def test_different_checkpoints_give_different_run_keys_and_caches(food_params, models, tmp_path):
-    from harness.extract import encoder_hash, plan_data_hashes
+    from harness.features import encoder_hash, plan_data_hashes
 
     one = plan_run(load_params(write(food_params, tmp_path)), "food101", "linear")
     same = plan_run(load_params(write(food_params, tmp_path)), "food101", "linear")
@@ -182,7 +182,7 @@ def test_the_vits_image_processor_normalises_the_pixels(food_params, models, tmp
         want = reference((batch["image"] - 0.5) / 0.25).last_hidden_state
         unnormalised = reference(batch["image"]).last_hidden_state
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, unnormalised, atol=1e-3)
-    from harness.extract import cache_problems
+    from harness.features import cache_problems
     from methods import apply_method
     apply_method(backbone, "linear")
     assert cache_problems(backbone) == []  # the normalisation hook does not block feature caching
@@ -284,7 +284,8 @@ def test_mmt_pretrains_and_fine_tunes_with_the_models_tokenizer(models, tmp_path
     the checkpoint stores the tokenizer's identity instead of a word list."""
     from transformers import AutoTokenizer
 
-    from harness.pretrain import pretrain, read_checkpoint
+    from harness.checkpoints import read_checkpoint
+    from harness.pretrain import pretrain
 
     generate("howto100m", tmp_path / "howto100m", seed=0, n_train=8, n_valid=4, seq_len=4)
     generate("msrvtt", tmp_path / "msrvtt", seed=0, n_train=8, n_valid=4, n_test=4, seq_len=4)

@@ -228,7 +228,7 @@ def test_code_variant_computes_the_released_model_output_and_gradients():
 
 
 def test_full_forward_and_feature_cache_run_the_released_pipeline(tmp_path):
-    from harness.extract import FromCache, cacheable, extract_features
+    from harness.features import FromCache, cacheable, extract_features
 
     torch.manual_seed(0)
     backbone = TwoTowerBackbone(TwoTowerConfig.tiny(num_classes=CLASSES))
@@ -352,7 +352,7 @@ def test_audit_params_reports_the_released_count_beside_the_paper_variant():
 
 
 def test_fine_tuning_from_the_feature_cache_trains_only_adapter_and_head(tmp_path):
-    from harness.extract import cached_splits
+    from harness.features import cached_splits
     from harness.tasks.tasks import TASKS
     from harness.train import TrainSettings, fine_tune
 

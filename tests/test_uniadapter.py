@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import methods.uniadapter  # noqa: F401  (registers "uniadapter")
 from harness.audit import audit_backbone, audit_one, random_batch
-from helpers import wide_backbone
+from helpers import sized_backbone
 from methods import ConfigError, apply_method, count_parameters
 from methods.uniadapter import SharedDown, UniAdapterBranch
 
@@ -66,10 +66,8 @@ def test_code_is_not_identity_and_only_text_up_is_zero():
 @pytest.mark.parametrize("n", (2, 3, 7))
 @pytest.mark.parametrize("size", ("audit", "wide"))
 def test_closed_form_count(variant, n, size):
-    if size == "audit":
-        backbone, D, L, r = audit_backbone(n), 32, 2, 8
-    else:
-        backbone, D, L, r = wide_backbone(n), 40, 3, 16
+    backbone, D, L = sized_backbone(size, n)
+    r = 8 if size == "audit" else 16
     head = sum(p.numel() for p in backbone.head.parameters())
     apply_method(backbone, "uniadapter", variant, down_dim=r)
     counts = count_parameters(backbone)

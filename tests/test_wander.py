@@ -45,6 +45,15 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def outer_product_error(model, op, W_t, W_h, lengths):
+    """Relative error between ``model``'s fusion and SF-OP ``op`` set to the weights W_t, W_h."""
+    with torch.no_grad():
+        op.W_t.copy_(W_t)
+        op.W_h.copy_(W_h)
+    xs = inputs(lengths)
+    return relative_error(model.fuse(xs), op.fuse(xs))
+
+
 @pytest.mark.parametrize("lengths", [(3, 4), (2, 3, 4)])
 def test_eq13_sf_equals_outer_product_form(lengths):
     sf, dims = make("sf", lengths)
@@ -52,11 +61,7 @@ def test_eq13_sf_equals_outer_product_form(lengths):
     names = list(dims)
     # SF sums the ranks inside the product, so its W_t, W_h are outer products of the summed factors.
     W_t, W_h = outer_weights([sf.w_t[m].sum(0) for m in names], [sf.w_h[m].sum(0) for m in names])
-    with torch.no_grad():
-        op.W_t.copy_(W_t)
-        op.W_h.copy_(W_h)
-    xs = inputs(lengths)
-    assert relative_error(sf.fuse(xs), op.fuse(xs)) < 1e-6
+    assert outer_product_error(sf, op, W_t, W_h, lengths) < 1e-6
 
 
 @pytest.mark.parametrize("lengths", [(3, 4), (2, 3, 4)])
@@ -68,11 +73,7 @@ def test_lmf_mode_equals_outer_product_of_true_cp_tensors(lengths):
               for r in range(2))
     W_h = sum(outer_weights([lmf.w_t[m][0] for m in names], [lmf.w_h[m][r] for m in names])[1]
               for r in range(3))
-    with torch.no_grad():
-        op.W_t.copy_(W_t)
-        op.W_h.copy_(W_h)
-    xs = inputs(lengths)
-    assert relative_error(lmf.fuse(xs), op.fuse(xs)) < 1e-6
+    assert outer_product_error(lmf, op, W_t, W_h, lengths) < 1e-6
 
 
 @pytest.mark.parametrize("lengths", [(3, 4), (2, 3, 4)])

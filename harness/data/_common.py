@@ -2,7 +2,6 @@
 atomic output directories and checksums. Everything that goes wrong raises InputError."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from harness.errors import InputError
+from harness.records import sha256_file
 
 MANIFEST = "generated.json"   # written by the generators next to the data they write
 
@@ -197,18 +197,16 @@ def list_dir(path: Path, limit: int = 12) -> str:
     return "entries " + ", ".join(names[:limit]) + more
 
 
+def split_index(i: int, n: int, unit: str = "samples") -> int:
+    """Item ``i`` of a split of ``n`` (negative counts from the end), or IndexError."""
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} out of range for a split of {n} {unit}")
+    return i
+
+
 # ----------------------------------------------------------------------------- checksums
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
 
 def verify_checksums(checksums: dict, root: Path, card_file: str) -> dict:
     """checksums: {relative path: sha256}. Every listed file must exist and match."""

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import LoadedDataset, load_json, pick_format, read_manifest, require_path
+from ._common import (LoadedDataset, load_json, pick_format, read_manifest, require_path,
+                      split_index)
 from .cards import Card
 
 
@@ -52,11 +53,7 @@ class ImageTextDataset(Dataset):
                              found=f"{type(e).__name__}: {str(e)[:120]}") from None
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self.records)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a split of {n} samples")
+        i = split_index(i, len(self.records), "samples")
         path, text, label, rid = self.records[i]
         im = self.open_image(i)
         if self.transform is not None:

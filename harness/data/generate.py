@@ -1,7 +1,7 @@
 """Generators: small, deterministic data sets written in each dataset's REAL on-disk format,
 so that generated data goes through the same loaders as real data.
 
-Planted signal (see DESIGN.md): each sample has per-modality token latents z_m[t] (r-dim,
+Planted signal: each sample has per-modality token latents z_m[t] (r-dim,
 r = latent_dim) and features x_m[t] = P_m z_m[t] + small noise, where the projections P_m,
 the coefficient vectors a_m and the word embeddings are derived from (family, world_seed)
 only. The label is built from

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from harness.errors import InputError
 
 from ._common import (LoadedDataset, decode, length_stats, load_pickle, pick_format, read_manifest,
-                      require_path)
+                      require_path, split_index)
 from .cards import Card
 
 FEAT_DIR = Path("vid_feat_files") / "mult_h5"
@@ -131,11 +131,7 @@ class VideoTextDataset(Dataset):
         return len(self.pairs) if self.pairs is not None else len(self.videos)
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a split of {n} items")
+        i = split_index(i, len(self), "items")
         if self.pairs is not None:
             vi, ci = self.pairs[i]
         else:

@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 from harness.errors import InputError
 
 from ._common import (LoadedDataset, check_finite, decode, float_array, length_stats,
-                      list_dir, load_npy, load_pickle, pick_format, read_manifest, require_path)
+                      list_dir, load_npy, load_pickle, pick_format, read_manifest, require_path,
+                      split_index)
 from .cards import Card
 
 MODALITIES = ("text", "audio", "vision")
@@ -47,11 +48,7 @@ class ArrayDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self.ids)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a split of {n} samples")
+        i = split_index(i, len(self.ids), "samples")
         item = {k: torch.from_numpy(np.asarray(v[i])) for k, v in self.arrays.items()}
         item["id"] = self.ids[i]
         item["index"] = torch.tensor(i, dtype=torch.int64)
@@ -112,11 +109,7 @@ class MminDataset(Dataset):
         return a
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self.names)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for a split of {n} samples")
+        i = split_index(i, len(self.names), "samples")
         item = {}
         for m in MODALITIES:
             a = self.read(i, m)

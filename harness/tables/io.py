@@ -1,6 +1,6 @@
-"""Atomic, deterministic writes for tables, CSVs, figures and metrics (temp file + rename, the
-pattern of ``harness.records.write_json_atomic``). A file whose content would not change is not
-rewritten, so re-rendering unchanged inputs leaves byte-identical files (and their mtimes)."""
+"""Deterministic writes for tables, CSVs, figures and metrics, only where the content changes
+(through ``harness.records.atomic_file``): re-rendering unchanged inputs leaves byte-identical files
+(and their mtimes). Each ``write_*_if_changed`` returns whether it wrote."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ from pathlib import Path
 from harness.records import atomic_file, dumps_strict
 
 
-def write_bytes_atomic(path, data: bytes) -> bool:
+def write_bytes_if_changed(path, data: bytes) -> bool:
     """Write ``data`` to ``path`` atomically; returns False when the file already held it."""
     path = Path(path)
     if path.is_file() and path.read_bytes() == data:
@@ -22,13 +22,13 @@ def write_bytes_atomic(path, data: bytes) -> bool:
     return True
 
 
-def write_text_atomic(path, text: str) -> bool:
-    return write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_if_changed(path, text: str) -> bool:
+    return write_bytes_if_changed(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path, document) -> bool:
-    """Sorted keys, 2-space indent, trailing newline (same layout as harness.records)."""
-    return write_text_atomic(path, dumps_strict(document, indent=2, sort_keys=True) + "\n")
+def write_json_if_changed(path, document) -> bool:
+    """Sorted keys, 2-space indent, trailing newline (the layout of harness.records)."""
+    return write_text_if_changed(path, dumps_strict(document, indent=2, sort_keys=True) + "\n")
 
 
 def num(value) -> str:
@@ -58,5 +58,5 @@ def csv_text(fields: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def write_csv_atomic(path, fields: list[str], rows: list[dict]) -> bool:
-    return write_text_atomic(path, csv_text(fields, rows))
+def write_csv_if_changed(path, fields: list[str], rows: list[dict]) -> bool:
+    return write_text_if_changed(path, csv_text(fields, rows))

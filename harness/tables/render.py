@@ -35,7 +35,8 @@ from harness import stats
 from harness.errors import InputError
 from harness.tables import specs as specs_module
 from harness.tables.collect import Selection, collect, row_key
-from harness.tables.io import csv_text, write_bytes_atomic, write_json_atomic, write_text_atomic
+from harness.tables.io import (csv_text, write_bytes_if_changed, write_json_if_changed,
+                               write_text_if_changed)
 from harness.tables.specs import Column, Row, Section, Spec
 
 TINY_BANNER = "tiny profile: generated data and small backbones; NOT comparable to the paper"
@@ -678,7 +679,7 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
     written, unchanged, summary = [], [], {}
 
     def put(path: Path, data: bytes):
-        (written if write_bytes_atomic(path, data) else unchanged).append(str(path))
+        (written if write_bytes_if_changed(path, data) else unchanged).append(str(path))
 
     for spec in chosen:
         result = build(spec, selection, params)
@@ -699,10 +700,10 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
             index.append(_table6_line(cost_table, out_dir))
         index.append(f"- [{spec.title}]({spec.name}.md)"
                      + (f" ([figure]({spec.name}.png))" if spec.kind == "figure" else ""))
-    (written if write_text_atomic(out_dir / "index.md", "\n".join(index) + "\n")
+    (written if write_text_if_changed(out_dir / "index.md", "\n".join(index) + "\n")
      else unchanged).append(str(out_dir / "index.md"))
     if metrics_path is not None:
-        changed = write_json_atomic(metrics_path, headline_metrics(selection, chosen))
+        changed = write_json_if_changed(metrics_path, headline_metrics(selection, chosen))
         (written if changed else unchanged).append(str(metrics_path))
     return {"written": written, "unchanged": unchanged, "tables": summary}
 

@@ -466,6 +466,18 @@ FIGURE5 = Spec(
 SPECS: tuple = (TABLE1, TABLE2, TABLE3, TABLE4, TABLE5, TABLE7, TABLE8, FIGURE4, FIGURE5)
 
 
+def printed_tunable(table: str, label: str) -> str:
+    """The #Tunable the Wander paper prints in ``table`` (``T1`` ... ``T5``) for the row ``label``
+    (``harness.audit_params`` reads it here: typed once)."""
+    for spec in SPECS:
+        for section in spec.sections:
+            for row in section.rows:
+                if row.paper is not None and row.paper.table == table and row.label == label \
+                        and row.paper.tunable:
+                    return row.paper.tunable
+    raise KeyError(f"{table} has no row {label!r} with a printed #Tunable")
+
+
 def spec_by_name(name: str) -> Spec:
     for spec in SPECS:
         if name in (spec.name, spec.paper_ref):

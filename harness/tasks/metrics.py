@@ -59,6 +59,12 @@ import numpy as np
 
 from harness.errors import InputError
 
+
+def lower_is_better(metric: str) -> bool:
+    """True for the metrics where smaller is better: MAE and the retrieval ranks (median and mean
+    rank, ``*_mdr`` / ``*_mnr``, either direction). Every other metric is higher-is-better."""
+    return metric == "mae" or metric.endswith(("_mdr", "_mnr"))
+
 __all__ = [
     "regression_metrics",
     "classification_metrics",

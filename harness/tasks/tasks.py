@@ -1,7 +1,7 @@
 """Tasks: how a backbone's output becomes a loss and the paper's metrics.
 
 Each task names its output size, loss, metric function and the validation metric used for model
-selection (with its direction: MAE is lower-is-better, everything selected here otherwise higher).
+selection (its direction: ``metrics.lower_is_better``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
     select_metric: str
-    lower_is_better: bool = False
+
+    @property
+    def lower_is_better(self) -> bool:
+        return metrics.lower_is_better(self.select_metric)
 
     def better(self, new: float, best: float | None) -> bool:
         if best is None:
@@ -66,8 +69,7 @@ def _retrieval_metrics(similarity: torch.Tensor, caption_video: torch.Tensor) ->
 
 
 TASKS = {
-    "regression": Task("regression", _regression_loss, metrics.regression_metrics, "mae",
-                       lower_is_better=True),
+    "regression": Task("regression", _regression_loss, metrics.regression_metrics, "mae"),
     "emotion_binary": Task("emotion_binary", _emotion_binary_loss, _emotion_binary_metrics, "acc"),
     "emotion4": Task("emotion4", _cross_entropy, metrics.emotion_metrics, "acc"),
     "classification": Task("classification", _cross_entropy, metrics.classification_metrics, "acc"),

@@ -1,0 +1,192 @@
+"""Pre-trained backbone checkpoints: their format, reading and checking one, loading it into a
+freshly built backbone (``load_pretrained``), the fine-tuning side of the shared MMT vocabulary
+(``adopt_vocab``) and the file's sha256 for run keys. ``harness.pretrain`` (the stage) writes them;
+the format is described there. Provenance that does not change the numbers lives beside the
+file, in ``<checkpoint>.provenance.json``."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from harness.errors import InputError
+from harness.records import read_json, sha256_file
+from harness.text import Tokenized, WordVocab
+
+log = logging.getLogger(__name__)
+
+FORMAT, FORMAT_VERSION = "mmpetl.pretrained_backbone", 1
+PROVENANCE_SUFFIX = ".provenance.json"  # beside the checkpoint; .dvcignore leaves it out of DVC's hash
+# source -> (backbone kind, task, output size)
+SOURCES = {"mosei": ("late_fusion", "regression", 1), "howto100m": ("mmt", "retrieval", 0)}
+# what a fine-tuning load leaves out by default, per backbone kind
+DEFAULT_SKIP = {"late_fusion": ("projections.", "head.out."), "mmt": ()}
+# config fields that change the computation without changing any tensor shape
+STRUCTURAL = {"late_fusion": ("heads",), "mmt": ("heads", "text.num_attention_heads")}
+
+
+def backbone_kind(backbone: nn.Module) -> str:
+    from harness.backbones.late_fusion import LateFusionBackbone
+    from harness.backbones.mmt import MMTBackbone
+    from harness.backbones.two_tower import TwoTowerBackbone
+    for cls, kind in ((LateFusionBackbone, "late_fusion"), (MMTBackbone, "mmt"),
+                      (TwoTowerBackbone, "two_tower")):
+        if isinstance(backbone, cls):
+            return kind
+    return type(backbone).__name__
+
+
+def read_checkpoint(checkpoint_path: str | Path) -> dict:
+    """The checkpoint document, checked; InputError names the file when it is missing or bad."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise InputError("pre-trained checkpoint not found (run `mmpetl pretrain` first)",
+                         file=str(path), key="checkpoint", expected="an existing checkpoint file",
+                         found="missing")
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated / not a torch file / foreign pickle
+        raise InputError("cannot read the pre-trained checkpoint", file=str(path), key="(whole file)",
+                         expected="a checkpoint written by `mmpetl pretrain`",
+                         found=f"{type(error).__name__}: {str(error)[:200]}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise InputError("not an mmpetl pre-trained backbone checkpoint", file=str(path),
+                         key="format", expected=FORMAT, found=found)
+    state = document.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
+                         expected="{name: tensor}", found=type(state).__name__)
+    document["path"] = str(path)  # where it was read from (not stored in the file)
+    beside = provenance_path(path)
+    document["provenance"] = read_json(beside) if beside.is_file() else None
+    return document
+
+
+def _as_document(checkpoint) -> tuple[dict, str]:
+    if isinstance(checkpoint, dict):
+        return checkpoint, str(checkpoint.get("path", "<in memory>"))
+    return read_checkpoint(checkpoint), str(checkpoint)
+
+
+def _config_value(config, dotted: str):
+    node = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterable[str] | None = None
+                    ) -> dict:
+    """Load a pre-trained checkpoint into a freshly built ``backbone`` (before ``apply_method``)
+    and return the load report (for the run record's ``checkpoint_load_report``).
+
+    ``skip_prefixes`` (default per kind, ``DEFAULT_SKIP``): checkpoint keys starting with one of
+    them are not loaded. Every other checkpoint tensor that the backbone has must fit its shape
+    (InputError naming the tensor and both shapes); the backbone's keys the checkpoint lacks
+    keep their fresh initialisation (``missing``); checkpoint keys the backbone lacks are left
+    out (``unexpected``). ``checkpoint_path`` may also be a document from ``read_checkpoint``."""
+    document, where = _as_document(checkpoint_path)
+    kind = backbone_kind(backbone)
+    if document.get("backbone") != kind:
+        raise InputError("checkpoint is for another backbone kind", file=where, key="backbone",
+                         expected=kind, found=document.get("backbone"))
+    for field in STRUCTURAL.get(kind, ()):
+        mine, theirs = _config_value(backbone.config, field), _config_value(document.get("config", {}), field)
+        if theirs is not None and mine is not None and mine != theirs:
+            raise InputError("checkpoint backbone config does not fit", file=where,
+                             key=f"config.{field}", expected=f"{mine} (backbone)",
+                             found=f"{theirs} (checkpoint)")
+    prefixes = tuple(DEFAULT_SKIP.get(kind, ()) if skip_prefixes is None else skip_prefixes)
+    state = document["state_dict"]
+    own = backbone.state_dict()
+    skipped = sorted(k for k in state if k.startswith(prefixes)) if prefixes else []
+    considered = [k for k in state if k not in set(skipped)]
+    unexpected = sorted(k for k in considered if k not in own)
+    loaded = sorted(k for k in considered if k in own)
+    missing = sorted(k for k in own if k not in state)
+    misfits = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in loaded
+               if state[k].shape != own[k].shape]
+    if misfits:
+        name, theirs, mine = misfits[0]
+        more = f" (and {len(misfits) - 1} more tensor(s))" if len(misfits) > 1 else ""
+        raise InputError(f"checkpoint tensor {name!r} does not fit the backbone{more}", file=where,
+                         key=name, expected=f"shape {mine} (backbone)",
+                         found=f"shape {theirs} (checkpoint)")
+    result = backbone.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    report = {
+        "checkpoint": where, "backbone": kind, "source": document.get("source"),
+        "checkpoint_seed": document.get("seed"),
+        "checkpoint_data_hash": (document.get("data") or {}).get("hash"),
+        "checkpoint_code_hash": (document.get("provenance") or {}).get("code_hash",
+                                                                       document.get("code_hash")),
+        "skip_prefixes": list(prefixes),
+        "n_loaded": len(loaded), "loaded_values": sum(state[k].numel() for k in loaded),
+        "missing": missing, "n_missing": len(missing),
+        "unexpected": unexpected, "n_unexpected": len(unexpected),
+        "skipped": skipped, "n_skipped": len(skipped),
+        "fresh_values": sum(own[k].numel() for k in missing)
+        + sum(own[k].numel() for k in skipped if k in own),
+    }
+    if missing or unexpected or skipped:
+        log.warning("checkpoint %s: loaded %d tensors; %d missing (fresh), %d unexpected, "
+                    "%d skipped", where, len(loaded), len(missing), len(unexpected), len(skipped))
+    return report
+
+
+def provenance_path(checkpoint_path: str | Path) -> Path:
+    """``<checkpoint>.provenance.json``: how and where the checkpoint was made (not its inputs)."""
+    path = Path(checkpoint_path)
+    return path.with_name(path.name + PROVENANCE_SUFFIX)
+
+
+def checkpoint_vocab(checkpoint) -> WordVocab | None:
+    document, _ = _as_document(checkpoint)
+    return WordVocab(document["vocab"]) if document.get("vocab") else None
+
+
+def adopt_vocab(checkpoint, splits: dict, vocab: WordVocab | None):
+    """Fine-tuning side of the shared vocabulary: re-tokenise ``splits`` (``Tokenized`` datasets
+    from ``run.load_splits``) with the checkpoint's vocabulary. Returns (vocab, splits, report);
+    unchanged when the checkpoint or the data has no vocabulary."""
+    document, _ = _as_document(checkpoint)
+    if vocab is None or not document.get("vocab"):
+        return vocab, splits, None
+    shared = WordVocab(document["vocab"])
+    downstream = set(vocab.index)
+    unknown = sorted(downstream - set(shared.index))
+    retokenised = {n: Tokenized(s.split, shared, s.max_len, s.field) if isinstance(s, Tokenized) else s
+                   for n, s in splits.items()}
+    report = {"size": len(shared), "downstream_words": len(downstream),
+              "downstream_words_not_in_checkpoint": len(unknown), "examples_unknown": unknown[:20]}
+    if unknown:
+        log.warning("%d downstream words are not in the checkpoint's vocabulary (mapped to [UNK])",
+                    len(unknown))
+    return shared, retokenised, report
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)  # memoised on the file's size and modification time
+
+
+def checkpoint_sha256(checkpoint_path: str | Path) -> str | None:
+    """sha256 of the checkpoint file (for run keys), None when it does not exist yet."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+__all__ = ["DEFAULT_SKIP", "FORMAT", "FORMAT_VERSION", "SOURCES", "adopt_vocab", "backbone_kind",
+           "checkpoint_sha256", "checkpoint_vocab", "load_pretrained", "provenance_path",
+           "read_checkpoint"]
