@@ -383,12 +383,19 @@ def _dispatch(args) -> int:
             for name in [names] if isinstance(names, str) else names:
                 get_method(name)
         return args.func(args)
-    except (InputError, ValueError) as error:  # methods.ConfigError is a ValueError
+    except Exception as error:
+        if not isinstance(error, _input_errors()):
+            raise  # a bug: its traceback, exit 1
         print(f"mmpetl: error: {error}", file=sys.stderr)
         return 2
-    except KeyError as error:
-        print(f"mmpetl: error: {error.args[0]}", file=sys.stderr)
-        return 2
+
+
+def _input_errors() -> tuple[type, ...]:
+    """The project's input errors: ``InputError``, and ``methods.base.ConfigError`` (an invalid
+    method config, an unknown method or variant) once ``methods`` is loaded (a command that never
+    loaded it cannot raise it; loading it costs the torch import)."""
+    base = sys.modules.get("methods.base")
+    return (InputError, base.ConfigError) if base is not None else (InputError,)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,13 @@ class ConfigError(ValueError):
     """An invalid method configuration; the message names the field and the value."""
 
 
+class UnknownName(ConfigError, KeyError):
+    """An unknown method or variant name (a ``KeyError`` too: it is a failed look-up)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config dataclass."""
@@ -142,7 +149,7 @@ class MethodSpec:
 
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
-            raise KeyError(f"method {self.name!r} has no variant {name!r}; "
+            raise UnknownName(f"method {self.name!r} has no variant {name!r}; "
                            f"known variants: {sorted(self.variants)}")
         return self.variants[name]
 

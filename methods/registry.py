@@ -5,7 +5,8 @@ from typing import Callable
 
 from torch import nn
 
-from methods.base import ConfigError, MethodConfig, MethodSpec, Variant, freeze, trainable_head
+from methods.base import (ConfigError, MethodConfig, MethodSpec, UnknownName, Variant, freeze,
+                          trainable_head)
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -33,14 +34,15 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> MethodSpec:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown method {name!r}; known methods: {method_names()}")
+        raise UnknownName(f"unknown method {name!r}; known methods: {method_names()}")
     return _REGISTRY[name]
 
 
 def apply_method(backbone: nn.Module, name: str, variant: str = "paper",
                  **overrides) -> MethodConfig:
     """Freeze ``backbone``, attach method ``name`` (``variant``, config ``overrides``) and return the
-    resolved config. Raises KeyError for unknown names, ConfigError for invalid configs."""
+    resolved config. Raises UnknownName (a ConfigError and a KeyError) for unknown names,
+    ConfigError for invalid configs."""
     spec = get_method(name)
     config = spec.make_config(variant, **overrides)
     config.validate_for(backbone)
@@ -50,4 +52,4 @@ def apply_method(backbone: nn.Module, name: str, variant: str = "paper",
     return config
 
 
-__all__ = ["register", "method_names", "get_method", "apply_method", "ConfigError"]
+__all__ = ["register", "method_names", "get_method", "apply_method", "ConfigError", "UnknownName"]
