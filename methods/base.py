@@ -4,7 +4,10 @@ A backbone (implemented in harness/backbones, never imported here) is an ``nn.Mo
 
 - ``modalities``: tuple of modality names, in the backbone's order (M >= 2);
 - ``hidden_size(m)``, ``num_layers(m)``, ``seq_len(m)``: width, encoder depth and the number of
-  tokens modality ``m`` carries between layers (prompts excluded);
+  tokens modality ``m`` carries between layers (prompts excluded); ``depth``: the number of
+  layers the encoders run in lock-step (every ``num_layers(m)``);
+- ``activation``: the encoders' FFN nonlinearity, ``"relu"`` or ``"gelu"`` (Wander's ``backbone``
+  activation);
 - ``linear_sites()``: every adaptable ``nn.Linear`` as a ``LinearSite`` (dotted path, modality,
   depth, role in ``q k v o fc1 fc2``), for LoRA and Aurora;
 - ``set_adapter(point, modality, depth, module)``: runs ``module`` on the output of the
@@ -32,12 +35,13 @@ name)``, which leaves a backbone that does not offer ``name`` unchanged and retu
   released MLP (M*D -> D, ReLU; D -> D, ReLU, dropout, D -> D, plus the residual; D -> out).
 
 Encoders run in lock-step over depth so prompt and fusion hooks can see all modalities at once.
+``Backbone`` below is this contract as a type.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -63,6 +67,34 @@ class PromptProvider(nn.Module):
     def forward(self, depth: int, states: dict[str, torch.Tensor],
                 previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """The backbone contract of the module docstring, as a type: what every method relies on
+    (the optional hooks are looked up with ``hasattr``). ``isinstance`` checks the names; the
+    tests check every backbone's signatures and values against it."""
+
+    modalities: tuple[str, ...]
+    activation: str
+    head: nn.Module
+
+    @property
+    def depth(self) -> int: ...
+
+    def hidden_size(self, modality: str) -> int: ...
+
+    def num_layers(self, modality: str) -> int: ...
+
+    def seq_len(self, modality: str) -> int: ...
+
+    def linear_sites(self) -> list[LinearSite]: ...
+
+    def set_adapter(self, point: str, modality: str, depth: int, module: nn.Module) -> None: ...
+
+    def set_prompts(self, provider: PromptProvider) -> None: ...
+
+    def set_fusion_hook(self, depth: int, module: nn.Module) -> None: ...
 
 
 class ConfigError(ValueError):

@@ -185,7 +185,7 @@ def _use_released_head(backbone: nn.Module, config: WanderConfig) -> None:
 
 def activation_for(config: WanderConfig, backbone: nn.Module) -> str:
     if config.activation == "backbone":
-        return getattr(backbone, "activation", "gelu")
+        return backbone.activation
     return config.activation
 
 

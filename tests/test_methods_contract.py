@@ -1,5 +1,6 @@
-"""The generic checks every method x variant must pass (DESIGN.md, the method contract)."""
+"""The generic checks every method x variant must pass (the method contract, methods/base.py)."""
 import copy
+import inspect
 import json
 import subprocess
 import sys
@@ -9,8 +10,11 @@ import torch
 from peft import get_peft_model
 
 from harness.audit import AUDIT_MODALITIES, AUDIT_OVERRIDES, audit_backbone, audit_one, random_batch
+from harness.backbones.mmt import MMTBackbone, MMTConfig
+from harness.backbones.two_tower import TwoTowerBackbone, TwoTowerConfig
 from harness.cli import main
 from methods import apply_method, count_parameters, get_method, method_names
+from methods.base import Backbone, LinearSite
 from methods.lora import LoraConfig, peft_config
 
 CASES = [(m, v) for m in method_names() for v in get_method(m).variants]
@@ -143,3 +147,59 @@ def test_audit_fails_on_a_dead_tensor(broken_method, capsys):
     assert row["dead_tensors"] == ["unused.bias", "unused.weight"] and not row["ok"]
     assert main(["audit", "grads", "--method", broken_method]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+CONTRACT_BACKBONES = {
+    "late_fusion": lambda: audit_backbone(3),
+    "two_tower": lambda: TwoTowerBackbone(TwoTowerConfig.tiny(num_classes=5)),
+    "mmt": lambda: MMTBackbone(MMTConfig.tiny()),
+}
+
+
+def contract_problems(backbone) -> list[str]:
+    """How ``backbone`` breaks the ``methods.base.Backbone`` contract (empty: it does not)."""
+    if not isinstance(backbone, Backbone):
+        return ["not a methods.base.Backbone (a name of the contract is missing)"]
+    problems = []
+    for name, member in vars(Backbone).items():
+        if callable(member) and not name.startswith("_"):
+            ours = list(inspect.signature(getattr(type(backbone), name)).parameters)
+            contract = list(inspect.signature(member).parameters)
+            if ours != contract:
+                problems.append(f"{name}{tuple(ours)} is not {name}{tuple(contract)}")
+    if backbone.activation not in ("relu", "gelu"):
+        problems.append(f"activation {backbone.activation!r}")
+    if not (isinstance(backbone.depth, int) and backbone.depth >= 1):
+        problems.append(f"depth {backbone.depth!r}")
+    if len(backbone.modalities) < 2:
+        problems.append(f"modalities {backbone.modalities}")
+    for m in backbone.modalities:
+        sizes = (backbone.hidden_size(m), backbone.seq_len(m))
+        if not all(isinstance(v, int) and v > 0 for v in sizes):
+            problems.append(f"hidden_size / seq_len of {m}: {sizes}")
+        if backbone.num_layers(m) != backbone.depth:
+            problems.append(f"num_layers({m}) {backbone.num_layers(m)} != depth {backbone.depth}")
+    sites = backbone.linear_sites()
+    if not sites or not all(isinstance(s, LinearSite) for s in sites):
+        problems.append("linear_sites() is not a non-empty list of LinearSite")
+    elif not all(type(backbone.get_submodule(s.path)) is torch.nn.Linear for s in sites):
+        problems.append("a linear site is not an nn.Linear")
+    if not isinstance(backbone.head, torch.nn.Module):
+        problems.append("head is not a module")
+    return problems
+
+
+@pytest.mark.parametrize("kind", sorted(CONTRACT_BACKBONES))
+def test_every_backbone_meets_the_contract(kind):
+    assert contract_problems(CONTRACT_BACKBONES[kind]()) == []
+
+
+def test_the_contract_check_can_fail():
+    backbone = audit_backbone(2)
+    backbone.activation = "swish"
+    assert contract_problems(backbone) == ["activation 'swish'"]
+
+    class NoHooks(torch.nn.Module):
+        modalities, activation, depth = ("a", "b"), "relu", 1
+
+    assert contract_problems(NoHooks()) == ["not a methods.base.Backbone (a name of the contract is missing)"]
