@@ -57,7 +57,7 @@ import torch
 
 from harness import records
 from harness.backbones import build_backbone, load_named, plan_encoders
-from harness.data import load_dataset
+from harness.data import load_card, load_dataset
 from harness.data._common import MANIFEST
 from harness.checkpoints import (FORMAT, FORMAT_VERSION, SOURCES, checkpoint_sha256,
                                  provenance_path)
@@ -69,8 +69,6 @@ from harness.text import SPECIALS, PretrainedTokenizer, Tokenized, WordVocab, wo
 from harness.train import TrainSettings, evaluate, seed_everything, train_and_select
 
 log = logging.getLogger(__name__)
-
-TEXT_FIELD = "caption"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +94,8 @@ def dataset_vocab(name: str, data: dict | None = None) -> list[str]:
     loaded = load_dataset(name, data.get("path"), data.get("format"), **options)
     if loaded.info.get("vocab"):
         return list(loaded.info["vocab"])
-    return sorted({w for item in loaded.split("train") for w in words(item[TEXT_FIELD])})
+    field = load_card(name).text_field
+    return sorted({w for item in loaded.split("train") for w in words(item[field])})
 
 
 def data_hash(data) -> str:
@@ -150,19 +149,20 @@ def _load_source(source: str, data: dict, extra_vocab: Iterable[str] | None,
     options = {k: v for k, v in data.items() if k not in RUN_OPTIONS}
     loaded = load_dataset(source, data.get("path"), data.get("format"), **options)
     splits = {name: loaded.split(name) for name in ("train", "valid")}
-    if SOURCES[source][0] != "mmt":
+    field = load_card(source).text_field
+    if field is None:  # no raw text to tokenise
         return loaded, splits, None, None
     max_len = data.get("max_text_len", 16)
     if tokenizer is not None:
-        return (loaded, {n: Tokenized(s, tokenizer, max_len, TEXT_FIELD) for n, s in splits.items()},
+        return (loaded, {n: Tokenized(s, tokenizer, max_len, field) for n, s in splits.items()},
                 tokenizer, {"tokenizer": tokenizer.identity()})
     own = (list(loaded.info["vocab"]) if loaded.info.get("vocab")
-           else sorted({w for item in splits["train"] for w in words(item[TEXT_FIELD])}))
+           else sorted({w for item in splits["train"] for w in words(item[field])}))
     extra = sorted(set(extra_vocab or ()) - set(SPECIALS))
     vocab = WordVocab(own + extra)
     sources = {source: len(set(own)), "extra": len(extra),
                "extra_not_in_source": len(set(extra) - set(own)), "total": len(vocab)}
-    return loaded, {n: Tokenized(s, vocab, max_len, TEXT_FIELD) for n, s in splits.items()}, vocab, sources
+    return loaded, {n: Tokenized(s, vocab, max_len, field) for n, s in splits.items()}, vocab, sources
 
 
 def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_settings,

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from harness import records
 from harness.backbones import build_backbone, load_named
 from harness.checkpoints import adopt_vocab, load_pretrained, read_checkpoint
-from harness.data import LoadedDataset, load_dataset
+from harness.data import LoadedDataset, load_card, load_dataset
 from harness.errors import InputError
 from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes
 from harness.records import canonical_hash, tree_hash, write_json_atomic
@@ -40,9 +40,6 @@ def task_for(info: dict) -> tuple[str, int]:
         return "retrieval", 0
     raise InputError("no fine-tuning task for this data", key="label_kind",
                      expected="regression, 4 x binary, 4-class or classification", found=kind)
-
-
-TEXT_FIELDS = {"food101": "text", "msrvtt": "caption", "howto100m": "caption"}
 
 
 class InMemory(Dataset):
@@ -77,7 +74,7 @@ def load_splits(plan: RunPlan):
     splits = {name: data.split(name) for name in ("train", "valid", "test")}
     if plan.data.get("in_memory"):
         splits = {name: InMemory(split) for name, split in splits.items()}
-    field = TEXT_FIELDS.get(plan.dataset)
+    field = load_card(plan.dataset).text_field
     if field is None:
         return data, splits, None
     vocab = text_vocab(plan) or (WordVocab(data.info["vocab"]) if data.info.get("vocab")

@@ -9,6 +9,7 @@ import yaml
 
 from harness.backbones import plan_encoders
 from harness.checkpoints import SOURCES, checkpoint_sha256
+from harness.data.cards import load_card
 from harness.errors import InputError
 from harness.train import TrainSettings
 from methods import get_method
@@ -17,8 +18,6 @@ PARAMS_FILE = "params.yaml"
 PROFILES = ("tiny", "paper")
 # Keys of a data block (params.yaml data.<profile>.<dataset>) that are not loader options.
 RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")
-BACKBONE_FOR = {"mosi": "late_fusion", "mosei": "late_fusion", "iemocap": "late_fusion",
-                "food101": "two_tower", "msrvtt": "mmt", "howto100m": "mmt"}
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -131,9 +130,7 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     """``settings``: typed method config fields (a grid row); ``overrides``: ``--set`` strings for
     train settings or method config fields."""
     profile = params["profile"]
-    if dataset not in BACKBONE_FOR:
-        raise InputError("unknown dataset", key="dataset", expected=f"one of {sorted(BACKBONE_FOR)}",
-                         found=dataset)
+    card = load_card(dataset)  # an unknown dataset has no card
     spec = get_method(method)
     spec.variant(variant)
     file = params["_file"]
@@ -169,7 +166,7 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     if "path" not in data:
         raise InputError("missing key", file=file, key=f"data.{profile}.{dataset}.path",
                          expected="a path", found="nothing")
-    kind = BACKBONE_FOR[dataset]
+    kind = card.backbone
     row = grid_row(method, variant, row_settings)
     backbone = dict(section(params, "profiles", profile, kind))
     return RunPlan(profile, dataset, method, variant, seed, train, row, method_overrides, kind,

@@ -1,5 +1,8 @@
-"""Dataset cards: `datasets/<name>.yaml` (source, licence, task, modalities, layouts per
-format, splits, dims, optional checksums, default path).
+"""Dataset cards: `datasets/<name>.yaml`, the one place for what a dataset is: source, licence,
+family (which loaders and generator read it), backbone (what its runs build), task, modalities,
+the field holding raw text, layouts per format, splits, dims, the generator's defaults, optional
+checksums, default path. Adding a dataset of an existing family is its card and its params.yaml
+entries (docs/architecture.md).
 
 The cards directory is `$MMPETL_DATASETS_DIR` when set, else `<project root>/datasets`
 (the project root is the directory above the `harness` package), else `./datasets`.
@@ -19,8 +22,10 @@ from harness.errors import InputError
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _SHA = re.compile(r"^[0-9a-fA-F]{64}$")
 TASKS = ("regression", "classification", "retrieval")
-REQUIRED = {"name": str, "title": str, "family": str, "source": str, "licence": str,
-            "task": str, "modalities": list, "splits": list, "path": str, "formats": dict}
+REQUIRED = {"name": str, "title": str, "family": str, "backbone": str, "source": str,
+            "licence": str, "task": str, "modalities": list, "splits": list, "path": str,
+            "formats": dict}
+GENERATOR_SIZES = ("n_train", "n_valid", "n_test", "seq_len")
 
 
 def cards_dir() -> Path:
@@ -42,6 +47,7 @@ class Card:
     name: str
     title: str
     family: str
+    backbone: str
     task: str
     modalities: tuple
     splits: tuple
@@ -50,6 +56,8 @@ class Card:
     file: str
     checksums: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    text_field: str | None = None   # the item field of raw text to tokenise, None: no raw text
+    generator_defaults: dict = field(default_factory=dict)  # generate.defaults: sizes, seq_len
 
     @property
     def format_names(self) -> list[str]:
@@ -143,7 +151,18 @@ def validate_card(raw, file: str, name: str | None = None) -> Card:
         if not isinstance(sha, str) or not _SHA.match(sha):
             raise InputError("checksum is not a sha256 hex digest", file=file,
                              key=f"checksums.{rel}", expected="64 hex digits", found=sha)
-    return Card(name=raw["name"], title=raw["title"], family=raw["family"], task=raw["task"],
-                modalities=tuple(raw["modalities"]), splits=tuple(raw["splits"]),
-                formats=dict(raw["formats"]), path=raw["path"], file=file,
-                checksums=dict(checksums), raw=raw)
+    text_field = raw.get("text_field")
+    if text_field is not None and not isinstance(text_field, str):
+        raise InputError("text_field must be an item field name", file=file, key="text_field",
+                         expected="a string or nothing", found=repr(text_field))
+    defaults = (raw.get("generate") or {}).get("defaults") or {}
+    if not isinstance(defaults, dict) or not all(
+            k in GENERATOR_SIZES and isinstance(v, int) for k, v in defaults.items()):
+        raise InputError("generate.defaults must map sizes to integers", file=file,
+                         key="generate.defaults", expected=f"{{{', '.join(GENERATOR_SIZES)}: int}}",
+                         found=repr(defaults))
+    return Card(name=raw["name"], title=raw["title"], family=raw["family"],
+                backbone=raw["backbone"], task=raw["task"], modalities=tuple(raw["modalities"]),
+                splits=tuple(raw["splits"]), formats=dict(raw["formats"]), path=raw["path"],
+                file=file, checksums=dict(checksums), raw=raw, text_field=text_field,
+                generator_defaults=dict(defaults))

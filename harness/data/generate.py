@@ -39,17 +39,6 @@ from .cards import load_card
 
 GENERATOR_VERSION = 1
 SENT_MODS = ("text", "audio", "vision")
-FAMILY = {"mosi": "sentiment", "mosei": "sentiment", "iemocap": "sentiment",
-          "food101": "food101", "msrvtt": "video", "howto100m": "video"}
-
-DEFAULTS = {
-    "mosi": dict(n_train=256, n_valid=64, n_test=64, seq_len=16),
-    "mosei": dict(n_train=512, n_valid=64, n_test=64, seq_len=16),
-    "iemocap": dict(n_train=256, n_valid=64, n_test=64, seq_len=16),
-    "food101": dict(n_train=250, n_valid=50, n_test=100, seq_len=8),
-    "msrvtt": dict(n_train=160, n_valid=20, n_test=40, seq_len=8),
-    "howto100m": dict(n_train=200, n_valid=40, n_test=0, seq_len=8),
-}
 COMMON_OPTS = {"world_seed": None, "unimodal_weight": 0.3, "interaction_scope": "aligned"}
 SCOPES = ("aligned", "pooled")
 FAMILY_OPTS = {
@@ -148,25 +137,26 @@ def generate(dataset: str, out_dir=None, seed: int = 0, n_train: int | None = No
     missing_rate, nan_rate, caption_sharpness (video). Validates everything before writing;
     writes atomically (a failure leaves nothing behind)."""
     card = load_card(dataset)
-    if dataset not in FAMILY:
-        raise _bad("dataset", list(FAMILY), dataset, "no generator for this dataset")
-    fam = FAMILY[dataset]
+    fam = card.family
+    if fam not in FAMILY_OPTS:
+        raise _bad("family", sorted(FAMILY_OPTS), fam, f"no generator for the family of {dataset}")
     gen = card.get("generate") or {}
     fmts = gen.get("formats", list(card.formats))
     fmt = format or gen.get("default_format") or fmts[0]
     if fmt not in fmts:
         raise _bad("format", fmts, fmt, f"no {dataset} generator for this format")
     seed = _int("seed", seed, 0)
-    d = DEFAULTS[dataset]
-    n_train = _int("n_train", d["n_train"] if n_train is None else n_train, 2)
-    n_valid = _int("n_valid", d["n_valid"] if n_valid is None else n_valid, 1)
-    if dataset == "howto100m":
+    d = card.generator_defaults
+    n_train = _int("n_train", d.get("n_train") if n_train is None else n_train, 2)
+    n_valid = _int("n_valid", d.get("n_valid") if n_valid is None else n_valid, 1)
+    if "test" not in card.splits:
         if n_test not in (None, 0):
-            raise _bad("n_test", "0 or None (howto100m has splits train and valid)", n_test)
+            raise _bad("n_test", f"0 or None ({dataset} has splits {', '.join(card.splits)})",
+                       n_test)
         n_test = 0
     else:
-        n_test = _int("n_test", d["n_test"] if n_test is None else n_test, 1)
-    seq_len = _int("seq_len", d["seq_len"] if seq_len is None else seq_len, 2, 512)
+        n_test = _int("n_test", d.get("n_test") if n_test is None else n_test, 1)
+    seq_len = _int("seq_len", d.get("seq_len") if seq_len is None else seq_len, 2, 512)
     noise = _float("noise", noise, 0.0, 100.0)
     opts = {**COMMON_OPTS, **FAMILY_OPTS[fam]}
     if fam == "video":
