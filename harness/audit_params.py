@@ -499,7 +499,7 @@ def _build_and_count(row: PaperRow, device: str) -> tuple[dict | None, str | Non
             spec = get_method(row.method)
             config = spec.make_config(row.variant, **row.settings)
             freeze(backbone)
-            spec.apply_fn(backbone, config, row.variant)
+            spec.apply_fn(backbone, config)
             trainable_head(backbone)
         unchecked = count_parameters(backbone)
     except Exception:  # noqa: BLE001 - any failure just means no unchecked count

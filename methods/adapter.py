@@ -41,7 +41,7 @@ class Bottleneck(nn.Module):
     summary="Houlsby adapter: two bottleneck adapters per layer (after attention and after FFN)",
     variants={"paper": Variant("Houlsby et al. 2019, zero-init up", starts_as_identity=True)},
 )
-def apply(backbone: nn.Module, config: AdapterConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: AdapterConfig) -> None:
     for m in backbone.modalities:
         for depth in range(backbone.num_layers(m)):
             for point in ("attn", "ffn"):

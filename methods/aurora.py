@@ -63,11 +63,9 @@ V, C, every p, and the fusion branch's gates; the momentum copies are frozen.
 
 Fusion branch (Sec. 3.3: Informative Context Enhancement, Eq. 5, and Gated Query
 Transformation): both live in a cross-modal fusion branch (BLIP's image-grounded text encoder).
-They are attached only when the backbone exposes ``fusion_layers`` and ``alignment`` is on; the
-late-fusion backbone has none, so on it Aurora is the mode approximation alone. The modules are
-written below (``ContextEnhancement``, ``GatedQuery``) and expect the backbone to provide
-``set_context_enhancement(module)`` and ``set_query_gate(depth, module)``; a fusion backbone
-without those hooks is refused with NotImplementedError rather than silently adapted in part.
+No backbone here has one, so Aurora is the mode approximation alone; ``GatedQuery`` (its 2 D
+parameters per fusion layer) is kept for ``mmpetl audit params``, which counts the BLIP-base
+layout the Aurora paper prints.
 """
 from __future__ import annotations
 
@@ -95,7 +93,6 @@ class AuroraConfig(MethodConfig):
     form: str = "cp"                     # cp (paper, Eq. 2-4) | tucker (released shared core)
     dropout: float = 0.0                 # after U (released: 0.1; the paper gives none)
     scale: float = 1.0                   # multiplies Delta W x (released: s = 1; none in the paper)
-    alignment: bool = True               # context enhancement + gated query, fusion branch only
     layout: str = "block"                # block (paper) | released (the released ViT / BERT models)
 
     def validate(self) -> None:
@@ -236,25 +233,9 @@ class AuroraLinear(nn.Module):
         return self.base(x) + self.scale * delta
 
 
-class ContextEnhancement(nn.Module):
-    """Informative Context Enhancement (fusion branch only; no parameters).
-
-    paper (Eq. 5): f'_i = f_i + sum_j softmax_j(f_i . t_j) t_j over the batch's text query features;
-    code: f' = f + 0.1 * mean_j t_j (the released code adds it to positive pairs only; which pairs
-    is the fusion backbone's business)."""
-
-    def __init__(self, form: str):
-        super().__init__()
-        self.form = form
-
-    def forward(self, fused: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # (B, E) each
-        if self.form == "cp":
-            return fused + torch.softmax(fused @ text.T, dim=-1) @ text
-        return fused + 0.1 * text.mean(dim=0, keepdim=True)
-
-
 class GatedQuery(nn.Module):
-    """Gated Query Transformation on the query (text) residual of a fusion layer: 2 D parameters.
+    """Gated Query Transformation on the query (text) residual of a fusion layer: 2 D parameters
+    (built by ``mmpetl audit params`` for the BLIP-base counts; no backbone here attaches it).
 
     paper: gamma, beta zero-initialised (Sec. 4.4), query residual replaced by
     sigmoid(gamma * q + beta) * q (the printed formula is garbled; this is our reading);
@@ -274,20 +255,6 @@ class GatedQuery(nn.Module):
         if self.form == "cp":
             return torch.sigmoid(self.gamma * query + self.beta) * query
         return query + 0.1 * (query * self.gamma + self.beta)
-
-
-def _attach_fusion_branch(backbone: nn.Module, config: AuroraConfig, width: int) -> None:
-    fusion_layers = getattr(backbone, "fusion_layers", None)
-    if fusion_layers is None or not config.alignment:
-        return  # late fusion: no fusion branch, mode approximation only
-    missing = [h for h in ("set_context_enhancement", "set_query_gate") if not hasattr(backbone, h)]
-    if missing:
-        raise NotImplementedError(f"aurora: the backbone has a fusion branch but no {missing} hook(s) "
-                                  f"for context enhancement / gated query transformation; pass "
-                                  f"alignment=False to apply the mode approximation alone")
-    backbone.set_context_enhancement(ContextEnhancement(config.form))
-    for depth in range(len(fusion_layers)):
-        backbone.set_query_gate(depth, GatedQuery(width, config.form))
 
 
 @register(
@@ -312,11 +279,10 @@ def _attach_fusion_branch(backbone: nn.Module, config: AuroraConfig, width: int)
                                   "layout": "released"}),
     },
 )
-def apply(backbone: nn.Module, config: AuroraConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: AuroraConfig) -> None:
     width = backbone.hidden_size(backbone.modalities[0])
     factors = AuroraFactors(width, config.rank, config.form)
     for site in _target_sites(backbone, config):
         base = backbone.get_submodule(site.path)
         backbone.set_submodule(site.path, AuroraLinear(base, factors, site.role, config,
                                                        tower(config, site.modality)))
-    _attach_fusion_branch(backbone, config, width)

@@ -165,7 +165,7 @@ class MethodSpec:
     name: str
     config_class: type
     variants: dict[str, Variant]
-    apply_fn: Callable[[nn.Module, MethodConfig, str], None]
+    apply_fn: Callable[[nn.Module, MethodConfig], None]
     summary: str
     modalities: str = "any"
 

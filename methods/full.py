@@ -20,7 +20,7 @@ class NoConfig(MethodConfig):
     summary="Full fine-tuning: every backbone parameter trains",
     variants={"paper": Variant("all parameters trainable", starts_as_identity=True)},
 )
-def apply_full(backbone: nn.Module, config: NoConfig, variant: str) -> None:
+def apply_full(backbone: nn.Module, config: NoConfig) -> None:
     for parameter in backbone.parameters():
         parameter.requires_grad_(True)
 
@@ -31,5 +31,5 @@ def apply_full(backbone: nn.Module, config: NoConfig, variant: str) -> None:
     summary="Linear probe: frozen backbone, only the task head trains",
     variants={"paper": Variant("head only", starts_as_identity=True)},
 )
-def apply_linear(backbone: nn.Module, config: NoConfig, variant: str) -> None:
+def apply_linear(backbone: nn.Module, config: NoConfig) -> None:
     """Nothing to add: the registry freezes the backbone and unfreezes the head."""

@@ -51,7 +51,7 @@ def peft_config(backbone: nn.Module, config: LoraConfig):
     variants={"paper": Variant("peft LoRA: A Kaiming-uniform, B zero (Delta W = 0 at init)",
                                starts_as_identity=True)},
 )
-def apply(backbone: nn.Module, config: LoraConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: LoraConfig) -> None:
     from peft import inject_adapter_in_model
 
     inject_adapter_in_model(peft_config(backbone, config), backbone)

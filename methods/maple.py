@@ -111,7 +111,7 @@ class CoupledPrompts(PromptProvider):
                          starts_as_identity=False),
     },
 )
-def apply(backbone: nn.Module, config: MaPLeConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: MaPLeConfig) -> None:
     widths = {m: backbone.hidden_size(m) for m in backbone.modalities}
     depth = min(backbone.num_layers(m) for m in backbone.modalities)
     order = cascade_order(tuple(backbone.modalities), config.source)

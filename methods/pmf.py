@@ -188,7 +188,7 @@ class InteractivePrompts(PromptProvider):
                              "not counted as trainable"),
     },
 )
-def apply(backbone: nn.Module, config: PMFConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: PMFConfig) -> None:
     widths = {m: backbone.hidden_size(m) for m in backbone.modalities}
     depth = min(backbone.num_layers(m) for m in backbone.modalities)
     provider = InteractivePrompts(widths, depth, config)

@@ -78,7 +78,7 @@ class DeepPrompts(PromptProvider):
                          starts_as_identity=False),
     },
 )
-def apply(backbone: nn.Module, config: PTuningConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: PTuningConfig) -> None:
     widths = {m: backbone.hidden_size(m) for m in backbone.modalities}
     depths = {m: backbone.num_layers(m) for m in backbone.modalities}
     backbone.set_prompts(DeepPrompts(widths, depths, config))

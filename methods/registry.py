@@ -13,7 +13,8 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register(name: str, *, config: type, variants: dict[str, Variant], summary: str,
              modalities: str = "any") -> Callable:
-    """Decorator for ``apply(backbone, config, variant) -> None``.
+    """Decorator for ``apply(backbone, config) -> None`` (the variant is in the config: its
+    ``Variant.defaults``).
 
     ``apply`` receives a fully frozen backbone, adds its modules (their parameters trainable) and
     may unfreeze backbone parameters it trains; the head is made trainable afterwards.
@@ -47,7 +48,7 @@ def apply_method(backbone: nn.Module, name: str, variant: str = "paper",
     config = spec.make_config(variant, **overrides)
     config.validate_for(backbone)
     freeze(backbone)
-    spec.apply_fn(backbone, config, variant)
+    spec.apply_fn(backbone, config)
     trainable_head(backbone)
     return config
 

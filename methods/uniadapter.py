@@ -60,10 +60,10 @@ Variants:
 Cross-modal branch (Sec. 3.3-3.4, Eq. 6): in a fusion (multimodal) encoder the adapter adds
 s * [act(h W_down) W_up^T + act(h W_down) W_up^C] (the text up reused, plus a fusion up) and the
 Query-Residual adapter s * act(q W_down) W_up^T on the self-attention output q (weights shared with
-the text adapter); the code wraps the sum of the two ups in a LayerNorm. It is attached only when
-the backbone exposes ``fusion_layers`` (through ``set_fusion_adapter(depth, module)``); the
-late-fusion backbone has none, so there it is absent. The released extra LoRA-like adapters on
-the cross-attention keys and values belong to that branch too and are not built.
+the text adapter); the code wraps the sum of the two ups in a LayerNorm. No backbone here has a
+fusion encoder, so the branch is never attached; ``CrossModalUniAdapter`` is kept for ``mmpetl
+audit params``, which counts the BLIP-base layout the UniAdapter paper prints. The released extra
+LoRA-like adapters on the cross-attention keys and values belong to that branch too.
 
 Parameter-free Frame-aware Attention (Sec. 3.5) reweights video frame tokens before the
 cross-attention; it only applies to video backbones with frame tokens and a text CLS and is left
@@ -100,7 +100,6 @@ class UniAdapterConfig(MethodConfig):
     up_std: float | None = None       # non-zeroed ups: N(0, up_std), zero bias (code: 0.02); None =
                                       # nn.Linear's default init
     train_cross_norm: bool = True     # fusion branch's LayerNorm trainable (code: False, released filter)
-    fusion: bool = True               # cross-modal / query-residual branch, fusion backbones only
 
     def validate(self) -> None:
         positive(self, "down_dim")
@@ -218,7 +217,8 @@ def attach_parallel(ffn: nn.Module, adapter: UniAdapterBranch) -> None:
 
 class CrossModalUniAdapter(nn.Module):
     """Fusion-encoder UniAdapter (Eq. 6 without the FFN term): the text branch reused on the query
-    (query residual) and on the fused state, plus a fusion up; code: LayerNorm on the summed ups."""
+    (query residual) and on the fused state, plus a fusion up; code: LayerNorm on the summed ups.
+    Built by ``mmpetl audit params`` for the BLIP-base counts; no backbone here attaches it."""
 
     def __init__(self, text: UniAdapterBranch, fusion_up: nn.Linear, width: int,
                  config: UniAdapterConfig):
@@ -234,24 +234,6 @@ class CrossModalUniAdapter(nn.Module):
         hidden = self.text.hidden(fused)
         both = self.norm(self.text.up(hidden) + self.fusion_up(hidden))
         return self.text.delta(query) + self.text.scale * both
-
-
-def _attach_fusion_branch(backbone: nn.Module, config: UniAdapterConfig, width: int,
-                          text_branches: dict[int, UniAdapterBranch]) -> None:
-    fusion_layers = getattr(backbone, "fusion_layers", None)
-    if fusion_layers is None or not config.fusion:
-        return  # late fusion: no cross-modal encoder, so no cross-modal branch
-    if not hasattr(backbone, "set_fusion_adapter"):
-        raise NotImplementedError("uniadapter: the backbone has a fusion branch but no "
-                                  "set_fusion_adapter(depth, module) hook; pass fusion=False to "
-                                  "adapt the unimodal encoders alone")
-    for depth in range(len(fusion_layers)):
-        if depth not in text_branches:
-            raise NotImplementedError(f"uniadapter: fusion layer {depth} has no text adapter at the "
-                                      f"same depth to share its up-projection with")
-        zero = config.zero_up == "all"
-        backbone.set_fusion_adapter(depth, CrossModalUniAdapter(
-            text_branches[depth], make_up(width, config, zero), width, config))
 
 
 @register(
@@ -283,7 +265,7 @@ def _attach_fusion_branch(backbone: nn.Module, config: UniAdapterConfig, width: 
                              "L (2D + Dr + r) + M L (rD + D)"),
     },
 )
-def apply(backbone: nn.Module, config: UniAdapterConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: UniAdapterConfig) -> None:
     width = backbone.hidden_size(backbone.modalities[0])
     downs: dict[int, SharedDown] = {}
 
@@ -293,20 +275,15 @@ def apply(backbone: nn.Module, config: UniAdapterConfig, variant: str) -> None:
             downs[key] = SharedDown(width, config)
         return downs[key]
 
-    text_branches: dict[int, UniAdapterBranch] = {}
-    text = TEXT if TEXT in backbone.modalities else backbone.modalities[0]  # fusion branch's text
     hooked = config.placement == "parallel" and hasattr(backbone, "set_parallel_adapter")
     for modality in backbone.modalities:
         zero = config.zero_up == "all" or modality == TEXT
         for depth in range(backbone.num_layers(modality)):
             branch = UniAdapterBranch(down_for(depth), make_up(width, config, zero), config,
                                       parallel=hooked)
-            if modality == text:
-                text_branches[depth] = branch
             if hooked:
                 backbone.set_parallel_adapter(modality, depth, branch)
             elif config.placement == "parallel":
                 attach_parallel(backbone.get_submodule(_ffn_path(backbone, modality, depth)), branch)
             else:
                 backbone.set_adapter(config.placement, modality, depth, branch)
-    _attach_fusion_branch(backbone, config, width, text_branches)

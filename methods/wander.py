@@ -211,7 +211,7 @@ def activation_for(config: WanderConfig, backbone: nn.Module) -> str:
                              "batch-mates"),
     },
 )
-def apply(backbone: nn.Module, config: WanderConfig, variant: str) -> None:
+def apply(backbone: nn.Module, config: WanderConfig) -> None:
     dims = {m: backbone.hidden_size(m) for m in backbone.modalities}
     lengths = {m: backbone.seq_len(m) for m in backbone.modalities}
     width = next(iter(dims.values()))

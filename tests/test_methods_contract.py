@@ -133,7 +133,7 @@ def broken_method():
     class Empty(MethodConfig):
         pass
 
-    def apply(backbone, config, variant):
+    def apply(backbone, config):
         backbone.unused = torch.nn.Linear(2, 2)
 
     registry.register("broken_for_test", config=Empty, summary="test only",

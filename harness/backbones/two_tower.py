@@ -38,9 +38,9 @@ Task head (default): ``self.head`` holds the fusion transformer
 (``harness.backbones.layers.EncoderLayer``, pre-LN, with a final LayerNorm) AND the MLP; every
 method trains both and they count as head (``head.*``) in #Tunable. That is OUR choice of a task
 head for the methods the Wander code does not cover: the released Wander Food-101 model does NOT
-train its fusion transformer (see below). The fusion transformer is deliberately not exposed as a
-backbone attribute ``fusion_layers``: that name is what Aurora / UniAdapter look for to attach
-their cross-attention (BLIP-style) fusion branches, which this self-attention fusion lacks.
+train its fusion transformer (see below). The fusion transformer is self-attention over both
+towers' tokens, not a BLIP-style cross-attention branch: Aurora's and UniAdapter's fusion-branch
+modules have nowhere to go on it (they are built only to count the BLIP-base layouts).
 
 Released Wander head (``set_head(RELEASED_WANDER_HEAD)``, what Wander's ``code`` variant asks for
 through ``methods.base.use_head``): the released Food-101 model (HalfMoon1008/WANDER
