@@ -134,3 +134,18 @@ def test_the_run_key_hashes_every_module_a_run_imports():
               ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir() else [ROOT / entry])}
     # harness.records computes the key (code_hash); what else it gives goes into the record only
     assert sorted(reached - hashed - {"harness.records"}) == []
+
+
+def test_no_long_function_without_a_reason():
+    """No function in harness/ over 80 lines, unless its docstring says why ("Long because")."""
+    long = []
+    for name, path in modules().items():
+        if not name.startswith("harness"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                reason = "Long because" in (ast.get_docstring(node) or "")
+                if lines > 80 and not reason:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert long == []

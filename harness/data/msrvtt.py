@@ -219,6 +219,9 @@ def expected_dims(card: Card, manifest: dict | None) -> dict[str, int]:
 def load(card: Card, path: Path, format: str | None = None, *, split_scheme: str | None = None,
          max_tokens: int | None = None, captions=None, experts: list[str] | None = None
          ) -> LoadedDataset:
+    """Load an MMT-layout dataset (MSR-VTT, HowTo100M). Long because it validates the split lists,
+    the experts and the captions in one pass that builds the report as it goes (each check
+    names the file and key it read)."""
     fmt, root = locate(card, Path(path), format)
     spec = card.formats[fmt]
     schemes = spec["split_schemes"]

@@ -276,6 +276,9 @@ def _lengths(raw, key, N, L, fs):
 
 
 def _load_pickle_format(card: Card, file: Path, fmt: str | None) -> LoadedDataset:
+    """Load a MulT or MMSA pickle (aligned or not). Long because one pass over the splits
+    validates and converts every array while it accumulates the report (dims, lengths, fixed
+    values, warnings); each check names the split and key it read."""
     fs = str(file)
     data = load_pickle(file)
     if not isinstance(data, dict):
@@ -487,6 +490,9 @@ def _load_npy_any(p: Path) -> np.ndarray:
 
 
 def _load_mmin(card: Card, root: Path, fold=None, max_len=None, feature_types=None) -> LoadedDataset:
+    """Load the MMIN h5 + folds layout of IEMOCAP. Long because it validates each modality's h5
+    file, the fold lists and the labels in one pass that builds the report as it goes (each
+    check names the file and key it read)."""
     import h5py
     spec = card.fmt("mmin")
     fold = str(fold if fold is not None else spec.get("default_fold", 1))
