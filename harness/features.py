@@ -47,7 +47,7 @@ cached_splits(backbone, splits, cache_dir, data_hashes, batch_size=64, progress=
     different random towers do not overwrite each other's caches).
 plan_data_hashes(plan, data, vocab) -> dict
     The per-split data hashes a run plan's caches are keyed on.
-data_hash_for(data, split, **options) -> str
+split_hash(data, split, **options) -> str
     The data hash of one split: the dataset's content hash (``data.report["data_hash"]`` when the
     loader provides one, else a sha256 over every file under ``data.path``) + format + split name +
     whatever else shapes the items (loader options, vocabulary, ``max_text_len``).
@@ -254,7 +254,7 @@ def encoder_hash(backbone: nn.Module) -> str:
     return canonical_hash(document)
 
 
-def data_hash_for(data, split: str, **options) -> str:
+def split_hash(data, split: str, **options) -> str:
     """Data hash of split ``split`` of a ``LoadedDataset`` (see the module docstring)."""
     content = data.report.get("data_hash") or tree_hash(data.path)
     return canonical_hash({"content": content, "dataset": data.name, "format": data.format,
@@ -532,10 +532,10 @@ def plan_data_hashes(plan, data, vocab) -> dict[str, str]:
         options["vocab"] = sorted(vocab.index)
     else:
         options["vocab"] = vocab.identity()
-    return {name: data_hash_for(data, name, **options) for name in data.splits}
+    return {name: split_hash(data, name, **options) for name in data.splits}
 
 
 __all__ = ["CacheError", "CachedFeatures", "FromCache", "NotCacheable", "cache_problems",
-           "cache_status", "cacheable", "cached_splits", "data_hash_for", "encoder_hash",
-           "encoder_state_hash", "extract_features", "load_features", "plan_data_hashes",
-           "require_cacheable"]
+           "cache_status", "cacheable", "cached_splits", "encoder_hash", "encoder_state_hash",
+           "extract_features", "load_features", "plan_data_hashes", "require_cacheable",
+           "split_hash"]

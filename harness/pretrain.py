@@ -98,10 +98,11 @@ def dataset_vocab(name: str, data: dict | None = None) -> list[str]:
     return sorted({w for item in loaded.split("train") for w in words(item[field])})
 
 
-def data_hash(data) -> str:
-    """The loader's ``data_hash`` when it gives one; else sha256 over the files it read (split
-    lists, pickles), the generator's manifest, the format and the split sizes. (MMT per-video
-    feature files are not read: with real HowTo100M that would be millions of files.)"""
+def source_content_hash(data) -> str:
+    """The content hash of a loaded pre-training source (the checkpoint's ``data.hash``): the
+    loader's ``data_hash`` when it gives one; else sha256 over the files it read (split lists,
+    pickles), the generator's manifest, the format and the split sizes. (MMT per-video feature
+    files are not read: with real HowTo100M that would be millions of files.)"""
     if data.report.get("data_hash"):
         return data.report["data_hash"]
     digest = hashlib.sha256()
@@ -210,7 +211,7 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "backbone": kind, "config": dataclasses.asdict(backbone.config),
         "source": source, "task": task_name, "seed": seed,
-        "data": {"path": loaded.path, "format": loaded.format, "hash": data_hash(loaded),
+        "data": {"path": loaded.path, "format": loaded.format, "hash": source_content_hash(loaded),
                  "sizes": {n: len(s) for n, s in splits.items()}},
         "train": dataclasses.asdict(settings), "profile_settings": dict(profile_settings or {}),
         "metrics": {"valid": final_valid, "initial_valid": initial_valid,
@@ -278,4 +279,4 @@ def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> d
             "extra_vocab": sorted(set(extra)) or None}
 
 
-__all__ = ["data_hash", "dataset_vocab", "plan_pretrain", "pretrain", "vocab_words"]
+__all__ = ["dataset_vocab", "plan_pretrain", "pretrain", "source_content_hash", "vocab_words"]

@@ -154,7 +154,7 @@ def logits_diff(backbone: nn.Module, cached_model: nn.Module, raw, cached, count
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from harness.features import cached_splits, data_hash_for, FromCache
+    from harness.features import cached_splits, split_hash, FromCache
     from harness.tasks.tasks import TASKS
 
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         settings = plan.train
         options = {k: v for k, v in plan.data.items() if k != "path"}
         options["vocab"] = sorted(vocab.index) if vocab else None
-        hashes = {name: data_hash_for(data, name, **options) for name in ("train", "test")}
+        hashes = {name: split_hash(data, name, **options) for name in ("train", "test")}
         use = {name: splits[name] for name in hashes}
 
         started = time.perf_counter()

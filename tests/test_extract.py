@@ -16,7 +16,7 @@ from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
 from harness.backbones.two_tower import TwoTowerBackbone, TwoTowerConfig
 from harness.errors import InputError
 from harness.features import (CacheError, CachedFeatures, FromCache, NotCacheable, cache_problems,
-                             cacheable, cached_splits, data_hash_for, encoder_hash,
+                             cacheable, cached_splits, split_hash, encoder_hash,
                              extract_features, load_features)
 from harness.tasks.tasks import TASKS
 from harness.train import TrainSettings, fine_tune
@@ -302,14 +302,14 @@ def test_data_hash_follows_the_files_split_and_options(tmp_path):
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "train.csv").write_text("a,b\n")
     data = SimpleNamespace(name="food101", format="raw", path=tmp_path, report={})
-    h = data_hash_for(data, "train", max_text_len=16)
-    assert h == data_hash_for(data, "train", max_text_len=16)
-    assert h != data_hash_for(data, "test", max_text_len=16)
-    assert h != data_hash_for(data, "train", max_text_len=32)
+    h = split_hash(data, "train", max_text_len=16)
+    assert h == split_hash(data, "train", max_text_len=16)
+    assert h != split_hash(data, "test", max_text_len=16)
+    assert h != split_hash(data, "train", max_text_len=32)
     (tmp_path / "texts" / "train.csv").write_text("a,cd\n")  # (new size: the memo keys on stat)
-    assert h != data_hash_for(data, "train", max_text_len=16)
+    assert h != split_hash(data, "train", max_text_len=16)
     given = SimpleNamespace(name="food101", format="raw", path=tmp_path, report={"data_hash": "x"})
-    assert data_hash_for(given, "train") != data_hash_for(data, "train")
+    assert split_hash(given, "train") != split_hash(data, "train")
 
 
 # --- the extract stage and a fine-tuning run agree on the caches ---------------------------------
