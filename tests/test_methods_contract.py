@@ -203,3 +203,21 @@ def test_the_contract_check_can_fail():
         modalities, activation, depth = ("a", "b"), "relu", 1
 
     assert contract_problems(NoHooks()) == ["not a methods.base.Backbone (a name of the contract is missing)"]
+
+
+def test_only_input_errors_exit_2_a_bug_is_a_traceback(monkeypatch, capsys):
+    from harness import cli
+    from harness.errors import InputError
+
+    def bug(args):
+        raise ValueError("a bug, not bad input")
+
+    def bad_input(args):
+        raise InputError("bad input", key="k", expected="x", found="y")
+
+    monkeypatch.setattr(cli, "cmd_methods", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["methods"])
+    monkeypatch.setattr(cli, "cmd_methods", bad_input)
+    assert main(["methods"]) == 2
+    assert "mmpetl: error: bad input [key 'k']: expected x, found y" in capsys.readouterr().err
