@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from harness.data.cards import list_cards, load_card
 from harness.errors import InputError
 from harness.records import read_json, sha256_file
 from harness.text import Tokenized, WordVocab
@@ -22,12 +23,27 @@ log = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "mmpetl.pretrained_backbone", 1
 PROVENANCE_SUFFIX = ".provenance.json"  # beside the checkpoint; .dvcignore leaves it out of DVC's hash
-# source -> (backbone kind, task, output size)
-SOURCES = {"mosei": ("late_fusion", "regression", 1), "howto100m": ("mmt", "retrieval", 0)}
+# a pre-training task -> the output size of the head it trains (the source's card names the task
+# and the backbone)
+PRETRAIN_OUTPUT = {"regression": 1, "retrieval": 0}
 # what a fine-tuning load leaves out by default, per backbone kind
 DEFAULT_SKIP = {"late_fusion": ("projections.", "head.out."), "mmt": ()}
 # config fields that change the computation without changing any tensor shape
 STRUCTURAL = {"late_fusion": ("heads",), "mmt": ("heads", "text.num_attention_heads")}
+
+
+def pretrain_source(source: str, key: str = "source", file: str | None = None) -> tuple[str, str, int]:
+    """(backbone kind, task, head output size) of the pre-training source ``source``, read from its
+    dataset card; ``key`` / ``file`` name where the source was given, for the error."""
+    names = list_cards()
+    if source not in names:
+        raise InputError("unknown pre-training source (no dataset card)", file=file, key=key,
+                         expected=names, found=source)
+    card = load_card(source)
+    if card.task not in PRETRAIN_OUTPUT:
+        raise InputError("a pre-training source needs a regression or retrieval task", file=file,
+                         key=key, expected=sorted(PRETRAIN_OUTPUT), found=f"{source}: {card.task}")
+    return card.backbone, card.task, PRETRAIN_OUTPUT[card.task]
 
 
 def backbone_kind(backbone: nn.Module) -> str:
@@ -187,6 +203,6 @@ def checkpoint_sha256(checkpoint_path: str | Path) -> str | None:
     return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-__all__ = ["DEFAULT_SKIP", "FORMAT", "FORMAT_VERSION", "SOURCES", "adopt_vocab", "backbone_kind",
+__all__ = ["DEFAULT_SKIP", "FORMAT", "FORMAT_VERSION", "PRETRAIN_OUTPUT", "adopt_vocab", "backbone_kind",
            "checkpoint_sha256", "checkpoint_vocab", "load_pretrained", "provenance_path",
            "read_checkpoint"]

@@ -59,7 +59,7 @@ from harness import records
 from harness.backbones import build_backbone, load_named, plan_encoders
 from harness.data import load_card, load_dataset
 from harness.data._common import MANIFEST
-from harness.checkpoints import (FORMAT, FORMAT_VERSION, SOURCES, checkpoint_sha256,
+from harness.checkpoints import (FORMAT, FORMAT_VERSION, checkpoint_sha256, pretrain_source,
                                  provenance_path)
 from harness.errors import InputError
 from harness.records import atomic_file, canonical_hash, update_with_file
@@ -177,10 +177,7 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
     block (``path``, ``format``, loader options, ``max_text_len``; default: the card's path);
     ``extra_vocab``: words of the fine-tuning data sets that will share the MMT vocabulary.
     Returns the checkpoint's metadata (everything but the state dict) plus ``path``."""
-    if source not in SOURCES:
-        raise InputError("unknown pre-training source", key="source", expected=sorted(SOURCES),
-                         found=source)
-    kind, task_name, output_dim = SOURCES[source]
+    kind, task_name, output_dim = pretrain_source(source)
     task = TASKS[task_name]
     settings = _train_settings(train_settings)
     out_path = Path(out_path)
@@ -246,11 +243,8 @@ def plan_pretrain(params: dict, source: str, overrides: dict | None = None) -> d
     ``pretrain.train.<source>`` + ``pretrain.profiles.<p>`` (+ ``overrides``: typed train
     fields), ``data.<p>.<source>``, ``pretrain.seed``, ``pretrain.checkpoints.<source>``, and the
     vocabularies of ``pretrain.share_vocab.<source>`` (fine-tuning datasets)."""
-    if source not in SOURCES:
-        raise InputError("unknown pre-training source", key="source", expected=sorted(SOURCES),
-                         found=source)
     profile, file = params["profile"], params.get("_file")
-    kind = SOURCES[source][0]
+    kind = pretrain_source(source)[0]
     pre = section(params, "pretrain")
     base = (pre.get("train") or {}).get(source) or {}
     on_top = (pre.get("profiles") or {}).get(profile) or {}

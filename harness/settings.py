@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from harness.backbones import plan_encoders
-from harness.checkpoints import SOURCES, checkpoint_sha256
+from harness.checkpoints import checkpoint_sha256, pretrain_source
 from harness.data.cards import load_card
 from harness.errors import InputError
 from harness.train import TrainSettings
@@ -209,9 +209,7 @@ def pretrained_for(params: dict, dataset: str) -> dict | None:
     source = use.get(dataset)
     if source is None:
         return None
-    if source not in SOURCES:
-        raise InputError("unknown pre-training source", file=params.get("_file"),
-                         key=f"pretrain.use.{dataset}", expected=sorted(SOURCES), found=source)
+    pretrain_source(source, key=f"pretrain.use.{dataset}", file=params.get("_file"))
     return {"source": source, "path": checkpoint_path(params, source)}
 
 

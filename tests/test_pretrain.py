@@ -327,3 +327,17 @@ def test_plan_from_params(data_dir, tmp_path):
     params["pretrain"]["profiles"]["tiny"]["epoch"] = 2
     with pytest.raises(InputError, match="epoch"):
         plan_pretrain(params, "mosei")
+
+
+def test_pretrain_sources_come_from_the_dataset_cards():
+    from harness.checkpoints import pretrain_source
+    from harness.errors import InputError
+
+    assert pretrain_source("mosei") == ("late_fusion", "regression", 1)
+    assert pretrain_source("howto100m") == ("mmt", "retrieval", 0)
+    with pytest.raises(InputError, match="no dataset card") as unknown:
+        pretrain_source("imagenet", key="pretrain.use.mosi")
+    assert "pretrain.use.mosi" in str(unknown.value)
+    with pytest.raises(InputError, match="regression or retrieval") as classification:
+        pretrain_source("food101")
+    assert "classification" in str(classification.value)
