@@ -181,12 +181,17 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def cmd_stats(args) -> int:
+def cmd_leaderboard(args) -> int:
     from harness.settings import load_params
-    from harness.stats import write_stats
+    from harness.tables.leaderboard import write_leaderboards
 
-    summary = write_stats(args.runs, args.out, load_params(args.params))
-    _emit(summary, args.json, lambda s: print(f"{s['cells']} cells -> {s['path']}"))
+    summary = write_leaderboards(args.runs, args.out, load_params(args.params),
+                                 headline_path=args.metrics, detail_path=args.detail)
+    _emit(summary, args.json, lambda s: print(
+        "; ".join(f"{d}: {v['rows']} rows, {v['tests']} paired tests"
+                  for d, v in s["leaderboards"].items()) or "no run records"))
+    print(f"{len(summary['written'])} files written, {len(summary['unchanged'])} unchanged "
+          f"({args.out}, {args.metrics}, {args.detail})", file=sys.stderr)
     return 0
 
 
@@ -283,6 +288,19 @@ def _command(sub, name: str, func, text: str, params: bool = False, json: bool =
     return p
 
 
+def _leaderboard_parser(sub) -> None:
+    p = _command(sub, "leaderboard", cmd_leaderboard, "every grid row in the run records, per "
+                 "dataset, ranked by the card's main metric with paired tests against Wander and "
+                 "the best baseline -> results/leaderboards/, results/metrics.json (headline), "
+                 "results/metrics_detail.json", params=True)
+    p.add_argument("--runs", default="results/runs")
+    p.add_argument("--out", default="results/leaderboards")
+    p.add_argument("--metrics", default="results/metrics.json",
+                   help="headline metrics: one main metric and #tunable per dataset and method")
+    p.add_argument("--detail", default="results/metrics_detail.json",
+                   help="every grid row's metrics (mean, std, n) and #tunable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,10 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a pre-training train setting (repeatable)")
     p.add_argument("--out", default=None, help="checkpoint path (default: pretrain.checkpoints.<source>)")
 
-    p = _command(sub, "stats", cmd_stats, "per-cell summaries and Wander-vs-baseline tests -> CSV",
-                 params=True)
-    p.add_argument("--runs", default="results/runs")
-    p.add_argument("--out", default="results/stats.csv")
+    _leaderboard_parser(sub)
 
     p = _command(sub, "tables", cmd_tables, "every table and figure of the Wander paper, regenerated",
                  params=True)

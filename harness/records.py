@@ -268,3 +268,25 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, document) -> None:
     write_text_atomic(path, dumps_strict(document, indent=2, sort_keys=True) + "\n")
+
+
+# How a grid row's config fields read in a row slug (record file names, leaderboards, metrics.json)
+SLUG_ABBREV = {"down_dim": "d", "rank": "r", "rank_h": "rh", "rank_t": "rt"}
+
+
+def row_slug(row) -> str:
+    """Short readable name of a grid row: wander_d16, lora_r16, wander_code_d16,
+    maple_source-text, wander_d16_nonlinearity-off, wander_d16_rt4. Used in record file names
+    (``harness.run.record_path``), the leaderboards and results/metrics*.json."""
+    parts = [str(row["method"])]
+    if row.get("variant", "paper") != "paper":
+        parts.append(str(row["variant"]))
+    for key in sorted(k for k in row if k not in ("method", "variant")):
+        value = row[key]
+        if key in SLUG_ABBREV:
+            parts.append(f"{SLUG_ABBREV[key]}{value}")
+        elif isinstance(value, bool):
+            parts.append(f"{key}-{'on' if value else 'off'}")
+        else:
+            parts.append(f"{key}-{value}")
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", "_".join(parts))

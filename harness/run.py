@@ -91,7 +91,10 @@ def run_key(plan: RunPlan) -> str:
 
 
 def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
-    return Path(out_dir) / plan.dataset / f"{plan.method}-{plan.variant}-seed{plan.seed}-{key[:12]}.json"
+    """<out_dir>/<dataset>/<grid row slug>-seed<k>-<key[:12]>.json, e.g.
+    results/runs/mosi/wander_code_d16-seed0-1a2b3c4d5e6f.json: dataset, grid row (method, variant
+    unless paper, config fields; ``records.row_slug``), seed and run key read from the name."""
+    return Path(out_dir) / plan.dataset / f"{records.row_slug(plan.row)}-seed{plan.seed}-{key[:12]}.json"
 
 
 # The frozen encoders are drawn once, the same for every seed, as a pre-trained model would be;

@@ -304,28 +304,3 @@ def adjust(comparisons: Sequence[dict], alpha: float = ALPHA) -> None:
         comparison["p_holm"] = p
         comparison["verdict"] = verdict(comparison, alpha)
 
-
-def write_stats(records_dir="results/runs", out_path="results/stats.csv", params=None) -> dict:
-    """The ``stats`` stage: a per-(dataset, grid row, metric) summary over seeds of every metric
-    in the selected records, as one CSV (written atomically). Returns {"path", "cells"}."""
-    from harness.tables.collect import collect
-    from harness.tables.io import write_csv_if_changed
-
-    selection = collect(records_dir, params)
-    rows = []
-    for (dataset, key), by_seed in sorted(selection.cells().items()):
-        metrics = sorted({m for r in by_seed.values() for m, v in r["metrics"].items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for metric in metrics:
-            seeds = [s for s in sorted(by_seed) if metric in by_seed[s]["metrics"]]
-            summary = summarize([by_seed[s]["metrics"][metric] for s in seeds], seeds)
-            rows.append({"dataset": dataset, "row": key, "metric": metric,
-                         "lower_is_better": lower_is_better(metric),
-                         **{k: summary[k] for k in ("n", "mean", "std", "t_ci_low", "t_ci_high",
-                                                    "ci_note")},
-                         "seeds": " ".join(map(str, summary["seeds"])),
-                         "undefined_seeds": " ".join(map(str, summary["undefined_seeds"]))})
-    fields = ["dataset", "row", "metric", "lower_is_better", "n", "seeds", "undefined_seeds",
-              "mean", "std", "t_ci_low", "t_ci_high", "ci_note"]
-    write_csv_if_changed(out_path, fields, rows)
-    return {"path": str(out_path), "cells": len(rows)}

@@ -56,7 +56,7 @@ def test_repro_then_nothing_to_do(repo):
     assert (repo / "results/metrics.json").is_file()
     again = sh("dvc", "repro", cwd=repo)
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout.lower()
-    for stage in ("finetune", "tables", "search", "stats"):
+    for stage in ("finetune", "tables", "search", "leaderboard"):
         assert f"Running stage '{stage}'" not in again.stdout
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "first results", cwd=repo)

@@ -15,7 +15,9 @@ from harness.errors import InputError
 from harness.tables import specs
 from harness.tables.collect import collect, row_key
 from harness.tables.diff import diff_tables
-from harness.tables.render import TINY_BANNER, render_all, row_slug
+from harness.records import row_slug
+from harness.tables.leaderboard import write_leaderboards
+from harness.tables.render import TINY_BANNER, render_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [0, 1, 2]
@@ -96,7 +98,9 @@ def rendered(tmp_path_factory):
     base = tmp_path_factory.mktemp("render")
     runs, out = base / "runs", base / "tables"
     write_all(runs, skip_methods=("pmf",))
-    result = render_all(runs, out, make_params(), metrics_path=base / "metrics.json")
+    result = render_all(runs, out, make_params())
+    write_leaderboards(runs, base / "leaderboards", make_params(),
+                       headline_path=base / "metrics.json", detail_path=base / "detail.json")
     return base, runs, out, result
 
 
@@ -222,8 +226,7 @@ def test_tiny_banner_and_header(rendered):
 def test_no_banner_for_paper_profile(tmp_path):
     runs = tmp_path / "runs"
     write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, 0, profile="paper")
-    render_all(runs, tmp_path / "t", make_params(profile="paper"),
-               metrics_path=tmp_path / "m.json", names=["table3_mosi"])
+    render_all(runs, tmp_path / "t", make_params(profile="paper"), names=["table3_mosi"])
     md = (tmp_path / "t" / "table3_mosi.md").read_text()
     assert TINY_BANNER not in md and "profile: paper" in md
     assert "CI n/a (n<2)" in md and "missing seed 1, 2" in md
@@ -235,7 +238,19 @@ def test_outputs_and_numeric_metrics_json(rendered):
         assert (out / f"{spec.name}.md").is_file() and (out / f"{spec.name}.csv").is_file()
         if spec.kind == "figure":
             assert (out / f"{spec.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_headline_and_detail_metrics(rendered):
+    """results/metrics.json: one main metric (the card's) and #tunable per dataset and method,
+    numeric but the row slug; metrics_detail.json: every row, every metric."""
+    base, _, _, _ = rendered
     metrics = json.loads((base / "metrics.json").read_text())
+    assert set(metrics["mosi"]["wander"]) == {"acc2_non0", "tunable", "row"}
+    assert metrics["mosi"]["wander"]["row"].startswith("wander_")
+    assert set(metrics["msrvtt"]["lora"]) == {"t2v_r5", "tunable", "row"}
+    assert "wander_code" in metrics["mosi"] and "pmf" not in metrics["mosi"]
+    detail = json.loads((base / "detail.json").read_text())
 
     def leaves(node):
         if isinstance(node, dict):
@@ -244,23 +259,22 @@ def test_outputs_and_numeric_metrics_json(rendered):
         else:
             yield node
 
-    values = list(leaves(metrics))
+    values = list(leaves(detail))
     assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    assert metrics["mosi"]["wander_d16"]["acc2_non0_n"] == 3
-    assert 0 < metrics["mosi"]["wander_d16"]["acc2_non0_mean"] < 1
-    assert "t2v_r1_mean" in metrics["msrvtt"]["wander_d8"]
-    assert "pmf" not in metrics["mosi"]
-    assert not list(out.glob(".*.tmp"))
+    assert detail["mosi"]["wander_d16"]["acc2_non0_n"] == 3
+    assert 0 < detail["mosi"]["wander_d16"]["acc2_non0_mean"] < 1
+    assert "t2v_r1_mean" in detail["msrvtt"]["wander_d8"]
+    assert "pmf" not in detail["mosi"]
 
 
 def test_rerender_is_byte_identical(rendered, tmp_path):
     base, runs, out, _ = rendered
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = render_all(runs, out, make_params(), metrics_path=base / "metrics.json")
+    again = render_all(runs, out, make_params())
     assert again["written"] == []
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     fresh = tmp_path / "fresh"
-    render_all(runs, fresh, make_params(), metrics_path=tmp_path / "m.json")
+    render_all(runs, fresh, make_params())
     assert {p.name: p.read_bytes() for p in fresh.iterdir()} == before
 
 
@@ -270,7 +284,7 @@ def test_missing_seed_reduces_n_and_is_reported(tmp_path):
         write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, seed)
     for seed in (0, 1):
         write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["Table 3"])
+    render_all(runs, tmp_path / "t", make_params(), names=["Table 3"])
     lines = read_csv(tmp_path / "t" / "table3_mosi.csv")
     lora = next(l for l in lines if l["row"] == "LoRA (r=16)" and l["column"] == "ACC-2")
     assert lora["n"] == "2" and lora["missing_seeds"] == "2" and lora["n_paired"] == "2"
@@ -293,7 +307,7 @@ def test_reasons_filtered_method_and_stale(tmp_path):
                  train={"epochs": 6, "lr": 0.001})
     write_record(runs, "mosi", {"method": "wander", "down_dim": 64}, 0,
                  train={"epochs": 3, "lr": 0.001})
-    render_all(runs, tmp_path / "t", params, metrics_path=None, names=["table3_mosi"])
+    render_all(runs, tmp_path / "t", params, names=["table3_mosi"])
     status = {l["row"]: l["status"] for l in read_csv(tmp_path / "t" / "table3_mosi.csv")}
     assert status["Wander (d=16)"] == "ok"
     assert "stale" in status["Wander (d=64)"] and "train.epochs" in status["Wander (d=64)"]
@@ -319,18 +333,19 @@ def test_corrupt_record_names_the_file(tmp_path):
     bad = runs / "mosi" / "broken.json"
     bad.write_text("{not json")
     with pytest.raises(InputError, match="broken.json"):
-        render_all(runs, tmp_path / "t", make_params(), metrics_path=None)
+        render_all(runs, tmp_path / "t", make_params())
     bad.write_text(json.dumps({"dataset": "mosi", "method": "x", "seed": "0", "row": {},
                                "metrics": {}}))
     with pytest.raises(InputError, match="seed"):
-        render_all(runs, tmp_path / "t", make_params(), metrics_path=None)
+        render_all(runs, tmp_path / "t", make_params())
     assert not (tmp_path / "t").exists()
 
 
 def test_no_records_at_all_still_renders_reasons(tmp_path):
-    result = render_all(tmp_path / "none", tmp_path / "t", make_params(), metrics_path=tmp_path /
-                        "m.json")
+    result = render_all(tmp_path / "none", tmp_path / "t", make_params())
     assert all(t["rows_not_run"] == t["rows"] for t in result["tables"].values())
+    write_leaderboards(tmp_path / "none", tmp_path / "l", make_params(),
+                       headline_path=tmp_path / "m.json", detail_path=tmp_path / "d.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {}
     lines = read_csv(tmp_path / "t" / "table1_food101.csv")
     assert all(l["status"].startswith("not run: ") for l in lines)
@@ -351,14 +366,14 @@ def test_diff_between_two_commits(tmp_path):
     for seed in SEEDS:
         write_record(runs, "mosi", row, seed)
         write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
-    render_all(runs, tables, make_params(), metrics_path=None, names=["table3_mosi"])
+    render_all(runs, tables, make_params(), names=["table3_mosi"])
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "first")
     for path in (runs / "mosi").glob("wander-*.json"):
         path.unlink()
     for seed in SEEDS:
         write_record(runs, "mosi", row, seed, shift=0.2)
-    render_all(runs, tables, make_params(), metrics_path=None, names=["table3_mosi", "Table 7"])
+    render_all(runs, tables, make_params(), names=["table3_mosi", "Table 7"])
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "second")
     report = diff_tables("HEAD~1", "HEAD", repo=repo)
@@ -387,22 +402,11 @@ def test_figure_markdown_says_no_paper_numbers(rendered):
     assert all(r["paper"] == "" for r in rows)
 
 
-def test_write_stats(rendered, tmp_path):
-    from harness.stats import write_stats
-
-    _, runs, _, _ = rendered
-    result = write_stats(runs, tmp_path / "stats.csv", make_params())
-    lines = read_csv(tmp_path / "stats.csv")
-    assert result["cells"] == len(lines) > 0
-    mae = next(l for l in lines if l["dataset"] == "mosi" and l["metric"] == "mae")
-    assert mae["lower_is_better"] == "true" and mae["n"] == "3" and mae["t_ci_low"] != ""
-
-
 def test_row_without_reference_says_not_compared(tmp_path):
     runs = tmp_path / "runs"
     for seed in SEEDS:
         write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["table3_mosi"])
+    render_all(runs, tmp_path / "t", make_params(), names=["table3_mosi"])
     lines = read_csv(tmp_path / "t" / "table3_mosi.csv")
     lora = next(l for l in lines if l["row"] == "LoRA (r=16)" and l["column"] == "MAE")
     assert lora["status"] == "ok" and lora["p_t"] == ""
@@ -416,7 +420,7 @@ def test_table8_needs_mosei_pretraining(tmp_path):
         write_record(runs, "mosi", {"method": "full"}, seed, pretrained=None)
         write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, seed,
                      pretrained={"source": "mosei", "sha256": "x"})
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["Table 8"])
+    render_all(runs, tmp_path / "t", make_params(), names=["Table 8"])
     status = {(l["row"], l["column"]): l["status"]
               for l in read_csv(tmp_path / "t" / "table8_pretraining.csv")}
     assert status[("CMU-MOSEI / Wander(d=16)", "CMU-MOSI ACC")] == "ok"
@@ -426,7 +430,7 @@ def test_table8_needs_mosei_pretraining(tmp_path):
     assert "pre-training of the backbone (record `pretrained.source`): mosei" in md
     params = make_params()
     params["pretrain"] = {"use": {"mosi": "mosei"}}
-    render_all(runs, tmp_path / "t2", params, metrics_path=None, names=["Table 3"])
+    render_all(runs, tmp_path / "t2", params, names=["Table 3"])
     t3 = {l["row"]: l["status"] for l in read_csv(tmp_path / "t2" / "table3_mosi.csv")}
     assert "stale" in t3["Full fine-tuning"] and "pretrain.use" in t3["Full fine-tuning"]
     assert t3["Wander (d=16)"] == "ok"
@@ -455,7 +459,7 @@ def test_undefined_metric_is_left_out_with_a_note(tmp_path):
         document = json.loads(record.read_text())
         document["metrics"]["corr"] = float("nan")
         record.write_text(json.dumps(document))
-    render_all(runs, tmp_path / "t", make_params(), metrics_path=None, names=["table3_mosi"])
+    render_all(runs, tmp_path / "t", make_params(), names=["table3_mosi"])
     lines = read_csv(tmp_path / "t" / "table3_mosi.csv")
     corr = {l["row"]: l for l in lines if l["column"] == "Corr"}
     main = corr["Wander (d=16)"]

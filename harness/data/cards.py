@@ -58,6 +58,7 @@ class Card:
     raw: dict = field(default_factory=dict)
     text_field: str | None = None   # the item field of raw text to tokenise, None: no raw text
     generator_defaults: dict = field(default_factory=dict)  # generate.defaults: sizes, seq_len
+    main_metric: str | None = None  # the metric key the leaderboards rank by (results/metrics.json)
 
     @property
     def format_names(self) -> list[str]:
@@ -155,6 +156,10 @@ def validate_card(raw, file: str, name: str | None = None) -> Card:
     if text_field is not None and not isinstance(text_field, str):
         raise InputError("text_field must be an item field name", file=file, key="text_field",
                          expected="a string or nothing", found=repr(text_field))
+    main_metric = raw.get("main_metric")
+    if main_metric is not None and (not isinstance(main_metric, str) or not main_metric):
+        raise InputError("main_metric must be a metric key of the records", file=file,
+                         key="main_metric", expected="e.g. acc2_non0", found=repr(main_metric))
     defaults = (raw.get("generate") or {}).get("defaults") or {}
     if not isinstance(defaults, dict) or not all(
             k in GENERATOR_SIZES and isinstance(v, int) for k, v in defaults.items()):
@@ -165,4 +170,4 @@ def validate_card(raw, file: str, name: str | None = None) -> Card:
                 backbone=raw["backbone"], task=raw["task"], modalities=tuple(raw["modalities"]),
                 splits=tuple(raw["splits"]), formats=dict(raw["formats"]), path=raw["path"],
                 file=file, checksums=dict(checksums), raw=raw, text_field=text_field,
-                generator_defaults=dict(defaults))
+                generator_defaults=dict(defaults), main_metric=main_metric)

@@ -1,12 +1,14 @@
 """Render every spec of ``harness.tables.specs`` from the run records.
 
 Per spec: ``<out_dir>/<name>.md`` and ``<name>.csv`` (figures also ``<name>.png``), then
-``index.md`` and ``results/metrics.json``. For each cell: our mean +- std over seeds with the 95%
-Student-t interval of the mean (``harness.stats.INTERVAL``), the paper's value and ours - paper;
+``index.md`` (``results/metrics.json`` is ``harness.tables.leaderboard``'s). For each cell: our
+mean +- std over seeds with the 95% Student-t interval of the mean (``harness.stats.INTERVAL``),
+the paper's value and ours - paper;
 for each compared row: the paired test against the section's main Wander row
 (``Section.reference``): mean paired improvement with its t interval, paired t-test p,
 Holm-adjusted p (family: every comparison of the spec), Wilcoxon exact p with its smallest
-attainable p, P(Wander > baseline), and a verdict. A row without usable records says why
+attainable p, P(Wander > baseline), and a verdict. Each CSV line lists the run records behind
+it (``records``: ``<dataset>/<file>`` under the records folder). A row without usable records says why
 ("not run: <reason>"), never a blank; a metric that is NaN (undefined) in a record is left out
 of that cell with a note, and a cell whose every value is NaN reads "undefined: ...".
 
@@ -35,7 +37,7 @@ from harness import stats
 from harness.errors import InputError
 from harness.tables import specs as specs_module
 from harness.tables.collect import Selection, collect, row_key
-from harness.tables.io import (csv_text, write_bytes_if_changed, write_json_if_changed,
+from harness.tables.io import (csv_text, write_bytes_if_changed,
                                write_text_if_changed)
 from harness.tables.specs import Column, Row, Section, Spec
 
@@ -47,16 +49,13 @@ CSV_FIELDS = [
     "diff_vs_paper", "tunable_ours", "tunable_method", "tunable_head", "tunable_paper",
     "compared_to", "n_paired", "improvement", "improvement_t_ci_low", "improvement_t_ci_high",
     "t_stat", "p_t", "p_holm", "p_wilcoxon", "wilcoxon_min_p", "wilcoxon_note", "p_better",
-    "p_better_all_pairs", "verdict", "comparison_note",
+    "p_better_all_pairs", "verdict", "comparison_note", "records",
 ]
 
 
 def profile_banner(profiles) -> str | None:
     """The warning every table and figure carries when its numbers come from the tiny profile."""
     return TINY_BANNER if "tiny" in profiles else None
-#: metrics.json also carries these record keys (not printed in the paper's tables).
-EXTRA_HEADLINE = {"msrvtt": ("t2v_r1", "v2t_r1", "rsum")}
-SLUG_ABBREV = {"down_dim": "d", "rank": "r", "rank_h": "rh", "rank_t": "rt"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -507,6 +506,10 @@ def csv_rows(result: SpecResult) -> list[dict]:
                 "tunable_ours": tun.get("total"), "tunable_method": tun.get("method"),
                 "tunable_head": tun.get("head"),
                 "tunable_paper": row.paper.tunable if row.paper else None,
+                # the run records behind the cell, <dataset>/<file> under the records folder
+                "records": " ".join(f"{r['dataset']}/{Path(r['_path']).name}"
+                                    for r in row_result.records
+                                    if r["dataset"] == cell.dataset and r["seed"] in cell.values),
             }
             skip = next((why for r, col, why in result.skipped
                          if r is row_result and col is column), None)
@@ -599,72 +602,14 @@ def render_figure(result: SpecResult) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------
-# metrics.json
-# ------------------------------------------------------------------------------------------
-def row_slug(row: Mapping) -> str:
-    """Stable short name of a grid row: wander_d16, lora_r16, wander_code_d16, maple_source-text,
-    wander_d16_nonlinearity-off, wander_d16_rt4."""
-    parts = [str(row["method"])]
-    if row.get("variant", "paper") != "paper":
-        parts.append(str(row["variant"]))
-    for key in sorted(k for k in row if k not in ("method", "variant")):
-        value = row[key]
-        if key in SLUG_ABBREV:
-            parts.append(f"{SLUG_ABBREV[key]}{value}")
-        elif isinstance(value, bool):
-            parts.append(f"{key}-{'on' if value else 'off'}")
-        else:
-            parts.append(f"{key}-{value}")
-    return "_".join(parts)
-
-
-def headline_metrics(selection: Selection, spec_list=None) -> dict:
-    """{dataset: {row slug: {<key>_mean, <key>_std, <key>_n, tunable}}} in record units
-    (accuracies as fractions), for every (dataset, grid row) a spec reads."""
-    spec_list = specs_module.SPECS if spec_list is None else spec_list
-    keys_for: dict = {}
-    for spec in spec_list:
-        for section in spec.sections:
-            for column in section.columns:
-                dataset = column.dataset or section.dataset
-                keys_for.setdefault(dataset, set()).update(
-                    [column.key] + [k for k, _ in column.fallback])
-    out: dict = {}
-    for spec in spec_list:
-        for dataset, grid in specs_module.grid_rows(spec):
-            by_seed = selection.get(dataset, grid)
-            if not by_seed:
-                continue
-            entry = out.setdefault(dataset, {}).setdefault(row_slug(grid), {})
-            keys = sorted(keys_for.get(dataset, set()) | set(EXTRA_HEADLINE.get(dataset, ())))
-            for key in keys:
-                values = [float(r["metrics"][key]) for _, r in sorted(by_seed.items())
-                          if isinstance(r["metrics"].get(key), (int, float))
-                          and not isinstance(r["metrics"].get(key), bool)
-                          and math.isfinite(float(r["metrics"][key]))]
-                if not values:
-                    continue
-                entry[f"{key}_mean"] = sum(values) / len(values)
-                entry[f"{key}_n"] = len(values)
-                if len(values) >= 2:
-                    mean = entry[f"{key}_mean"]
-                    entry[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values)
-                                                    / (len(values) - 1))
-            tunable = _tunable(list(by_seed.values()))
-            if tunable and tunable["total"] is not None:
-                entry["tunable"] = tunable["total"]
-    return out
-
-
-# ------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------
 def render_all(records_dir="results/runs", out_dir="results/tables", params: Mapping | None = None,
-               *, metrics_path="results/metrics.json", names=None,
+               *, names=None,
                cost_table: str | None = None) -> dict:
     """Render every spec (or those in ``names``) from ``records_dir`` into ``out_dir``, write the
-    index and ``metrics_path`` (None to skip). ``params``: the loaded params.yaml (selects the
-    profile and seeds, flags stale records and explains rows that did not run); without it
+    index (results/metrics.json is the leaderboard stage's). ``params``: the loaded params.yaml
+    (selects the profile and seeds, flags stale records and explains rows that did not run); without it
     every record is used. Returns {"written": [...], "unchanged": [...], "tables": {...}}."""
     selection = collect(records_dir, params)
     out_dir = Path(out_dir)
@@ -702,9 +647,6 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
                      + (f" ([figure]({spec.name}.png))" if spec.kind == "figure" else ""))
     (written if write_text_if_changed(out_dir / "index.md", "\n".join(index) + "\n")
      else unchanged).append(str(out_dir / "index.md"))
-    if metrics_path is not None:
-        changed = write_json_if_changed(metrics_path, headline_metrics(selection, chosen))
-        (written if changed else unchanged).append(str(metrics_path))
     return {"written": written, "unchanged": unchanged, "tables": summary}
 
 

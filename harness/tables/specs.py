@@ -305,7 +305,8 @@ TABLE4 = Spec(
         [Row(f"Linear probe ({EXTRA})", _g("linear"), role="extra"),
          Row(f"Wander (d=8), released-code variant ({EXTRA})",
              _g("wander", variant="code", down_dim=8), role="extra")])),),
-    notes=("The paper prints no R@1; ours is in results/metrics.json.",
+    notes=("The paper prints no R@1; ours is in results/metrics_detail.json and "
+           "results/leaderboards/msrvtt.md.",
            "The paper's Full fine-tuning row equals MMT's published 1k-A result.",
            "Pre-training: the paper's MMT backbone is pre-trained on HowTo100M (2 experts).")
 )

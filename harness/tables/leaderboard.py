@@ -1,0 +1,288 @@
+"""Stage ``leaderboard`` (``mmpetl leaderboard``): every method and grid row present in the run
+records, per dataset, ranked by the dataset's main metric, with no table code to edit when a
+method or a grid row is added.
+
+Per dataset with records (``results/leaderboards/<dataset>.md`` and ``.csv``):
+- the main metric is the dataset card's ``main_metric`` (``datasets/<name>.yaml``); every other
+  column of the dataset's paper tables (``harness.tables.specs``) is shown with its interval;
+- the Wander reference is the main Wander row of the dataset's paper table (``Section.main``);
+  the best baseline is the non-Wander row with the best mean VALIDATION main metric (records'
+  ``valid_metrics``: chosen without looking at test, like every selection here);
+- every row is tested against both on the main metric (paired by seed, ``harness.stats``:
+  t-test, exact Wilcoxon, P(better)); Holm runs over all the tests of the leaderboard;
+- the CSV is the long layout of ``harness.tables.render`` (sections ``leaderboard``,
+  ``vs best baseline``, ``all metrics``), each line listing the record files behind it
+  (``records``, relative to the records folder), so ``mmpetl diff`` reads it like a table.
+
+``results/metrics.json`` (the DVC metrics file: ``dvc exp show`` / ``dvc metrics diff``): one
+entry per dataset and method (method, or ``method_variant`` for a non-paper variant): the test
+main metric (mean over seeds, record units) of the method's grid row with the best mean
+validation main metric, its ``tunable`` and its ``row`` slug. ``results/metrics_detail.json``:
+every grid row, every numeric record metric's mean / std / n and the #tunable.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from tabulate import tabulate
+
+from harness import stats
+from harness.data.cards import load_card
+from harness.errors import InputError
+from harness.records import row_slug
+from harness.tables import render
+from harness.tables import specs as specs_module
+from harness.tables.collect import Selection, collect
+from harness.tables.io import csv_text, write_json_if_changed, write_text_if_changed
+from harness.tables.specs import Column, Row, Section, Spec
+
+LEADERBOARD_DIR = "results/leaderboards"
+HEADLINE = "results/metrics.json"
+DETAIL = "results/metrics_detail.json"
+SECTIONS = ("leaderboard", "vs best baseline", "all metrics")
+VERDICTS = {stats.WANDER_BETTER: "reference better", stats.BASELINE_BETTER: "row better"}
+
+
+def dataset_columns(dataset: str) -> list[Column]:
+    """The columns the paper's tables show for ``dataset`` (first seen, one per metric key)."""
+    found: dict = {}
+    for spec in specs_module.SPECS:
+        for section in spec.sections:
+            for column in section.columns:
+                if (column.dataset or section.dataset) == dataset and column.key not in found:
+                    found[column.key] = Column(column.key, column.label, column.key,
+                                               column.convention, column.scale, column.digits,
+                                               fallback=column.fallback)
+    return list(found.values())
+
+
+def main_column(dataset: str, columns: list[Column]) -> Column:
+    card = load_card(dataset)
+    if not card.main_metric:
+        raise InputError("dataset card names no main metric", file=card.file, key="main_metric",
+                         expected="a record metric key, e.g. acc2_non0", found="missing")
+    known = next((c for c in columns if c.key == card.main_metric), None)
+    return known or Column(card.main_metric, card.main_metric, card.main_metric,
+                           f"record metric {card.main_metric}", scale=1.0, digits=3)
+
+
+def wander_reference(dataset: str) -> dict | None:
+    """The grid row of the main Wander row of the dataset's first paper table."""
+    for spec in specs_module.SPECS:
+        for section in spec.sections:
+            main = section.main()
+            if section.dataset == dataset and main is not None and main.grid is not None \
+                    and main.pretrain is None:
+                return dict(main.grid)
+    return None
+
+
+def _mean(values) -> float | None:
+    finite = [float(v) for v in values if isinstance(v, (int, float))
+              and not isinstance(v, bool) and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _better(metric: str):
+    """Sort key: best first for ``metric``'s direction, missing values last."""
+    sign = 1.0 if stats.lower_is_better(metric) else -1.0
+    return lambda item: (item[1] is None, sign * (item[1] or 0.0), item[0])
+
+
+def valid_mean(by_seed: Mapping, metric: str) -> float | None:
+    return _mean((r.get("valid_metrics") or {}).get(metric) for r in by_seed.values())
+
+
+def mean_test(by_seed: Mapping, metric: str) -> float | None:
+    return _mean(r["metrics"].get(metric) for r in by_seed.values())
+
+
+def best_baseline(cells: Mapping, metric: str) -> dict | None:
+    """The non-Wander grid row with the best mean validation ``metric`` (None: no candidate)."""
+    candidates = [(key, valid_mean(by_seed, metric), by_seed) for key, by_seed in cells.items()
+                  if next(iter(by_seed.values()))["row"]["method"] != "wander"]
+    ranked = sorted(((k, v) for k, v, _ in candidates if v is not None), key=_better(metric))
+    if not ranked:
+        return None
+    return dict(next(iter(cells[ranked[0][0]].values()))["row"])
+
+
+def leaderboard_spec(dataset: str, selection: Selection) -> tuple[Spec, dict]:
+    """The leaderboard of ``dataset`` as a ``Spec`` that ``render.build`` computes; and what it
+    chose (main column, Wander reference row, best baseline row)."""
+    cells = {key: by_seed for (d, key), by_seed in selection.cells().items() if d == dataset}
+    columns = dataset_columns(dataset)
+    main = main_column(dataset, columns)
+    columns = [main] + [c for c in columns if c.key != main.key]
+    grids = {key: dict(next(iter(by_seed.values()))["row"]) for key, by_seed in cells.items()}
+    order = sorted(((k, mean_test(cells[k], main.key)) for k in grids), key=_better(main.key))
+    wander, best = wander_reference(dataset), best_baseline(cells, main.key)
+    rows = [grids[k] for k, _ in order]
+    if wander is not None and wander not in rows:
+        rows.append(wander)  # shown, "not run", so the reader sees why no test was made
+
+    def section(title, cols, reference, compared=True):
+        return Section(dataset, tuple(cols), tuple(
+            Row(row_slug(g), g, role="main" if g == reference else
+                ("baseline" if compared and reference is not None else "wander"))
+            for g in rows), title=title, tunable=title != "all metrics")
+
+    card = load_card(dataset)
+    spec = Spec(f"leaderboard_{dataset}", f"Leaderboard: {card.title} ({dataset})", dataset,
+                "leaderboard", (section(SECTIONS[0], [main], wander),
+                                section(SECTIONS[1], [main], best),
+                                section(SECTIONS[2], columns, None, compared=False)))
+    return spec, {"main": main, "wander": wander, "best": best, "card": card}
+
+
+def _vs(cell: render.Cell, digits: int) -> str:
+    c = cell.comparison
+    if c is None:
+        return "—"
+    verdict = {stats.WANDER_BETTER: "reference better", stats.BASELINE_BETTER: "row better",
+               stats.NOT_SIGNIFICANT: "n.s.", stats.UNTESTABLE: "untestable"}[c["verdict"]]
+    return f"{render._signed(c['improvement'], digits)}, p={render._p(c['p_holm'])}, {verdict}"
+
+
+def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
+    main, by_title = chose["main"], {}
+    for row_result in result.rows:
+        by_title.setdefault(row_result.section.title, []).append(row_result)
+    lines = render._header(result)
+    direction = "lower" if stats.lower_is_better(main.key) else "higher"
+    wander = row_slug(chose["wander"]) if chose["wander"] else None
+    best = row_slug(chose["best"]) if chose["best"] else None
+    lines += [f"Main metric: {main.label} (`{main.key}`, {main.convention}"
+              + (f", ×{main.scale:g}" if main.scale != 1 else "") + f"; {direction} is better), "
+              f"the card's `main_metric` (datasets/{chose['card'].name}.yaml). Rows are ranked "
+              "by its test mean over seeds.", "",
+              "- Wander reference: " + (f"`{wander}` (the main Wander row of the paper's table)"
+                                        if wander else "none (no paper table for this dataset)"),
+              "- best baseline: " + (f"`{best}` (the non-Wander row with the best mean "
+                                     f"validation {main.key})" if best else
+                                     "none (no non-Wander row has validation values)"), ""]
+    d = main.digits + 1
+    vs_best = {r.row.label: r.cells[main.id] for r in by_title[SECTIONS[1]]}
+    body = []
+    for rank, row_result in enumerate(by_title[SECTIONS[0]], 1):
+        cell = row_result.cells[main.id]
+        body.append([str(rank), row_result.row.label,
+                     row_result.tunable["text"] if row_result.tunable else "—",
+                     render._ours(cell), _vs(cell, d), _vs(vs_best[row_result.row.label], d)])
+    lines += [tabulate(body, ["#", "Row", "#Tunable", f"{main.label} ours",
+                              "vs Wander: Δ, p (Holm)", "vs best baseline: Δ, p (Holm)"],
+                       tablefmt="github", disable_numparse=True), "",
+              f"- ours: mean ± std over seeds [{stats.INTERVAL}] (n).",
+              "- Δ: mean paired improvement of the REFERENCE (Wander, or the best baseline) over "
+              f"the row, > 0 when the reference is better ({direction} is better for "
+              f"{main.key}); paired by seed.",
+              f"- p (Holm): paired t-test, Holm-adjusted over all {len(result.comparisons)} tests "
+              "of this leaderboard; a verdict needs p <= 0.05 (n.s.: not significant). "
+              "The CSV has the exact Wilcoxon p, its smallest attainable p and P(better).", ""]
+    rest = [c for c in result.spec.sections[2].columns]
+    if len(rest) > 1:
+        body = [[r.row.label] + [render._ours(r.cells[c.id]) for c in rest[1:]]
+                for r in by_title[SECTIONS[2]]]
+        lines += ["## Other metrics", "",
+                  tabulate(body, ["Row"] + [f"{c.label} (`{c.key}`)" for c in rest[1:]],
+                           tablefmt="github", disable_numparse=True), ""]
+    lines += ["## Run records", ""]
+    for row_result in by_title[SECTIONS[2]]:
+        names = ", ".join(_record_names(row_result.records)) or "none"
+        lines.append(f"- `{row_result.row.label}`: {names}")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _record_names(records: list) -> list[str]:
+    return [f"{r['dataset']}/{Path(r['_path']).name}" for r in records]
+
+
+def leaderboard_csv_rows(result: render.SpecResult) -> list[dict]:
+    out = []
+    for line in render.csv_rows(result):
+        if line.get("verdict") in VERDICTS:
+            line["verdict"] = VERDICTS[line["verdict"]]
+        out.append(line)
+    return out
+
+
+def headline(selection: Selection, datasets) -> dict:
+    """{dataset: {method[_variant]: {<main metric>, tunable, row}}}: per method, its grid row with
+    the best mean validation main metric (test mean in record units)."""
+    out: dict = {}
+    for dataset in datasets:
+        metric = main_column(dataset, []).key
+        groups: dict = {}
+        for (d, key), by_seed in selection.cells().items():
+            if d != dataset:
+                continue
+            row = next(iter(by_seed.values()))["row"]
+            group = row_slug({k: v for k, v in row.items() if k in ("method", "variant")})
+            groups.setdefault(group, []).append((row_slug(row), valid_mean(by_seed, metric),
+                                                 by_seed))
+        for group, rows in sorted(groups.items()):
+            slug, _, by_seed = sorted(rows, key=lambda item: _better(metric)(item[:2]))[0]
+            entry = {metric: mean_test(by_seed, metric), "row": slug}
+            tunable = render._tunable(list(by_seed.values()))
+            if tunable and tunable["total"] is not None:
+                entry["tunable"] = tunable["total"]
+            out.setdefault(dataset, {})[group] = entry
+    return out
+
+
+def detail(selection: Selection) -> dict:
+    """{dataset: {row slug: {<key>_mean, <key>_std, <key>_n, tunable}}}, every numeric metric."""
+    out: dict = {}
+    for (dataset, _), by_seed in sorted(selection.cells().items()):
+        records = [r for _, r in sorted(by_seed.items())]
+        entry = out.setdefault(dataset, {}).setdefault(row_slug(records[0]["row"]), {})
+        keys = sorted({k for r in records for k, v in r["metrics"].items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for key in keys:
+            values = [float(r["metrics"][key]) for r in records
+                      if isinstance(r["metrics"].get(key), (int, float))
+                      and math.isfinite(float(r["metrics"][key]))]
+            if not values:
+                continue
+            summary = stats.summarize(values)
+            entry[f"{key}_mean"], entry[f"{key}_n"] = summary["mean"], summary["n"]
+            if summary["std"] is not None:
+                entry[f"{key}_std"] = summary["std"]
+        tunable = render._tunable(records)
+        if tunable and tunable["total"] is not None:
+            entry["tunable"] = tunable["total"]
+    return out
+
+
+def write_leaderboards(records_dir="results/runs", out_dir=LEADERBOARD_DIR,
+                       params: Mapping | None = None, *, headline_path=HEADLINE,
+                       detail_path=DETAIL) -> dict:
+    """The ``leaderboard`` stage. Returns {"written", "unchanged", "leaderboards": {dataset:
+    {"rows", "tests"}}}. Files are written only when their content changes."""
+    selection = collect(records_dir, params)
+    datasets = sorted({d for d, _ in selection.cells()})
+    out_dir = Path(out_dir)
+    written, unchanged, summary = [], [], {}
+
+    def put(path, changed):
+        (written if changed else unchanged).append(str(path))
+
+    for dataset in datasets:
+        spec, chose = leaderboard_spec(dataset, selection)
+        result = render.build(spec, selection, params)
+        md, csv = out_dir / f"{dataset}.md", out_dir / f"{dataset}.csv"
+        put(md, write_text_if_changed(md, render_leaderboard(result, chose)))
+        put(csv, write_text_if_changed(csv, csv_text(render.CSV_FIELDS,
+                                                     leaderboard_csv_rows(result))))
+        summary[dataset] = {"rows": len(result.spec.sections[0].rows),
+                            "tests": len(result.comparisons)}
+    index = ["# Leaderboards: every grid row in the run records", ""] + [
+        f"- [{dataset}]({dataset}.md)" for dataset in datasets]
+    put(out_dir / "index.md", write_text_if_changed(out_dir / "index.md", "\n".join(index) + "\n"))
+    if headline_path is not None:
+        put(headline_path, write_json_if_changed(headline_path, headline(selection, datasets)))
+    if detail_path is not None:
+        put(detail_path, write_json_if_changed(detail_path, detail(selection)))
+    return {"written": written, "unchanged": unchanged, "leaderboards": summary}

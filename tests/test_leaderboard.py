@@ -1,0 +1,99 @@
+"""Stage leaderboard: every grid row of the records reaches results/leaderboards and
+results/metrics.json with no table code edited (a method no spec names included), ranked by the
+card's main metric, tested against Wander and the best baseline with Holm over the leaderboard;
+every CSV line names its records; record file names carry dataset, grid row and seed."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from harness import stats
+from harness.data.cards import load_card
+from harness.records import row_slug
+from harness.run import record_path
+from harness.tables.leaderboard import write_leaderboards
+from test_tables import make_params, read_csv, write_all, write_record
+
+NEW = {"method": "bitfit"}   # a method no table spec names
+
+
+def _render(tmp_path, params=None):
+    runs = tmp_path / "runs"
+    write_all(runs, skip_methods=("pmf",))
+    for seed in (0, 1, 2):
+        write_record(runs, "mosi", NEW, seed, valid_metrics={"acc2_non0": 0.99})
+    params = params or make_params()
+    summary = write_leaderboards(runs, tmp_path / "lb", params,
+                                 headline_path=tmp_path / "metrics.json",
+                                 detail_path=tmp_path / "detail.json")
+    return runs, summary
+
+
+def test_cards_name_their_main_metric():
+    for name in ("mosi", "mosei", "iemocap", "food101", "msrvtt", "howto100m"):
+        assert load_card(name).main_metric
+
+
+def test_a_new_method_reaches_leaderboard_and_metrics(tmp_path):
+    runs, summary = _render(tmp_path)
+    assert set(summary["leaderboards"]) == {"food101", "iemocap", "mosi", "msrvtt"}
+    md = (tmp_path / "lb" / "mosi.md").read_text()
+    assert "| bitfit " in md and "Main metric: ACC-2 (`acc2_non0`" in md
+    # the best baseline is chosen on validation: bitfit has the best valid acc2_non0
+    assert "- best baseline: `bitfit`" in md and "- Wander reference: `wander_d16`" in md
+    headline = json.loads((tmp_path / "metrics.json").read_text())
+    assert headline["mosi"]["bitfit"] == {
+        "acc2_non0": headline["mosi"]["bitfit"]["acc2_non0"], "row": "bitfit", "tunable": 2500}
+    assert "bitfit" in json.loads((tmp_path / "detail.json").read_text())["mosi"]
+    lines = read_csv(tmp_path / "lb" / "mosi.csv")
+    mine = [l for l in lines if l["row"] == "bitfit"]
+    assert {l["section"] for l in mine} == {"leaderboard", "vs best baseline", "all metrics"}
+    vs_wander = next(l for l in mine if l["section"] == "leaderboard")
+    assert vs_wander["compared_to"] == "wander_d16" and vs_wander["p_holm"] != ""
+    assert vs_wander["records"].split() == sorted(
+        f"mosi/{p.name}" for p in (runs / "mosi").glob("bitfit-*.json"))
+
+
+def test_ranking_direction_and_holm_family(tmp_path):
+    _render(tmp_path)
+    lines = read_csv(tmp_path / "lb" / "mosi.csv")
+    board = [l for l in lines if l["section"] == "leaderboard"]
+    means = [float(l["mean"]) for l in board if l["mean"]]
+    assert means == sorted(means, reverse=True)   # acc2_non0: higher is better, best first
+    tested = [l for l in lines if l["p_t"]]
+    adjusted = stats.holm([float(l["p_t"]) for l in tested])
+    # one family: the leaderboard (CSV numbers have 10 significant digits)
+    assert [float(l["p_holm"]) for l in tested] == pytest.approx(adjusted, rel=1e-8)
+    assert {l["verdict"] for l in tested} <= {"reference better", "row better",
+                                              "no significant difference", "untestable"}
+    msrvtt = [l for l in read_csv(tmp_path / "lb" / "msrvtt.csv") if l["section"] == "leaderboard"]
+    assert msrvtt[0]["metric_key"] == "t2v_r5"
+
+
+def test_paper_table_csv_lines_name_their_records(tmp_path):
+    from harness.tables.render import render_all
+
+    runs, _ = _render(tmp_path)
+    render_all(runs, tmp_path / "t", make_params(), names=["table3_mosi"])
+    line = next(l for l in read_csv(tmp_path / "t" / "table3_mosi.csv") if l["status"] == "ok")
+    names = line["records"].split()
+    assert len(names) == int(line["n"]) and all((runs / n).is_file() for n in names)
+
+
+def test_rerun_writes_nothing(tmp_path):
+    runs, first = _render(tmp_path)
+    again = write_leaderboards(runs, tmp_path / "lb", make_params(),
+                               headline_path=tmp_path / "metrics.json",
+                               detail_path=tmp_path / "detail.json")
+    assert first["written"] and again["written"] == []
+
+
+def test_record_file_name_says_dataset_row_and_seed():
+    plan = SimpleNamespace(dataset="mosi", seed=2,
+                           row={"method": "wander", "variant": "code", "down_dim": 16,
+                                "rank_t": 4})
+    path = record_path(plan, "0123456789abcdef", Path("results/runs"))
+    assert path == Path("results/runs/mosi/wander_code_d16_rt4-seed2-0123456789ab.json")
+    assert row_slug({"method": "maple", "source": "text"}) == "maple_source-text"
+    assert row_slug({"method": "x", "path": "a/b c"}) == "x_path-a-b-c"
