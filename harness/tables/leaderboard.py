@@ -17,7 +17,8 @@ Per dataset with records (``results/leaderboards/<dataset>.md`` and ``.csv``):
 ``results/metrics.json`` (the DVC metrics file: ``dvc exp show`` / ``dvc metrics diff``): one
 entry per dataset and method (method, or ``method_variant`` for a non-paper variant): the test
 main metric (mean over seeds, record units) of the method's grid row with the best mean
-validation main metric, its ``tunable`` and its ``row`` slug. ``results/metrics_detail.json``:
+validation main metric and its ``tunable`` (the leaderboard marks that row ``headline``; numbers
+only, so ``dvc metrics diff`` gives every change a delta). ``results/metrics_detail.json``:
 every grid row, every numeric record metric's mean / std / n and the #tunable.
 """
 from __future__ import annotations
@@ -134,7 +135,8 @@ def leaderboard_spec(dataset: str, selection: Selection) -> tuple[Spec, dict]:
                 "leaderboard", (section(SECTIONS[0], [main], wander),
                                 section(SECTIONS[1], [main], best),
                                 section(SECTIONS[2], columns, None, compared=False)))
-    return spec, {"main": main, "wander": wander, "best": best, "card": card}
+    return spec, {"main": main, "wander": wander, "best": best, "card": card,
+                  "headline": headline_rows(selection, dataset, main.key)}
 
 
 def _vs(cell: render.Cell, digits: int) -> str:
@@ -165,10 +167,12 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
                                      "none (no non-Wander row has validation values)"), ""]
     d = main.digits + 1
     vs_best = {r.row.label: r.cells[main.id] for r in by_title[SECTIONS[1]]}
+    marked = {slug: group for group, (slug, _) in chose["headline"].items()}
     body = []
     for rank, row_result in enumerate(by_title[SECTIONS[0]], 1):
         cell = row_result.cells[main.id]
-        body.append([str(rank), row_result.row.label,
+        label = row_result.row.label
+        body.append([str(rank), label + (f" (headline `{marked[label]}`)" if label in marked else ""),
                      row_result.tunable["text"] if row_result.tunable else "—",
                      render._ours(cell), _vs(cell, d), _vs(vs_best[row_result.row.label], d)])
     lines += [tabulate(body, ["#", "Row", "#Tunable", f"{main.label} ours",
@@ -178,6 +182,8 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
               "- Δ: mean paired improvement of the REFERENCE (Wander, or the best baseline) over "
               f"the row, > 0 when the reference is better ({direction} is better for "
               f"{main.key}); paired by seed.",
+              "- headline `<method>`: the method's row in results/metrics.json (its best mean "
+              f"validation {main.key}).",
               f"- p (Holm): paired t-test, Holm-adjusted over all {len(result.comparisons)} tests "
               "of this leaderboard; a verdict needs p <= 0.05 (n.s.: not significant). "
               "The CSV has the exact Wilcoxon p, its smallest attainable p and P(better).", ""]
@@ -208,23 +214,28 @@ def leaderboard_csv_rows(result: render.SpecResult) -> list[dict]:
     return out
 
 
+def headline_rows(selection: Selection, dataset: str, metric: str) -> dict:
+    """{method[_variant]: (row slug, records by seed)}: per method, its grid row with the best mean
+    validation ``metric`` (ties: the smaller slug)."""
+    groups: dict = {}
+    for (d, _), by_seed in selection.cells().items():
+        if d != dataset:
+            continue
+        row = next(iter(by_seed.values()))["row"]
+        group = row_slug({k: v for k, v in row.items() if k in ("method", "variant")})
+        groups.setdefault(group, []).append((row_slug(row), valid_mean(by_seed, metric), by_seed))
+    return {group: min(rows, key=lambda item: _better(metric)(item[:2]))[::2]
+            for group, rows in sorted(groups.items())}
+
+
 def headline(selection: Selection, datasets) -> dict:
-    """{dataset: {method[_variant]: {<main metric>, tunable, row}}}: per method, its grid row with
-    the best mean validation main metric (test mean in record units)."""
+    """{dataset: {method[_variant]: {<main metric>, tunable}}}: per method, its grid row with the
+    best mean validation main metric (test mean in record units; the leaderboard names it)."""
     out: dict = {}
     for dataset in datasets:
         metric = main_column(dataset, []).key
-        groups: dict = {}
-        for (d, key), by_seed in selection.cells().items():
-            if d != dataset:
-                continue
-            row = next(iter(by_seed.values()))["row"]
-            group = row_slug({k: v for k, v in row.items() if k in ("method", "variant")})
-            groups.setdefault(group, []).append((row_slug(row), valid_mean(by_seed, metric),
-                                                 by_seed))
-        for group, rows in sorted(groups.items()):
-            slug, _, by_seed = sorted(rows, key=lambda item: _better(metric)(item[:2]))[0]
-            entry = {metric: mean_test(by_seed, metric), "row": slug}
+        for group, (_, by_seed) in headline_rows(selection, dataset, metric).items():
+            entry = {metric: mean_test(by_seed, metric)}
             tunable = render._tunable(list(by_seed.values()))
             if tunable and tunable["total"] is not None:
                 entry["tunable"] = tunable["total"]
