@@ -345,10 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/tables")
     p.add_argument("--cost", default="results/cost.md", help="Table 6 (written by mmpetl cost)")
 
-    p = _command(sub, "diff", cmd_diff, "cell-by-cell change of the results tables between revisions",
-                 json=False)
-    p.add_argument("rev_a")
-    p.add_argument("rev_b")
+    p = _command(sub, "diff", cmd_diff, "cell-by-cell change of the results tables and "
+                 "leaderboards between two revisions", json=False)
+    for name, default in (("rev_a", "HEAD"), ("rev_b", "workspace")):
+        p.add_argument(name, nargs="?", default=default, help="commit, branch, tag, DVC "
+                       f"experiment name or workspace (the files on disk); default {default}")
 
     p = _command(sub, "extract", cmd_extract, "stage extract@<dataset>: cache the frozen encoders' "
                  "outputs", params=True)

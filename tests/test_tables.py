@@ -382,8 +382,18 @@ def test_diff_between_two_commits(tmp_path):
     assert "+20" in wander_line  # shift 0.2 x 100
     assert "Tables removed: table7_mosi_vf_sf" in diff_tables("HEAD", "HEAD~1", repo=repo)
     assert "No table" in diff_tables("HEAD", "HEAD", repo=repo)
-    with pytest.raises(InputError, match="unknown git revision"):
+    with pytest.raises(InputError, match="unknown revision"):
         diff_tables("HEAD", "no-such-rev", repo=repo)
+    # the workspace (the files on disk, the default REV_B) and a DVC experiment's name
+    assert "No table" in diff_tables("HEAD", repo=repo)
+    write_leaderboards(runs, repo / "results" / "leaderboards", make_params(),
+                       headline_path=None, detail_path=None)
+    assert "Tables added: leaderboards/mosi" in diff_tables("HEAD", "workspace", repo=repo)
+    first = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    _git(repo, "update-ref", f"refs/exps/ab/cdef/{first}/tiny-exp", first)
+    by_name = diff_tables("tiny-exp", "HEAD", repo=repo)
+    assert "tiny-exp" in by_name and "+20" in by_name and "Tables added: table7" in by_name
     elsewhere = tmp_path / "not_a_repo"
     elsewhere.mkdir()
     with pytest.raises(InputError, match="not a git repository"):

@@ -1,7 +1,11 @@
-"""``mmpetl diff REV_A REV_B``: how the results tables changed between two git revisions.
+"""``mmpetl diff [REV_A [REV_B]]``: how the results tables and leaderboards changed between two
+revisions, as ``dvc metrics diff`` takes them: a git commit, branch or tag, a DVC experiment's
+name (``dvc exp show``; its ref under ``refs/exps``) or ``workspace`` (the files on disk);
+REV_A defaults to HEAD, REV_B to the workspace.
 
-Reads every ``results/tables/*.csv`` (the long layout written by ``harness.tables.render``) at
-both revisions with ``git show REV:path`` and reports, as Markdown, per table and cell by cell
+Reads every ``results/tables/*.csv`` and ``results/leaderboards/*.csv`` (the long layout written
+by ``harness.tables.render``) at both revisions (``git show REV:path``, or the file on disk for
+the workspace) and reports, as Markdown, per table and cell by cell
 (key: section, row, column): our value (mean ± std, n), the paper's value, the significance
 verdict, the Holm-adjusted p and every other field that changed; rows added or removed; tables
 added or removed. An unknown revision (or a folder that is not a git repository) raises
@@ -32,22 +36,50 @@ def _git(repo, *args: str) -> subprocess.CompletedProcess:
         raise InputError("cannot run git", expected="git on PATH", found=str(error)) from error
 
 
+WORKSPACE = "workspace"
+DIRS = ("results/tables", "results/leaderboards")
+
+
+def _experiment(repo, name: str) -> str | None:
+    """The commit of the DVC experiment called ``name`` (refs/exps/.../<name>), None if none."""
+    refs = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps")
+    found = sorted({line.split()[0] for line in refs.stdout.splitlines()
+                    if line.split() and line.split()[-1].rsplit("/", 1)[-1] == name})
+    if len(found) > 1:
+        raise InputError("ambiguous experiment name", file=str(Path(repo).resolve()), key=name,
+                         expected="one experiment of that name (or give its commit)",
+                         found=[c[:10] for c in found])
+    return found[0] if found else None
+
+
 def _resolve(repo, rev: str, which: str) -> str:
+    """A commit sha, or WORKSPACE."""
     if not isinstance(rev, str) or not rev or rev.startswith("-"):
-        raise InputError("bad git revision", key=which, expected="a commit, branch or tag",
+        raise InputError("bad revision", key=which,
+                         expected="a commit, branch, tag, experiment name or workspace",
                          found=repr(rev))
+    inside = _git(repo, "rev-parse", "--git-dir")
+    if inside.returncode != 0:
+        raise InputError("not a git repository", file=str(repo),
+                         expected="a git working tree", found=inside.stderr.strip())
+    if rev == WORKSPACE:
+        return WORKSPACE
     result = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    if result.returncode != 0:
-        inside = _git(repo, "rev-parse", "--git-dir")
-        if inside.returncode != 0:
-            raise InputError("not a git repository", file=str(repo),
-                             expected="a git working tree", found=inside.stderr.strip())
-        raise InputError("unknown git revision", file=str(Path(repo).resolve()), key=which,
-                         expected="a commit, branch or tag of the repository", found=rev)
-    return result.stdout.strip()
+    if result.returncode == 0:
+        return result.stdout.strip()
+    experiment = _experiment(repo, rev)
+    if experiment is None:
+        raise InputError("unknown revision", file=str(Path(repo).resolve()), key=which,
+                         expected="a commit, branch or tag, a DVC experiment name (dvc exp "
+                                  "show) or workspace", found=rev)
+    return experiment
 
 
 def _tables_at(repo, commit: str, tables_dir: str) -> dict[str, list[dict]]:
+    if commit == WORKSPACE:
+        folder = Path(repo) / tables_dir
+        return {path.stem: list(csv.DictReader(io.StringIO(path.read_text())))
+                for path in sorted(folder.glob("*.csv"))} if folder.is_dir() else {}
     listing = _git(repo, "ls-tree", "--name-only", f"{commit}:{tables_dir}")
     if listing.returncode != 0:  # the folder does not exist at that revision
         return {}
@@ -150,13 +182,24 @@ def _table_diff(name: str, old: list[dict], new: list[dict]) -> list[str]:
     return lines
 
 
-def diff_tables(rev_a: str, rev_b: str, repo=".", tables_dir: str = "results/tables") -> str:
-    """Markdown report of how ``<tables_dir>/*.csv`` changed from ``rev_a`` to ``rev_b``."""
+def _label(rev: str, commit: str) -> str:
+    return rev if commit == WORKSPACE else f"{rev} ({commit[:10]})"
+
+
+def diff_tables(rev_a: str = "HEAD", rev_b: str = WORKSPACE, repo=".",
+                tables_dirs=DIRS) -> str:
+    """Markdown report of how ``<dir>/*.csv`` of each of ``tables_dirs`` changed from ``rev_a``
+    to ``rev_b`` (each a commit, branch, tag, DVC experiment name or ``workspace``)."""
+    if isinstance(tables_dirs, str):
+        tables_dirs = (tables_dirs,)
     commit_a = _resolve(repo, rev_a, "REV_A")
     commit_b = _resolve(repo, rev_b, "REV_B")
-    old = _tables_at(repo, commit_a, tables_dir)
-    new = _tables_at(repo, commit_b, tables_dir)
-    lines = [f"# Results tables: {rev_a} ({commit_a[:10]}) → {rev_b} ({commit_b[:10]})", ""]
+    old, new = {}, {}
+    for folder in tables_dirs:
+        prefix = "" if folder == tables_dirs[0] else f"{Path(folder).name}/"
+        old.update({prefix + k: v for k, v in _tables_at(repo, commit_a, folder).items()})
+        new.update({prefix + k: v for k, v in _tables_at(repo, commit_b, folder).items()})
+    lines = [f"# Results tables: {_label(rev_a, commit_a)} → {_label(rev_b, commit_b)}", ""]
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))
     if added:
@@ -167,6 +210,6 @@ def diff_tables(rev_a: str, rev_b: str, repo=".", tables_dir: str = "results/tab
     for name in sorted(set(old) & set(new)):
         body += _table_diff(name, old[name], new[name])
     if not (added or removed or body):
-        lines += [f"No table in {tables_dir} changed."]
+        lines += [f"No table in {', '.join(tables_dirs)} changed."]
     lines += body
     return "\n".join(lines).rstrip("\n") + "\n"
