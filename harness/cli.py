@@ -89,21 +89,50 @@ def _parse_sets(pairs: list[str] | None) -> dict[str, str]:
     return overrides
 
 
+# Where `mmpetl run` writes a record it computes unless --out says otherwise: outside the committed
+# study (results/runs, the finetune stage's output), ignored by git
+SCRATCH_RUNS = ".mmpetl/runs"
+
+
+def _run_defaults(params: dict, dataset: str, method: str) -> dict | None:
+    """params.yaml ``run_defaults.<method>.<dataset>``: the method's main setting on the dataset."""
+    block = params.get("run_defaults") or {}
+    settings = (block.get(method) or {}).get(dataset) if isinstance(block, dict) else None
+    if settings is not None and not isinstance(settings, dict):
+        raise InputError("expected a mapping of config fields", file=params.get("_file"),
+                         key=f"run_defaults.{method}.{dataset}", expected="e.g. {down_dim: 16}",
+                         found=repr(settings))
+    return dict(settings) if settings else None
+
+
 def cmd_run(args) -> int:
-    from harness.run import execute
+    from harness import records
+    from harness.run import RUNS_DIR, execute, record_path, run_key
     from harness.settings import load_params, plan_run
 
     params = load_params(args.params)
-    plan = plan_run(params, args.dataset, args.method, args.variant, args.seed, _parse_sets(args.set))
-    record = execute(plan, Path(args.out), progress=not args.json)
+    plan = plan_run(params, args.dataset, args.method, args.variant, args.seed, _parse_sets(args.set),
+                    settings=_run_defaults(params, args.dataset, args.method))
+    key, out = run_key(plan), Path(args.out)
+    found = next((path for path in (record_path(plan, key, out), record_path(plan, key, RUNS_DIR))
+                  if path.is_file()), None)
+    if found is not None:  # the same key: the same run, already recorded
+        record = records.read_json(found)
+    else:
+        record = execute(plan, out, progress=not args.json)
+    where = found or record_path(plan, key, out)
+    status = {"reused": found is not None, "record": str(where)}
 
     def render(r):
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items()))
-        print(f"{r['dataset']} {r['method']}/{r['variant']} seed {r['seed']} "
+        row = ", ".join(f"{k}={v}" for k, v in r["row"].items() if k not in ("method", "variant"))
+        print(("reused the record " + str(where) + " (same run key: nothing computed)")
+              if found is not None else f"computed in {r['wall_s']:.1f} s; record written to {where}")
+        print(f"{r['dataset']} {r['method']}/{r['variant']} {row} seed {r['seed']} "
               f"(tunable method={r['tunable']['method']} head={r['tunable']['head']}, "
               f"epoch {r['selected_epoch']} selected on valid {r['select_metric']})\ntest: {metrics}")
 
-    _emit(record, args.json, render)
+    _emit({**record, "run_status": status}, args.json, render)
     return 0
 
 
@@ -314,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a train setting or a method config field (repeatable)")
-    p.add_argument("--out", default="results/runs", help="folder for run records")
+    p.add_argument("--out", default=SCRATCH_RUNS,
+                   help=f"folder for the record of a run computed now (default: {SCRATCH_RUNS}, "
+                        "ignored by git; `--out results/runs` adds it to the committed study). A "
+                        "record of the same key in this folder or in results/runs is reused, and "
+                        "the command says so")
 
     for name, out, func, text in (
             ("sweep", "results/runs", cmd_sweep, "run the finetune grid of params.yaml"),

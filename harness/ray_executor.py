@@ -33,7 +33,10 @@ def ray_session(workers: int):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            # "local": a Ray instance of this process's own, never a cluster someone else
+            # started on this machine (ray.init() without an address would join the latest one)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                     log_to_driver=False)
     try:
         yield
     finally:

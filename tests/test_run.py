@@ -82,6 +82,43 @@ def test_record_carries_provenance(params_file, tmp_path):
     assert record["method_config"]["rank"] == 4 and record["versions"]["torch"]
 
 
+def test_run_leaves_the_study_alone_and_says_when_it_reuses(params_file, tmp_path, monkeypatch,
+                                                             capsys):
+    """`mmpetl run` writes what it computes to .mmpetl/runs (not the committed results/runs),
+    reuses a record of the same key from either folder, and says which it did."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--dataset", "mosi", "--method", "linear", "--params", str(params_file)]
+    assert main(argv + ["--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["run_status"]["reused"] is False
+    (written,) = (tmp_path / ".mmpetl/runs").glob("mosi/*.json")
+    assert first["run_status"]["record"] == str(written.relative_to(tmp_path))
+    assert not (tmp_path / "results").exists()
+    assert main(argv) == 0
+    assert "reused the record .mmpetl/runs/mosi/" in capsys.readouterr().out
+    study = tmp_path / "results/runs/mosi"  # a record the committed study holds is reused too
+    study.mkdir(parents=True)
+    written.rename(study / written.name)
+    assert main(argv + ["--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["run_status"] == {"reused": True, "record": f"results/runs/mosi/{written.name}"}
+    assert again["metrics"] == first["metrics"] and not list((tmp_path / ".mmpetl").rglob("*.json"))
+
+
+def test_wander_run_uses_the_papers_main_setting(params_file, tmp_path, capsys):
+    """run_defaults in params.yaml: d = 16 on MOSI unless --set says otherwise."""
+    assert load_params(params_file)["run_defaults"]["wander"] == {
+        "food101": {"down_dim": 64}, "iemocap": {"down_dim": 16}, "mosi": {"down_dim": 16},
+        "msrvtt": {"down_dim": 8}}
+    argv = ["run", "--dataset", "mosi", "--method", "wander", "--set", "fused_length=8",
+            "--params", str(params_file), "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["row"] == {"method": "wander", "down_dim": 16,
+                                                          "fused_length": 8}
+    assert main(argv + ["--set", "down_dim=8"]) == 0
+    assert json.loads(capsys.readouterr().out)["method_config"]["down_dim"] == 8
+
+
 def test_recorded_run_is_not_recomputed(params_file, tmp_path):
     plan = plan_run(load_params(params_file), "mosi", "linear")
     first = execute(plan, tmp_path, progress=False)
