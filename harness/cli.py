@@ -267,6 +267,7 @@ def cmd_datasets(args) -> int:
     rows = describe_datasets()
 
     def render(rows):
+        print(f"{'dataset':<10} {'task':<15} {'real data':<22} {'tiny data':<14} real data path")
         for r in rows:
             state = f"present ({r['format']})" if r["present"] else "absent"
             generated = "generated" if r.get("generated_present") else "not generated"
@@ -280,8 +281,32 @@ def cmd_check_data(args) -> int:
     from harness.data import check_data
 
     report = check_data(args.dataset, args.path, args.format)
-    _emit(report, args.json, lambda r: print(json.dumps(r, indent=2, default=str)))
+    _emit(report, args.json, _check_summary)
     return 0
+
+
+def _check_summary(r: dict) -> None:
+    """check-data for a person: what was found, split sizes, labels, fixes and warnings."""
+    print(f"{r.get('dataset')}: {'usable' if r.get('ok', True) else 'NOT usable'} "
+          f"({r.get('format')} format at {r.get('path')})")
+    splits = r.get("splits") or {}
+    if isinstance(splits, dict) and splits:
+        print("  splits: " + ", ".join(f"{name} {s.get('n', '?') if isinstance(s, dict) else s}"
+                                       for name, s in splits.items()))
+    modalities = r.get("modalities") or {}
+    if isinstance(modalities, dict) and modalities:
+        print("  modalities: " + ", ".join(
+            f"{m} (dim {v.get('dim')})" if isinstance(v, dict) and "dim" in v else str(m)
+            for m, v in modalities.items()))
+    labels = r.get("labels")
+    if isinstance(labels, dict) and labels:
+        print("  labels: " + ", ".join(f"{k} {v}" for k, v in labels.items()))
+    fixes = {k: v for k, v in r.items() if k.endswith("_fixed") and v}
+    if fixes:
+        print("  fixed while loading: " + ", ".join(f"{k[:-6]} {v}" for k, v in fixes.items()))
+    for warning in r.get("warnings") or []:
+        print(f"  warning: {warning}")
+    print(f"  checksums: {r.get('checksums')}; the full report: --json")
 
 
 def cmd_data(args) -> int:
@@ -404,7 +429,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "audit", cmd_audit, "gradient-health and identity-at-init checks")
     p.add_argument("what", choices=["grads", "params"])
     p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
+    _document(parser)
     return parser
+
+
+# Help for the options that have none, and the choices of those whose values argparse does not
+# restrict (an unknown dataset or method exits 2 with the project's own message instead)
+_DATASETS = "food101, iemocap, mosi, msrvtt (fine-tuning), mosei, howto100m (pre-training)"
+_OPTION_HELP = {
+    "params": "the parameters file (default: params.yaml)",
+    "json": "print one strict JSON document on stdout (progress and logs go to stderr)",
+    "dataset": f"dataset, one of: {_DATASETS}",
+    "method": "method (mmpetl methods lists them): wander, lora, adapter, ptuning, maple, pmf, "
+              "aurora, uniadapter, full, linear",
+    "variant": "paper (default) or code (the released code, where the method has it: wander, pmf, "
+               "aurora, uniadapter)",
+    "seed": "the run's seed (default 0)",
+    "out": "output folder or file",
+    "runs": "folder of run records (default: results/runs)",
+    "batch_size": "items per extraction batch (default 64)",
+    "path": "file or folder of the real dataset (the layouts: datasets/<name>.yaml, mmpetl datasets)",
+    "format": "force a loader format instead of auto-detecting (choices per dataset: "
+              "datasets/<name>.yaml; e.g. mult, mmsa, mmin, upmc, mmbt, cggm, mmt)",
+    "what": "what to do",
+}
+
+
+def _document(parser: argparse.ArgumentParser) -> None:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("mmpetl")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        version = "unknown"
+    parser.add_argument("--version", action="version", version=f"mmpetl {version}")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for option in sub._actions:
+                    if isinstance(option, argparse._HelpAction):
+                        continue
+                    text = option.help or _OPTION_HELP.get(option.dest, "")
+                    if option.choices and "one of" not in text:
+                        text = (text + "; " if text else "") + "one of: " + ", ".join(map(str, option.choices))
+                    if option.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+                        text += f" (default: {option.default})"
+                    option.help = text or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,54 @@
+"""The command line tells the truth: every option of every subcommand has help text (and its
+choices), `mmpetl --version`, `mmpetl datasets` has a header, `check-data` prints a summary
+unless --json, and --json output is strict JSON."""
+import argparse
+import json
+import math
+
+import pytest
+
+from harness.cli import build_parser, main
+from harness.data import generate
+
+
+def test_every_option_has_help_and_lists_its_choices():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        for option in command._actions:
+            if isinstance(option, argparse._HelpAction):
+                continue
+            assert option.help, f"mmpetl {name} {option.option_strings or option.dest}: no help"
+            for choice in option.choices or ():
+                assert str(choice) in option.help, (name, option.dest, choice)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("mmpetl ")
+
+
+def test_datasets_has_a_header(capsys):
+    assert main(["datasets"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.split()[:3] == ["dataset", "task", "real"]
+
+
+def test_check_data_summary_and_strict_json(tmp_path, capsys):
+    generate("mosi", tmp_path / "mosi", seed=0, n_train=24, n_valid=8, n_test=8)
+    assert main(["check-data", "--dataset", "mosi", "--path", str(tmp_path / "mosi")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("mosi: usable") and "splits: train 24, valid 8, test 8" in text
+    assert not text.lstrip().startswith("{")
+    assert main(["check-data", "--dataset", "mosi", "--path", str(tmp_path / "mosi"), "--json"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+
+
+def test_json_output_has_no_nan():
+    from harness.records import dumps_strict, restore_nan
+
+    text = dumps_strict({"metrics": {"corr": math.nan, "mae": 1.0}})
+    document = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert document["metrics"]["corr"] is None and "NaN" in document["null_reasons"]["metrics.corr"]
+    assert math.isnan(restore_nan(document)["metrics"]["corr"])
