@@ -156,6 +156,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_records(args) -> int:
+    """``records stale``: list the records a sweep set aside (other code or versions);
+    ``records prune``: delete them."""
+    from harness.sweep import prune_stale, stale_records
+
+    if args.what == "prune":
+        removed = prune_stale(Path(args.out))
+        _emit({"removed": removed}, args.json,
+              lambda d: print(f"removed {d['removed']} records set aside in {Path(args.out) / '.stale'}"))
+        return 0
+    found = stale_records(Path(args.out))
+    _emit(found, args.json, lambda rows: print(
+        "\n".join(f"{r['path']}: {r['dataset']} {r['method']}/{r['variant']} seed {r['seed']} "
+                  f"({r['why']})" for r in rows)
+        or f"no records set aside in {Path(args.out) / '.stale'}"))
+    return 0
+
+
 def cmd_search(args) -> int:
     from harness.search import run_search
     from harness.settings import load_params
@@ -355,6 +373,13 @@ def _leaderboard_parser(sub) -> None:
                    help="every grid row's metrics (mean, std, n) and #tunable")
 
 
+def _records_command(sub) -> None:
+    p = _command(sub, "records", cmd_records, "run records a sweep set aside (of other code or "
+                 "versions): list them (stale) or delete them (prune)")
+    p.add_argument("what", choices=["stale", "prune"])
+    p.add_argument("--out", default="results/runs", help="the records folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, help="default: params.yaml executor.workers")
         p.add_argument("--out", default=out)
 
+    _records_command(sub)
     p = _command(sub, "cost", cmd_cost, "Table 6 and the Sec. 4.4 parameter counts, on this machine")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--out", default="results")

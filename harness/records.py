@@ -17,8 +17,9 @@ from importlib import metadata
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# What computes a run (its record key hashes these sources): every module ``harness.run`` imports,
-# directly or not (tests/test_architecture.py checks it); not the stages, tables or statistics.
+# What computes a run: every module ``harness.run`` imports, directly or not
+# (tests/test_architecture.py checks it); not the stages, tables or statistics. A run key hashes
+# these files outside methods/ and, of methods/, only its method's code (``code_hash``).
 RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "harness/errors.py",
             "harness/train.py", "harness/text.py", "harness/settings.py", "harness/checkpoints.py",
             "harness/features.py", "harness/run.py")
@@ -68,15 +69,29 @@ def tree_hash(path: str | Path) -> str:
     return _TREE_MEMO[signature]
 
 
-def code_hash() -> str:
-    """Hash of the Python sources that compute a run (``RUN_CODE``)."""
-    digest = hashlib.sha256()
+def harness_code_files() -> list[Path]:
+    """The files of ``RUN_CODE`` outside ``methods/``: the harness code every run executes."""
+    files = []
     for entry in RUN_CODE:
         location = PROJECT_ROOT / entry
-        files = sorted(location.rglob("*.py")) if location.is_dir() else [location] * location.is_file()
-        for path in files:
-            digest.update(str(path.relative_to(PROJECT_ROOT)).encode())
-            digest.update(path.read_bytes())
+        if entry == "methods" or entry.startswith("methods/"):
+            continue  # each method's own files: ``sources`` of ``code_hash`` (per method)
+        files += sorted(location.rglob("*.py")) if location.is_dir() else [location] * location.is_file()
+    return files
+
+
+def code_hash(sources: dict | None = None) -> str:
+    """Hash of the code that computes a run: the harness code (``harness_code_files``) and
+    ``sources``, {module name: source file} of the run's method (``methods.method_sources``: the
+    method's modules, what they import and the shared contract). Without ``sources``: the harness
+    part only. Modules are named, not located, so a user's method hashes alike on every machine."""
+    digest = hashlib.sha256()
+    for path in harness_code_files():
+        digest.update(str(path.relative_to(PROJECT_ROOT)).encode())
+        digest.update(path.read_bytes())
+    for module, path in sorted((sources or {}).items()):
+        digest.update(f"module:{module}".encode())
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 

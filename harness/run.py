@@ -20,7 +20,7 @@ from harness.settings import RUN_OPTIONS, RunPlan, plan_from_dict
 from harness.tasks.tasks import TASKS
 from harness.text import PretrainedTokenizer, Tokenized, WordVocab
 from harness.train import fine_tune, seed_everything
-from methods import apply_method, count_parameters
+from methods import apply_method, count_parameters, get_method, method_sources
 
 RUNS_DIR = Path("results/runs")
 
@@ -83,10 +83,18 @@ def load_splits(plan: RunPlan):
     return data, {n: Tokenized(s, vocab, max_len, field) for n, s in splits.items()}, vocab
 
 
+def run_code_hash(method: str) -> str:
+    """The code identity of a run of ``method``: the harness code every run executes and, of
+    ``methods/``, only this method's modules, what they import and the shared contract
+    (``methods.method_sources``). Editing one method recomputes that method's runs only."""
+    get_method(method)  # an unknown name: the registry's error, not a missing file
+    return records.code_hash(method_sources(method))
+
+
 def run_key(plan: RunPlan) -> str:
     # the compute packages' versions: a record made under another torch / transformers / peft /
     # numpy is never read back as this run's
-    return canonical_hash({"run": plan.identity(), "code": records.code_hash(),
+    return canonical_hash({"run": plan.identity(), "code": run_code_hash(plan.method),
                            "packages": records.compute_versions()})
 
 
@@ -200,7 +208,8 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "checkpoint_load_report": load_report,
         "encoder_sources": encoder_sources(plan),
         "git_commit": records.git_commit(),
-        "code_hash": records.code_hash(),
+        "code_hash": run_code_hash(plan.method),  # in the key
+        "code_modules": sorted(method_sources(plan.method)),  # the methods' code it hashes
         "versions": records.versions(),
         "packages": records.compute_versions(),  # in the key
     }

@@ -3,7 +3,14 @@
 Every (dataset, grid row, seed) of params.yaml is one run, keyed by a hash of its resolved plan
 and the code (harness/run.py). A run already recorded under its key is skipped, so adding a method
 or a seed computes only what is new, and a sweep killed at any point resumes where it stopped:
-each record is written atomically when its run ends.
+each record is written atomically when its run ends. The code in a key is the harness code and,
+of methods/, only the run's method (``harness.run.run_code_hash``): editing or adding one method
+recomputes that method's runs only.
+
+Records whose key can no longer be asked for (other code, other compute-package versions, a method
+no longer registered) are moved aside to ``<records>/.stale/<dataset>/``, never deleted by a
+sweep: the tables do not read them, ``mmpetl records stale`` lists them, ``mmpetl records prune``
+deletes them, and a sweep moves one back when its key is asked for again (e.g. an edit undone).
 
 Executors share one trial function (``run_trial``): ``sequential`` (in process), ``process`` (a
 pool of worker processes) and ``ray`` (Ray Tune; imported only when used; honours RAY_ADDRESS).
@@ -22,13 +29,16 @@ from tqdm import tqdm
 from harness import records
 from harness.errors import InputError
 from harness.ray_executor import ray_session, run_with_ray
-from harness.run import RUNS_DIR, record_path, run_key, run_trial
+from harness.run import RUNS_DIR, record_path, run_code_hash, run_key, run_trial
 from harness.settings import RunPlan, plan_run, plan_to_dict, section
 from methods import method_names
 
 EXECUTORS = ("sequential", "process", "ray")
 # Ray Tune's storage, inside the records folder (a DVC output; .dvcignore and .gitignore skip it)
 RAY_STORAGE = ".ray"
+# Records of other code or versions, moved aside by a sweep (a folder of the records folder that
+# the tables' <dataset>/*.json never reaches; .gitignore and .dvcignore skip it)
+STALE = ".stale"
 
 
 def grid_plans(params: dict) -> list[RunPlan]:
@@ -67,6 +77,19 @@ def grid_plans(params: dict) -> list[RunPlan]:
 
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
     return [p for p in plans if not record_path(p, run_key(p), out_dir).is_file()]
+
+
+def restore(plans: list[RunPlan], out_dir: Path) -> int:
+    """Move back from ``.stale`` each record a plan asks for again (the same key); how many."""
+    moved = 0
+    for plan in plans:
+        path = record_path(plan, run_key(plan), out_dir)
+        aside = Path(out_dir) / STALE / path.relative_to(out_dir)
+        if aside.is_file() and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(aside, path)
+            moved += 1
+    return moved
 
 
 @contextlib.contextmanager
@@ -117,6 +140,7 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     plans = grid_plans(params)
+    restored = restore(plans, out_dir)
     todo = pending(plans, out_dir)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     run_many(todo, executor, workers, out_dir)
@@ -124,18 +148,55 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
     if missing:
         raise RuntimeError(f"{len(missing)} runs have no record after the sweep")
     return {"runs": len(plans), "computed": len(todo), "reused": len(plans) - len(todo),
-            "pruned": prune(out_dir), "executor": executor, "workers": workers,
+            "restored": restored, "set_aside": set_aside(out_dir), "executor": executor, "workers": workers,
             "records": sorted(str(record_path(p, run_key(p), out_dir).relative_to(out_dir))
                               for p in plans)}
 
 
-def prune(out_dir: Path) -> int:
-    """Delete records computed by other code or under other compute-package versions (their keys
-    can never be asked for again here)."""
-    current, packages, removed = records.code_hash(), records.compute_versions(), 0
-    for path in Path(out_dir).glob("*/*-seed*-*.json"):
+def stale_reason(record: dict, hashes: dict | None = None) -> str | None:
+    """Why a record's key can no longer be asked for here, or None when it can (``hashes``: a
+    {method: run_code_hash} memo for many records)."""
+    if record.get("packages") != records.compute_versions():
+        return "other compute-package versions"
+    method = record.get("method")
+    if method not in method_names():
+        return f"method {method!r} is not registered"
+    hashes = {} if hashes is None else hashes
+    if method not in hashes:
+        hashes[method] = run_code_hash(method)
+    if record.get("code_hash") != hashes[method]:
+        return f"other code (harness or method {record['method']!r})"
+    return None
+
+
+def set_aside(out_dir: Path) -> int:
+    """Move every record of ``out_dir`` with a ``stale_reason`` to ``out_dir/.stale/<dataset>/``
+    (never deleted here); how many."""
+    moved, hashes = 0, {}
+    for path in sorted(Path(out_dir).glob("*/*-seed*-*.json")):
+        if stale_reason(records.read_json(path), hashes):
+            target = Path(out_dir) / STALE / path.relative_to(out_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved += 1
+    return moved
+
+
+def stale_records(out_dir: Path = RUNS_DIR) -> list[dict]:
+    """The records set aside in ``out_dir/.stale``: path, dataset, method, variant, seed, why."""
+    found, hashes = [], {}
+    for path in sorted((Path(out_dir) / STALE).glob("*/*.json")):
         record = records.read_json(path)
-        if record.get("code_hash") != current or record.get("packages") != packages:
-            path.unlink()
-            removed += 1
-    return removed
+        found.append({"path": str(path), "dataset": record.get("dataset"),
+                      "method": record.get("method"), "variant": record.get("variant"),
+                      "seed": record.get("seed"),
+                      "why": stale_reason(record, hashes) or "current again"})
+    return found
+
+
+def prune_stale(out_dir: Path = RUNS_DIR) -> int:
+    """Delete the records set aside in ``out_dir/.stale`` (on request only); how many."""
+    files = sorted((Path(out_dir) / STALE).glob("*/*.json"))
+    for path in files:
+        path.unlink()
+    return len(files)

@@ -1,9 +1,16 @@
 """PETL methods, one module each, behind one registry. Depends on torch and peft only."""
 from methods.base import Backbone, ConfigError, LinearSite, MethodConfig, PromptProvider, Variant, count_parameters
-from methods.registry import apply_method, get_method, method_names, register
+from methods.registry import apply_method, get_method, method_names, method_sources, register
 
-# Importing a method module registers it.
-from methods import adapter, aurora, full, lora, maple, pmf, ptuning, uniadapter, wander  # noqa: F401,E402
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+# Every module of this package but the contract is a method module; importing it registers its
+# methods. Adding a method is adding its file: this list finds it (no edit here).
+BUILT_IN = tuple(sorted(m.name for m in _pkgutil.iter_modules(__path__)
+                        if m.name not in ("base", "registry") and not m.name.startswith("_")))
+for _name in BUILT_IN:
+    _importlib.import_module(f"methods.{_name}")
 
 __all__ = ["Backbone", "ConfigError", "LinearSite", "MethodConfig", "PromptProvider", "Variant",
-           "apply_method", "count_parameters", "get_method", "method_names", "register"]
+           "apply_method", "count_parameters", "get_method", "method_names", "method_sources", "register"]

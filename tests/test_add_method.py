@@ -1,0 +1,141 @@
+"""Adding a method as a user would, end to end through DVC, in a temporary git + DVC copy of the
+project (the copy's code is the one that runs: PYTHONPATH puts it before the editable install).
+
+A small study (MOSI, rows linear and lora, seed 0, 1 epoch) is reproduced and committed; then
+- one new file, methods/bitfit.py (bias-only), and its grid row: `dvc repro` computes that
+  method's run only and removes no record;
+- an edit of an existing method's file (methods/lora.py): only lora's run is recomputed, and its
+  old record is set aside in results/runs/.stale, not deleted.
+"""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = Path("results/runs")
+
+# What a user writes: one file in methods/, found by the package (no other edit).
+BITFIT = '''"""BitFit: only the bias terms of the backbone's adaptable linears train (not the attention
+keys': softmax ignores a key bias, so its gradient is exactly zero)."""
+from dataclasses import dataclass
+
+from torch import nn
+
+from methods.base import MethodConfig, Variant
+from methods.registry import register
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    """BitFit has no settings."""
+
+
+@register("bitfit", config=BitFitConfig, summary="BitFit: bias terms only",
+          variants={"paper": Variant("bias terms of the adaptable linears", starts_as_identity=True)})
+def apply_bitfit(backbone: nn.Module, config: BitFitConfig) -> None:
+    modules = dict(backbone.named_modules())
+    for site in backbone.linear_sites():
+        bias = modules[site.path].bias
+        if bias is not None and site.role != "k":
+            bias.requires_grad_(True)
+'''
+
+
+def sh(*command, cwd, check=True):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def record_names(repo: Path) -> set[str]:
+    return {str(p.relative_to(repo / RUNS)) for p in (repo / RUNS).glob("*/*.json")}
+
+
+def sweep_summary(repo: Path) -> dict:
+    return json.loads((repo / RUNS / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The project's files with a 2-run study, reproduced up to the finetune stage and committed."""
+    folder = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if name.startswith("results/") or not (ROOT / name).is_file():
+            continue  # start from no results
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, folder / name)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params.update(datasets=["mosi"], seeds=[0], method="all")
+    params["grid"] = {"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4}]}
+    params["profiles"]["tiny"]["train"].update(epochs=1)
+    params["pretrain"]["profiles"]["tiny"].update(epochs=1)
+    params["search"].update(trials=2, space={"wander": {"down_dim": [4, 8]}})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (("git", "init", "-q"), ("git", "config", "user.email", "test@example.com"),
+                    ("git", "config", "user.name", "test")):
+        sh(*command, cwd=folder)
+    sh("dvc", "repro", "finetune", cwd=folder)
+    assert sweep_summary(folder)["computed"] == 2
+    sh("git", "add", "-A", cwd=folder)
+    sh("git", "commit", "-qm", "a small study", cwd=folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_new_method_file_computes_its_runs_only(repo):
+    before = record_names(repo)
+    (repo / "methods/bitfit.py").write_text(BITFIT)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["grid"]["mosi"].append({"method": "bitfit"})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    sh("dvc", "repro", cwd=repo)
+
+    summary = sweep_summary(repo)
+    assert (summary["runs"], summary["computed"], summary["reused"]) == (3, 1, 2)
+    assert summary["set_aside"] == 0
+    after = record_names(repo)
+    assert before <= after, f"records removed: {sorted(before - after)}"
+    (new,) = after - before
+    assert new.startswith("mosi/bitfit-seed0-")
+    assert not (repo / RUNS / ".stale").exists()
+    record = json.loads((repo / RUNS / new).read_text())
+    assert record["code_modules"] == ["methods.base", "methods.bitfit", "methods.registry"]
+    assert 0 < record["tunable"]["method"]
+    listed = json.loads(sh("mmpetl", "methods", "--json", cwd=repo).stdout)
+    assert "bitfit" in {m["name"] for m in listed}
+    # The pipeline after the sweep reaches the new method: the MOSI leaderboard names it.
+    assert any("bitfit" in p.read_text() for p in (repo / "results/leaderboards").glob("mosi*"))
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "bitfit", cwd=repo)
+
+
+@pytest.mark.slow
+def test_editing_one_method_recomputes_its_runs_only(repo):
+    before = record_names(repo)
+    (lora_record,) = [n for n in before if n.startswith("mosi/lora")]
+    lora = repo / "methods/lora.py"
+    lora.write_text(lora.read_text() + "\n# an edit of LoRA's file only\n")
+
+    sh("dvc", "repro", "finetune", cwd=repo)
+
+    summary = sweep_summary(repo)
+    assert (summary["computed"], summary["reused"], summary["set_aside"]) == (1, len(before) - 1, 1)
+    after = record_names(repo)
+    assert before - after == {lora_record}
+    (new,) = after - before
+    assert new.split("-seed0-")[0] == lora_record.split("-seed0-")[0]
+    assert (repo / RUNS / ".stale" / lora_record).is_file()  # set aside, not deleted
+    stale = json.loads(sh("mmpetl", "records", "stale", "--json", cwd=repo).stdout)
+    assert [Path(r["path"]).name for r in stale] == [Path(lora_record).name]
