@@ -81,6 +81,16 @@ def test_paper_table_csv_lines_name_their_records(tmp_path):
     assert len(names) == int(line["n"]) and all((runs / n).is_file() for n in names)
 
 
+def test_missing_wander_reference_says_why(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1, 2):
+        write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed)
+    write_leaderboards(runs, tmp_path / "lb", make_params(), headline_path=None, detail_path=None)
+    md = (tmp_path / "lb" / "mosi.md").read_text()
+    assert "- Wander reference: `wander_d16` (the main Wander row of the paper's table); no test " \
+           "against it: not run: no records" in md
+
+
 def test_rerun_writes_nothing(tmp_path):
     runs, first = _render(tmp_path)
     again = write_leaderboards(runs, tmp_path / "lb", make_params(),

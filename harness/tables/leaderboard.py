@@ -161,7 +161,8 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
               f"the card's `main_metric` (datasets/{chose['card'].name}.yaml). Rows are ranked "
               "by its test mean over seeds.", "",
               "- Wander reference: " + (f"`{wander}` (the main Wander row of the paper's table)"
-                                        if wander else "none (no paper table for this dataset)"),
+                                        if wander else "none (no paper table for this dataset)")
+              + _no_values(by_title[SECTIONS[0]], wander, main),
               "- best baseline: " + (f"`{best}` (the non-Wander row with the best mean "
                                      f"validation {main.key})" if best else
                                      "none (no non-Wander row has validation values)"), ""]
@@ -199,6 +200,12 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
         names = ", ".join(_record_names(row_result.records)) or "none"
         lines.append(f"- `{row_result.row.label}`: {names}")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _no_values(rows: list, slug: str | None, main: Column) -> str:
+    """Why no row is tested against the reference ``slug``: '' when it has values."""
+    cell = next((r.cells[main.id] for r in rows if r.row.label == slug), None)
+    return "" if cell is None or cell.ok else f"; no test against it: {cell.status}"
 
 
 def _record_names(records: list) -> list[str]:
