@@ -377,34 +377,65 @@ def _columns_legend(spec: Spec) -> list[str]:
     return lines + ["", cells, ""]
 
 
-def _section_table(result: SpecResult, section: Section) -> str:
+# Metric columns per markdown table: each shows ours / paper / Δ, so a section with more metrics
+# is split into several tables (a reader follows about two metrics, 120-150 characters, per line)
+COLUMNS_PER_TABLE = 2
+
+
+def _section_tables(result: SpecResult, section: Section) -> list[str]:
+    """The section as one table per ``COLUMNS_PER_TABLE`` metrics (the CSV keeps every column)."""
+    columns = list(section.columns)
+    chunks = [columns[i:i + COLUMNS_PER_TABLE] for i in range(0, len(columns), COLUMNS_PER_TABLE)]
+    if len(chunks) == 1 and not section.tunable:
+        return [_section_table(result, section), ""]
+    lines = []
+    if section.tunable:  # #Tunable and the row's status first, then the metrics
+        lines += ["**#Tunable**", "", _section_table(result, section, [], status=True), ""]
+    for chunk in chunks:
+        groups = {c.group for c in chunk}
+        names = (f"{chunk[0].group}: " + ", ".join(c.label for c in chunk)
+                 if len(groups) == 1 and chunk[0].group
+                 else ", ".join(f"{c.group} {c.label}" if c.group else c.label for c in chunk))
+        lines += [f"**{names}**", "", _section_table(result, section, chunk, tunable=False,
+                                                      status=not section.tunable), ""]
+    return lines
+
+
+def _section_table(result: SpecResult, section: Section, columns=None, tunable: bool = True,
+                   status: bool = True) -> str:
+    columns = section.columns if columns is None else columns
     has_paper = any(r.paper and r.paper.values for r in section.rows)
     has_paper_tunable = any(r.paper and r.paper.tunable for r in section.rows)
     headers = ["Method"]
-    if section.tunable:
+    tunable = tunable and section.tunable
+    if tunable:
         headers += ["#Tunable ours"] + (["#Tunable paper"] if has_paper_tunable else [])
-    for c in section.columns:
-        name = f"{c.group} {c.label}" if c.group else c.label
+    shared = {c.group for c in columns} if len(section.columns) > len(columns) else set()
+    for c in columns:  # a split section's tables are headed by their columns' group
+        name = f"{c.group} {c.label}" if c.group and len(shared) != 1 else c.label
         headers += [f"{name} ours"] + ([f"{name} paper", f"{name} Δ"] if has_paper else [])
-    headers.append("Status")
+    if status:
+        headers.append("Status")
     body = []
     for row_result in (r for r in result.rows if r.section is section):
         row = row_result.row
         statuses = {c.status for c in row_result.cells.values()}
         whole_row = len(statuses) == 1 and "ok" not in statuses
         line = [row.name + (" **(main)**" if row.role == "main" else "")]
-        if section.tunable:
+        if tunable:
             line.append(row_result.tunable["text"] if row_result.tunable else "—")
             if has_paper_tunable:
                 line.append(row.paper.tunable if row.paper and row.paper.tunable else "—")
-        for c in section.columns:
+        for c in columns:
             cell = row_result.cells[c.id]
             line.append(cell.status.split(":", 1)[0] if whole_row else _ours(cell))
             if has_paper:
                 line += [_f(cell.paper, c.digits) if cell.paper is not None else "—",
                          _signed(cell.diff, c.digits + 1) if cell.ok and cell.paper is not None
                          else "—"]
-        if whole_row:
+        if not status:
+            pass
+        elif whole_row:
             line.append(next(iter(statuses)))
         elif statuses == {"ok"}:
             line.append("ok")
@@ -460,7 +491,7 @@ def _comparison_table(result: SpecResult) -> list[str]:
              "P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5. "
              "Verdict: significant when the Holm-adjusted t-test p <= 0.05.", ""]
     if notes:
-        lines += ["Notes: " + " | ".join(sorted(notes)), ""]
+        lines += ["Notes:", ""] + [f"- {note}" for note in sorted(notes)] + [""]
     if result.skipped:
         lines += ["Not compared:", ""] + _skipped_lines(result) + [""]
     return lines
@@ -472,7 +503,7 @@ def render_markdown(result: SpecResult, figure_file: str | None = None) -> str:
     for section in spec.sections:
         if section.title or len(spec.sections) > 1:
             lines += [f"## {section.title or section.dataset}", ""]
-        lines += [_section_table(result, section), ""]
+        lines += _section_tables(result, section)
     lines += _comparison_table(result)
     if figure_file:
         lines += [f"![{spec.paper_ref}]({figure_file})", ""]

@@ -64,6 +64,14 @@ class Column:
     fallback: tuple = ()         # ((key, convention), ...) tried when a record lacks ``key``
 
 
+# The released-code Wander row of Tables 1-4
+DEAD_WANDER_NOTE = (
+    "Wander (released code) starts from the released init w_t = 0, where the product over the "
+    "modalities and every gradient to the adapter are zero for good: the row trains the task head "
+    "on the frozen backbone, so it equals the linear probe wherever the released head is the "
+    "probe's head. Equal rows are equal by construction, not by chance.")
+
+
 @dataclass(frozen=True)
 class Row:
     label: str
@@ -202,7 +210,7 @@ TABLE1 = Spec(
              _g("aurora", variant="code", rank=128), role="extra"),
          Row(f"Wander (d=64), released-code variant ({EXTRA})",
              _g("wander", variant="code", down_dim=64), role="extra")])),),
-    notes=("Aurora's 'd=128' is its CP rank (grid field rank=128).",
+    notes=(DEAD_WANDER_NOTE, "Aurora's 'd=128' is its CP rank (grid field rank=128).",
            "MaPLe on Food-101 conditions the image prompts on the text prompts (source: text)."),
 )
 
@@ -228,7 +236,7 @@ TABLE2 = Spec(
         [Row(f"Linear probe ({EXTRA})", _g("linear"), role="extra"),
          Row(f"Wander (d=16), released-code variant ({EXTRA})",
              _g("wander", variant="code", down_dim=16), role="extra")])),),
-    notes=("The paper's IEMOCAP numbers (72-75%) fit the 4-class MMIN/CGGM setup better than the "
+    notes=(DEAD_WANDER_NOTE, "The paper's IEMOCAP numbers (72-75%) fit the 4-class MMIN/CGGM setup better than the "
            "MulT 4 x binary layout; the convention our records used is named per column.",
            "The paper's Tables 2-3 backbone is pre-trained on HowTo100M; ours on what the "
            "header's 'pre-training' line says (CMU-MOSEI by default, see Table 8)."),
@@ -265,7 +273,7 @@ TABLE3 = Spec(
         [Row(f"Linear probe ({EXTRA})", _g("linear"), role="extra"),
          Row(f"Wander (d=16), released-code variant ({EXTRA})",
              _g("wander", variant="code", down_dim=16), role="extra")])),),
-    notes=("The paper's Table 3 backbone is pre-trained on HowTo100M; ours on what the header's "
+    notes=(DEAD_WANDER_NOTE, "The paper's Table 3 backbone is pre-trained on HowTo100M; ours on what the header's "
            "'pre-training' line says (params.yaml pretrain.use; CMU-MOSEI by default, see "
            "Table 8).",),
 )
@@ -282,7 +290,7 @@ def _t4(tunable, *numbers) -> PaperValue:
 
 TABLE4 = Spec(
     name="table4_msrvtt", paper_ref=T4, kind="table",
-    title="Table 4: Comparison of performance on the MSRVT dataset",
+    title="Table 4: Comparison of performance on the MSR-VTT dataset",
     sections=(Section("msrvtt", MSRVTT_COLUMNS, _standard_rows(
         [Row("Full fine-tuning", _g("full"),
              _t4("134M", 57.2, 69.3, 4.0, 22.4, 57.8, 68.5, 4.0, 20.1)),
@@ -305,7 +313,7 @@ TABLE4 = Spec(
         [Row(f"Linear probe ({EXTRA})", _g("linear"), role="extra"),
          Row(f"Wander (d=8), released-code variant ({EXTRA})",
              _g("wander", variant="code", down_dim=8), role="extra")])),),
-    notes=("The paper prints no R@1; ours is in results/metrics_detail.json and "
+    notes=(DEAD_WANDER_NOTE, "The paper prints no R@1; ours is in results/metrics_detail.json and "
            "results/leaderboards/msrvtt.md.",
            "The paper's Full fine-tuning row equals MMT's published 1k-A result.",
            "Pre-training: the paper's MMT backbone is pre-trained on HowTo100M (2 experts).")
@@ -437,7 +445,7 @@ FIGURE5_PANELS = (
     ("food101", "UPMC-Food 101", 64, Column("acc", "ACC", "acc", "101-class top-1 accuracy")),
     ("iemocap", "IEMOCAP", 16, iemocap_columns()[0]),
     ("mosi", "CMU-MOSI", 16, mosi_columns()[0]),
-    ("msrvtt", "MSRVTT", 8, Column("t2v_r10", "R@10 (text→video)", "t2v_r10",
+    ("msrvtt", "MSR-VTT", 8, Column("t2v_r10", "R@10 (text→video)", "t2v_r10",
                                    "recall at 10, text→video, percent (the paper does not say "
                                    "which direction)", scale=1.0)),
 )
@@ -460,7 +468,7 @@ FIGURE5 = Spec(
                    for dataset, title, d, column in FIGURE5_PANELS),
     notes=(NO_FIGURE_NUMBERS,
            "Binary accuracy in the paper's caption: ACC for UPMC-Food 101 (101-class top-1), "
-           "ACC-2 non0 for CMU-MOSI, ACC (mean of 4 binary tasks) for IEMOCAP, R@10 for MSRVTT.",
+           "ACC-2 non0 for CMU-MOSI, ACC (mean of 4 binary tasks) for IEMOCAP, R@10 for MSR-VTT.",
            "One rank varies, the other stays at the default 8."),
 )
 
