@@ -28,8 +28,12 @@ def _emit(document, as_json: bool, render) -> None:
 
 
 def cmd_methods(args) -> int:
-    from methods import get_method, method_names
+    from methods import get_method, method_names, method_origin
 
+    if Path(args.params).is_file() or args.params != "params.yaml":
+        from harness.settings import load_params
+
+        load_params(args.params)  # imports the modules listed under ``methods``
     document = []
     for name in method_names():
         spec = get_method(name)
@@ -39,11 +43,16 @@ def cmd_methods(args) -> int:
             "name": name, "summary": spec.summary, "modalities": spec.modalities,
             "variants": list(spec.variants), "config": defaults,
             "variant_details": {v: dataclasses.asdict(d) for v, d in spec.variants.items()},
+            "origin": method_origin(name),
         })
 
     def render(rows):
         for row in rows:
-            print(f"{row['name']:<11} variants: {', '.join(row['variants']):<12} {row['summary']}")
+            origin = row["origin"]
+            where = "" if origin["source"] == "built-in" else (
+                f"  [{origin['source']}: {origin['module']}, {origin['file']}]")
+            print(f"{row['name']:<11} variants: {', '.join(row['variants']):<12} {row['summary']}"
+                  f"{where}")
 
     _emit(document, args.json, render)
     return 0
@@ -384,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpetl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _command(sub, "methods", cmd_methods, "registered methods and variants")
+    _command(sub, "methods", cmd_methods, "registered methods and variants, and where each comes "
+             "from (built-in, params.yaml methods, an entry point)", params=True)
 
     p = _command(sub, "run", cmd_run, "one fine-tuning run; writes its run record", params=True)
     p.add_argument("--dataset", required=True)

@@ -21,6 +21,7 @@ from harness.tasks.tasks import TASKS
 from harness.text import PretrainedTokenizer, Tokenized, WordVocab
 from harness.train import fine_tune, seed_everything
 from methods import apply_method, count_parameters, get_method, method_sources
+from methods.registry import load_env_methods
 
 RUNS_DIR = Path("results/runs")
 
@@ -223,4 +224,5 @@ def run_trial(plan_values: dict, out_dir: str, root: str) -> dict:
     to ``root``, the project folder the sweep was started in."""
     torch.set_num_threads(1)  # one core per trial; executors run trials side by side
     os.chdir(root)
+    load_env_methods()  # a worker started afresh (spawn, Ray): the user's method modules too
     return execute(plan_from_dict(plan_values), Path(out_dir), progress=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from harness.checkpoints import checkpoint_sha256, pretrain_source
 from harness.data.cards import load_card
 from harness.errors import InputError
 from harness.train import TrainSettings
-from methods import get_method
+from methods import ConfigError, get_method, load_methods
 
 PARAMS_FILE = "params.yaml"
 PROFILES = ("tiny", "paper")
@@ -37,7 +38,27 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
     if profile not in PROFILES:
         raise InputError("unknown profile", file=str(path), key="profile", expected=PROFILES,
                          found=profile)
+    load_params_methods(params)
     return params
+
+
+def load_params_methods(params: dict) -> None:
+    """Import the user's method modules listed under ``methods`` (importable names), so their
+    methods are registered before any run is planned; a bad entry exits 2 naming it."""
+    modules = params.get("methods") or []
+    folder = str(Path(params["_file"]).resolve().parent)  # a module beside params.yaml imports
+    if modules and folder not in sys.path:
+        sys.path.insert(0, folder)
+    if not isinstance(modules, list):
+        raise InputError("methods must be a list of importable module names", file=params["_file"],
+                         key="methods", expected="e.g. [my_methods.bitfit]", found=repr(modules))
+    for index, module in enumerate(modules):
+        try:
+            load_methods([module])
+        except ConfigError as error:
+            raise InputError(str(error), file=params["_file"], key=f"methods[{index}]",
+                             expected="an importable module that registers methods",
+                             found=repr(module)) from error
 
 
 def section(params: dict, *keys: str) -> dict:

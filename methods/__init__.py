@@ -1,6 +1,7 @@
 """PETL methods, one module each, behind one registry. Depends on torch and peft only."""
 from methods.base import Backbone, ConfigError, LinearSite, MethodConfig, PromptProvider, Variant, count_parameters
-from methods.registry import apply_method, get_method, method_names, method_sources, register
+from methods.registry import (apply_method, get_method, load_entry_points, load_methods, method_names,
+                              method_origin, method_sources, register)
 
 import importlib as _importlib
 import pkgutil as _pkgutil
@@ -11,6 +12,10 @@ BUILT_IN = tuple(sorted(m.name for m in _pkgutil.iter_modules(__path__)
                         if m.name not in ("base", "registry") and not m.name.startswith("_")))
 for _name in BUILT_IN:
     _importlib.import_module(f"methods.{_name}")
+# Methods of other installed distributions (entry-point group ``mmpetl.methods``); a user's own
+# modules are imported from params.yaml ``methods`` (``load_methods``, by harness.settings)
+load_entry_points()
 
 __all__ = ["Backbone", "ConfigError", "LinearSite", "MethodConfig", "PromptProvider", "Variant",
-           "apply_method", "count_parameters", "get_method", "method_names", "method_sources", "register"]
+           "apply_method", "count_parameters", "get_method", "load_methods", "method_names",
+           "method_origin", "method_sources", "register"]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
+import os
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +17,11 @@ from methods.base import (ConfigError, MethodConfig, MethodSpec, UnknownName, Va
                           trainable_head)
 
 _REGISTRY: dict[str, MethodSpec] = {}
+# Where each method from outside the package came from: {name: {"source": ..., "module": ...}}
+_ORIGINS: dict[str, dict] = {}
+ENTRY_POINTS = "mmpetl.methods"  # the entry-point group of methods in other distributions
+# The modules loaded from params.yaml ``methods``, for worker processes that start afresh
+ENV_MODULES = "MMPETL_METHODS"
 
 
 def register(name: str, *, config: type, variants: dict[str, Variant], summary: str,
@@ -126,4 +135,62 @@ def method_sources(name: str) -> dict[str, Path]:
     return module_sources({spec.apply_fn.__module__, spec.config_class.__module__})
 
 
-__all__ = ["register", "method_names", "method_sources", "module_sources", "get_method", "apply_method", "ConfigError", "UnknownName"]
+def _import_registering(module: str, source: str) -> None:
+    """Import ``module``; each method it registers is recorded as coming from ``source``."""
+    before = set(_REGISTRY)
+    importlib.import_module(module)
+    for name in sorted(set(_REGISTRY) - before):
+        _ORIGINS[name] = {"source": source, "module": module}
+
+
+def load_methods(modules, source: str = "params.yaml methods") -> None:
+    """Import each module of ``modules`` (importable names: a user's module or package that
+    registers methods with ``@register``); an import error is a ``ConfigError`` naming the module.
+    The names are kept in the environment (``ENV_MODULES``) for worker processes."""
+    for module in modules:
+        if not isinstance(module, str) or not module:
+            raise ConfigError(f"a method module must be an importable name, found {module!r}")
+        try:
+            _import_registering(module, source)
+        except Exception as error:
+            raise ConfigError(f"method module {module!r} could not be imported: "
+                              f"{type(error).__name__}: {error}") from error
+        known = [m for m in os.environ.get(ENV_MODULES, "").split(",") if m]
+        if module not in known:
+            os.environ[ENV_MODULES] = ",".join(known + [module])
+
+
+def load_env_methods() -> None:
+    """In a worker process: import the method modules its parent loaded (``ENV_MODULES``)."""
+    load_methods([m for m in os.environ.get(ENV_MODULES, "").split(",") if m])
+
+
+def load_entry_points() -> None:
+    """Import every ``mmpetl.methods`` entry point (``name = "module"`` or ``"module:attr"``) of
+    the installed distributions; a failing one is a ``ConfigError`` naming it."""
+    for point in metadata.entry_points(group=ENTRY_POINTS):
+        try:
+            _import_registering(point.module, f"entry point {point.name} "
+                                              f"({point.dist.name if point.dist else '?'})")
+            if point.attr:
+                point.load()
+        except Exception as error:
+            raise ConfigError(f"entry point {point.name!r} of group {ENTRY_POINTS!r} "
+                              f"({point.value}) could not be loaded: "
+                              f"{type(error).__name__}: {error}") from error
+
+
+def method_origin(name: str) -> dict:
+    """Where method ``name`` comes from: {"source": "built-in" | "params.yaml methods" |
+    "entry point ...", "module": ..., "file": its module's source file}."""
+    spec = get_method(name)
+    module = spec.apply_fn.__module__
+    origin = _ORIGINS.get(name) or {"source": "built-in" if module.startswith("methods.")
+                                    else "imported", "module": module}
+    found = sys.modules.get(module)
+    return {**origin, "module": module, "file": getattr(found, "__file__", None)}
+
+
+__all__ = ["register", "method_names", "method_sources", "module_sources", "load_methods",
+           "load_env_methods", "load_entry_points", "method_origin", "ENTRY_POINTS", "get_method",
+           "apply_method", "ConfigError", "UnknownName"]
