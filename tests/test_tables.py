@@ -326,6 +326,19 @@ def test_duplicates_and_other_profiles_are_left_out(tmp_path):
         collect(runs, None)
 
 
+def test_a_duplicate_made_by_the_current_code_wins(tmp_path):
+    from harness.run import run_code_hash
+
+    runs = tmp_path / "runs"
+    row = {"method": "wander", "down_dim": 16}
+    write_record(runs, "mosi", row, 0, key="aaa", code_hash="old code")
+    current = write_record(runs, "mosi", row, 0, shift=0.01, key="zzz",
+                           code_hash=run_code_hash("wander"))
+    selection = collect(runs, make_params())
+    assert selection.get("mosi", row)[0]["_path"] == str(current)
+    assert "(current code hash)" in selection.duplicates[0]
+
+
 def test_corrupt_record_names_the_file(tmp_path):
     runs = tmp_path / "runs"
     write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, 0)

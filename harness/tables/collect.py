@@ -24,6 +24,7 @@ from pathlib import Path
 
 from harness.errors import InputError
 from harness.records import restore_nan
+from methods.base import ConfigError
 
 REQUIRED = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict}
 
@@ -135,6 +136,17 @@ class Selection:
         return self.stale.get((dataset, row_key(row)), [])
 
 
+def _current_code_hash(method: str) -> str | None:
+    """The code identity a run of ``method`` has now (``run.run_code_hash``); None for a method
+    that is no longer registered (none of its records is current)."""
+    from harness.run import run_code_hash
+
+    try:
+        return run_code_hash(method)
+    except ConfigError:
+        return None
+
+
 def collect(records_dir, params: Mapping | None = None) -> Selection:
     records = load_records(records_dir)
     profile = params.get("profile") if params else None
@@ -161,12 +173,8 @@ def collect(records_dir, params: Mapping | None = None) -> Selection:
             selection.ignored["stale vs params.yaml"] += 1
             continue
         candidates[(cell, record["seed"])].append(record)
-    try:
-        from harness.records import code_hash
-        current_code = code_hash()
-    except Exception:  # pragma: no cover - provenance is best effort
-        current_code = None
     for (cell, seed), group in sorted(candidates.items()):
+        current_code = _current_code_hash(group[0]["method"])
         chosen = sorted(group, key=lambda r: (r.get("code_hash") != current_code,
                                               str(r.get("key", r["_path"]))))[0]
         if len(group) > 1:
