@@ -7,6 +7,7 @@ A small study (MOSI, rows linear and lora, seed 0, 1 epoch) is reproduced and co
 - an edit of an existing method's file (methods/lora.py): only lora's run is recomputed, and its
   old record is set aside in results/runs/.stale, not deleted.
 """
+import csv
 import json
 import os
 import shutil
@@ -115,10 +116,24 @@ def test_a_new_method_file_computes_its_runs_only(repo):
     assert 0 < record["tunable"]["method"]
     listed = json.loads(sh("mmpetl", "methods", "--json", cwd=repo).stdout)
     assert "bitfit" in {m["name"] for m in listed}
-    # The pipeline after the sweep reaches the new method: the MOSI leaderboard names it.
-    assert any("bitfit" in p.read_text() for p in (repo / "results/leaderboards").glob("mosi*"))
+    # The pipeline after the sweep reaches the new method with no table code edited: the MOSI
+    # leaderboard ranks it (with its records and the paired-test columns), the headline metrics
+    # file has its main metric and #tunable, and `dvc exp show` shows them.
+    board = [line for line in csv.DictReader(open(repo / "results/leaderboards/mosi.csv"))
+             if line["row"] == "bitfit"]
+    assert {"leaderboard", "all metrics"} <= {line["section"] for line in board}
+    ranked = next(line for line in board if line["section"] == "leaderboard")
+    assert ranked["records"] == new and ranked["mean"] != ""
+    assert {"p_t", "p_holm", "verdict"} <= set(ranked)
+    headline = json.loads((repo / "results/metrics.json").read_text())
+    assert set(headline["mosi"]["bitfit"]) == {"acc2_non0", "tunable"}
+    assert headline["mosi"]["bitfit"]["tunable"] == sum(record["tunable"].values())
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "bitfit", cwd=repo)
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    workspace = next(rev for rev in shown if rev["rev"] == "workspace")
+    metrics = workspace["data"]["metrics"]["results/metrics.json"]["data"]
+    assert metrics["mosi"]["bitfit"] == headline["mosi"]["bitfit"]
 
 
 @pytest.mark.slow
