@@ -9,8 +9,9 @@ trials can differ from the batched ones).
 The search selects on the VALIDATION split: a trial's objective is its record's
 ``valid_metrics[metric]`` (the validation metrics at the epoch the run selected), never the test
 metric, so the Pareto front is chosen without looking at test data. The test metric of the same
-record is reported beside it. Studies are named ``<dataset>-<method>-valid``; studies of an
-older journal that optimised the test metric (``<dataset>-<method>``) are not resumed.
+record is reported beside it. Studies are named ``<dataset>-<method>-valid-<hash>``, the hash of
+what defines them (metric, space, sampler, and the run key of the first point: data, training
+settings, code, package versions), so a changed definition starts a new study.
 Outputs: trials.csv (every trial: ``valid_<metric>``, ``test_<metric>``, #tunable, Pareto flag
 on validation), pareto.png (validation metric vs #tunable, with the profile banner).
 """
@@ -80,16 +81,23 @@ def _search_method(params, config, storage, directions, method, space, executor,
                    out_dir, pool) -> list[dict]:
     """Run (or resume) one method's study until it has ``trials`` finished trials."""
     metric = config["metric"]
-    study_name = f"{config['dataset']}-{method}-valid"
+
+    def plan_for(settings: dict):
+        return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
+
+    # A study is named by everything that defines it: the metric, the space, the sampler, and the
+    # run key of its first point (the data, training settings, code and package versions): a
+    # change to any of them starts a new study instead of reporting old trials under it.
+    first = plan_for({name: choices[0] for name, choices in space.items()})
+    identity = records.canonical_hash({"metric": metric, "space": space, "sampler": config["sampler"],
+                               "seed": config["seed"], "run": run_key(first)})[:12]
+    study_name = f"{config['dataset']}-{method}-valid-{identity}"
     sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([f"valid_{metric}", "tunable"])
-
-    def plan_for(settings: dict):
-        return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
 
     todo = config["trials"] - len(_finished(study))
     if executor == "ray" and todo > 0:  # Ray's OptunaSearch asks this study as workers free up

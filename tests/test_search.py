@@ -59,8 +59,11 @@ def check_outputs(out, summary, trials: int) -> None:
         for row in group.itertuples():
             assert row.pareto == (not dominated(row, group)), (method, row)
     assert (out / "pareto.png").stat().st_size > 0
+    assert table["test_mae"].notna().all()  # every trial's record is found again
     storage = JournalStorage(JournalFileBackend(str(out / "journal.log")))
-    for name in ("mosi-wander-valid", "mosi-lora-valid"):
+    for method in ("wander", "lora"):
+        (name,) = [n for n in optuna.get_all_study_names(storage)
+                   if n.startswith(f"mosi-{method}-valid-")]
         study = optuna.load_study(study_name=name, storage=storage)
         assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
 
@@ -79,12 +82,30 @@ def test_search_writes_pareto_and_resumes(search_params, tmp_path):
     assert run_search(search_params, "sequential", 1, tmp_path)["trials"] == 8
 
 
+def test_a_changed_definition_starts_a_new_study(search_params, tmp_path):
+    """Training settings, metric and space name the study: old trials are never reported under
+    a changed definition (their records would not even be found under the new run keys)."""
+    params = json.loads(json.dumps(search_params))
+    params["search"].update(trials=1, space={"wander": {"down_dim": [4]}})
+    storage = lambda: JournalStorage(JournalFileBackend(str(tmp_path / "journal.log")))
+    run_search(params, "sequential", 1, tmp_path)
+    first = set(optuna.get_all_study_names(storage()))
+    params["profiles"]["tiny"]["train"]["epochs"] = 2
+    summary = run_search(params, "sequential", 1, tmp_path)
+    second = set(optuna.get_all_study_names(storage())) - first
+    assert len(first) == 1 and len(second) == 1  # a new study, the old one kept
+    assert summary["trials"] == 1 and all(p["test_mae"] is not None for p in summary["pareto"])
+    params["search"]["metric"] = "acc2_non0"
+    run_search(params, "sequential", 1, tmp_path)
+    assert len(set(optuna.get_all_study_names(storage())) - first - second) == 1
+
+
 @pytest.mark.slow
 def test_search_through_ray_optuna_search(search_params, tmp_path):
     search_params["search"]["trials"] = 3
     summary = run_search(search_params, "ray", 2, tmp_path)
     check_outputs(tmp_path, summary, 6)
-    assert list((tmp_path / ".ray").glob("search-mosi-wander-valid/*"))  # Tune's storage
+    assert list((tmp_path / ".ray").glob("search-mosi-wander-valid-*/*"))  # Tune's storage
     assert run_search(search_params, "ray", 2, tmp_path)["trials"] == 6  # resumes: nothing new
 
 
