@@ -2,6 +2,7 @@
 that fine-tuning will look for, with the backbone a run builds."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes
@@ -27,4 +28,10 @@ def extract_dataset(params: dict, dataset: str, out_dir: str | Path = FEATURES_D
     _, _, info = cached_splits(backbone, prepared.splits, Path(out_dir) / dataset,
                                plan_data_hashes(plan, prepared.data, prepared.vocab), batch_size,
                                progress)
-    return {**summary, **info}
+    # The stage's output is the cache of the current encoders: caches of other encoders (older
+    # code or settings) go, so the folder's DVC hash depends only on what computes it now.
+    current = Path(info["folder"])
+    removed = sorted(p.name for p in current.parent.iterdir() if p.is_dir() and p != current)
+    for name in removed:
+        shutil.rmtree(current.parent / name)
+    return {**summary, **info, "removed": removed}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import time
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -335,8 +336,13 @@ def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     params = load_params(tmp_path / "params.yaml")
 
+    stale = tmp_path / "features" / dataset / "0123456789abcdef"  # another encoder's cache
+    stale.mkdir(parents=True)
+    (stale / "train.h5").write_bytes(b"old")
     stage = extract_dataset(params, dataset, tmp_path / "features", progress=False)
     assert {s["status"] for s in stage["splits"].values()} == {"computed: missing"}
+    assert stage["removed"] == [stale.name] and not stale.exists()
+    assert [p.name for p in (tmp_path / "features" / dataset).iterdir()] == [Path(stage["folder"]).name]
 
     # What harness.run.execute does for another seed with Wander: the frozen encoders do not
     # depend on the seed, so the run reads the stage's caches.
