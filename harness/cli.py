@@ -538,9 +538,7 @@ def _dispatch(args) -> int:
             for name in [names] if isinstance(names, str) else names:
                 get_method(name)
         return args.func(args)
-    except Exception as error:
-        if not isinstance(error, _input_errors()):
-            raise  # a bug: its traceback, exit 1
+    except _input_errors() as error:  # anything else is a bug: its traceback, exit 1
         print(f"mmpetl: error: {error}", file=sys.stderr)
         return 2
 
