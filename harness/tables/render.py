@@ -382,27 +382,29 @@ def _columns_legend(spec: Spec) -> list[str]:
 COLUMNS_PER_TABLE = 2
 
 
-def _section_tables(result: SpecResult, section: Section) -> list[str]:
-    """The section as one table per ``COLUMNS_PER_TABLE`` metrics (the CSV keeps every column)."""
+def _section_tables(result: SpecResult, section: Section, reasons: dict) -> list[str]:
+    """The section as one table per ``COLUMNS_PER_TABLE`` metrics (the CSV keeps every column).
+    A row's status reason ("not run: why") becomes a numbered note in ``reasons``."""
     columns = list(section.columns)
     chunks = [columns[i:i + COLUMNS_PER_TABLE] for i in range(0, len(columns), COLUMNS_PER_TABLE)]
     if len(chunks) == 1 and not section.tunable:
-        return [_section_table(result, section), ""]
+        return [_section_table(result, section, reasons), ""]
     lines = []
     if section.tunable:  # #Tunable and the row's status first, then the metrics
-        lines += ["**#Tunable**", "", _section_table(result, section, [], status=True), ""]
+        lines += ["**#Tunable**", "", _section_table(result, section, reasons, [], status=True), ""]
     for chunk in chunks:
         groups = {c.group for c in chunk}
         names = (f"{chunk[0].group}: " + ", ".join(c.label for c in chunk)
                  if len(groups) == 1 and chunk[0].group
                  else ", ".join(f"{c.group} {c.label}" if c.group else c.label for c in chunk))
-        lines += [f"**{names}**", "", _section_table(result, section, chunk, tunable=False,
-                                                      status=not section.tunable), ""]
+        lines += [f"**{names}**", "", _section_table(result, section, reasons, chunk,
+                                                      tunable=False, status=not section.tunable),
+                  ""]
     return lines
 
 
-def _section_table(result: SpecResult, section: Section, columns=None, tunable: bool = True,
-                   status: bool = True) -> str:
+def _section_table(result: SpecResult, section: Section, reasons: dict, columns=None,
+                   tunable: bool = True, status: bool = True) -> str:
     columns = section.columns if columns is None else columns
     has_paper = any(r.paper and r.paper.values for r in section.rows)
     has_paper_tunable = any(r.paper and r.paper.tunable for r in section.rows)
@@ -436,7 +438,9 @@ def _section_table(result: SpecResult, section: Section, columns=None, tunable: 
         if not status:
             pass
         elif whole_row:
-            line.append(next(iter(statuses)))
+            state, _, why = next(iter(statuses)).partition(": ")
+            line.append(f"{state} [{reasons.setdefault(why, len(reasons) + 1)}]" if why
+                        else state)
         elif statuses == {"ok"}:
             line.append("ok")
         else:
@@ -453,6 +457,8 @@ def _skipped_lines(result: SpecResult) -> list[str]:
 
 
 def _comparison_table(result: SpecResult) -> list[str]:
+    """One table per Wander reference row (its name in the heading, not in every line); the
+    CSV keeps every field (t statistic, Wilcoxon's smallest attainable p, all-pairs P)."""
     if not result.comparisons:
         compared = [r for r in result.rows if r.row.compared]
         if not compared:
@@ -460,36 +466,36 @@ def _comparison_table(result: SpecResult) -> list[str]:
         return (["## Paired comparisons with Wander (by seed)", "",
                  "No comparison could be made: the compared rows or their Wander reference "
                  "lack runs.", ""] + _skipped_lines(result) + ([""] if result.skipped else []))
-    headers = ["Row", "vs", "Metric", "n", "Δ (Wander better > 0) [95% t CI]", "p (t)",
-               "p (Holm)", "p (Wilcoxon) / min p", "P(Wander > row)", "verdict"]
-    body, notes = [], set()
+    headers = ["Row", "Metric", "n", "Δ [95% t CI]", "p (t)", "p (Holm)", "p (Wilcoxon)",
+               "P(Wander > row)", "verdict"]
+    by_reference, notes = {}, set()
     for row_result, column, c, reference in result.comparisons:
         d = column.digits + 1
         ci = (f" [{_f(c['improvement_t_ci_low'], d)}, {_f(c['improvement_t_ci_high'], d)}]"
               if c["improvement_t_ci_low"] is not None else "")
         missing = c["missing_in_wander"] + c["missing_in_baseline"]
         n = str(c["n"]) + (f" (unpaired seeds {sorted(set(missing))})" if missing else "")
-        wilcoxon = f"{_p(c['p_wilcoxon'])} / {c['wilcoxon_min_p']:.3g}"
-        if c["wilcoxon_min_p"] > stats.ALPHA:
-            wilcoxon += " (cannot reach 0.05)"
-        body.append([row_result.row.name, reference.row.name,
-                     f"{column.group} {column.label}" if column.group else column.label, n,
-                     _signed(c["improvement"], d) + ci, _p(c["p_t"]), _p(c["p_holm"]), wilcoxon,
-                     _f(c["p_better"], 2), c["verdict"]])
+        by_reference.setdefault(reference.row.name, []).append(
+            [row_result.row.name, f"{column.group} {column.label}" if column.group
+             else column.label, n, _signed(c["improvement"], d) + ci, _p(c["p_t"]),
+             _p(c["p_holm"]), _p(c["p_wilcoxon"]), _f(c["p_better"], 2), c["verdict"]])
         for note in (c["note"], c["wilcoxon_note"]):
             if note:
                 notes.add(note)
-    lines = ["## Paired comparisons with Wander (by seed)", "",
-             tabulate(body, headers, tablefmt="github", disable_numparse=True), "",
-             "Δ: mean over paired seeds of the improvement, signed so that > 0 means Wander is "
-             f"better (lower is better for MAE, MdR, MnR); [..]: {stats.INTERVAL} "
-             "improvement. p (t): paired t-test of the improvement (two-sided; t > 0 means "
-             "Wander better, in the CSV's t_stat). p (Holm): Holm-adjusted over all "
-             f"{len(result.comparisons)} comparisons of this table. Wilcoxon: exact signed-rank "
-             "p and the smallest p attainable with that n (at n = 3 it is 0.25, at n = 5 0.0625: "
-             "such a test can never reach 0.05 and is not evidence either way). "
-             "P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5. "
-             "Verdict: significant when the Holm-adjusted t-test p <= 0.05.", ""]
+    lines = ["## Paired comparisons with Wander (by seed)", ""]
+    for reference, body in by_reference.items():
+        lines += [f"**vs {reference}**", "",
+                  tabulate(body, headers, tablefmt="github", disable_numparse=True), ""]
+    lines += [
+        "- Δ: mean over paired seeds of the improvement, signed so that > 0 means Wander is "
+        f"better (lower is better for MAE, MdR, MnR); [..]: {stats.INTERVAL} improvement.",
+        "- p (t): paired t-test of the improvement (two-sided; t > 0 means Wander better, in "
+        f"the CSV's t_stat). p (Holm): Holm-adjusted over all {len(result.comparisons)} "
+        "comparisons of this table; verdict: significant when p (Holm) <= 0.05.",
+        "- p (Wilcoxon): exact signed-rank p; the CSV's wilcoxon_min_p is the smallest p "
+        "attainable with that n (0.25 at n = 3, 0.0625 at n = 5: such a test can never reach "
+        "0.05 and is not evidence either way).",
+        "- P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5.", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {note}" for note in sorted(notes)] + [""]
     if result.skipped:
@@ -499,11 +505,14 @@ def _comparison_table(result: SpecResult) -> list[str]:
 
 def render_markdown(result: SpecResult, figure_file: str | None = None) -> str:
     spec = result.spec
-    lines = _header(result) + _columns_legend(spec)
+    lines, reasons = _header(result) + _columns_legend(spec), {}
     for section in spec.sections:
         if section.title or len(spec.sections) > 1:
             lines += [f"## {section.title or section.dataset}", ""]
-        lines += _section_tables(result, section)
+        lines += _section_tables(result, section, reasons)
+    if reasons:
+        lines += ["Why a row has no numbers:", ""]
+        lines += [f"{number}. {why}" for why, number in reasons.items()] + [""]
     lines += _comparison_table(result)
     if figure_file:
         lines += [f"![{spec.paper_ref}]({figure_file})", ""]
