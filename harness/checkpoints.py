@@ -79,9 +79,34 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
         raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
                          expected="{name: tensor}", found=type(state).__name__)
     document["path"] = str(path)  # where it was read from (not stored in the file)
-    beside = provenance_path(path)
-    document["provenance"] = read_json(beside) if beside.is_file() else None
+    document["provenance"] = verify_checkpoint_bytes(path)
     return document
+
+
+def verify_checkpoint_bytes(checkpoint_path: str | Path) -> dict | None:
+    """The checkpoint's provenance document (None when it has none), after checking that the
+    file's sha256 equals the ``sha256`` recorded there when ``mmpetl pretrain`` wrote it: a
+    checkpoint altered or replaced since is refused (InputError: file, expected and found hash)."""
+    path = Path(checkpoint_path)
+    beside = provenance_path(path)
+    if not beside.is_file():
+        return None
+    try:
+        provenance = read_json(beside)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InputError("unreadable checkpoint provenance", file=str(beside),
+                         expected="the JSON `mmpetl pretrain` wrote beside the checkpoint",
+                         found=f"{type(error).__name__}: {error}") from None
+    recorded = provenance.get("sha256") if isinstance(provenance, dict) else None
+    if not isinstance(recorded, str):
+        raise InputError("checkpoint provenance records no sha256", file=str(beside), key="sha256",
+                         expected="the checkpoint's sha256", found=repr(recorded))
+    actual = checkpoint_sha256(path)
+    if actual != recorded:
+        raise InputError(f"checkpoint bytes differ from the sha256 recorded in {beside.name} "
+                         f"(altered or replaced since pre-training; rerun `mmpetl pretrain`)",
+                         file=str(path), key="sha256", expected=recorded, found=actual)
+    return provenance
 
 
 def _as_document(checkpoint) -> tuple[dict, str]:
@@ -195,7 +220,8 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def checkpoint_sha256(checkpoint_path: str | Path) -> str | None:
-    """sha256 of the checkpoint file (for run keys), None when it does not exist yet."""
+    """sha256 of the checkpoint file (for run keys; ``verify_checkpoint_bytes`` checks it against
+    the one recorded in its provenance file), None when it does not exist yet."""
     path = Path(checkpoint_path)
     if not path.is_file():
         return None
@@ -205,4 +231,4 @@ def checkpoint_sha256(checkpoint_path: str | Path) -> str | None:
 
 __all__ = ["DEFAULT_SKIP", "FORMAT", "FORMAT_VERSION", "PRETRAIN_OUTPUT", "adopt_vocab", "backbone_kind",
            "checkpoint_sha256", "checkpoint_vocab", "load_pretrained", "provenance_path",
-           "read_checkpoint"]
+           "read_checkpoint", "verify_checkpoint_bytes"]

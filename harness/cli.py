@@ -124,9 +124,9 @@ def cmd_run(args) -> int:
                     settings=_run_defaults(params, args.dataset, args.method))
     key, out = run_key(plan), Path(args.out)
     found = next((path for path in (record_path(plan, key, out), record_path(plan, key, RUNS_DIR))
-                  if path.is_file()), None)
+                  if path.exists()), None)
     if found is not None:  # the same key: the same run, already recorded
-        record = records.read_json(found)
+        record = records.read_run_record(found)
     else:
         record = execute(plan, out, progress=not args.json)
     where = found or record_path(plan, key, out)
@@ -152,13 +152,12 @@ def _executor(args, params: dict) -> tuple[str, int | None]:
 
 
 def cmd_sweep(args) -> int:
-    from harness.records import write_json_atomic
     from harness.settings import load_params
-    from harness.sweep import sweep
+    from harness.sweep import sweep, write_index
 
     params = load_params(args.params)
     summary = sweep(params, *_executor(args, params), Path(args.out))
-    write_json_atomic(Path(args.out) / "index.json", summary)
+    write_index(Path(args.out), summary)
     _emit(summary, args.json, lambda s: print(
         f"{s['runs']} runs: {s['computed']} computed, {s['reused']} already recorded "
         f"(executor {s['executor']}, {s['workers']} workers)"))

@@ -54,8 +54,11 @@ split_hash(data, split, **options) -> str
 
 File format: one HDF5 file per split (h5py). Datasets ``feat_<m>`` (N, L_m, D_m) float16,
 ``mask_<m>`` (N, L_m) bool, ``label`` (N, ...), ``index`` (N,); attribute ``meta``: JSON with
-format, version, encoder_hash, data_hash, backbone class, modalities, n, shapes, dtype and the
-fields (no time, host or installed versions: the same encoder and data give the same bytes). Files
+format, version, encoder_hash, data_hash, backbone class, modalities, n, shapes, dtype, the
+fields and ``content_hash`` (``content_hash``: sha256 of the stored arrays, computed when the file
+is written; a cache whose arrays no longer match it (labels or features altered) is recomputed,
+and one holding NaN or infinity where the hash matches is refused, CacheError naming the file).
+No time, host or installed versions: the same encoder and data give the same bytes. Files
 up to ``IN_MEMORY_LIMIT`` bytes are read into memory; larger ones are read item by item
 (paper-size Food-101 features do not fit in RAM).
 
@@ -87,7 +90,7 @@ from harness.records import atomic_path, canonical_hash, tree_hash
 log = logging.getLogger(__name__)
 
 FORMAT = "mmpetl-features"
-VERSION = 1
+VERSION = 2  # 2: meta holds content_hash
 FEATURE_PREFIX = "feat_"
 MASK_PREFIX = "mask_"
 KEEP_FIELDS = ("label", "index", "label_class")  # per-item fields carried into the cache
@@ -314,8 +317,45 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+ROWS_PER_BLOCK = 4096  # items read at a time when hashing a cache
+
+
+def content_hash(f, fields) -> tuple[str, str | None]:
+    """(sha256 over each stored array of the open HDF5 file ``f``: its name, dtype, shape and
+    C-order bytes, fields in sorted order; the first float field holding NaN or infinity, or
+    None). Read ``ROWS_PER_BLOCK`` items at a time, so paper-size caches need not fit in memory."""
+    digest, non_finite = hashlib.sha256(), None
+    for name in sorted(fields):
+        stored = f[name]
+        digest.update(f"{name}|{stored.dtype.str}|{tuple(stored.shape)}".encode())
+        for start in range(0, stored.shape[0], ROWS_PER_BLOCK):
+            block = np.ascontiguousarray(stored[start: start + ROWS_PER_BLOCK])
+            digest.update(block.tobytes())
+            if non_finite is None and block.dtype.kind == "f" and not np.isfinite(block).all():
+                non_finite = name
+    return digest.hexdigest(), non_finite
+
+
+def verify_content(path: Path, meta: dict) -> str | None:
+    """None when the arrays stored in ``path`` hash to its ``meta["content_hash"]``, else why not;
+    CacheError (naming the file and field) when they match but hold NaN or infinity."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found, non_finite = content_hash(f, meta["fields"])
+    if found != meta.get("content_hash"):
+        return (f"stored arrays altered: content hash {found[:12]} != recorded "
+                f"{str(meta.get('content_hash'))[:12]}")
+    if non_finite is not None:
+        raise CacheError("NaN or infinity in a feature cache (delete the file to recompute it)",
+                         file=str(path), key=non_finite, expected="finite values",
+                         found="non-finite values")
+    return None
+
+
 def cache_status(cache_path: str | Path, encoder_hash_: str, data_hash: str) -> str | None:
-    """None when ``cache_path`` is a valid cache for these hashes, else why it is not."""
+    """None when ``cache_path`` is a valid cache for these hashes and its stored arrays are the
+    ones written (``verify_content``), else why it is not."""
     path = Path(cache_path)
     if not path.is_file():
         return "missing"
@@ -326,7 +366,7 @@ def cache_status(cache_path: str | Path, encoder_hash_: str, data_hash: str) -> 
     stale = [f"{key} {str(meta.get(key))[:12]} != current {value[:12]}"
              for key, value in (("encoder_hash", encoder_hash_), ("data_hash", data_hash))
              if meta.get(key) != value]
-    return "; ".join(stale) or None
+    return "; ".join(stale) or verify_content(path, meta)
 
 
 def extract_features(backbone: nn.Module, dataset_split: Dataset, cache_path: str | Path,
@@ -403,12 +443,14 @@ def _write_cache(backbone, dataset_split, path: Path, encoder_hash_: str, data_h
                     raise InputError("the split yielded fewer items than its length", file=str(path),
                                      expected=n, found=done)
                 shapes = {k: list(d.shape) for k, d in datasets.items()}
+                stored_hash, _ = content_hash(f, datasets)  # states were checked finite above
                 f.attrs["meta"] = json.dumps({
                     "format": FORMAT, "version": VERSION, "encoder_hash": encoder_hash_,
                     "data_hash": data_hash, "backbone": type(backbone).__name__,
                     "modalities": list(backbone.modalities), "n": n, "fields": sorted(datasets),
                     "shapes": shapes, "dtype": str(STORAGE_DTYPE).replace("torch.", ""),
                     "dtypes": {k: str(d.dtype) for k, d in datasets.items()},
+                    "content_hash": stored_hash,
                     "encoder_mode": "eval (no dropout), before the last-layer fusion hook",
                     # no installed versions or build labels (torch 2.13.0+cpu vs +cu128): the bytes
                     # depend on what computes them only (encoder_hash holds torch's public version)
@@ -466,9 +508,13 @@ class CachedFeatures(Dataset):
 
 def load_features(cache_path: str | Path, encoder_hash_: str | None = None,
                   data_hash: str | None = None) -> CachedFeatures:
-    """A cache file, checked against the given hashes (CacheError when stale or unreadable)."""
+    """A cache file, checked against the given hashes and its content hash (CacheError when
+    stale, altered, non-finite or unreadable)."""
     features = CachedFeatures(cache_path)
     features.check(encoder_hash_, data_hash)
+    altered = verify_content(features.path, features.meta)
+    if altered:
+        raise CacheError(f"feature cache {altered}", file=str(features.path), key="meta.content_hash")
     return features
 
 

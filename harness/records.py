@@ -4,7 +4,9 @@ the canonical-JSON hash (every module that writes a result or hashes a file uses
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -16,12 +18,15 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from harness.errors import InputError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What computes a run: every module ``harness.run`` imports, directly or not
 # (tests/test_architecture.py checks it); not the stages, tables or statistics. A run key hashes
 # these files outside methods/ and, of methods/, only its method's code (``code_hash``).
 RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "harness/errors.py",
-            "harness/train.py", "harness/text.py", "harness/settings.py", "harness/checkpoints.py",
+            "harness/train.py", "harness/text.py", "harness/settings.py",
+            "harness/params_schema.py", "harness/checkpoints.py",
             "harness/features.py", "harness/run.py")
 CHUNK = 1 << 20  # bytes read at a time when hashing a file
 PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")
@@ -243,24 +248,133 @@ def read_json(path: str | Path):
     return restore_nan(json.loads(Path(path).read_text()))
 
 
+# What a run record must hold to count as done (``read_run_record``); the rest is provenance
+RECORD_FIELDS = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict}
+
+
+def read_run_record(path: str | Path) -> dict:
+    """A run record, checked: a JSON object with ``RECORD_FIELDS`` of their types and at least one
+    metric. Anything else (a folder, unreadable bytes, truncated or non-object JSON, no metrics)
+    raises InputError naming the file: a record that cannot be read is never taken as a done run,
+    nor silently recomputed over (delete it to recompute that run)."""
+    path = Path(path)
+    remedy = "a run record written by mmpetl (delete the file to recompute its run)"
+    if path.is_dir():
+        raise InputError("a folder where a run record should be", file=str(path),
+                         expected=remedy, found="a folder")
+    try:
+        record = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        found = "an empty file" if path.is_file() and path.stat().st_size == 0 else \
+            f"{type(error).__name__}: {error}"
+        raise InputError("unreadable run record", file=str(path), expected=remedy,
+                         found=found) from None
+    if not isinstance(record, dict):
+        raise InputError("a run record must be a JSON object", file=str(path), expected=remedy,
+                         found=type(record).__name__)
+    for key, kind in RECORD_FIELDS.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InputError("incomplete run record", file=str(path), key=key,
+                             expected=f"{kind.__name__} ({remedy})", found=repr(value))
+    if not record["metrics"]:
+        raise InputError("a run record without metrics is not a done run", file=str(path),
+                         key="metrics", expected=remedy, found="{}")
+    return record
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, prefix: str) -> list[Path]:
+    """Remove the entries ``<folder>/<prefix><pid>-*`` left by a writer that was killed (its pid
+    is no longer running); those of live processes stay. Returns what was removed."""
+    import shutil
+
+    removed = []
+    for entry in sorted(Path(folder).glob(f"{glob.escape(prefix)}*")):
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def write_error(path: Path, error: OSError):
+    """The InputError for an OS error while writing ``path``: names the path and the cause (a
+    read-only or full disk, a file where a folder should be, missing permission)."""
+    causes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "a read-only file system",
+              errno.EACCES: "no permission to write", errno.EPERM: "no permission to write",
+              errno.ENOTDIR: "a file where a folder should be",
+              errno.EEXIST: "a file where a folder should be",
+              errno.EISDIR: "a folder where a file should be",
+              errno.EDQUOT: "disk quota exceeded"}
+    where = error.filename or path
+    return InputError("cannot write", file=str(path), expected="a writable location",
+                      found=f"{causes.get(error.errno, error.strerror or type(error).__name__)} "
+                            f"({where})")
+
+
+def require_writable_folder(folder: str | Path, key: str = "--out") -> None:
+    """InputError unless ``folder`` is (or can be created as) a folder this process may write,
+    checked before any work whose result would go there."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise InputError("the output folder is a dangling link", file=str(existing), key=key,
+                             expected="a writable folder", found=f"a link to {os.readlink(existing)}")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError("the output folder is not a folder", file=str(folder), key=key,
+                         expected="a writable folder",
+                         found=f"{existing} is a file" if existing != folder else "a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError("the output folder is not writable", file=str(folder), key=key,
+                         expected="a writable folder", found=f"no write permission on {existing}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """A temporary file name in ``path``'s folder for the block to write (by name: h5py, or
     ``atomic_file``'s stream); when the block ends without error the file is synced, given the
-    umask's permissions and renamed over ``path``, else removed: readers never see a partial file."""
+    umask's permissions and renamed over ``path``, else removed: readers never see a partial file.
+    An OS error while writing (disk full, read-only, a file where a folder should be) becomes an
+    InputError naming ``path``. Temporaries are named ``.<name>.<pid>-*.tmp``: those of a killed
+    writer are removed by the next write of ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    prefix = f".{path.name}."
+    temporary = None
     try:
-        yield Path(temporary)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        remove_stale_temporaries(path.parent, prefix)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}-",
+                                        suffix=".tmp")
+        os.close(handle)
+        temporary = Path(name)
+        yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600: follow the umask
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        raise write_error(path, error) from None
+    finally:
+        if temporary is not None and temporary.exists():
+            temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -169,11 +169,14 @@ def encoder_sources(plan: RunPlan) -> dict | None:
 
 
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
-    """Run ``plan`` unless a record under its key exists; return the record."""
+    """Run ``plan`` unless a record under its key exists (then it is read, and must be whole:
+    ``records.read_run_record``); return the record. The records folder must be writable before
+    anything is computed."""
     key = run_key(plan)
     path = record_path(plan, key, out_dir)
-    if path.is_file():
-        return records.read_json(path)
+    if path.exists() or path.is_symlink():
+        return records.read_run_record(path)
+    records.require_writable_folder(path.parent)
     started = time.perf_counter()
     prepared = prepare(plan)
     data, splits, vocab, backbone = prepared.data, prepared.splits, prepared.vocab, prepared.backbone

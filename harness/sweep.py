@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from harness import records
+from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
 from harness.ray_executor import ray_session, run_with_ray
 from harness.run import RUNS_DIR, record_path, run_code_hash, run_key, run_trial
@@ -76,7 +77,40 @@ def grid_plans(params: dict) -> list[RunPlan]:
 
 
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
-    return [p for p in plans if not record_path(p, run_key(p), out_dir).is_file()]
+    """The plans without a record; a record that is there must be whole
+    (``records.read_run_record``: InputError naming a corrupt, empty or metric-less one)."""
+    todo = []
+    for plan in plans:
+        path = record_path(plan, run_key(plan), out_dir)
+        if path.exists() or path.is_symlink():
+            records.read_run_record(path)
+        else:
+            todo.append(plan)
+    return todo
+
+
+def check_can_compute(plans: list[RunPlan], out_dir: Path) -> None:
+    """Before the first of ``plans`` runs: the records folder can be written and every
+    pre-training checkpoint they start from has the bytes recorded for it (InputError)."""
+    records.require_writable_folder(out_dir)
+    for path in sorted({p.pretrained["path"] for p in plans if p.pretrained}):
+        verify_checkpoint_bytes(path)
+
+
+def write_index(out_dir: Path, summary: dict) -> bool:
+    """Write ``<out_dir>/index.json`` (the sweep's summary) when the sweep changed the folder or
+    the index lists other records; a sweep that found every record in place writes nothing (it
+    runs on a read-only results folder). Returns whether it wrote."""
+    path = Path(out_dir) / "index.json"
+    changed = summary["computed"] or summary["restored"] or summary["set_aside"]
+    if not changed and path.is_file():
+        try:
+            if records.read_json(path).get("records") == summary["records"]:
+                return False
+        except (OSError, ValueError, AttributeError):
+            pass  # an unreadable index is rewritten
+    records.write_json_atomic(path, summary)
+    return True
 
 
 def restore(plans: list[RunPlan], out_dir: Path) -> int:
@@ -86,8 +120,11 @@ def restore(plans: list[RunPlan], out_dir: Path) -> int:
         path = record_path(plan, run_key(plan), out_dir)
         aside = Path(out_dir) / STALE / path.relative_to(out_dir)
         if aside.is_file() and not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(aside, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(aside, path)
+            except OSError as error:
+                raise records.write_error(path, error) from None
             moved += 1
     return moved
 
@@ -141,14 +178,17 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     plans = grid_plans(params)
     restored = restore(plans, out_dir)
+    moved_aside = set_aside(out_dir)  # reads every record first: a corrupt one stops the sweep here
     todo = pending(plans, out_dir)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    if todo:
+        check_can_compute(todo, out_dir)
     run_many(todo, executor, workers, out_dir)
     missing = pending(plans, out_dir)
     if missing:
         raise RuntimeError(f"{len(missing)} runs have no record after the sweep")
     return {"runs": len(plans), "computed": len(todo), "reused": len(plans) - len(todo),
-            "restored": restored, "set_aside": set_aside(out_dir), "executor": executor, "workers": workers,
+            "restored": restored, "set_aside": moved_aside, "executor": executor, "workers": workers,
             "records": sorted(str(record_path(p, run_key(p), out_dir).relative_to(out_dir))
                               for p in plans)}
 
@@ -174,10 +214,15 @@ def set_aside(out_dir: Path) -> int:
     (never deleted here); how many."""
     moved, hashes = 0, {}
     for path in sorted(Path(out_dir).glob("*/*-seed*-*.json")):
-        if stale_reason(records.read_json(path), hashes):
+        if path.parent.name.startswith(".") or path.name.startswith("."):
+            continue  # Ray's storage, temporaries
+        if stale_reason(records.read_run_record(path), hashes):
             target = Path(out_dir) / STALE / path.relative_to(out_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+            except OSError as error:
+                raise records.write_error(target, error) from None
             moved += 1
     return moved
 
@@ -186,7 +231,7 @@ def stale_records(out_dir: Path = RUNS_DIR) -> list[dict]:
     """The records set aside in ``out_dir/.stale``: path, dataset, method, variant, seed, why."""
     found, hashes = [], {}
     for path in sorted((Path(out_dir) / STALE).glob("*/*.json")):
-        record = records.read_json(path)
+        record = records.read_run_record(path)
         found.append({"path": str(path), "dataset": record.get("dataset"),
                       "method": record.get("method"), "variant": record.get("variant"),
                       "seed": record.get("seed"),

@@ -354,6 +354,7 @@ def test_corrupt_record_names_the_file(tmp_path):
 
 
 def test_no_records_at_all_still_renders_reasons(tmp_path):
+    (tmp_path / "none").mkdir()  # an empty records folder (a missing one is an error)
     result = render_all(tmp_path / "none", tmp_path / "t", make_params())
     assert all(t["rows_not_run"] == t["rows"] for t in result["tables"].values())
     write_leaderboards(tmp_path / "none", tmp_path / "l", make_params(),

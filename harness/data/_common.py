@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from harness.errors import InputError
-from harness.records import sha256_file
+from harness.records import remove_stale_temporaries, sha256_file, write_error
 
 MANIFEST = "generated.json"   # written by the generators next to the data they write
 
@@ -233,7 +233,9 @@ class AtomicDir:
     """Build a directory under a temporary name, then move it into place in one step.
 
     On any exception the temporary directory is removed (and so is any parent directory
-    this object created), so a failed generation leaves nothing behind."""
+    this object created), so a failed generation leaves nothing behind. A process killed
+    midway (SIGKILL) cannot clean up: its ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>``
+    folders are removed by the next ``AtomicDir`` of the same name, once that pid is gone."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir).absolute()
@@ -246,11 +248,16 @@ class AtomicDir:
         while not p.exists():
             missing.append(p)
             p = p.parent
-        for d in reversed(missing):
-            d.mkdir()
-            self._created.append(d)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
-                                         dir=self.out_dir.parent))
+        try:
+            for d in reversed(missing):
+                d.mkdir()
+                self._created.append(d)
+            for kind in ("tmp", "old"):
+                remove_stale_temporaries(self.out_dir.parent, f".{self.out_dir.name}.{kind}-")
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-{os.getpid()}-",
+                                             dir=self.out_dir.parent))
+        except OSError as error:
+            raise write_error(self.out_dir, error) from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)
@@ -265,14 +272,20 @@ class AtomicDir:
                     d.rmdir()
                 except OSError:
                     pass
+            if issubclass(exc_type, OSError):  # disk full, permissions: named, exit 2
+                raise write_error(self.out_dir, exc) from None
             return False
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            os.replace(self.out_dir, old)
-            os.replace(self.tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out_dir)
+        try:
+            if self.out_dir.exists():
+                old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+                os.replace(self.out_dir, old)
+                os.replace(self.tmp, self.out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.out_dir)
+        except OSError as error:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise write_error(self.out_dir, error) from None
         return False
 
 

@@ -13,6 +13,9 @@ Selection rules (``collect``):
   was recomputed under a new key): the one whose ``code_hash`` equals the current code's is
   used, otherwise the one with the smallest key; the table header lists each such case.
   (Records carry no timestamp, so "the newest" cannot be told apart from file contents.)
+- the records a cell pools (one per seed) must share their inputs, the data's tree hash and the
+  pre-training checkpoint's sha256 (``require_same_inputs``): a cell mixing records computed
+  from other data or another checkpoint is an error naming both files, not a statistic.
 """
 from __future__ import annotations
 
@@ -23,11 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.records import restore_nan
+from harness.records import read_run_record
 from methods.base import ConfigError
-
-REQUIRED = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict}
-
 
 def row_key(row: Mapping) -> str:
     """Canonical text of a grid row (sorted keys), the identity of a table row's runs."""
@@ -35,30 +35,21 @@ def row_key(row: Mapping) -> str:
 
 
 def load_records(records_dir) -> list[dict]:
-    """Every ``<records_dir>/<dataset>/*.json`` record, checked; a missing folder gives []."""
+    """Every ``<records_dir>/<dataset>/*.json`` record, checked (``records.read_run_record``);
+    a missing folder is an error (a mistyped ``--runs`` must not render empty tables), an empty
+    one gives []. Names starting with a dot (temporaries, ``.stale``) are not records."""
     root = Path(records_dir)
     if not root.exists():
-        return []
+        raise InputError("records folder not found", file=str(root), key="--runs",
+                         expected="a folder of <dataset>/*.json run records", found="missing")
     if not root.is_dir():
-        raise InputError("records folder is not a folder", file=str(root),
+        raise InputError("records folder is not a folder", file=str(root), key="--runs",
                          expected="a folder of <dataset>/*.json run records", found="a file")
     found = []
     for path in sorted(root.glob("*/*.json")):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.parent.name.startswith("."):
             continue
-        try:
-            record = restore_nan(json.loads(path.read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise InputError("unreadable run record", file=str(path), expected="a JSON run record",
-                             found=str(error)) from error
-        if not isinstance(record, dict):
-            raise InputError("run record must be a JSON object", file=str(path),
-                             expected="an object", found=type(record).__name__)
-        for key, kind in REQUIRED.items():
-            value = record.get(key)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise InputError("bad run record", file=str(path), key=key,
-                                 expected=kind.__name__, found=repr(value))
+        record = read_run_record(path)
         if record["dataset"] != path.parent.name:
             raise InputError("run record is in the wrong dataset folder", file=str(path),
                              key="dataset", expected=path.parent.name, found=record["dataset"])
@@ -185,4 +176,31 @@ def collect(records_dir, params: Mapping | None = None) -> Selection:
                 + (" (current code hash)" if chosen.get("code_hash") == current_code
                    else " (smallest key; none has the current code hash)"))
         selection.current.setdefault(cell, {})[seed] = chosen
+    for cell, by_seed in selection.current.items():
+        require_same_inputs(cell, list(by_seed.values()))
     return selection
+
+
+def inputs_of(record: Mapping) -> dict:
+    """What a record was computed from beyond its settings: the data's tree hash, the
+    pre-training checkpoint's sha256 and the pretrained towers' identities."""
+    return {"data_hash": record.get("data_hash"),
+            "checkpoint sha256": _get(record, "pretrained", "sha256"),
+            "encoders": record.get("encoders")}
+
+
+def require_same_inputs(cell: tuple, records: list) -> None:
+    """A cell's statistics pool its seeds' records, so they must share their inputs
+    (``inputs_of``): records of other data or another checkpoint in one cell are an error naming
+    both files, never averaged together and never silently dropped."""
+    first = records[0]
+    for other in records[1:]:
+        for name, value in inputs_of(first).items():
+            found = inputs_of(other)[name]
+            if found != value:
+                raise InputError(
+                    f"run records of one cell ({cell[0]}, {cell[1]}) were computed from different "
+                    f"inputs; keep one version's records (move the others out of the records "
+                    f"folder) or rerun the sweep on one", file=other["_path"], key=name,
+                    expected=f"{str(value)[:16]} (as {Path(first['_path']).name})",
+                    found=str(found)[:16])
