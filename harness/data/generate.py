@@ -158,6 +158,12 @@ def generate(dataset: str, out_dir=None, seed: int = 0, n_train: int | None = No
         n_test = _int("n_test", d.get("n_test") if n_test is None else n_test, 1)
     seq_len = _int("seq_len", d.get("seq_len") if seq_len is None else seq_len, 2, 512)
     noise = _float("noise", noise, 0.0, 100.0)
+    if gen.get("planted"):  # a planted-answer task (harness.data.planted)
+        from .load import resolve_path
+        from .planted import generate_planted
+        target = Path(out_dir) if out_dir is not None else resolve_path(card, None, generated=True)
+        return generate_planted(card, target, seed, {"train": n_train, "valid": n_valid, "test": n_test},
+                                seq_len, noise, options)
     opts = {**COMMON_OPTS, **FAMILY_OPTS[fam]}
     if fam == "video":
         experts = list(card.get("experts"))
