@@ -148,7 +148,39 @@ def cmd_run(args) -> int:
 def _executor(args, params: dict) -> tuple[str, int | None]:
     """The executor and its workers: the command line's, else params.yaml's ``executor``."""
     configured = params.get("executor") or {}
-    return args.executor or configured.get("kind", "sequential"), args.workers or configured.get("workers")
+    kind = args.executor or configured.get("kind", "sequential")
+    if kind == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            origin = ("command line", "--executor") if args.executor else (args.params, "executor.kind")
+            raise InputError('the ray executor needs Ray: pip install -e ".[ray]"', file=origin[0],
+                             key=origin[1], expected="ray importable", found="no module ray") from None
+    return kind, args.workers or configured.get("workers")
+
+
+def _seed_option(text: str) -> int:
+    """A ``--seed`` value: an integer in numpy's seed range."""
+    from harness.params_schema import SEED_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], found {text!r}")
+    return value
+
+
+def _positive_option(text: str) -> int:
+    """A count (``--workers``, ``--batch-size``): an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, found {text!r}")
+    return value
 
 
 def cmd_sweep(args) -> int:
@@ -208,17 +240,14 @@ def cmd_cost(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from harness.pretrain import plan_pretrain, pretrain
-    from harness.settings import coerce, load_params
+    from harness.params_schema import check_train
+    from harness.settings import load_params, parse_overrides
     from harness.train import TrainSettings
 
     params = load_params(args.params)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    overrides = {}
-    for key, raw in _parse_sets(args.set).items():
-        if key not in defaults:
-            raise InputError("unknown --set key", key=key,
-                             expected=f"a train setting {sorted(defaults)}", found=key)
-        overrides[key] = coerce(raw, defaults[key], key)
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    overrides, _ = parse_overrides(_parse_sets(args.set), fields, ())
+    overrides = check_train(overrides, args.params, "train", command_line=tuple(overrides))
     plan = plan_pretrain(params, args.source, overrides)
     if args.seed is not None:
         plan["seed"] = args.seed
@@ -399,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--variant", default="paper")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed_option, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a train setting or a method config field (repeatable)")
     p.add_argument("--out", default=SCRATCH_RUNS,
@@ -414,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = _command(sub, name, func, text, params=True)
         p.add_argument("--executor", choices=["sequential", "process", "ray"],
                        help="default: params.yaml executor.kind")
-        p.add_argument("--workers", type=int, help="default: params.yaml executor.workers")
+        p.add_argument("--workers", type=_positive_option, help="default: params.yaml executor.workers")
         p.add_argument("--out", default=out)
 
     _records_command(sub)
@@ -425,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "pretrain", cmd_pretrain, "pre-train a backbone (mosei: late fusion, "
                  "howto100m: MMT); writes its checkpoint", params=True)
     p.add_argument("--source", required=True, choices=["mosei", "howto100m"])
-    p.add_argument("--seed", type=int, default=None, help="default: pretrain.seed")
+    p.add_argument("--seed", type=_seed_option, default=None, help="default: pretrain.seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a pre-training train setting (repeatable)")
     p.add_argument("--out", default=None, help="checkpoint path (default: pretrain.checkpoints.<source>)")
@@ -447,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "extract", cmd_extract, "stage extract@<dataset>: cache the frozen encoders' "
                  "outputs", params=True)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_option, default=64)
     p.add_argument("--out", default="datasets/features")
 
     _command(sub, "datasets", cmd_datasets, "dataset cards and whether data is present")

@@ -12,33 +12,33 @@ from harness.backbones import plan_encoders
 from harness.checkpoints import checkpoint_sha256, pretrain_source
 from harness.data.cards import load_card
 from harness.errors import InputError
+from harness.params_schema import (COMMAND_LINE, check_row, check_train, known_widths, parse_set_value,
+                                   parse_yaml, validate_params)
 from harness.train import TrainSettings
 from methods import ConfigError, get_method, load_methods
 
 PARAMS_FILE = "params.yaml"
-PROFILES = ("tiny", "paper")
 # Keys of a data block (params.yaml data.<profile>.<dataset>) that are not loader options.
 RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
+    """Read ``path`` (YAML with YAML 1.2 floats: ``1e-3`` is a number), import the method modules
+    it lists, and check the whole of it (``harness.params_schema``) before anything runs."""
     path = Path(path)
     if not path.is_file():
         raise InputError("parameters file not found (run from the project root or pass --params)",
                          file=str(path))
     try:
-        params = yaml.safe_load(path.read_text())
+        params = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise InputError(f"malformed YAML: {error}", file=str(path)) from error
     if not isinstance(params, dict):
         raise InputError("parameters must be a mapping", file=str(path), expected="a mapping",
                          found=type(params).__name__)
     params["_file"] = str(path)
-    profile = params.get("profile")
-    if profile not in PROFILES:
-        raise InputError("unknown profile", file=str(path), key="profile", expected=PROFILES,
-                         found=profile)
     load_params_methods(params)
+    validate_params(params)
     return params
 
 
@@ -79,31 +79,21 @@ def section(params: dict, *keys: str) -> dict:
     return node
 
 
-def coerce(raw: str, default, key: str):
-    """Parse a ``--set`` value as YAML and check it against the type of the field's default."""
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    expected = type(default)
-    if default is None:
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
-        expected_name = "an integer or null"
-    elif expected is bool:
-        ok, expected_name = isinstance(value, bool), "true or false"
-    elif expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value, expected_name = (float(value) if ok else value), "a number"
-    elif expected is int:
-        ok, expected_name = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif expected is tuple:
-        value = tuple(value) if isinstance(value, list) else (value,) if isinstance(value, str) else value
-        ok, expected_name = isinstance(value, tuple), "a list"
-    else:
-        ok, expected_name = isinstance(value, expected), expected.__name__
-    if not ok:
-        raise InputError("bad --set value", key=key, expected=expected_name, found=repr(raw))
-    return value
+def parse_overrides(overrides: dict[str, str] | None, train_fields, method_fields,
+                    method: str = "") -> tuple[dict, dict]:
+    """``--set`` strings as YAML values, split into (train settings, method config fields); the
+    values are checked where they are used (``params_schema.check_train`` / ``check_row``)."""
+    train, settings = {}, {}
+    for key, raw in (overrides or {}).items():
+        if key in train_fields:
+            train[key] = parse_set_value(raw)
+        elif key in method_fields:
+            settings[key] = parse_set_value(raw)
+        else:
+            where = f" or a {method} config field {sorted(method_fields)}" if method else ""
+            raise InputError("unknown --set key", file=COMMAND_LINE, key=key,
+                             expected=f"a train setting {sorted(train_fields)}{where}", found=key)
+    return train, settings
 
 
 def _field_defaults(cls) -> dict:
@@ -155,29 +145,21 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     spec = get_method(method)
     spec.variant(variant)
     file = params["_file"]
-    train_values = {**section(params, "train", dataset), **section(params, "profiles", profile, "train")}
-    known_train = _field_defaults(TrainSettings)
-    for key in train_values:
-        if key not in known_train:
-            raise InputError("unknown train setting", file=file, key=f"train.{dataset}.{key}",
-                             expected=f"one of {sorted(known_train)}", found=key)
-    method_defaults = _field_defaults(spec.config_class)
+    dataset_train, profile_train = section(params, "train", dataset), section(params, "profiles", profile, "train")
+    check_train(dataset_train, file, f"train.{dataset}")
+    check_train(profile_train, file, f"profiles.{profile}.train")
+    set_train, set_settings = parse_overrides(overrides, _field_defaults(TrainSettings),
+                                              _field_defaults(spec.config_class), method)
+    set_train = check_train(set_train, file, "train", command_line=tuple(set_train))
+    train_values = {**dataset_train, **profile_train, **set_train}
     profile_defaults = section(params, "profiles", profile, "method_defaults").get(method) or {}
-    row_settings = dict(settings or {})
+    row_settings = {**(settings or {}), **set_settings}
+    typed = check_row(grid_row(method, variant, row_settings), file, method,
+                      known_widths(params, dataset), command_line=tuple(set_settings),
+                      defaults=profile_defaults)
+    row_settings.update({key: typed[key] for key in set_settings})
+    row = grid_row(method, variant, row_settings)
     method_overrides: dict = {**profile_defaults, **row_settings}
-    for key in method_overrides:
-        if key not in method_defaults:
-            raise InputError("unknown method setting", file=file, key=f"{method}.{key}",
-                             expected=f"one of {sorted(method_defaults)}", found=key)
-    for key, raw in (overrides or {}).items():
-        if key in known_train:
-            train_values[key] = coerce(raw, known_train[key], key)
-        elif key in method_defaults:
-            method_overrides[key] = row_settings[key] = coerce(raw, method_defaults[key], key)
-        else:
-            raise InputError("unknown --set key", key=key,
-                             expected=f"a train setting {sorted(known_train)} or a {method} config "
-                                      f"field {sorted(method_defaults)}", found=key)
     train = TrainSettings(**train_values)
     try:
         train.validate()
@@ -188,7 +170,6 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
         raise InputError("missing key", file=file, key=f"data.{profile}.{dataset}.path",
                          expected="a path", found="nothing")
     kind = card.backbone
-    row = grid_row(method, variant, row_settings)
     backbone = dict(section(params, "profiles", profile, kind))
     return RunPlan(profile, dataset, method, variant, seed, train, row, method_overrides, kind,
                    backbone, data, pretrained_plan(params, dataset, kind),

@@ -1,0 +1,511 @@
+"""The typed schema of params.yaml: every key, its type and its range, checked for the WHOLE file
+(every row of every dataset's grid, the search space, the run defaults) before a command does any
+work, so a bad value in row 3 is refused before rows 1 and 2 run.
+
+Add a new params key here: a field on the model of its section below (with its type and range),
+or it is refused as an unknown key. A train setting is a field of ``harness.train.TrainSettings``
+(its range in ``TRAIN_RULES``); a method setting is a field of the method's config dataclass.
+
+Every refusal is an ``InputError`` naming its origin (the params file, or ``command line --set``
+for an override), the key path (``grid.mosi[3].down_dim``), what was expected and what was found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import types
+import typing
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
+
+from harness.backbones import named_encoders
+from harness.backbones.late_fusion import LateFusionConfig
+from harness.backbones.mmt import MMTConfig
+from harness.backbones.two_tower import PRESETS
+from harness.data.cards import load_card
+from harness.errors import InputError
+from harness.train import TrainSettings
+from methods import ConfigError, get_method, method_names
+
+COMMAND_LINE = "command line --set"  # the origin of a --set value
+PROFILES = ("tiny", "paper")
+EXECUTORS = ("sequential", "process", "ray")
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+Seed = Annotated[StrictInt, Field(ge=0, le=SEED_MAX)]
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+Number = Annotated[float, Field(allow_inf_nan=False)]  # strict: an int or a float, finite
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Profile = Literal["tiny", "paper"]
+
+# The range of each train setting (a TrainSettings field without a rule here is checked by type).
+TRAIN_RULES = {
+    "optimizer": Literal["adam", "adamw"], "lr": PositiveNumber, "weight_decay": NonNegativeNumber,
+    "step_size": PositiveInt, "gamma": Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)],
+    "batch_size": PositiveInt, "epochs": PositiveInt, "grad_clip": NonNegativeNumber,
+    "device": Literal["cpu", "cuda"], "amp": StrictBool, "feature_cache": StrictBool,
+}
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, PyYAML's default, needs a
+    dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """A YAML document (a file's text, or a ``--set`` value) with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_set_value(raw: str):
+    """A ``--set`` value: YAML (``1e-4`` a number, ``[q, v]`` a list); the plain string when it
+    is not YAML."""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+# --- the models ------------------------------------------------------------------------------
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _field_type(default) -> Any:
+    """The strict type of a dataclass field from its default (YAML gives lists for tuples)."""
+    if isinstance(default, bool):
+        return StrictBool
+    if isinstance(default, int):
+        return StrictInt
+    if isinstance(default, float):
+        return Number
+    if isinstance(default, str):
+        return StrictStr
+    if isinstance(default, tuple):
+        return list[StrictStr]
+    return Any
+
+
+def _annotation_type(annotation, default) -> Any:
+    """The strict type of a dataclass field: from its annotation where it is a plain type or
+    ``X | None``, else from its default."""
+    hints = {int: StrictInt, float: Number, str: StrictStr, bool: StrictBool}
+    if isinstance(annotation, str):  # ``from __future__ import annotations``
+        annotation = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int | None,
+                      "float | None": float | None, "str | None": str | None}.get(annotation)
+    if annotation in hints:
+        return hints[annotation]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1 and members[0] in hints:
+            return Optional[hints[members[0]]]
+    return _field_type(default)
+
+
+def _defaults(cls) -> dict:
+    """The default of each field of the dataclass ``cls`` that has one."""
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
+@functools.lru_cache(maxsize=None)
+def _dataclass_model(cls, rules: tuple = ()) -> type[BaseModel]:
+    """A model whose every field is optional, typed after the dataclass ``cls`` (or ``rules``)."""
+    defaults, rules = _defaults(cls), dict(rules)
+    fields = {f.name: (Optional[rules.get(f.name) or _annotation_type(f.type, defaults.get(f.name))],
+                       None)
+              for f in dataclasses.fields(cls)}
+    return create_model(f"{cls.__name__}Fields", __base__=_Section, **fields)
+
+
+TrainBlock = _dataclass_model(TrainSettings, tuple(TRAIN_RULES.items()))
+
+
+class Executor(_Section):
+    kind: Literal["sequential", "process", "ray"] = "sequential"
+    workers: Optional[PositiveInt] = None
+    # the ray executor's (harness.ray_executor.RayOptions: its defaults and the GPU-fraction rule)
+    cpus_per_trial: Optional[PositiveNumber] = None
+    gpus_per_trial: Optional[PositiveNumber] = None
+    runs_per_trial: Optional[PositiveInt] = None
+    max_failures: Optional[Annotated[StrictInt, Field(ge=0)]] = None
+
+
+class Search(_Section):
+    dataset: StrictStr
+    metric: StrictStr
+    trials: PositiveInt
+    batch: PositiveInt
+    sampler: Literal["tpe", "random"]
+    seed: Seed
+    train_seed: Seed
+    space: dict[StrictStr, dict[StrictStr, Annotated[list[Any], Field(min_length=1)]]]
+
+
+class Pretrain(_Section):
+    seed: Seed = 0
+    use: dict[StrictStr, StrictStr] = {}
+    checkpoints: dict[StrictStr, StrictStr] = {}
+    share_vocab: dict[StrictStr, list[StrictStr]] = {}
+    skip: dict[Profile, dict[StrictStr, list[StrictStr]]] = {}
+    train: dict[StrictStr, TrainBlock] = {}
+    profiles: dict[Profile, TrainBlock] = {}
+
+
+class ProfileBlock(_Section):
+    train: TrainBlock = TrainBlock()
+    late_fusion: dict[StrictStr, Any] = {}
+    two_tower: dict[StrictStr, Any] = {}
+    mmt: dict[StrictStr, Any] = {}
+    method_defaults: dict[StrictStr, dict[StrictStr, Any]] = {}
+
+
+class DataBlock(BaseModel):
+    """Where a dataset is read from; other keys are loader options (checked by the loader)."""
+    model_config = ConfigDict(extra="allow", strict=True)
+    path: StrictStr
+    format: Optional[StrictStr] = None
+    max_text_len: Optional[PositiveInt] = None
+    in_memory: Optional[StrictBool] = None
+
+
+Row = dict[StrictStr, Any]
+
+
+class Params(_Section):
+    profile: Profile
+    datasets: Annotated[list[StrictStr], Field(min_length=1)]
+    seeds: Annotated[list[Seed], Field(min_length=1)]
+    method: StrictStr = "all"
+    methods: list[StrictStr] = []
+    grid: Annotated[dict[StrictStr, Annotated[list[Row], Field(min_length=1)]], Field(min_length=1)]
+    executor: Executor = Executor()
+    data_seed: Seed = 0
+    threads: Union[Literal["auto"], PositiveInt] = "auto"  # harness.train.thread_count
+    generate: dict[StrictStr, Optional[dict[StrictStr, Any]]] = {}
+    search: Optional[Search] = None
+    pretrain: Optional[Pretrain] = None
+    train: dict[StrictStr, TrainBlock] = {}
+    profiles: dict[Profile, ProfileBlock]
+    data: dict[Profile, dict[StrictStr, DataBlock]]
+    run_defaults: dict[StrictStr, dict[StrictStr, Row]] = {}
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def key_path(parts) -> str:
+    """``("grid", "mosi", 3, "down_dim")`` -> ``grid.mosi[3].down_dim``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+              "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+              "model_type": "a mapping"}
+
+
+def _refusal(error: ValidationError, file: str, prefix: tuple = ()) -> InputError:
+    """The first problem pydantic found, as an InputError (the count of the others in the
+    message)."""
+    problems = error.errors()
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    key = key_path(prefix + tuple(first["loc"]))
+    if first["type"] == "extra_forbidden":
+        return InputError(f"unknown key{more}", file=file, key=key,
+                          expected="a key this section has (a typo?)", found=repr(first["input"]))
+    if first["type"] == "missing":
+        return InputError(f"missing key{more}", file=file, key=key, expected="a value",
+                          found="nothing")
+    expected = TYPE_NAMES.get(first["type"]) or first["msg"].removeprefix("Input should be ")
+    if first["type"] == "too_short":
+        expected = "a non-empty list" if isinstance(first["input"], list) else "a non-empty mapping"
+    return InputError(f"bad value{more}", file=file, key=key, expected=expected,
+                      found=repr(first["input"]))
+
+
+def _validate(model: type[BaseModel], values, file: str, prefix: tuple = ()):
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise _refusal(error, file, prefix) from None
+
+
+def _check_value(model: type[BaseModel], field: str, value, source: str, key: str) -> None:
+    """One field's value against ``model``; a refusal names ``source`` and ``key``."""
+    try:
+        model.model_validate({field: value})
+    except ValidationError as error:
+        problem = _refusal(error, source)
+        raise InputError("bad value", file=source, key=key, expected=problem.expected,
+                         found=problem.found) from None
+
+
+# --- method settings -------------------------------------------------------------------------
+
+class _WidthProbe:
+    """What a method's ``validate_for`` may ask before any data is read: the modalities and
+    their widths. Anything else (sequence lengths, linears) raises AttributeError: those checks
+    wait for the built backbone."""
+
+    def __init__(self, widths: dict[str, int]):
+        self.modalities = tuple(widths)
+        self._widths = widths
+
+    def hidden_size(self, modality: str) -> int:
+        return self._widths[modality]
+
+
+def known_widths(params: dict, dataset: str) -> dict[str, int] | None:
+    """{modality: width} of the backbone a run on ``dataset`` builds, where params.yaml fixes it
+    (None where a pretrained tower named there decides, or the block is malformed: checked when
+    the backbone is built)."""
+    card = load_card(dataset)
+    block = ((params.get("profiles") or {}).get(params.get("profile")) or {}).get(card.backbone) or {}
+    if not isinstance(block, dict) or named_encoders(card.backbone, block):
+        return None
+    if card.backbone == "late_fusion":
+        width = block.get("width", _defaults(LateFusionConfig)["width"])
+        widths = {m: width for m in card.modalities}
+    elif card.backbone == "two_tower":
+        merged = {**PRESETS.get(block.get("preset", "tiny"), {}), **block}
+        widths = {"image": merged.get("image_hidden"), "text": merged.get("text_hidden")}
+    elif card.backbone == "mmt":
+        factory = MMTConfig.paper if block.get("preset") == "paper" else MMTConfig.tiny
+        width = block.get("width", factory().width)
+        widths = {m: width for m in card.modalities}
+    else:
+        return None
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths.values()):
+        return None
+    return widths
+
+
+def _fits(config, widths: dict[str, int] | None) -> None:
+    """``config.validate_for`` on the backbone's widths, where they are known before running."""
+    if widths is None:
+        return
+    try:
+        config.validate_for(_WidthProbe(widths))
+    except AttributeError:  # a check that needs the built backbone: done when it runs
+        pass
+
+
+def check_row(row: dict, file: str, where: str, widths: dict[str, int] | None = None,
+              command_line: tuple[str, ...] = (), defaults: dict | None = None) -> dict:
+    """A grid row (``method``, ``variant``, config fields): the method and variant exist, each
+    field has the config's type and passes its checks alone, the whole config passes them, and
+    fits ``widths`` (the backbone's, where known before running). ``where``: the row's key path;
+    ``command_line``: the fields whose value came from ``--set``; ``defaults``: the profile's
+    method defaults under the row (``profiles.<p>.method_defaults.<method>``)."""
+    method, variant = row.get("method"), row.get("variant", "paper")
+    # returns the row's settings, those from --set as the config's types (1 -> 1.0 for a float)
+    if not isinstance(method, str) or method not in method_names():
+        raise InputError("unknown method in a grid row", file=file, key=f"{where}.method",
+                         expected=f"one of {method_names()}", found=repr(method))
+    spec = get_method(method)
+    if not isinstance(variant, str) or variant not in spec.variants:
+        raise InputError(f"unknown variant of {method}", file=file, key=f"{where}.variant",
+                         expected=f"one of {sorted(spec.variants)}", found=repr(variant))
+    settings = {**(defaults or {}), **{k: v for k, v in row.items() if k not in ("method", "variant")}}
+
+    def origin(field: str) -> tuple[str, str]:
+        return (COMMAND_LINE, field) if field in command_line else (file, f"{where}.{field}")
+
+    model = _dataclass_model(spec.config_class)
+    for field, value in settings.items():
+        source, key = origin(field)
+        if field not in model.model_fields:
+            raise InputError(f"unknown {method} setting", file=source, key=key,
+                             expected=f"one of {sorted(model.model_fields)}", found=repr(field))
+        _check_value(model, field, value, source, key)
+        try:
+            _fits(spec.make_config(variant, **{field: value}), widths)
+        except ConfigError as error:
+            raise InputError(str(error), file=source, key=key) from None
+    try:
+        _fits(spec.make_config(variant, **settings), widths)
+    except ConfigError as error:
+        sources = sorted({origin(field)[0] for field in settings} or {file})
+        raise InputError(str(error), file=", ".join(sources), key=where) from None
+    typed = model.model_validate({f: settings[f] for f in command_line if f in settings})
+    return {**settings, **typed.model_dump(exclude_unset=True)}
+
+
+def resolved_row(row: dict, defaults: dict | None = None) -> tuple:
+    """What a row runs: method, variant and the full config (defaults filled in), for spotting
+    two rows that are the same run."""
+    spec = get_method(row["method"])
+    settings = {**(defaults or {}), **{k: v for k, v in row.items() if k not in ("method", "variant")}}
+    config = spec.make_config(row.get("variant", "paper"), **settings)
+    return row["method"], row.get("variant", "paper"), repr(sorted(config.to_dict().items()))
+
+
+# --- the whole file --------------------------------------------------------------------------
+
+def validate_params(params: dict) -> None:
+    """Check the whole of ``params`` (as ``settings.load_params`` read it, ``_file`` its path)
+    before anything runs; the first problem raises an InputError naming it."""
+    file = params.get("_file", "params.yaml")
+    checked = _validate(Params, {k: v for k, v in params.items() if k != "_file"}, file)
+    _check_datasets(params, checked, file)
+    _check_grid(params, checked, file)
+    _check_data(checked, file)
+    if checked.search is not None:
+        check_search(params, file)
+    for method, per_dataset in checked.run_defaults.items():
+        for dataset, settings in per_dataset.items():
+            load_card(dataset)
+            _check_with_defaults(params, checked, {"method": method, **settings}, dataset, file,
+                                 f"run_defaults.{method}.{dataset}")
+
+
+def _check_datasets(params: dict, checked: Params, file: str) -> None:
+    if checked.method != "all" and checked.method not in method_names():
+        raise InputError("unknown method", file=file, key="method",
+                         expected=f"'all' or one of {method_names()}", found=repr(checked.method))
+    _no_duplicates(checked.seeds, file, "seeds")
+    _no_duplicates(checked.datasets, file, "datasets")
+    profile = checked.profile
+    for index, dataset in enumerate(checked.datasets):
+        load_card(dataset)
+        for section, where in ((checked.grid, "grid"), (checked.train, "train"),
+                               (checked.data.get(profile, {}), f"data.{profile}")):
+            if dataset not in section:
+                raise InputError(f"datasets[{index}] = {dataset} has no entry under {where}",
+                                 file=file, key=f"{where}.{dataset}", expected="an entry",
+                                 found="nothing")
+    if profile not in checked.profiles:
+        raise InputError("the profile has no block", file=file, key=f"profiles.{profile}",
+                         expected="a mapping", found="nothing")
+    for method in checked.profiles[profile].method_defaults:
+        if method not in method_names():
+            raise InputError("unknown method", file=file,
+                             key=f"profiles.{profile}.method_defaults.{method}",
+                             expected=f"one of {method_names()}", found=repr(method))
+
+
+def _no_duplicates(values: list, file: str, key: str) -> None:
+    seen: dict = {}
+    for index, value in enumerate(values):
+        if value in seen:
+            raise InputError("duplicate entry", file=file, key=f"{key}[{index}]",
+                             expected=f"each value once ({key}[{seen[value]}] is the same)",
+                             found=repr(value))
+        seen[value] = index
+
+
+def _check_with_defaults(params: dict, checked: Params, row: dict, dataset: str, file: str,
+                         where: str) -> None:
+    defaults = checked.profiles[checked.profile].method_defaults.get(row.get("method")) or {}
+    check_row(row, file, where, known_widths(params, dataset), defaults=defaults)
+
+
+def _check_grid(params: dict, checked: Params, file: str) -> None:
+    """Every row of every dataset's grid, and no two rows that are the same run."""
+    all_defaults = checked.profiles[checked.profile].method_defaults
+    for dataset, rows in checked.grid.items():
+        load_card(dataset)
+        seen: dict[tuple, int] = {}
+        for index, row in enumerate(rows):
+            where = f"grid.{dataset}[{index}]"
+            _check_with_defaults(params, checked, row, dataset, file, where)
+            same = resolved_row(row, all_defaults.get(row["method"]))
+            if same in seen:
+                raise InputError("duplicate grid rows (the same run twice)", file=file, key=where,
+                                 expected=f"rows that differ; grid.{dataset}[{seen[same]}] is the "
+                                          "same method, variant and settings", found=repr(row))
+            seen[same] = index
+
+
+def _check_data(checked: Params, file: str) -> None:
+    """A ``fold`` only where the dataset has folds (a format of its card declares them)."""
+    for profile, blocks in checked.data.items():
+        for dataset, block in blocks.items():
+            card = load_card(dataset)
+            if "fold" in (block.model_extra or {}) and not any(
+                    isinstance(spec, dict) and "default_fold" in spec for spec in card.formats.values()):
+                raise InputError(f"{dataset} has no folds", file=file,
+                                 key=f"data.{profile}.{dataset}.fold",
+                                 expected="no fold (only a dataset whose card declares folds, e.g. "
+                                          "iemocap, takes one)", found=repr(block.model_extra["fold"]))
+
+
+def check_search(params: dict, file: str | None = None) -> None:
+    """The ``search`` section: its types and ranges, a metric the dataset's task reports, and a
+    space of known config fields whose every choice is a valid setting."""
+    file = file or params.get("_file", "params.yaml")
+    if "search" not in params:
+        raise InputError("missing key", file=file, key="search", expected="a mapping", found="nothing")
+    search = _validate(Search, params["search"], file, prefix=("search",))
+    load_card(search.dataset)
+    metrics = task_metric_names(search.dataset)
+    if search.metric not in metrics:
+        raise InputError(f"unknown metric for {search.dataset}", file=file, key="search.metric",
+                         expected=f"one of {sorted(metrics)}", found=repr(search.metric))
+    widths = known_widths(params, search.dataset)
+    for method, space in search.space.items():
+        if method not in method_names():
+            raise InputError("unknown method in the search space", file=file,
+                             key=f"search.space.{method}", expected=f"one of {method_names()}",
+                             found=repr(method))
+        for field, choices in space.items():
+            for index, choice in enumerate(choices):
+                check_row({"method": method, field: choice}, file, f"search.space.{method}", widths)
+
+
+def task_metric_names(dataset: str) -> set[str]:
+    """The metric keys a run on ``dataset`` records: those of the tasks its card's task can be
+    (a classification card is 4 x binary, 4-class or n-class, decided by its labels), computed
+    on a small fixed sample by the tasks' own metric functions."""
+    import torch
+
+    from harness.tasks.tasks import TASKS
+
+    card_tasks = {"regression": ("regression",), "retrieval": ("retrieval",),
+                  "classification": ("emotion_binary", "emotion4", "classification")}
+    samples = {  # (output, label) shapes each task's evaluate takes
+        "regression": (torch.tensor([[-1.5], [0.5], [2.0], [-0.2]]), torch.tensor([-1.0, 1.0, 2.5, 0.3])),
+        "emotion_binary": (torch.linspace(-1, 1, 32).view(4, 8), torch.tensor([[0, 1, 0, 1]] * 2 + [[1, 0, 1, 0]] * 2)),
+        "emotion4": (torch.linspace(-1, 1, 16).view(4, 4), torch.tensor([0, 1, 2, 3])),
+        "classification": (torch.linspace(-1, 1, 16).view(4, 4), torch.tensor([0, 1, 2, 3])),
+        "retrieval": (torch.eye(4) + 0.1 * torch.arange(16.0).view(4, 4), torch.arange(4)),
+    }
+    card = load_card(dataset)
+    names: set[str] = set()
+    for task in card_tasks.get(card.task, ()):
+        names |= set(TASKS[task].evaluate(*samples[task]))
+    return names
+
+
+def check_train(values: dict, file: str, where: str, command_line: tuple[str, ...] = ()) -> dict:
+    """Train settings (``where``: their key path; ``command_line``: those given by ``--set``);
+    returns them, those from --set as TrainSettings' types (1 -> 1.0 for a float)."""
+    for key, value in values.items():
+        source, path = (COMMAND_LINE, key) if key in command_line else (file, f"{where}.{key}")
+        if key not in TrainBlock.model_fields:
+            raise InputError("unknown train setting", file=source, key=path,
+                             expected=f"one of {sorted(TrainBlock.model_fields)}", found=repr(key))
+        _check_value(TrainBlock, key, value, source, path)
+    typed = TrainBlock.model_validate({k: values[k] for k in command_line if k in values})
+    return {**values, **typed.model_dump(exclude_unset=True)}
