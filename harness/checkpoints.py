@@ -64,6 +64,7 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
         raise InputError("pre-trained checkpoint not found (run `mmpetl pretrain` first)",
                          file=str(path), key="checkpoint", expected="an existing checkpoint file",
                          found="missing")
+    provenance = verify_checkpoint_bytes(path)  # before unpickling bytes that are not the recorded ones
     try:
         document = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated / not a torch file / foreign pickle
@@ -79,7 +80,7 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
         raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
                          expected="{name: tensor}", found=type(state).__name__)
     document["path"] = str(path)  # where it was read from (not stored in the file)
-    document["provenance"] = verify_checkpoint_bytes(path)
+    document["provenance"] = provenance
     return document
 
 

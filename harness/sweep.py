@@ -90,9 +90,10 @@ def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
 
 
 def check_can_compute(plans: list[RunPlan], out_dir: Path) -> None:
-    """Before the first of ``plans`` runs: the records folder can be written and every
-    pre-training checkpoint they start from has the bytes recorded for it (InputError)."""
-    records.require_writable_folder(out_dir)
+    """Before the first of ``plans`` runs: the folders their records go to can be written and
+    every pre-training checkpoint they start from has the bytes recorded for it (InputError)."""
+    for folder in sorted({record_path(p, run_key(p), out_dir).parent for p in plans}):
+        records.require_writable_folder(folder)
     for path in sorted({p.pretrained["path"] for p in plans if p.pretrained}):
         verify_checkpoint_bytes(path)
 
@@ -243,5 +244,8 @@ def prune_stale(out_dir: Path = RUNS_DIR) -> int:
     """Delete the records set aside in ``out_dir/.stale`` (on request only); how many."""
     files = sorted((Path(out_dir) / STALE).glob("*/*.json"))
     for path in files:
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as error:
+            raise records.write_error(path, error) from None
     return len(files)
