@@ -276,11 +276,19 @@ class _WidthProbe:
         return self._widths[modality]
 
 
-def known_widths(params: dict, dataset: str) -> dict[str, int] | None:
-    """{modality: width} of the backbone a run on ``dataset`` builds, where params.yaml fixes it
+class Cards(dict):
+    """Dataset cards, each read once per check (a card is a YAML file: reading it again for
+    every grid row costs seconds)."""
+
+    def __missing__(self, name: str):
+        self[name] = card = load_card(name)
+        return card
+
+
+def known_widths(params: dict, card) -> dict[str, int] | None:
+    """{modality: width} of the backbone a run on the dataset of ``card`` builds, where params.yaml fixes it
     (None where a pretrained tower named there decides, or the block is malformed: checked when
     the backbone is built)."""
-    card = load_card(dataset)
     block = ((params.get("profiles") or {}).get(params.get("profile")) or {}).get(card.backbone) or {}
     if not isinstance(block, dict) or named_encoders(card.backbone, block):
         return None
@@ -368,19 +376,19 @@ def validate_params(params: dict) -> None:
     before anything runs; the first problem raises an InputError naming it."""
     file = params.get("_file", "params.yaml")
     checked = _validate(Params, {k: v for k, v in params.items() if k != "_file"}, file)
-    _check_datasets(params, checked, file)
-    _check_grid(params, checked, file)
-    _check_data(checked, file)
+    cards = Cards()
+    _check_datasets(checked, file, cards)
+    _check_grid(params, checked, file, cards)
+    _check_data(checked, file, cards)
     if checked.search is not None:
-        check_search(params, file)
+        check_search(params, file, cards)
     for method, per_dataset in checked.run_defaults.items():
         for dataset, settings in per_dataset.items():
-            load_card(dataset)
-            _check_with_defaults(params, checked, {"method": method, **settings}, dataset, file,
-                                 f"run_defaults.{method}.{dataset}")
+            _check_with_defaults(params, checked, {"method": method, **settings}, cards[dataset],
+                                 file, f"run_defaults.{method}.{dataset}")
 
 
-def _check_datasets(params: dict, checked: Params, file: str) -> None:
+def _check_datasets(checked: Params, file: str, cards: Cards) -> None:
     if checked.method != "all" and checked.method not in method_names():
         raise InputError("unknown method", file=file, key="method",
                          expected=f"'all' or one of {method_names()}", found=repr(checked.method))
@@ -388,7 +396,7 @@ def _check_datasets(params: dict, checked: Params, file: str) -> None:
     _no_duplicates(checked.datasets, file, "datasets")
     profile = checked.profile
     for index, dataset in enumerate(checked.datasets):
-        load_card(dataset)
+        cards[dataset]  # an unknown dataset has no card
         for section, where in ((checked.grid, "grid"), (checked.train, "train"),
                                (checked.data.get(profile, {}), f"data.{profile}")):
             if dataset not in section:
@@ -415,21 +423,20 @@ def _no_duplicates(values: list, file: str, key: str) -> None:
         seen[value] = index
 
 
-def _check_with_defaults(params: dict, checked: Params, row: dict, dataset: str, file: str,
+def _check_with_defaults(params: dict, checked: Params, row: dict, card, file: str,
                          where: str) -> None:
     defaults = checked.profiles[checked.profile].method_defaults.get(row.get("method")) or {}
-    check_row(row, file, where, known_widths(params, dataset), defaults=defaults)
+    check_row(row, file, where, known_widths(params, card), defaults=defaults)
 
 
-def _check_grid(params: dict, checked: Params, file: str) -> None:
+def _check_grid(params: dict, checked: Params, file: str, cards: Cards) -> None:
     """Every row of every dataset's grid, and no two rows that are the same run."""
     all_defaults = checked.profiles[checked.profile].method_defaults
     for dataset, rows in checked.grid.items():
-        load_card(dataset)
         seen: dict[tuple, int] = {}
         for index, row in enumerate(rows):
             where = f"grid.{dataset}[{index}]"
-            _check_with_defaults(params, checked, row, dataset, file, where)
+            _check_with_defaults(params, checked, row, cards[dataset], file, where)
             same = resolved_row(row, all_defaults.get(row["method"]))
             if same in seen:
                 raise InputError("duplicate grid rows (the same run twice)", file=file, key=where,
@@ -438,11 +445,11 @@ def _check_grid(params: dict, checked: Params, file: str) -> None:
             seen[same] = index
 
 
-def _check_data(checked: Params, file: str) -> None:
+def _check_data(checked: Params, file: str, cards: Cards) -> None:
     """A ``fold`` only where the dataset has folds (a format of its card declares them)."""
     for profile, blocks in checked.data.items():
         for dataset, block in blocks.items():
-            card = load_card(dataset)
+            card = cards[dataset]
             if "fold" in (block.model_extra or {}) and not any(
                     isinstance(spec, dict) and "default_fold" in spec for spec in card.formats.values()):
                 raise InputError(f"{dataset} has no folds", file=file,
@@ -451,19 +458,19 @@ def _check_data(checked: Params, file: str) -> None:
                                           "iemocap, takes one)", found=repr(block.model_extra["fold"]))
 
 
-def check_search(params: dict, file: str | None = None) -> None:
+def check_search(params: dict, file: str | None = None, cards: Cards | None = None) -> None:
     """The ``search`` section: its types and ranges, a metric the dataset's task reports, and a
     space of known config fields whose every choice is a valid setting."""
     file = file or params.get("_file", "params.yaml")
     if "search" not in params:
         raise InputError("missing key", file=file, key="search", expected="a mapping", found="nothing")
     search = _validate(Search, params["search"], file, prefix=("search",))
-    load_card(search.dataset)
-    metrics = task_metric_names(search.dataset)
+    card = (cards if cards is not None else Cards())[search.dataset]
+    metrics = task_metric_names(card)
     if search.metric not in metrics:
         raise InputError(f"unknown metric for {search.dataset}", file=file, key="search.metric",
                          expected=f"one of {sorted(metrics)}", found=repr(search.metric))
-    widths = known_widths(params, search.dataset)
+    widths = known_widths(params, card)
     for method, space in search.space.items():
         if method not in method_names():
             raise InputError("unknown method in the search space", file=file,
@@ -474,8 +481,8 @@ def check_search(params: dict, file: str | None = None) -> None:
                 check_row({"method": method, field: choice}, file, f"search.space.{method}", widths)
 
 
-def task_metric_names(dataset: str) -> set[str]:
-    """The metric keys a run on ``dataset`` records: those of the tasks its card's task can be
+def task_metric_names(card) -> set[str]:
+    """The metric keys a run on the dataset of ``card`` records: those of the tasks its card's task can be
     (a classification card is 4 x binary, 4-class or n-class, decided by its labels), computed
     on a small fixed sample by the tasks' own metric functions."""
     import torch
@@ -491,7 +498,6 @@ def task_metric_names(dataset: str) -> set[str]:
         "classification": (torch.linspace(-1, 1, 16).view(4, 4), torch.tensor([0, 1, 2, 3])),
         "retrieval": (torch.eye(4) + 0.1 * torch.arange(16.0).view(4, 4), torch.arange(4)),
     }
-    card = load_card(dataset)
     names: set[str] = set()
     for task in card_tasks.get(card.task, ()):
         names |= set(TASKS[task].evaluate(*samples[task]))

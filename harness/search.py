@@ -31,7 +31,7 @@ from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
 from harness import records  # noqa: E402
-from harness.errors import InputError  # noqa: E402
+from harness.params_schema import check_search  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
 from harness.tasks.metrics import lower_is_better  # noqa: E402
@@ -42,16 +42,10 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomS
 
 
 def _settings(params: dict) -> dict:
-    config = dict(section(params, "search"))
-    file = params["_file"]
-    for key in ("dataset", "metric", "trials", "batch", "sampler", "seed", "train_seed", "space"):
-        if key not in config:
-            raise InputError("missing search setting", file=file, key=f"search.{key}",
-                             expected="a value", found="nothing")
-    if config["sampler"] not in SAMPLERS:
-        raise InputError("unknown sampler", file=file, key="search.sampler",
-                         expected=sorted(SAMPLERS), found=config["sampler"])
-    return config
+    """The ``search`` section, checked whole (types, ranges, metric, space) before any trial runs
+    or any file is written."""
+    check_search(params)
+    return dict(section(params, "search"))
 
 
 def run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict:
@@ -73,6 +67,21 @@ def run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict
     return _finish(table, config, metric, directions, out_dir, params["profile"])
 
 
+def study_name_for(params: dict, method: str) -> str:
+    """``<dataset>-<method>-valid-<hash>``: a study is named by everything that defines it: the
+    metric, the space, the sampler and its seed, and the run key of its first point (the data,
+    training settings, code and package versions), so a change to any of them starts a new study
+    instead of reporting old trials under it."""
+    config = section(params, "search")
+    space = section(params, "search", "space", method)
+    first = plan_run(params, config["dataset"], method, seed=config["train_seed"],
+                     settings={name: choices[0] for name, choices in space.items()})
+    identity = records.canonical_hash({"metric": config["metric"], "space": space,
+                                       "sampler": config["sampler"], "seed": config["seed"],
+                                       "run": run_key(first)})[:12]
+    return f"{config['dataset']}-{method}-valid-{identity}"
+
+
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state.is_finished()]
 
@@ -85,13 +94,7 @@ def _search_method(params, config, storage, directions, method, space, executor,
     def plan_for(settings: dict):
         return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
 
-    # A study is named by everything that defines it: the metric, the space, the sampler, and the
-    # run key of its first point (the data, training settings, code and package versions): a
-    # change to any of them starts a new study instead of reporting old trials under it.
-    first = plan_for({name: choices[0] for name, choices in space.items()})
-    identity = records.canonical_hash({"metric": metric, "space": space, "sampler": config["sampler"],
-                               "seed": config["seed"], "run": run_key(first)})[:12]
-    study_name = f"{config['dataset']}-{method}-valid-{identity}"
+    study_name = study_name_for(params, method)
     sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                 directions=directions, load_if_exists=True)

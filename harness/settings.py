@@ -155,7 +155,7 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     profile_defaults = section(params, "profiles", profile, "method_defaults").get(method) or {}
     row_settings = {**(settings or {}), **set_settings}
     typed = check_row(grid_row(method, variant, row_settings), file, method,
-                      known_widths(params, dataset), command_line=tuple(set_settings),
+                      known_widths(params, card), command_line=tuple(set_settings),
                       defaults=profile_defaults)
     row_settings.update({key: typed[key] for key in set_settings})
     row = grid_row(method, variant, row_settings)

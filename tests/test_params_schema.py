@@ -1,0 +1,254 @@
+"""params.yaml and the command line's values are checked whole, by type and range, before any
+work: each bad value exits 2 naming its origin (the params file or the command line), its key
+path, what was expected and what was found, and nothing is written (no record, no journal)."""
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.errors import InputError
+from harness.params_schema import COMMAND_LINE, SEED_MAX, validate_params
+from harness.search import study_name_for
+from harness.settings import load_params, plan_run
+
+ROOT = Path(__file__).resolve().parent.parent
+# a small MOSI grid of the test's own (rows 0-3), so the key paths below do not depend on the
+# study's grid
+MOSI_ROWS = [{"method": "linear"}, {"method": "lora", "rank": 4},
+             {"method": "adapter", "down_dim": 8}, {"method": "wander", "down_dim": 8}]
+
+
+def write_params(folder: Path, edit=None, text_edit=None) -> Path:
+    """The project's params.yaml with the MOSI grid above, changed by ``edit`` (on the parsed
+    mapping) or ``text_edit`` (on the text, for YAML spellings), written to ``folder``."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["grid"]["mosi"] = [dict(row) for row in MOSI_ROWS]
+    params["pretrain"]["use"] = {}
+    if edit is not None:
+        edit(params)
+    text = yaml.safe_dump(params, sort_keys=False)
+    path = folder / "params.yaml"
+    path.write_text(text_edit(text) if text_edit else text)
+    return path
+
+
+def exit_code(argv: list[str]) -> int:
+    """``mmpetl argv``'s exit status (argparse's own refusals exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def refused(capsys, argv: list[str], out: Path, *named: str) -> str:
+    """Run ``argv``: exit 2, every string of ``named`` in the message, nothing under ``out``."""
+    assert exit_code(argv) == 2
+    message = capsys.readouterr().err
+    for text in named:
+        assert text in message, (text, message)
+    assert not out.exists() or not any(out.rglob("*")), f"written under {out}: {list(out.rglob('*'))}"
+    return message
+
+
+def setter(path: str, value):
+    """An edit that sets the dotted/indexed ``path`` (``grid.mosi.3.down_dim``) to ``value``."""
+    def edit(params):
+        *parents, last = path.split(".")
+        node = params
+        for part in parents:
+            node = node[int(part) if part.isdigit() else part]
+        node[int(last) if last.isdigit() else last] = value
+    return edit
+
+
+# --- params.yaml: every value type- and range-checked, the whole grid before the first run ---
+
+BAD_VALUES = [
+    ("grid.mosi.3.down_dim", "abc", "grid.mosi[3].down_dim", "an integer"),
+    ("train.mosi.epochs", 1.5, "train.mosi.epochs", "an integer"),
+    ("executor.workers", "two", "executor.workers", "an integer"),
+    ("executor.workers", -1, "executor.workers", "greater than 0"),
+    ("grid.mosi", None, "grid.mosi", "a list"),
+    ("grid.mosi.1.rank", 0, "grid.mosi[1].rank", "an integer > 0"),
+    ("grid.mosi.2.down_dim", 1000, "grid.mosi[2].down_dim", "at most the smallest hidden size"),
+    ("seeds", [0, -1], "seeds[1]", "greater than or equal to 0"),
+    ("seeds", [SEED_MAX + 1], "seeds[0]", f"less than or equal to {SEED_MAX}"),
+    ("profiles.tiny.train.lr", float("nan"), "profiles.tiny.train.lr", "a finite number"),
+    ("train.mosi.batch_size", 0, "train.mosi.batch_size", "greater than 0"),
+    ("executor.kind", "threads", "executor.kind", "'sequential', 'process' or 'ray'"),
+    ("profile", "huge", "profile", "'tiny' or 'paper'"),
+    ("grid.mosi.0.down_dimm", 8, "grid.mosi[0].down_dimm", "one of"),
+]
+
+
+@pytest.mark.parametrize("path, value, key, expected", BAD_VALUES,
+                         ids=[f"{case[0]}={case[1]!r}" for case in BAD_VALUES])
+def test_a_bad_value_in_params_exits_2_before_any_run(capsys, tmp_path, path, value, key, expected):
+    params = write_params(tmp_path, setter(path, value))
+    out = tmp_path / "runs"
+    refused(capsys, ["sweep", "--params", str(params), "--out", str(out), "--executor", "sequential"],
+            out, f"file {params}", f"key '{key}'", expected)
+
+
+# --- YAML 1.2 numbers ---------------------------------------------------------------------------
+
+def test_exponent_without_a_dot_is_a_number_in_params_and_on_the_command_line(tmp_path):
+    params = load_params(write_params(tmp_path, text_edit=lambda text: text.replace(
+        "lr: 0.001", "lr: 1e-3", 1)))
+    assert params["train"]["food101"]["lr"] == 2e-3  # untouched
+    assert sum(block.get("lr") == 1e-3 and isinstance(block["lr"], float)
+               for block in params["train"].values()) >= 1
+    plan = plan_run(params, "mosi", "linear", overrides={"lr": "1e-4", "grad_clip": "1"})
+    assert plan.train.lr == 1e-4 and isinstance(plan.train.lr, float)
+    assert plan.train.grad_clip == 1.0 and isinstance(plan.train.grad_clip, float)
+
+
+# --- the command line: its values and where they came from ----------------------------------
+
+COMMAND_LINE_CASES = [
+    (["--set", "lr=.inf"], [COMMAND_LINE, "key 'lr'", "a finite number"]),
+    (["--set", "lr=.nan"], [COMMAND_LINE, "key 'lr'", "a finite number"]),
+    (["--set", "lr=NaN"], [COMMAND_LINE, "key 'lr'", "a number"]),
+    (["--set", "lr=-1e-3"], [COMMAND_LINE, "key 'lr'", "greater than 0"]),
+    (["--set", "epochs=1.5"], [COMMAND_LINE, "key 'epochs'", "an integer"]),
+    (["--set", "rank=0"], [COMMAND_LINE, "key 'rank'", "an integer > 0"]),
+    (["--set", "rank=1000"], [COMMAND_LINE, "key 'rank'", "at most the smallest hidden size"]),
+    (["--set", "target_roles=qv"], [COMMAND_LINE, "key 'target_roles'", "a list"]),
+    (["--seed", "-1"], ["--seed", "expected an integer in [0, "]),
+    (["--seed", str(SEED_MAX + 1)], ["--seed", f"[0, {SEED_MAX}]"]),
+]
+
+
+@pytest.mark.parametrize("extra, named", COMMAND_LINE_CASES,
+                         ids=[" ".join(case[0]) for case in COMMAND_LINE_CASES])
+def test_a_bad_command_line_value_exits_2_naming_the_command_line(capsys, tmp_path, extra, named):
+    params = write_params(tmp_path)
+    out = tmp_path / "runs"
+    message = refused(capsys, ["run", "--params", str(params), "--dataset", "mosi", "--method",
+                               "lora", "--out", str(out), *extra], out, *named)
+    assert "params.yaml" not in message  # the value came from the command line
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["sweep", "--workers", "-1"], ["--workers", "expected an integer > 0"]),
+    (["search", "--workers", "0"], ["--workers", "expected an integer > 0"]),
+    (["pretrain", "--source", "mosei", "--seed", "-3"], ["--seed"]),
+    (["pretrain", "--source", "mosei", "--set", "lr=.inf"], [COMMAND_LINE, "key 'lr'"]),
+], ids=["sweep --workers -1", "search --workers 0", "pretrain --seed -3", "pretrain --set lr=.inf"])
+def test_other_commands_check_their_options(capsys, tmp_path, argv, named):
+    params = write_params(tmp_path)
+    out = tmp_path / "out"
+    refused(capsys, [*argv, "--params", str(params), "--out", str(out)], out, *named)
+
+
+# --- grid rows ----------------------------------------------------------------------------------
+
+def _duplicate(params):
+    params["grid"]["mosi"].append({"method": "adapter", "down_dim": 8})
+
+
+def _default_spelt_out(params):  # LoRA's default alpha written out: the same run as row 1
+    params["grid"]["mosi"].append({"method": "lora", "rank": 4, "alpha": 16.0})
+
+
+GRID_CASES = [
+    ("unknown method", setter("grid.mosi.2.method", "adaptor"), "grid.mosi[2].method", "'adaptor'"),
+    ("unknown variant", setter("grid.mosi.3.variant", "v2"), "grid.mosi[3].variant", "'v2'"),
+    ("duplicate row", _duplicate, "grid.mosi[4]", "grid.mosi[2] is the same"),
+    ("duplicate by defaults", _default_spelt_out, "grid.mosi[4]", "grid.mosi[1] is the same"),
+    ("empty grid", setter("grid.mosi", []), "grid.mosi", "a non-empty list"),
+    ("no grid at all", setter("grid", {}), "grid", "a non-empty mapping"),
+    ("dataset without a grid", lambda p: p["grid"].pop("mosi"), "grid.mosi", "an entry"),
+    ("fold without folds", setter("data.tiny.mosi.fold", 2), "data.tiny.mosi.fold", "no fold"),
+    ("target_roles a string", setter("grid.mosi.1.target_roles", "qv"), "grid.mosi[1].target_roles",
+     "a list"),
+    ("unknown role", setter("grid.mosi.1.target_roles", ["q", "x"]), "grid.mosi[1].target_roles",
+     "a non-empty subset"),
+    ("duplicate seed", setter("seeds", [0, 1, 0]), "seeds[2]", "seeds[0] is the same"),
+    ("unknown top-level key", setter("seed", 3), "seed", "a key this section has"),
+]
+
+
+@pytest.mark.parametrize("edit, key, named", [case[1:] for case in GRID_CASES],
+                         ids=[case[0] for case in GRID_CASES])
+def test_a_bad_grid_exits_2_naming_the_row(capsys, tmp_path, edit, key, named):
+    params = write_params(tmp_path, edit)
+    out = tmp_path / "runs"
+    refused(capsys, ["sweep", "--params", str(params), "--out", str(out), "--executor", "sequential"],
+            out, f"file {params}", f"key '{key}'", named)
+
+
+def test_a_fold_is_accepted_where_the_dataset_has_folds(tmp_path):
+    load_params(write_params(tmp_path, setter("data.tiny.iemocap.fold", 2)))
+
+
+def test_the_committed_params_validate():
+    validate_params(load_params(ROOT / "params.yaml"))
+
+
+def test_a_row_checked_by_plan_run_too(tmp_path):
+    """A params mapping changed after loading (as the tests and library callers do) is checked
+    when a run is planned, before anything runs."""
+    params = load_params(write_params(tmp_path))
+    with pytest.raises(InputError, match="down_dim"):
+        plan_run(params, "mosi", "adapter", settings={"down_dim": "abc"})
+
+
+# --- the ray executor without Ray ---------------------------------------------------------------
+
+@pytest.mark.parametrize("origin", ["command line", "params"])
+def test_ray_executor_without_ray_says_how_to_install_it(capsys, tmp_path, monkeypatch, origin):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    params = write_params(tmp_path, setter("executor.kind", "ray") if origin == "params" else None)
+    out = tmp_path / "runs"
+    argv = ["sweep", "--params", str(params), "--out", str(out)]
+    key = "executor.kind" if origin == "params" else "--executor"
+    refused(capsys, argv + (["--executor", "ray"] if origin == "command line" else []), out,
+            'pip install -e ".[ray]"', f"key '{key}'")
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+SEARCH_CASES = [
+    ("batch -1", setter("search.batch", -1), "search.batch", "greater than 0"),
+    ("batch 0", setter("search.batch", 0), "search.batch", "greater than 0"),
+    ("trials 0", setter("search.trials", 0), "search.trials", "greater than 0"),
+    ("unknown metric", setter("search.metric", "acc3"), "search.metric", "acc2_non0"),
+    ("metric of another task", setter("search.metric", "t2v_r5"), "search.metric", "mae"),
+    ("unknown space field", setter("search.space.wander", {"down_dims": [8]}),
+     "search.space.wander.down_dims", "one of"),
+    ("bad space choice", setter("search.space.lora", {"rank": [2, 0]}), "search.space.lora.rank",
+     "an integer > 0"),
+    ("empty space choices", setter("search.space.lora", {"rank": []}), "search.space.lora.rank",
+     "a non-empty list"),
+    ("unknown space method", setter("search.space", {"lorax": {"rank": [2]}}), "search.space.lorax",
+     "one of"),
+    ("unknown sampler", setter("search.sampler", "grid"), "search.sampler", "'tpe' or 'random'"),
+]
+
+
+@pytest.mark.parametrize("edit, key, named", [case[1:] for case in SEARCH_CASES],
+                         ids=[case[0] for case in SEARCH_CASES])
+def test_a_bad_search_setting_exits_2_before_any_trial_or_journal(capsys, tmp_path, edit, key, named):
+    params = write_params(tmp_path, edit)
+    out = tmp_path / "search"
+    refused(capsys, ["search", "--params", str(params), "--out", str(out), "--executor", "sequential"],
+            out, f"file {params}", f"key '{key}'", named)
+
+
+def test_the_study_name_follows_what_defines_the_study(tmp_path):
+    params = load_params(write_params(tmp_path))
+    name = study_name_for(params, "wander")
+    assert study_name_for(params, "wander") == name  # the same definition, the same study
+    changes = {"metric": setter("search.metric", "mae"),
+               "epochs": setter("profiles.tiny.train.epochs", 2),
+               "space": setter("search.space.wander.down_dim", [16, 8]),
+               "sampler": setter("search.sampler", "random")}
+    names = {}
+    for what, edit in changes.items():
+        (tmp_path / what).mkdir()
+        names[what] = study_name_for(load_params(write_params(tmp_path / what, edit)), "wander")
+    assert all(other != name for other in names.values()), names
+    assert len(set(names.values())) == len(names)
