@@ -27,6 +27,16 @@ def _emit(document, as_json: bool, render) -> None:
         render(document)
 
 
+def _use_threads(params: dict | None) -> int:
+    """The thread policy (``harness.train.thread_count``): params.yaml ``threads`` for the
+    profile, OMP_NUM_THREADS when set; ``None`` (audit, cost: small models) as the tiny profile."""
+    from harness.train import use_threads
+
+    if params is None:
+        return use_threads()
+    return use_threads(params.get("threads", "auto"), params["profile"], params.get("_file"))
+
+
 def cmd_methods(args) -> int:
     from methods import get_method, method_names, method_origin
 
@@ -60,6 +70,8 @@ def cmd_methods(args) -> int:
 
 def cmd_audit(args) -> int:
     from harness.audit import audit_grads
+
+    _use_threads(None)
 
     if args.what == "params":
         from harness.audit_params import audit_params, audit_params_markdown
@@ -120,6 +132,7 @@ def cmd_run(args) -> int:
     from harness.settings import load_params, plan_run
 
     params = load_params(args.params)
+    _use_threads(params)
     plan = plan_run(params, args.dataset, args.method, args.variant, args.seed, _parse_sets(args.set),
                     settings=_run_defaults(params, args.dataset, args.method))
     key, out = run_key(plan), Path(args.out)
@@ -188,6 +201,7 @@ def cmd_sweep(args) -> int:
     from harness.sweep import sweep, write_index
 
     params = load_params(args.params)
+    _use_threads(params)
     summary = sweep(params, *_executor(args, params), Path(args.out))
     write_index(Path(args.out), summary)
     _emit(summary, args.json, lambda s: print(
@@ -219,6 +233,7 @@ def cmd_search(args) -> int:
     from harness.settings import load_params
 
     params = load_params(args.params)
+    _use_threads(params)
     executor, workers = _executor(args, params)
     summary = run_search(params, executor, workers or 1, Path(args.out))
     _emit(summary, args.json, lambda s: print(
@@ -233,6 +248,8 @@ def cmd_search(args) -> int:
 def cmd_cost(args) -> int:
     from harness.cost import cost_markdown, write_cost
 
+    _use_threads(None)
+
     report = write_cost(args.out, device=args.device)
     _emit(report, args.json, lambda r: print(cost_markdown(r)))
     return 0
@@ -245,6 +262,7 @@ def cmd_pretrain(args) -> int:
     from harness.train import TrainSettings
 
     params = load_params(args.params)
+    _use_threads(params)
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
     overrides, _ = parse_overrides(_parse_sets(args.set), fields, ())
     overrides = check_train(overrides, args.params, "train", command_line=tuple(overrides))
@@ -301,7 +319,9 @@ def cmd_extract(args) -> int:
     from harness.extract import extract_dataset
     from harness.settings import load_params
 
-    summary = extract_dataset(load_params(args.params), args.dataset, Path(args.out),
+    params = load_params(args.params)
+    _use_threads(params)
+    summary = extract_dataset(params, args.dataset, Path(args.out),
                               batch_size=args.batch_size, progress=not args.json)
 
     def render(s):

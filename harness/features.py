@@ -34,7 +34,8 @@ extract_features(backbone, dataset_split, cache_path, data_hash, batch_size=64, 
 CachedFeatures(path, in_memory=None)
     ``torch.utils.data.Dataset`` over one cache file; items are dicts with ``feat_<m>``
     (L_m, D_m) float16, ``mask_<m>`` (L_m,) bool where the backbone has a mask for ``m``,
-    ``label`` and ``index``. Torch's default collate batches them.
+    ``label`` and ``index``. Torch's default collate batches them; ``batch(indices)`` gives the
+    same batch by indexing the in-memory arrays once (``harness.train.batches`` uses it).
 FromCache(backbone)
     ``nn.Module`` whose ``forward(batch)`` takes a batch of ``CachedFeatures`` items and runs only
     the last-depth fusion hook (if any) and the head; it shares them with ``backbone`` (training
@@ -75,12 +76,13 @@ import logging
 import os
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from harness.backbones.pretrained import tensors_sha256
@@ -244,10 +246,9 @@ def pretrained_identity(backbone: nn.Module) -> dict:
 
 def encoder_hash(backbone: nn.Module) -> str:
     """The encoder config hash a cache is valid for (see the module docstring)."""
-    try:
-        import transformers
-        transformers_version = transformers.__version__
-    except ImportError:  # pragma: no cover
+    try:  # the installed version, read without importing transformers (half a second)
+        transformers_version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:  # pragma: no cover
         transformers_version = None
     document = {"backbone": type(backbone).__name__, **_config_document(backbone),
                 "code": _code_hash(backbone), "torch": torch.__version__.split("+")[0],
@@ -492,6 +493,16 @@ class CachedFeatures(Dataset):
             import h5py
             self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
         return {k: torch.from_numpy(np.asarray(self._file[k][i])) for k in self.fields}
+
+    def batch(self, indices: list[int]) -> dict:
+        """The items ``indices`` stacked (what ``default_collate`` of the items gives), indexed at
+        once in memory, without building an item at a time; item by item from the file otherwise."""
+        if self._arrays is None:
+            return default_collate([self[i] for i in indices])
+        rows = torch.as_tensor(indices)
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < len(self)):
+            raise IndexError(f"items {indices} of a {len(self)}-item feature cache")
+        return {k: self._arrays[k][rows] for k in self.fields}
 
     def __getstate__(self):
         state = dict(self.__dict__)

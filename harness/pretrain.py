@@ -45,6 +45,7 @@ checkpoint folder).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -116,6 +117,24 @@ def source_content_hash(data) -> str:
         {"name": data.name, "format": data.format,
          "sizes": {n: len(s) for n, s in data.splits.items()}}).encode())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def single_threaded(device: torch.device):
+    """One intra-op thread on CPU, whatever the thread policy or OMP_NUM_THREADS say: CPU kernels
+    split their reductions (matmul, sum, norm) into per-thread chunks, so another thread count
+    sums in another order and changes the last bits of every tensor; the checkpoint must be the
+    same bytes on every machine (DVC and the fine-tuning run keys hash it). The thread count in
+    force before is restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _save_atomic(document: dict, path: Path) -> None:
@@ -197,12 +216,13 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
         parameter.requires_grad_(True)
     device = torch.device(settings.device)
     backbone.to(device)
-    initial_valid = evaluate(backbone, task, splits["valid"], settings)
-    trained = train_and_select(backbone, task, splits, settings, seed, progress,
-                               desc=f"pretrain {kind} on {source}")
+    with single_threaded(device):
+        initial_valid = evaluate(backbone, task, splits["valid"], settings)
+        trained = train_and_select(backbone, task, splits, settings, seed, progress,
+                                   desc=f"pretrain {kind} on {source}")
+        final_valid = evaluate(backbone, task, splits["valid"], settings)
     best_epoch, history = trained["selected_epoch"], trained["history"]
     best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    final_valid = evaluate(backbone, task, splits["valid"], settings)
 
     metadata = _plain({
         "format": FORMAT, "format_version": FORMAT_VERSION,

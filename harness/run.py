@@ -19,7 +19,7 @@ from harness.records import canonical_hash, tree_hash, write_json_atomic
 from harness.settings import RUN_OPTIONS, RunPlan, plan_from_dict
 from harness.tasks.tasks import TASKS
 from harness.text import PretrainedTokenizer, Tokenized, WordVocab
-from harness.train import fine_tune, seed_everything
+from harness.train import fine_tune, seed_everything, use_threads
 from methods import apply_method, count_parameters, get_method, method_sources
 from methods.registry import load_env_methods
 
@@ -206,6 +206,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "tunable": count_parameters(backbone),
         "wall_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if plan.train.device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),  # not in the key: the thread policy's choice
         "data_format": data.format,
         "data_hash": tree_hash(plan.data["path"]),
         "features": features,
@@ -225,7 +226,7 @@ def run_trial(plan_values: dict, out_dir: str, root: str) -> dict:
     """The one trial function of every executor (``harness.sweep``, ``harness.ray_executor``): run
     one plan given as ``plan_to_dict`` values (or read its record). Paths in the plan are relative
     to ``root``, the project folder the sweep was started in."""
-    torch.set_num_threads(1)  # one core per trial; executors run trials side by side
+    use_threads(1)  # one core per trial (OMP_NUM_THREADS wins): executors run trials side by side
     os.chdir(root)
     load_env_methods()  # a worker started afresh (spawn, Ray): the user's method modules too
     return execute(plan_from_dict(plan_values), Path(out_dir), progress=False)

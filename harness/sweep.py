@@ -148,6 +148,8 @@ def worker_pool(executor: str, workers: int):
         return
     forkable = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
     context = multiprocessing.get_context("fork" if forkable else "spawn")
+    if forkable:  # the first optimiser step imports torch._dynamo (~1 s): once here, not per worker
+        import torch._dynamo  # noqa: F401
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         yield pool
 

@@ -4,6 +4,7 @@ released Wander code only ever reported validation numbers; we do not)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -14,7 +15,38 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from harness.errors import InputError
 from harness.tasks.tasks import Task
+
+THREADS_ENV = "OMP_NUM_THREADS"
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (one per core), read at import
+
+
+def thread_count(setting: int | str = "auto", profile: str = "tiny", file: str | None = None) -> int:
+    """Intra-op threads for a command: ``OMP_NUM_THREADS`` when set (the user's choice wins);
+    else the params ``threads`` key: a positive integer, or ``auto``: 1 for the tiny profile's
+    models (too small to gain from a second thread; on a shared machine every parallel region
+    waits for a preempted thread: 2 threads ran 3-5x slower than 1 with one other busy process),
+    torch's default (one per core) for the paper profile."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        if not env.strip().isdigit() or int(env) < 1:
+            raise InputError("bad thread count in the environment", key=THREADS_ENV,
+                             expected="a positive integer", found=repr(env))
+        return int(env)
+    if setting == "auto":
+        return 1 if profile == "tiny" else DEFAULT_THREADS
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise InputError("bad thread count", file=file, key="threads",
+                         expected="'auto' or a positive integer", found=repr(setting))
+    return setting
+
+
+def use_threads(setting: int | str = "auto", profile: str = "tiny", file: str | None = None) -> int:
+    """Apply ``thread_count`` to torch; returns the count."""
+    count = thread_count(setting, profile, file)
+    torch.set_num_threads(count)
+    return count
 
 
 def seed_everything(seed: int) -> None:
@@ -34,7 +66,7 @@ class TrainSettings:
     epochs: int = 40
     grad_clip: float = 0.8       # max gradient norm; 0 disables
     device: str = "cpu"          # cpu | cuda
-    amp: bool = False            # bf16 autocast (CUDA only)
+    amp: bool = False            # bf16 autocast (CUDA or CPU; changes the numbers, so off by default)
     feature_cache: bool = False  # read cached frozen-encoder outputs when the method allows it
 
     def validate(self) -> None:
@@ -45,7 +77,6 @@ class TrainSettings:
             (self.batch_size > 0, "batch_size", "> 0"), (self.epochs > 0, "epochs", "> 0"),
             (self.grad_clip >= 0, "grad_clip", ">= 0"),
             (self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'"),
-            (not self.amp or self.device == "cuda", "amp", "false unless device is cuda"),
         ]
         for ok, field, rule in checks:
             if not ok:
@@ -61,8 +92,20 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _autocast(settings: TrainSettings):
     if settings.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(settings.device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def batches(dataset: Dataset, batch_size: int, seed: int | None = None) -> DataLoader:
+    """The batches of ``dataset``: shuffled by a generator seeded with ``seed``, in order when
+    None. A dataset with ``batch(indices)`` (the in-memory feature cache) is indexed a batch at a
+    time instead of item by item + ``default_collate``; the sampler and its draws are the same
+    either way, so a seed gives the same batches in the same order."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    indexed = callable(getattr(dataset, "batch", None))
+    return DataLoader(range(len(dataset)) if indexed else dataset, batch_size=batch_size,
+                      shuffle=seed is not None, generator=generator,
+                      collate_fn=dataset.batch if indexed else None)
 
 
 @torch.no_grad()
@@ -70,7 +113,7 @@ def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSett
     model.eval()
     device = torch.device(settings.device)
     outputs, labels = [], []
-    for batch in DataLoader(dataset, batch_size=max(settings.batch_size, 64), shuffle=False):
+    for batch in batches(dataset, max(settings.batch_size, 64)):
         batch = _to_device(batch, device)
         with _autocast(settings):
             if task.name == "retrieval":  # embed both sides; score every caption against every video
@@ -97,8 +140,7 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
     optimizer = optimizer_class(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_size, settings.gamma)
-    loader = DataLoader(splits["train"], batch_size=settings.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = batches(splits["train"], settings.batch_size, seed)
     best_value, best_epoch, best_state, history = None, -1, None, []
     started = time.perf_counter()
     epochs = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress)

@@ -141,7 +141,10 @@ class Wander(nn.Module):
         """The sequence fusion SF: M tensors (B, l_m, d) -> (B, d_t, D)."""
         c = self.config
         if c.form in ("sf", "vf") and c.rank_mode == "cp":  # Eq. 13, last line
-            terms = [torch.einsum("tl,bld,hd->bth", self.w_t[m].sum(0), x, self.w_h[m].sum(0))
+            # W_t x_m W_h^T as two matmuls: a batched (d_t, l_m) @ (l_m, d), then one (B d_t, d) @
+            # (d, D); every term comes out contiguous (B, d_t, D) with no copy, so the product over
+            # modalities and its backward run on dense tensors (an einsum's output is strided)
+            terms = [torch.bmm(self.w_t[m].sum(0).expand(len(x), -1, -1), x) @ self.w_h[m].sum(0).T
                      for m, x in zip(self.modalities, xs)]
             return math.prod(terms[1:], start=terms[0])
         if c.form in ("sf", "vf"):  # lmf: sum over (rt, rh) of the product over modalities

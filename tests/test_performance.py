@@ -1,0 +1,211 @@
+"""Performance work (issue 16) that must not change what is computed, and what may: Wander's SF as
+two matmuls (the einsum's numbers up to float summation order), the feature cache indexed a batch
+at a time (the same batches in the same order), the thread policy, single-threaded pre-training
+(the same checkpoint bytes whatever the thread count), opt-in bf16 autocast on CPU (in the run key),
+and commands that do not import heavy packages they do not need."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
+from harness.errors import InputError
+from harness.features import CachedFeatures, extract_features
+from harness.train import (DEFAULT_THREADS, THREADS_ENV, TrainSettings, _autocast, batches,
+                           thread_count)
+from helpers import ROOT
+from methods.wander import Wander, WanderConfig
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+# --- Wander SF: two matmuls -------------------------------------------------------------------------
+def einsum_sf(module: Wander, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 13, last line, written as the einsum the two-matmul form replaced."""
+    terms = [torch.einsum("tl,bld,hd->bth", module.w_t[m].sum(0), x, module.w_h[m].sum(0))
+             for m, x in zip(module.modalities, xs)]
+    return math.prod(terms[1:], start=terms[0])
+
+
+@pytest.mark.parametrize("form", ["sf", "vf"])
+def test_sf_two_matmuls_equal_the_einsum_up_to_summation_order(form):
+    torch.manual_seed(0)
+    lengths = {"text": 12, "audio": 9, "vision": 7}
+    config = WanderConfig(down_dim=8, fused_length=6, rank_h=3, rank_t=4, form=form)
+    module = Wander({m: 16 for m in lengths}, lengths, 16, config, "gelu")
+    xs = [torch.randn(5, 1 if form == "vf" else lengths[m], 8, requires_grad=True) for m in lengths]
+    ours, reference = module.fuse(xs), einsum_sf(module, xs)
+    assert ours.shape == (5, 6, 16) and ours.is_contiguous()
+    scale = reference.abs().max()
+    assert (ours - reference).abs().max() <= 1e-6 * scale
+    upstream = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, [*xs, *module.parameters()], upstream, allow_unused=True)
+    expected = torch.autograd.grad(reference, [*xs, *module.parameters()], upstream, allow_unused=True)
+    for got, want in zip(grads, expected):
+        if want is None:  # Down is not part of fuse
+            assert got is None
+            continue
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# --- the cached-feature loop ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LateFusionConfig(input_dims={"text": 6, "audio": 4}, seq_lens={"text": 5, "audio": 3},
+                              width=8, depth=1, heads=2)
+    backbone = LateFusionBackbone(config)
+    g = torch.Generator().manual_seed(1)
+    items = [{"text": torch.randn(5, 6, generator=g), "audio": torch.randn(3, 4, generator=g),
+              "label": torch.tensor(float(i)), "index": torch.tensor(i)} for i in range(37)]
+    path = tmp_path_factory.mktemp("cache") / "train.h5"
+    extract_features(backbone, items, path, "data", batch_size=8, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_cache_gives_the_same_batches_in_the_same_order(cache, in_memory):
+    """Indexed a batch at a time, the cache yields what the per-item Dataset + default_collate
+    yielded, batch for batch, for the same seed (and in order without one)."""
+    features = CachedFeatures(cache, in_memory=in_memory)
+    per_item = [features[i] for i in range(len(features))]
+    for seed in (None, 3):
+        reference = torch.utils.data.DataLoader(
+            per_item, batch_size=8, shuffle=seed is not None,
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+        got = list(batches(features, 8, seed))
+        want = list(reference)
+        assert len(got) == len(want) == 5
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
+    shuffled = torch.cat([batch["index"] for batch in batches(features, 8, 3)])
+    assert sorted(shuffled.tolist()) == list(range(37)) and shuffled.tolist() != list(range(37))
+
+
+def test_cache_refuses_items_outside_it(cache):
+    features = CachedFeatures(cache, in_memory=True)
+    with pytest.raises(IndexError, match="37-item"):
+        features.batch([0, 37])
+    with pytest.raises(IndexError, match="37-item"):
+        features.batch([-1])
+
+
+# --- the thread policy ----------------------------------------------------------------------------
+def test_thread_policy(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert thread_count("auto", "tiny") == 1
+    assert thread_count("auto", "paper") == DEFAULT_THREADS
+    assert thread_count(3, "tiny") == 3
+    monkeypatch.setenv(THREADS_ENV, "2")  # the user's environment wins
+    assert thread_count("auto", "tiny") == 2 and thread_count(3, "paper") == 2
+
+
+@pytest.mark.parametrize("setting", [0, -1, "two", 1.5, True])
+def test_bad_thread_setting_names_the_key(monkeypatch, setting):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    with pytest.raises(InputError, match="threads") as error:
+        thread_count(setting, "tiny", "params.yaml")
+    assert "params.yaml" in str(error.value) and repr(setting) in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["0", "x", "-2"])
+def test_bad_thread_environment_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv(THREADS_ENV, value)
+    with pytest.raises(InputError, match=THREADS_ENV):
+        thread_count("auto", "tiny")
+
+
+def test_commands_apply_the_thread_policy(tmp_path, monkeypatch):
+    """A command under ``threads: auto`` (tiny) runs one thread; OMP_NUM_THREADS overrides it; a
+    bad ``threads`` value exits 2 naming the key before anything runs."""
+    from harness import cli
+    from harness.settings import load_params
+
+    params = (ROOT / "params.yaml").read_text()
+    assert "\nthreads: auto\n" in params
+    (tmp_path / "params.yaml").write_text(params)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+        torch.set_num_threads(2)
+        assert cli._use_threads(load_params(tmp_path / "params.yaml")) == 1
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv(THREADS_ENV, "2")
+        assert cli._use_threads(load_params(tmp_path / "params.yaml")) == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delenv(THREADS_ENV)
+    (tmp_path / "params.yaml").write_text(params.replace("\nthreads: auto\n", "\nthreads: 0\n"))
+    code = cli.main(["run", "--dataset", "mosi", "--method", "linear", "--params",
+                     str(tmp_path / "params.yaml"), "--out", str(tmp_path / "runs")])
+    assert code == 2 and not (tmp_path / "runs").exists()
+
+
+# --- determinism of pre-training ------------------------------------------------------------------
+def test_pretraining_gives_the_same_bytes_whatever_the_thread_count(tmp_path):
+    """Run unpinned, these sizes give another checkpoint under 2 threads than under 1 (every
+    tensor differs in its last bits); pre-training runs single-threaded, so the bytes agree."""
+    from harness.data import generate
+    from harness.pretrain import pretrain
+
+    generate("mosei", tmp_path / "mosei", seed=0, n_train=64, n_valid=16, n_test=8)
+    before, digests = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):  # what OMP_NUM_THREADS=1 / 2 or the thread policy would set
+            torch.set_num_threads(threads)
+            pretrain("mosei", tmp_path / f"ck{threads}.pt", {"width": 32, "depth": 2, "heads": 4},
+                     {"epochs": 2, "batch_size": 32}, seed=0,
+                     data={"path": str(tmp_path / "mosei")}, progress=False)
+            assert torch.get_num_threads() == threads  # restored afterwards
+            digests.append(hashlib.sha256((tmp_path / f"ck{threads}.pt").read_bytes()).hexdigest())
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]
+
+
+# --- bf16 autocast on CPU -------------------------------------------------------------------------
+def test_bf16_autocast_on_cpu_is_opt_in_and_in_the_run_key():
+    from harness.run import run_key
+    from harness.settings import load_params, plan_run
+
+    assert TrainSettings().amp is False
+    settings = TrainSettings(amp=True, device="cpu")
+    settings.validate()
+    layer = torch.nn.Linear(4, 3)
+    with _autocast(settings):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with _autocast(TrainSettings()):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+    params = load_params(ROOT / "params.yaml")
+    plain = plan_run(params, "mosi", "linear")
+    mixed = plan_run(params, "mosi", "linear", overrides={"amp": "true"})
+    assert plain.train.amp is False and mixed.train.amp is True
+    assert mixed.identity()["train"]["amp"] is True  # the identity is stored in the record
+    assert run_key(plain) != run_key(mixed)
+
+
+# --- imports --------------------------------------------------------------------------------------
+HEAVY = ("transformers", "torch._dynamo", "ray", "optuna", "pandas", "matplotlib")
+
+
+def test_harness_imports_no_heavy_package_it_does_not_need():
+    """Importing the run, sweep, pre-training and extraction code, and hashing a late-fusion
+    backbone's encoders (the feature cache key), imports none of the heavy packages."""
+    script = ("import sys\nimport harness.cli, harness.run, harness.sweep, harness.pretrain, "
+              "harness.extract\nfrom harness.features import encoder_hash\n"
+              "from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig\n"
+              "encoder_hash(LateFusionBackbone(LateFusionConfig()))\n"
+              f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
