@@ -35,7 +35,7 @@ from tabulate import tabulate
 
 from harness import stats
 from harness.errors import InputError
-from harness.tables import specs as specs_module
+from harness.tables import planted, specs as specs_module
 from harness.tables.collect import Selection, collect, row_key
 from harness.tables.io import (csv_text, write_bytes_if_changed,
                                write_text_if_changed)
@@ -656,10 +656,10 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
     chosen = specs_module.SPECS
     if names:
         try:
-            chosen = tuple(specs_module.spec_by_name(n) for n in names)
+            chosen = tuple(specs_module.spec_by_name(n) for n in names if n != planted.NAME)
         except KeyError as error:
             raise InputError("unknown table", key="names",
-                             expected=[s.name for s in specs_module.SPECS],
+                             expected=[s.name for s in specs_module.SPECS] + [planted.NAME],
                              found=str(error)) from error
     written, unchanged, summary = [], [], {}
 
@@ -679,12 +679,16 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
             "rows_not_run": sum(1 for r in result.rows if r.status != "ok"),
             "comparisons": len(result.comparisons),
         }
+    if not names or planted.NAME in names:
+        for path, data in planted.render_planted(selection, out_dir, profile_banner({selection.profile})):
+            put(path, data)
     index = ["# Wander paper: tables and figures", ""]
     for spec in specs_module.SPECS:
         if spec.paper_ref == "Table 7":
             index.append(_table6_line(cost_table, out_dir))
         index.append(f"- [{spec.title}]({spec.name}.md)"
                      + (f" ([figure]({spec.name}.png))" if spec.kind == "figure" else ""))
+    index.append(f"- [{planted.TITLE}]({planted.NAME}.md) (not in the paper: planted-answer tasks)")
     (written if write_text_if_changed(out_dir / "index.md", "\n".join(index) + "\n")
      else unchanged).append(str(out_dir / "index.md"))
     return {"written": written, "unchanged": unchanged, "tables": summary}
