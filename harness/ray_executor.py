@@ -1,42 +1,122 @@
-"""Ray Tune executor: the same trial function as the other executors, one CPU per trial.
+"""Ray Tune executor: the same trial function as the other executors, on one machine or a cluster.
 
 Ray itself is imported only when the ``ray`` executor is chosen. ``ray.init`` joins the cluster named by
 RAY_ADDRESS when it is set (``RAY_ADDRESS=... dvc repro``), else starts a local instance.
 Tune's storage lives inside the results folder, not ~/ray_results.
 
-Two entry points: ``run_with_ray`` runs a fixed list of plans (the finetune grid, a grid search
-over plans); ``search_with_ray`` lets Ray's ``OptunaSearch`` ask an Optuna study for each trial's
-settings (the rank search), the same study (journal storage) the other executors drive.
+On a cluster nothing depends on a worker node's disk:
+
+- Results come home. A trial runs its runs in a scratch folder of its own and hands each run's
+  whole record to the driver in its Tune result; the driver writes it atomically into the
+  records folder (``RecordsHome``) as soon as it arrives, and notes its key in a ``Ledger`` actor
+  pinned to the driver's node. A trial lost with its node is retried (``max_failures``); the retry
+  asks the ledger which of its runs already came home and skips them, so no finished run is
+  computed twice.
+- Code and data. Every node runs the project installed at the same revision (the worker computes
+  each run's key and refuses to run when it differs from the driver's: other code or compute
+  packages), and reads the project folder, its data and checkpoints at the driver's paths (a
+  shared file system); a node that lacks one fails naming the path and the node.
+- Bad input fails once. A run raising ``InputError`` on a node is reported as a result (not a
+  trial error, which Tune would retry), stops the sweep, and is raised again on the driver.
+- Resources. Each trial reserves ``cpus_per_trial`` CPUs and, when its runs train on
+  ``device: cuda``, ``gpus_per_trial`` GPUs (a fraction packs several trials on one GPU); Ray then
+  sets CUDA_VISIBLE_DEVICES in the trial's worker. ``runs_per_trial`` runs share one trial, so
+  Tune's fixed cost per trial is paid once per batch.
+
+Two entry points: ``run_with_ray`` runs a fixed list of plans (the finetune grid, in batches);
+``search_with_ray`` lets Ray's ``OptunaSearch`` ask an Optuna study for each trial's settings
+(the rank search), the same study (journal storage) the other executors drive.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from harness.run import run_trial
-from harness.settings import plan_to_dict
+from harness import records
+from harness.errors import InputError
+from harness.run import run_key, run_trial
+from harness.settings import plan_from_dict, plan_to_dict
+
+# The params.yaml ``executor`` keys of this executor, with their defaults.
+RAY_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 1, "runs_per_trial": 4, "max_failures": 3}
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """What each trial reserves and how faults are handled (params.yaml ``executor``)."""
+    cpus_per_trial: float = RAY_DEFAULTS["cpus_per_trial"]
+    gpus_per_trial: float = RAY_DEFAULTS["gpus_per_trial"]  # reserved by device: cuda runs only
+    runs_per_trial: int = RAY_DEFAULTS["runs_per_trial"]
+    max_failures: int = RAY_DEFAULTS["max_failures"]  # retries of a trial lost with its node
+
+    @classmethod
+    def from_params(cls, params: dict) -> RayOptions:
+        """The ``executor`` section's Ray keys (defaults for those absent), each checked."""
+        section = params.get("executor") or {}
+        file = params.get("_file")
+        values = {name: section.get(name, default) for name, default in RAY_DEFAULTS.items()}
+        checks = {
+            "cpus_per_trial": (lambda v: v > 0, "a number > 0 (e.g. 1 or 0.5)"),
+            # a fraction packs several trials on one GPU; above 1, whole GPUs (Ray's rule)
+            "gpus_per_trial": (lambda v: v > 0 and (v <= 1 or float(v).is_integer()),
+                               "a fraction in (0, 1] or a whole number of GPUs"),
+            "runs_per_trial": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+            "max_failures": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        }
+        for name, (rule, expected) in checks.items():
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not rule(value):
+                raise InputError("invalid Ray executor setting", file=file, key=f"executor.{name}",
+                                 expected=expected, found=repr(value))
+        return cls(**values)
+
+    def resources(self, device: str) -> dict:
+        """What one trial of runs on ``device`` reserves: CPUs, and GPUs for ``cuda``."""
+        return {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial if device == "cuda" else 0}
+
+
+def batches(keyed_values: list[tuple[str, dict]], workers: int, runs_per_trial: int) -> list[list]:
+    """The runs split into trials of at most ``runs_per_trial`` consecutive runs of one device,
+    small enough that every worker gets one: ``[[(key, plan values), ...], ...]``."""
+    size = max(1, min(runs_per_trial, math.ceil(len(keyed_values) / max(1, workers))))
+    found, current = [], []
+    for key, values in keyed_values:
+        if current and (len(current) == size or current[-1][1]["train"]["device"] != values["train"]["device"]):
+            found.append(current)
+            current = []
+        current.append((key, values))
+    return found + [current] if current else found
 
 
 @contextlib.contextmanager
 def ray_session(workers: int):
-    """Ray, initialised here unless the caller already did (then left running)."""
+    """Ray, initialised here unless the caller already did (then left running). Workers started by
+    a cluster's nodes get the user's method modules (MMPETL_METHODS) through the runtime env."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # no per-trial CSV / JSON / TensorBoard logs from Tune: the run records hold every result, and
     # writing them costs CPU that the trials compete for on a small machine
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
 
+    from methods.registry import ENV_MODULES
+
     started_here = not ray.is_initialized()
     if started_here:
         address = os.environ.get("RAY_ADDRESS")
+        runtime_env = {"env_vars": {ENV_MODULES: os.environ[ENV_MODULES]}} if os.environ.get(ENV_MODULES) else None
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         else:
             # "local": a Ray instance of this process's own, never a cluster someone else
             # started on this machine (ray.init() without an address would join the latest one)
             ray.init(address="local", num_cpus=workers, include_dashboard=False,
-                     log_to_driver=False)
+                     log_to_driver=False, runtime_env=runtime_env)
     try:
         yield
     finally:
@@ -44,55 +124,215 @@ def ray_session(workers: int):
             ray.shutdown()
 
 
-def _fit(trainable, name: str, storage: Path, workers: int, **tune_config) -> None:
+def node_name() -> str:
+    """This Ray node, as a message names it: host, IP and the start of its node id."""
+    import ray
+
+    return (f"{socket.gethostname()} ({ray.util.get_node_ip_address()}, "
+            f"node {ray.get_runtime_context().get_node_id()[:12]})")
+
+
+def missing_on_node(what: str, path: Path, key: str | None) -> InputError:
+    return InputError(f"{what} is not on Ray node {node_name()}: every node must read it at the "
+                      "driver's path (a shared file system)", file=str(path), key=key,
+                      expected="a path every node reads", found="nothing there")
+
+
+def enter_project(root: str) -> None:
+    """Work in the project folder the sweep was started in (paths in plans are relative to it)."""
+    if not Path(root).is_dir():
+        raise missing_on_node("the project folder (the sweep's working directory)", Path(root), None)
+    os.chdir(root)
+
+
+def check_node(values: dict, root: str) -> None:
+    """Refuse to run on a node that lacks the data or the checkpoint at the driver's paths (they
+    must come from a file system every node reads)."""
+    needed = [("the data", values["data"]["path"], f"data.{values['profile']}.{values['dataset']}.path")]
+    if values.get("pretrained"):
+        needed.append(("the pre-training checkpoint", values["pretrained"]["path"],
+                       f"pretrain.use.{values['dataset']}"))
+    for what, path, key in needed:
+        if not (Path(root) / path).exists():
+            raise missing_on_node(what, Path(root) / path, key)
+
+
+def compute_record(key: str | None, values: dict, root: str) -> dict:
+    """Run one plan on this node, in a scratch folder removed afterwards, and return its record.
+    ``key``: the run key the driver computed; a node computing another one runs other code or
+    other compute packages and refuses."""
+    enter_project(root)
+    check_node(values, root)
+    local = run_key(plan_from_dict(values))
+    if key is not None and local != key:
+        raise InputError(f"Ray node {node_name()} computes another run key for "
+                         f"{records.row_slug(values['row'])} seed {values['seed']}: its code (harness "
+                         "or methods) or compute packages differ from the driver's; install the "
+                         "driver's revision on every node", key="run key", expected=key[:12],
+                         found=local[:12])
+    scratch = tempfile.mkdtemp(prefix="mmpetl-trial-")
+    try:
+        return run_trial(values, scratch, root)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+
+
+def _ledger_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Ledger:
+        """The run keys whose records reached the driver, for a retried trial to skip."""
+
+        def __init__(self):
+            self.done = set()
+
+        def mark(self, key: str) -> None:
+            self.done.add(key)
+
+        def which_done(self, keys: list[str]) -> list[str]:
+            return [k for k in keys if k in self.done]
+
+    return Ledger
+
+
+def _records_home(out_dir: Path, path_for, ledger):
+    """A Tune callback (in the driver) that writes each record a trial reports atomically into
+    ``out_dir`` (``path_for(trial config, record)``), marks its key in ``ledger``, and keeps what
+    the sweep reports: records received, duplicates (a key received twice), trials retried, the
+    first bad input."""
+    import ray
+    from ray.tune import Callback
+
+    class RecordsHome(Callback):
+        def __init__(self):
+            self.received, self.duplicates, self.retried, self.input_error = set(), 0, 0, None
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "input_error" in result and self.input_error is None:
+                self.input_error = result["input_error"]
+            record = result.get("record")
+            if record is None:
+                return
+            records.write_json_atomic(path_for(trial.config, record), record)
+            if record["key"] in self.received:
+                self.duplicates += 1
+            self.received.add(record["key"])
+            if ledger is not None:
+                ray.get(ledger.mark.remote(record["key"]))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.retried += 1
+
+        def summary(self) -> dict:
+            return {"records_received": len(self.received), "duplicates": self.duplicates,
+                    "trials_retried": self.retried}
+
+    return RecordsHome()
+
+
+def _stop_on_input_error(home):
+    from ray.tune import Stopper
+
+    class StopOnInputError(Stopper):
+        """Stops every trial once a bad input came back: it would fail the same way on any node."""
+
+        def __call__(self, trial_id, result):
+            return "input_error" in result
+
+        def stop_all(self):
+            return home.input_error is not None
+
+    return StopOnInputError()
+
+
+def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions, resources_for,
+         home, **tune_config) -> dict:
+    """Run the trials, each reserving ``resources_for(config)``; raise the first bad input as an
+    InputError and trials that failed for good as a RuntimeError; return ``home``'s summary."""
     from ray import tune
 
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}),
+        tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory([resources_for(config)])),
         param_space=tune_config.pop("param_space", None),
         # reuse_actors: a worker process (torch, harness imported) runs trial after trial instead of
         # one fresh process per trial; Tune's default (False) costs seconds per tiny trial.
         tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=True, **tune_config),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1, callbacks=[home],
+                                  stop=_stop_on_input_error(home),
+                                  failure_config=tune.FailureConfig(max_failures=options.max_failures)),
     )
     results = tuner.fit()
+    if home.input_error is not None:
+        raise InputError(home.input_error)  # the node's whole message: file, key, expected, found
     errors = [r.error for r in results if r.error is not None]
     if errors:
-        raise RuntimeError(f"{len(errors)} Ray trials failed; first: {errors[0]}")
+        raise RuntimeError(f"{len(errors)} Ray trials failed after {options.max_failures} retries; "
+                           f"first: {errors[0]}")
+    return home.summary()
 
 
-def run_with_ray(plan_values: list[dict], out_dir: str, root: str, workers: int,
-                 storage: Path) -> None:
+def run_with_ray(keyed_values: list[tuple[str, dict]], out_dir: str, root: str, workers: int,
+                 storage: Path, options: RayOptions, path_for) -> dict:
+    """Run the plans ``keyed_values`` ([(run key, plan values)]) as Tune trials of
+    ``options.runs_per_trial`` runs; each record is written on the driver at ``path_for(key)``
+    under ``out_dir``. Returns what came back (``RecordsHome.summary``)."""
+    import ray
     from ray import tune
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # A trial's config is its index in the grid: the plans travel once, with the function, and
-    # Tune's driver names, stores and checkpoints small configs.
-    def trainable(config: dict) -> None:
-        record = run_trial(plan_values[config["run"]], out_dir, root)
-        tune.report({"key": record["key"], **{k: v for k, v in record["metrics"].items()
-                                               if isinstance(v, (int, float))}})
+    trials = batches(keyed_values, workers, options.runs_per_trial)
 
     with ray_session(workers):
-        _fit(trainable, "finetune", storage, workers,
-             param_space={"run": tune.grid_search(list(range(len(plan_values))))})
+        # the ledger lives on the driver's node: it outlives any worker node
+        ledger = _ledger_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
+
+        # A trial's config is its batch's index: the plans travel once, with the function, and
+        # Tune's driver names, stores and checkpoints small configs.
+        def trainable(config: dict) -> None:
+            batch = trials[config["batch"]]
+            done = set(ray.get(ledger.which_done.remote([key for key, _ in batch])))
+            for key, values in batch:
+                if key in done:  # came home before this trial was lost with its node
+                    continue
+                try:
+                    record = compute_record(key, values, root)
+                except InputError as error:
+                    tune.report({"input_error": str(error)})
+                    return
+                tune.report({"record": record})
+
+        home = _records_home(Path(out_dir), lambda config, record: path_for(record["key"]), ledger)
+        return _fit(trainable, "finetune", storage, workers, options,
+                    lambda config: options.resources(trials[config["batch"]][0][1]["train"]["device"]),
+                    home, param_space={"batch": tune.grid_search(list(range(len(trials))))})
 
 
 def search_with_ray(study_name: str, journal, sampler, directions: list[str], space: dict[str, list],
                     trials: int, plan_for, metric: str, out_dir: str, root: str, workers: int,
-                    storage: Path) -> None:
+                    storage: Path, options: RayOptions) -> dict:
     """Run ``trials`` more trials of the Optuna study ``study_name`` in ``journal`` (two
     objectives: the validation ``metric`` and the #tunable, in ``directions``), each asked by
     Ray's OptunaSearch over the categorical ``space`` with ``sampler`` and turned into a plan by
-    ``plan_for(settings)``, at most ``workers`` at a time."""
+    ``plan_for(settings)``, at most ``workers`` at a time; records come home into ``out_dir``."""
     import optuna
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from harness.run import record_path
+
     def trainable(config: dict) -> None:
-        os.chdir(root)  # plan_for resolves the data and checkpoint paths
-        record = run_trial(plan_to_dict(plan_for(config)), out_dir, root)
-        tune.report({metric: record["valid_metrics"][metric],  # select on validation
+        try:
+            enter_project(root)  # plan_for resolves the data and checkpoint paths
+            record = compute_record(None, plan_to_dict(plan_for(config)), root)
+        except InputError as error:
+            tune.report({"input_error": str(error)})
+            return
+        tune.report({"record": record, metric: record["valid_metrics"][metric],  # select on validation
                      "tunable": record["tunable"]["method"] + record["tunable"]["head"]})
 
     searcher = OptunaSearch(
@@ -101,6 +341,9 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
         metric=[metric, "tunable"],
         mode=[direction[:3] for direction in directions],  # minimize -> min, maximize -> max
         sampler=sampler, study_name=study_name, storage=journal)
+    home = _records_home(Path(out_dir), lambda config, record: record_path(
+        plan_for(config), record["key"], Path(out_dir)), None)
     with ray_session(workers):
-        _fit(trainable, f"search-{study_name}", storage, workers,
-             search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers), num_samples=trials)
+        return _fit(trainable, f"search-{study_name}", storage, workers, options,
+                    lambda config: options.resources(plan_for(config).train.device), home,
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers), num_samples=trials)

@@ -104,11 +104,11 @@ def _search_method(params, config, storage, directions, method, space, executor,
 
     todo = config["trials"] - len(_finished(study))
     if executor == "ray" and todo > 0:  # Ray's OptunaSearch asks this study as workers free up
-        from harness.ray_executor import search_with_ray
+        from harness.ray_executor import RayOptions, search_with_ray
 
         search_with_ray(study_name, storage, sampler, directions, space, todo, plan_for, metric,
                         str((out_dir / "runs").resolve()), os.getcwd(), workers,
-                        (out_dir / RAY_STORAGE).resolve())
+                        (out_dir / RAY_STORAGE).resolve(), RayOptions.from_params(params))
         study = optuna.load_study(study_name=study_name, storage=storage)
     while len(_finished(study)) < config["trials"]:  # ask a batch, run it, tell
         asked = [study.ask() for _ in range(min(config["batch"], config["trials"] - len(_finished(study))))]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from harness import records
 from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
-from harness.ray_executor import ray_session, run_with_ray
+from harness.ray_executor import RayOptions, ray_session, run_with_ray
 from harness.run import RUNS_DIR, record_path, run_code_hash, run_key, run_trial
 from harness.settings import RunPlan, plan_run, plan_to_dict, section
 from methods import method_names
@@ -155,8 +155,9 @@ def worker_pool(executor: str, workers: int):
 
 
 def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
-             desc: str = "sweep", pool=None) -> None:
-    """Run ``plans`` (not yet recorded) through ``executor``, ``workers`` at a time."""
+             desc: str = "sweep", pool=None, ray_options: RayOptions | None = None) -> dict | None:
+    """Run ``plans`` (not yet recorded) through ``executor``, ``workers`` at a time. The ``ray``
+    executor returns what came back to the driver (records received, duplicates, trials retried)."""
     values = [plan_to_dict(p) for p in plans]
     root, out = os.getcwd(), str(Path(out_dir).resolve())
     if not values:
@@ -171,8 +172,12 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
             for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
                                desc=desc, unit="run"):
                 future.result()
-    elif executor == "ray":
-        run_with_ray(values, out, root, workers, (Path(out_dir) / RAY_STORAGE).resolve())
+    elif executor == "ray":  # each record is written here, on the driver, as it comes back
+        keys = [run_key(p) for p in plans]
+        paths = {key: record_path(p, key, Path(out)) for key, p in zip(keys, plans)}
+        return run_with_ray(list(zip(keys, values)), out, root, workers,
+                            (Path(out_dir) / RAY_STORAGE).resolve(), ray_options or RayOptions(),
+                            paths.__getitem__)
 
 
 def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
@@ -180,20 +185,22 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     plans = grid_plans(params)
+    ray_options = RayOptions.from_params(params) if executor == "ray" else None
     restored = restore(plans, out_dir)
     moved_aside = set_aside(out_dir)  # reads every record first: a corrupt one stops the sweep here
     todo = pending(plans, out_dir)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     if todo:
         check_can_compute(todo, out_dir)
-    run_many(todo, executor, workers, out_dir)
+    came_home = run_many(todo, executor, workers, out_dir, ray_options=ray_options)
     missing = pending(plans, out_dir)
     if missing:
         raise RuntimeError(f"{len(missing)} runs have no record after the sweep")
     return {"runs": len(plans), "computed": len(todo), "reused": len(plans) - len(todo),
             "restored": restored, "set_aside": moved_aside, "executor": executor, "workers": workers,
             "records": sorted(str(record_path(p, run_key(p), out_dir).relative_to(out_dir))
-                              for p in plans)}
+                              for p in plans),
+            **({"ray": came_home} if came_home else {})}
 
 
 def stale_reason(record: dict, hashes: dict | None = None) -> str | None:
