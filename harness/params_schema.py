@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from harness.backbones import named_encoders
 from harness.backbones.late_fusion import LateFusionConfig
 from harness.backbones.mmt import MMTConfig
-from harness.backbones.two_tower import PRESETS
-from harness.data.cards import load_card
+from harness.backbones.two_tower import PRESETS, TwoTowerConfig
+from harness.data.cards import list_cards, load_card
 from harness.errors import InputError
 from harness.train import TrainSettings
 from methods import ConfigError, get_method, method_names
@@ -224,7 +224,36 @@ TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "bool_type": "
               "model_type": "a mapping"}
 
 
-def _refusal(error: ValidationError, file: str, prefix: tuple = ()) -> InputError:
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys of the section at ``loc[:-1]`` under ``model`` (None where it is a free mapping)."""
+    node: Any = model
+    for part in loc[:-1]:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        elif typing.get_origin(node) in (dict, list):
+            node = typing.get_args(node)[-1]
+        else:
+            return None
+    node = _unwrap(node)
+    return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unwrap(annotation):
+    """``X`` of ``Annotated[X, ...]`` and ``X | None``."""
+    while True:
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def _refusal(error: ValidationError, file: str, prefix: tuple = (), model=None) -> InputError:
     """The first problem pydantic found, as an InputError (the count of the others in the
     message)."""
     problems = error.errors()
@@ -232,8 +261,10 @@ def _refusal(error: ValidationError, file: str, prefix: tuple = ()) -> InputErro
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
     key = key_path(prefix + tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
+        known = _known_keys(model, first["loc"])
         return InputError(f"unknown key{more}", file=file, key=key,
-                          expected="a key this section has (a typo?)", found=repr(first["input"]))
+                          expected=f"one of {known}" if known else "a key this section has",
+                          found=repr(first["loc"][-1]))
     if first["type"] == "missing":
         return InputError(f"missing key{more}", file=file, key=key, expected="a value",
                           found="nothing")
@@ -248,7 +279,7 @@ def _validate(model: type[BaseModel], values, file: str, prefix: tuple = ()):
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        raise _refusal(error, file, prefix) from None
+        raise _refusal(error, file, prefix, model) from None
 
 
 def _check_value(model: type[BaseModel], field: str, value, source: str, key: str) -> None:
@@ -256,9 +287,9 @@ def _check_value(model: type[BaseModel], field: str, value, source: str, key: st
     try:
         model.model_validate({field: value})
     except ValidationError as error:
-        problem = _refusal(error, source)
-        raise InputError("bad value", file=source, key=key, expected=problem.expected,
-                         found=problem.found) from None
+        problem = _refusal(error, source, model=model)
+        raise InputError(str(problem).split(" [")[0], file=source, key=key,
+                         expected=problem.expected, found=problem.found) from None
 
 
 # --- method settings -------------------------------------------------------------------------
@@ -377,7 +408,9 @@ def validate_params(params: dict) -> None:
     file = params.get("_file", "params.yaml")
     checked = _validate(Params, {k: v for k, v in params.items() if k != "_file"}, file)
     cards = Cards()
+    _check_names(checked, file, cards)
     _check_datasets(checked, file, cards)
+    _check_backbones(checked, file)
     _check_grid(params, checked, file, cards)
     _check_data(checked, file, cards)
     if checked.search is not None:
@@ -386,6 +419,76 @@ def validate_params(params: dict) -> None:
         for dataset, settings in per_dataset.items():
             _check_with_defaults(params, checked, {"method": method, **settings}, cards[dataset],
                                  file, f"run_defaults.{method}.{dataset}")
+
+
+def _check_names(checked: Params, file: str, cards: Cards) -> None:
+    """Every dataset named in the file has a card (``datasets/<name>.yaml``)."""
+    named = [(f"datasets[{i}]", name) for i, name in enumerate(checked.datasets)]
+    named += [(f"{where}.{name}", name) for where, block in (
+        ("grid", checked.grid), ("train", checked.train), ("generate", checked.generate),
+        *((f"data.{p}", blocks) for p, blocks in checked.data.items())) for name in block]
+    named += [(f"run_defaults.{m}.{name}", name) for m, block in checked.run_defaults.items()
+              for name in block]
+    if checked.search is not None:
+        named.append(("search.dataset", checked.search.dataset))
+    if checked.pretrain is not None:
+        named += [(f"pretrain.use.{name}", name) for name in checked.pretrain.use]
+        named += [(f"pretrain.use.{name}", source) for name, source in checked.pretrain.use.items()]
+    for key, name in named:
+        try:
+            cards[name]
+        except InputError:
+            raise InputError("unknown dataset (no card in datasets/)", file=file, key=key,
+                             expected=f"one of {list_cards()}", found=repr(name)) from None
+
+
+# What each backbone block (profiles.<p>.<kind>) may set: its config's fields but those the data
+# fix, and the preset it starts from; the config's own checks give the ranges.
+BACKBONE_BLOCKS = {
+    "late_fusion": (LateFusionConfig, ("input_dims", "seq_lens", "output_dim"), None),
+    "two_tower": (TwoTowerConfig, ("num_classes",), tuple(PRESETS)),
+    "mmt": (MMTConfig, ("experts", "expert_dims"), ("tiny", "paper")),
+}
+
+
+def _backbone_config(kind: str, block: dict):
+    """The backbone config ``block`` makes, on placeholder data (its checks raise ValueError)."""
+    settings = dict(block)
+    if kind == "late_fusion":
+        return LateFusionConfig(**settings)
+    preset = settings.pop("preset", "tiny")
+    if kind == "two_tower":
+        return TwoTowerConfig.preset(preset, **settings)
+    return (MMTConfig.paper if preset == "paper" else MMTConfig.tiny)(**settings)
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_model(kind: str) -> type[BaseModel]:
+    config, fixed, presets = BACKBONE_BLOCKS[kind]
+    fields = {name: spec for name, spec in _dataclass_model(config).model_fields.items()
+              if name not in fixed}
+    fields = {name: (spec.annotation, None) for name, spec in fields.items()}
+    if presets:
+        fields["preset"] = (Optional[Literal[presets]], None)
+    return create_model(f"{kind}_block", __base__=_Section, **fields)
+
+
+def _check_backbones(checked: Params, file: str) -> None:
+    """Each backbone block: known keys of the right types, each value and the whole block passing
+    the backbone config's own checks."""
+    for profile, blocks in checked.profiles.items():
+        for kind in BACKBONE_BLOCKS:
+            block, where = getattr(blocks, kind), f"profiles.{profile}.{kind}"
+            _validate(_backbone_model(kind), block, file, prefix=tuple(where.split(".")))
+            preset = {"preset": block["preset"]} if "preset" in block else {}
+            # the whole block, unless a pretrained tower named there brings sizes of its own
+            whole = [] if named_encoders(kind, block) else [(None, None)]
+            for name, value in [*block.items(), *whole]:
+                try:
+                    _backbone_config(kind, block if name is None else {**preset, name: value})
+                except (ValueError, KeyError) as error:
+                    raise InputError(f"invalid {kind} setting: {str(error).strip(chr(34))}", file=file,
+                                     key=where if name is None else f"{where}.{name}") from None
 
 
 def _check_datasets(checked: Params, file: str, cards: Cards) -> None:

@@ -80,6 +80,13 @@ BAD_VALUES = [
     ("executor.kind", "threads", "executor.kind", "'sequential', 'process' or 'ray'"),
     ("profile", "huge", "profile", "'tiny' or 'paper'"),
     ("grid.mosi.0.down_dimm", 8, "grid.mosi[0].down_dimm", "one of"),
+    ("executor.worker", 2, "executor.worker", "one of ['cpus_per_trial'"),
+    ("train.mosii", {"epochs": 2}, "train.mosii", "one of ['food101'"),
+    ("profiles.tiny.late_fusion.width", 0, "profiles.tiny.late_fusion.width", "must be > 0"),
+    ("profiles.tiny.late_fusion.heads", 5, "profiles.tiny.late_fusion", "not divisible by heads"),
+    ("profiles.tiny.late_fusion.widht", 64, "profiles.tiny.late_fusion.widht", "one of"),
+    ("profiles.tiny.two_tower.image_hidden", "big", "profiles.tiny.two_tower.image_hidden",
+     "an integer"),
 ]
 
 
