@@ -1,0 +1,215 @@
+"""Planted-answer tasks (harness.data.planted) and the Planted effects table
+(harness.tables.planted): the data are what the theory assumes, on the backbone the study uses,
+and the table reads its comparisons the way the statistics say."""
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from harness.backbones import build_backbone
+from harness.data import generate, load_dataset
+from harness.data.cards import load_card
+from harness.data import planted
+from harness.data.planted import MODALITIES, planted_score, signal_latents
+from harness.errors import InputError
+from harness.run import BACKBONE_SEED
+from harness.stats import ALPHA
+from harness.tables import planted as table
+from harness.tables.collect import Selection, row_key
+from harness.train import seed_everything
+from helpers import ROOT
+
+SIZES = {"n_train": 512, "n_valid": 16, "n_test": 512}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted")
+    return {name: load_dataset(name, generate(name, folder / name, seed=0, **SIZES)["path"])
+            for name in ("planted_null", "planted_cross")}
+
+
+def frozen_token0(data) -> dict:
+    """{split: (token-0 states of every modality after the frozen encoders, labels)}: the linear
+    probe's input, from the study's late-fusion backbone (tiny profile, frozen towers drawn with
+    the run's BACKBONE_SEED, as harness.run.prepare builds them)."""
+    settings = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["tiny"]["late_fusion"]
+    seed_everything(BACKBONE_SEED)
+    backbone = build_backbone("late_fusion", settings, data.info, 1).eval()
+    out = {}
+    for split in ("train", "test"):
+        states, labels = [], []
+        with torch.no_grad():
+            for batch in DataLoader(data.split(split), batch_size=128):
+                encoded = backbone.encode(batch)
+                states.append(torch.stack([encoded[m][:, 0] for m in MODALITIES], 1))
+                labels.append(batch["label"])
+        out[split] = (torch.cat(states).numpy().astype(np.float64), torch.cat(labels).numpy())
+    return out
+
+
+def ridge_test_r(train_x, train_y, test_x, test_y, penalty=1.0) -> float:
+    """Pearson r on the test split of a ridge regression fitted on the train split."""
+    mean_x, mean_y = train_x.mean(0), train_y.mean()
+    x = train_x - mean_x
+    weights = np.linalg.solve(x.T @ x + penalty * np.eye(x.shape[1]), x.T @ (train_y - mean_y))
+    return float(np.corrcoef((test_x - mean_x) @ weights, test_y)[0, 1])
+
+
+def test_generated_task_is_a_mosi_pickle_read_by_the_loader(generated, tmp_path):
+    data = generated["planted_cross"]
+    assert data.format == "mult" and data.info["label_kind"] == "regression"
+    assert {m: data.info["dims"][m] for m in MODALITIES} == {"text": 32, "audio": 8, "vision": 12}
+    assert len(data.split("train")) == SIZES["n_train"] and len(data.split("test")) == SIZES["n_test"]
+    again = generate("planted_cross", tmp_path / "again", seed=0, **SIZES)
+    first = Path(data.path)
+    assert (Path(again["path"]) / first.name).read_bytes() == first.read_bytes()   # deterministic
+    with open(first, "rb") as f:
+        raw = pickle.load(f)
+    assert raw["train"]["labels"].shape == (SIZES["n_train"], 1, 1)
+
+
+def test_cross_label_flips_with_any_one_modality():
+    """By construction no modality, and no pair, carries the cross label: flipping one modality's
+    signal flips it (so E[label | the other two] = 0), while the null label is a plain sum."""
+    z = signal_latents("cross", np.random.default_rng(0), 256, 6, 4)
+    score = planted_score("cross", z)
+    assert set(np.unique(score)) == {-1.0, 1.0}
+    for m in MODALITIES:
+        flipped = {k: (-v if k == m else v) for k, v in z.items()}
+        assert np.array_equal(planted_score("cross", flipped), -score)
+    null = signal_latents("unimodal", np.random.default_rng(0), 256, 6, 4)
+    assert np.allclose(planted_score("unimodal", null),
+                       sum(null[m][:, 0, 0] for m in MODALITIES) / math.sqrt(3))
+    assert all(np.ptp(null[m][:, :, 0], axis=1).max() == 0 for m in MODALITIES)  # every token
+
+
+def test_null_premise_the_probe_input_holds_the_label(generated):
+    """Null task: the frozen last layer's token 0 (what the linear probe's head reads) predicts
+    the label linearly, so a method has nothing to add to the probe."""
+    states = frozen_token0(generated["planted_null"])
+    (train_x, train_y), (test_x, test_y) = states["train"], states["test"]
+    r = ridge_test_r(train_x.reshape(len(train_x), -1), train_y, test_x.reshape(len(test_x), -1), test_y)
+    assert r > 0.9, r
+
+
+def test_cross_premise_no_linear_signal_in_any_modality_but_each_sign_is_exposed(generated):
+    """Cross task: the frozen token 0 of each modality, and of every pair, carries no linear
+    signal about the label (|r| small on held-out data), yet each modality's own feature c_m,
+    whose sign is a factor of the parity, is linearly readable from it: the frozen encoders
+    expose the factors and only their cross-modal product is missing."""
+    states = frozen_token0(generated["planted_cross"])
+    (train_x, train_y), (test_x, test_y) = states["train"], states["test"]
+    bound = 4 / math.sqrt(len(test_y))          # about 4 standard errors of r under no signal
+    for chosen in ([0], [1], [2], [0, 1], [0, 2], [1, 2]):
+        r = ridge_test_r(train_x[:, chosen].reshape(len(train_x), -1), train_y,
+                         test_x[:, chosen].reshape(len(test_x), -1), test_y)
+        assert abs(r) < bound, (chosen, r)
+    signal = generated_signal("planted_cross")
+    parity = math.prod(np.sign(signal["test"][m]) for m in MODALITIES)
+    assert np.mean(parity == np.sign(test_y)) > 0.9   # the regenerated latents are the data's
+    for index, m in enumerate(MODALITIES):
+        r = ridge_test_r(train_x[:, index], signal["train"][m], test_x[:, index], signal["test"][m])
+        assert r > 0.9, (m, r)
+
+
+def generated_signal(dataset: str) -> dict:
+    """{split: {modality: c_m per sample}}: the generator's latents, drawn again from its seed
+    stream (harness.data.planted draws them first), split as the pickle is."""
+    card = load_card(dataset)
+    n = SIZES["n_train"] + SIZES["n_valid"] + SIZES["n_test"]
+    z = signal_latents(card.get("generate")["planted"], planted._rng(0, dataset, "data"), n,
+                       card.generator_defaults["seq_len"], planted.DEFAULT_OPTIONS["latent_dim"])
+    rows = {"train": slice(0, SIZES["n_train"]), "test": slice(n - SIZES["n_test"], n)}
+    return {split: {m: z[m][rows[split], 0, 0] for m in MODALITIES} for split in rows}
+
+
+def comparison_values(better: float) -> dict:
+    """Values of every planted row and the probe on seeds 0-4: the rows that the theory says beat
+    the probe beat it by ``better`` (plus a small seed-dependent jitter), the others equal it
+    up to the jitter."""
+    jitter = np.random.default_rng(0)
+    values = {}
+    for task in table.PLANTED_TASKS:
+        values[(task.dataset, "Linear probe")] = {s: 0.5 + 0.01 * s for s in range(5)}
+        for row in task.rows:
+            lift = better if row.prediction == table.BETTER else 0.0
+            values[(task.dataset, row.label)] = {
+                s: 0.5 + 0.01 * s + lift + 0.01 * jitter.standard_normal() for s in range(5)}
+    return values
+
+
+def test_planted_comparisons_read_verdicts_against_predictions():
+    found = table.planted_comparisons(comparison_values(better=0.3))
+    assert len(found) == sum(len(t.rows) for t in table.PLANTED_TASKS)
+    for c in found:
+        assert c["n"] == 5 and c["p_holm"] >= c["p_t"]
+        assert c["holds"] is True, c
+        assert (c["outcome"] == table.BETTER) == (c["prediction"] == table.BETTER)
+    wrong = table.planted_comparisons(comparison_values(better=-0.3))
+    predicted_better = [c for c in wrong if c["prediction"] == table.BETTER]
+    assert predicted_better and all(c["outcome"] == "worse" and c["holds"] is False
+                                    for c in predicted_better)
+    few = table.planted_comparisons(comparison_values(better=0.3), seeds=[0])
+    assert all(c["outcome"] == "untestable" and c["holds"] is None for c in few)
+
+
+def test_planted_table_renders_every_row_with_its_records(tmp_path):
+    values = comparison_values(better=0.3)
+    current = {}
+    for (dataset, label), by_seed in values.items():
+        task = next(t for t in table.PLANTED_TASKS if t.dataset == dataset)
+        grid = table.PROBE if label == "Linear probe" else next(r.grid for r in task.rows if r.label == label)
+        metric = load_card(dataset).main_metric
+        current[(dataset, row_key(grid))] = {
+            seed: {"metrics": {metric: v}, "_path": f"runs/{dataset}/{label}-seed{seed}.json"}
+            for seed, v in by_seed.items()}
+    selection = Selection("runs", "tiny", list(range(5)), current=current)
+    files = dict(table.render_planted(selection, tmp_path, "BANNER"))
+    markdown = files[tmp_path / f"{table.NAME}.md"].decode()
+    assert "BANNER" in markdown and f"alpha {ALPHA}" in markdown
+    for task in table.PLANTED_TASKS:
+        for row in task.rows:
+            assert row.label in markdown
+    csv_lines = files[tmp_path / f"{table.NAME}.csv"].decode().splitlines()
+    assert len(csv_lines) == 1 + sum(len(t.rows) for t in table.PLANTED_TASKS)
+    assert all("-seed4.json" in line for line in csv_lines[1:])
+
+
+def test_bad_planted_input_is_named(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="latent_dims"):
+        generate("planted_cross", tmp_path / "x", seed=0, latent_dims=3)
+    with pytest.raises(InputError, match="latent_dim"):
+        generate("planted_cross", tmp_path / "y", seed=0, latent_dim=0)
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    card = yaml.safe_load((ROOT / "datasets" / "planted_cross.yaml").read_text())
+    card["generate"]["planted"] = "depth"
+    (cards / "planted_cross.yaml").write_text(yaml.safe_dump(card))
+    monkeypatch.setenv("MMPETL_DATASETS_DIR", str(cards))
+    with pytest.raises(InputError, match="generate.planted"):
+        generate("planted_cross", tmp_path / "z", seed=0)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+@pytest.mark.slow
+def test_cross_effect_through_the_run_machinery(tmp_path, monkeypatch):
+    """End to end, the study's settings (tiny profile, the card's sizes): on the cross task
+    Wander's test correlation exceeds the linear probe's on each of two seeds, as predicted."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["_file"] = str(ROOT / "params.yaml")
+    params["data"]["tiny"]["planted_cross"]["path"] = generate("planted_cross", tmp_path / "data", seed=0)["path"]
+    monkeypatch.chdir(tmp_path)   # the feature cache goes to ./datasets/features
+    from harness.run import execute
+    from harness.settings import plan_run
+    metric = load_card("planted_cross").main_metric
+    for seed in (0, 1):
+        probe, wander = (execute(plan_run(params, "planted_cross", row.pop("method"), "paper", seed,
+                                          settings=row), tmp_path / "runs", progress=False)
+                         ["metrics"][metric] for row in (dict(table.PROBE), dict(table.WANDER)))
+        assert wander > probe, (seed, wander, probe)
