@@ -1,6 +1,6 @@
 """Wall time of one finetune grid under each executor, side by side in one run.
 
-    python scripts/bench_parallel.py [--rows 25] [--seeds 3] [--workers 2]
+    python scripts/bench_parallel.py [--rows 25] [--seeds 3] [--workers 2] [--repeat 5]
 
 The grid is the study's own: the first ``--rows`` MOSI rows of params.yaml times its first
 ``--seeds`` seeds (default: all 25 rows x 3 seeds = 75 trials, the MOSI part of stage finetune;
@@ -12,12 +12,16 @@ each wall time is what a user waits for: interpreter and imports, worker start-u
 the index (the frozen encoders' feature cache is built before any of them). Prints the wall
 times, each executor's summed trial time (the records' ``wall_s``), the ratios sequential /
 process and sequential / ray (target >= 1.6x on 2 cores), and whether the three executors gave
-identical metrics (exit 1 if not).
+identical metrics (exit 1 if not). ``--repeat`` runs the three sweeps that many times (the order
+of the executors rotating, so a drift of the machine's load does not favour one) and prints the
+median and range of each ratio over the repetitions. The ``ray`` sweep batches
+``executor.runs_per_trial`` runs per Tune trial (params.yaml).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,11 +39,14 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=None, help="first MOSI grid rows (default all)")
     parser.add_argument("--seeds", type=int, default=None, help="first seeds of params.yaml (default all)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions of the three sweeps")
     args = parser.parse_args()
     from harness.data import generate
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     rows, seeds = params["grid"]["mosi"][: args.rows], params["seeds"][: args.seeds]
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1 (found {args.repeat})")
     if len(rows) * len(seeds) < 8:
         parser.error(f"the grid must have >= 8 trials (found {len(rows)} rows x {len(seeds)} seeds)")
     folder = Path(tempfile.mkdtemp(prefix="mmpetl-parallel-"))
@@ -54,32 +61,43 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "harness.cli", "extract", "--dataset", "mosi", "--params",
                     str(folder / "params.yaml"), "--json"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    times, trial_sums, metrics = {}, {}, {}
-    for executor in EXECUTORS:
-        out = folder / f"runs-{executor}"
-        workers = 1 if executor == "sequential" else args.workers
-        command = [sys.executable, "-m", "harness.cli", "sweep", "--executor", executor,
-                   "--workers", str(workers), "--params", str(folder / "params.yaml"),
-                   "--out", str(out), "--json"]
-        started = time.perf_counter()
-        # run in the temporary folder: feature caches land there, not in this checkout's DVC outputs
-        done = subprocess.run(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        times[executor] = time.perf_counter() - started
-        if done.returncode != 0:
-            print(f"{executor}: mmpetl sweep exited {done.returncode}", file=sys.stderr)
-            return 1
-        computed = json.loads(done.stdout)["computed"]
-        found = [json.loads(p.read_text()) for p in out.glob("mosi/*.json")]
-        trial_sums[executor] = sum(r["wall_s"] for r in found)
-        metrics[executor] = sorted(json.dumps([r["row"], r["metrics"]], sort_keys=True) for r in found)
-        print(f"{executor:<10} {computed} trials, {workers} worker(s): wall {times[executor]:6.1f} s, "
-              f"trials' own time summed {trial_sums[executor]:6.1f} s", flush=True)
-    same = metrics["sequential"] == metrics["process"] == metrics["ray"]
-    print(f"identical metrics across executors: {same}")
-    for executor in EXECUTORS[1:]:
-        print(f"speed-up sequential / {executor + ':':<8} {times['sequential'] / times[executor]:.2f}x  "
+    ratios, same = {executor: [] for executor in EXECUTORS[1:]}, True
+    for repetition in range(args.repeat):
+        times, metrics = {}, {}
+        order = EXECUTORS[repetition % 3:] + EXECUTORS[: repetition % 3]
+        print(f"repetition {repetition + 1}/{args.repeat} (order: {', '.join(order)})", flush=True)
+        for executor in order:
+            out = folder / f"runs-{repetition}-{executor}"
+            times[executor], metrics[executor] = timed_sweep(executor, args.workers, folder, out)
+        same = same and metrics["sequential"] == metrics["process"] == metrics["ray"]
+        for executor in ratios:
+            ratios[executor].append(times["sequential"] / times[executor])
+        print("  " + ", ".join(f"sequential / {e} {ratios[e][-1]:.2f}x" for e in ratios), flush=True)
+    print(f"identical metrics across executors in every repetition: {same}")
+    for executor, found in ratios.items():
+        print(f"speed-up sequential / {executor + ':':<8} median {statistics.median(found):.2f}x, "
+              f"range {min(found):.2f}-{max(found):.2f}x over {len(found)} repetitions "
               f"(workers {args.workers}; target >= 1.6x on 2 cores)")
     return 0 if same else 1
+
+
+def timed_sweep(executor: str, workers: int, folder: Path, out: Path) -> tuple[float, list[str]]:
+    """Wall time of one fresh ``mmpetl sweep`` into the empty folder ``out``, and its metrics."""
+    workers = 1 if executor == "sequential" else workers
+    command = [sys.executable, "-m", "harness.cli", "sweep", "--executor", executor,
+               "--workers", str(workers), "--params", str(folder / "params.yaml"),
+               "--out", str(out), "--json"]
+    started = time.perf_counter()
+    # run in the temporary folder: feature caches land there, not in this checkout's DVC outputs
+    done = subprocess.run(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{executor}: mmpetl sweep exited {done.returncode}")
+    computed = json.loads(done.stdout)["computed"]
+    found = [json.loads(p.read_text()) for p in out.glob("mosi/*.json")]
+    print(f"  {executor:<10} {computed} trials, {workers} worker(s): wall {wall:6.1f} s, trials' own "
+          f"time summed {sum(r['wall_s'] for r in found):6.1f} s", flush=True)
+    return wall, sorted(json.dumps([r["row"], r["metrics"]], sort_keys=True) for r in found)
 
 
 if __name__ == "__main__":
