@@ -81,13 +81,15 @@ class RayOptions:
         return {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial if device == "cuda" else 0}
 
 
-def batches(keyed_values: list[tuple[str, dict]], workers: int, runs_per_trial: int) -> list[list]:
+def trial_batches(keyed_values: list[tuple[str, dict]], workers: int,
+                  runs_per_trial: int) -> list[list]:
     """The runs split into trials of at most ``runs_per_trial`` consecutive runs of one device,
     small enough that every worker gets one: ``[[(key, plan values), ...], ...]``."""
     size = max(1, min(runs_per_trial, math.ceil(len(keyed_values) / max(1, workers))))
     found, current = [], []
     for key, values in keyed_values:
-        if current and (len(current) == size or current[-1][1]["train"]["device"] != values["train"]["device"]):
+        device = values["train"]["device"]
+        if current and (len(current) == size or current[-1][1]["train"]["device"] != device):
             found.append(current)
             current = []
         current.append((key, values))
@@ -109,7 +111,8 @@ def ray_session(workers: int):
     started_here = not ray.is_initialized()
     if started_here:
         address = os.environ.get("RAY_ADDRESS")
-        runtime_env = {"env_vars": {ENV_MODULES: os.environ[ENV_MODULES]}} if os.environ.get(ENV_MODULES) else None
+        modules = os.environ.get(ENV_MODULES)
+        runtime_env = {"env_vars": {ENV_MODULES: modules}} if modules else None
         if address:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         else:
@@ -283,7 +286,7 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], out_dir: str, root: str, 
     from ray import tune
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    trials = batches(keyed_values, workers, options.runs_per_trial)
+    trials = trial_batches(keyed_values, workers, options.runs_per_trial)
 
     with ray_session(workers):
         # the ledger lives on the driver's node: it outlives any worker node

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from harness.errors import InputError
-from harness.ray_executor import RayOptions, batches, check_node
+from harness.ray_executor import RayOptions, check_node, trial_batches
 from harness.settings import load_params
 from harness.sweep import sweep
 from helpers import ROOT, small_mosi_params
@@ -47,12 +47,12 @@ def test_bad_ray_settings_name_the_key(key, value, expected):
 
 def test_batches_keep_one_device_and_give_every_worker_a_trial():
     runs = [(f"key{i}", {"train": {"device": "cpu" if i < 6 else "cuda"}}) for i in range(9)]
-    found = batches(runs, workers=2, runs_per_trial=4)
+    found = trial_batches(runs, workers=2, runs_per_trial=4)
     assert [[key for key, _ in batch] for batch in found] == [
         ["key0", "key1", "key2", "key3"], ["key4", "key5"], ["key6", "key7", "key8"]]
     assert all(len({values["train"]["device"] for _, values in batch}) == 1 for batch in found)
-    assert [len(b) for b in batches(runs[:4], workers=4, runs_per_trial=4)] == [1, 1, 1, 1]
-    assert sum(len(b) for b in batches(runs, workers=1, runs_per_trial=1)) == 9
+    assert [len(b) for b in trial_batches(runs[:4], workers=4, runs_per_trial=4)] == [1, 1, 1, 1]
+    assert sum(len(b) for b in trial_batches(runs, workers=1, runs_per_trial=1)) == 9
 
 
 def test_a_node_without_the_data_names_the_path_and_the_node(tmp_path, monkeypatch):
@@ -233,6 +233,9 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_brings_every_record_home(tm
         assert summary["ray"] == {**summary["ray"], "records_received": 8, "duplicates": 0}
         assert len(list(out.glob("mosi/*.json"))) == 8
         assert metrics_by_run(out) == metrics_by_run(tmp_path / "sequential")
+        again = subprocess.run(command + ["--params", str(tmp_path / "params.yaml"), "--out", str(out)],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert json.loads(again.stdout)["computed"] == 0  # resumes: records home are not resubmitted
 
         refused = subprocess.run(command + ["--params", str(tmp_path / "params-driver-only.yaml"),
                                             "--out", str(tmp_path / "refused")],
