@@ -127,8 +127,7 @@ def _run_defaults(params: dict, dataset: str, method: str) -> dict | None:
 
 
 def cmd_run(args) -> int:
-    from harness import records
-    from harness.run import RUNS_DIR, execute, record_path, run_key
+    from harness.run import RUNS_DIR, execute, read_done_record, record_path, run_key
     from harness.settings import load_params, plan_run
 
     params = load_params(args.params)
@@ -139,7 +138,7 @@ def cmd_run(args) -> int:
     found = next((path for path in (record_path(plan, key, out), record_path(plan, key, RUNS_DIR))
                   if path.exists()), None)
     if found is not None:  # the same key: the same run, already recorded
-        record = records.read_run_record(found)
+        record = read_done_record(plan, found)
     else:
         record = execute(plan, out, progress=not args.json)
     where = found or record_path(plan, key, out)

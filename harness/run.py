@@ -106,6 +106,23 @@ def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
     return Path(out_dir) / plan.dataset / f"{records.row_slug(plan.row)}-seed{plan.seed}-{key[:12]}.json"
 
 
+def read_done_record(plan: RunPlan, path: Path) -> dict:
+    """The record of ``plan`` at ``path``, whole (``records.read_run_record``) and computed from
+    the data that is at the plan's data path now: a run key holds the data's path, not its
+    content, so a record whose ``data_hash`` differs from the data's tree hash (the data were
+    regenerated or replaced since) is an error naming it, never reused as this run's."""
+    record = records.read_run_record(path)
+    data = Path(plan.data["path"])
+    if record.get("data_hash") is not None and data.exists():
+        current = tree_hash(data)
+        if record["data_hash"] != current:
+            raise InputError("run record computed from other data (the data changed since; delete "
+                             "the records of the old data to recompute them)", file=str(path),
+                             key="data_hash", expected=f"{current} (tree hash of {data})",
+                             found=record["data_hash"])
+    return record
+
+
 # The frozen encoders are drawn once, the same for every seed, as a pre-trained model would be;
 # the run's seed draws the task head, the method's modules, the data order and dropout.
 BACKBONE_SEED = 0
@@ -169,13 +186,13 @@ def encoder_sources(plan: RunPlan) -> dict | None:
 
 
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
-    """Run ``plan`` unless a record under its key exists (then it is read, and must be whole:
-    ``records.read_run_record``); return the record. The records folder must be writable before
+    """Run ``plan`` unless a record under its key exists (then it is read, and must be whole and of
+    the current data: ``read_done_record``); return the record. The records folder must be writable before
     anything is computed."""
     key = run_key(plan)
     path = record_path(plan, key, out_dir)
     if path.exists() or path.is_symlink():
-        return records.read_run_record(path)
+        return read_done_record(plan, path)
     records.require_writable_folder(path.parent)
     started = time.perf_counter()
     prepared = prepare(plan)

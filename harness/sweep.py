@@ -30,7 +30,7 @@ from harness import records
 from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
 from harness.ray_executor import RayOptions, ray_session, run_with_ray
-from harness.run import RUNS_DIR, record_path, run_code_hash, run_key, run_trial
+from harness.run import RUNS_DIR, read_done_record, record_path, run_code_hash, run_key, run_trial
 from harness.settings import RunPlan, plan_run, plan_to_dict, section
 from methods import method_names
 
@@ -77,13 +77,13 @@ def grid_plans(params: dict) -> list[RunPlan]:
 
 
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
-    """The plans without a record; a record that is there must be whole
-    (``records.read_run_record``: InputError naming a corrupt, empty or metric-less one)."""
+    """The plans without a record; a record that is there must be whole and of the current data
+    (``run.read_done_record``: InputError naming a corrupt, empty, metric-less or other-data one)."""
     todo = []
     for plan in plans:
         path = record_path(plan, run_key(plan), out_dir)
         if path.exists() or path.is_symlink():
-            records.read_run_record(path)
+            read_done_record(plan, path)
         else:
             todo.append(plan)
     return todo

@@ -86,7 +86,11 @@ def no_compute(monkeypatch):
     """Fail the test if a sweep starts computing (the error must come before any work)."""
     def refuse(*args, **kwargs):
         raise AssertionError("a run was started")
-    monkeypatch.setattr("harness.sweep.run_many", refuse)
+
+    def run_nothing(plans, *args, **kwargs):
+        if plans:
+            refuse()
+    monkeypatch.setattr("harness.sweep.run_many", run_nothing)
     monkeypatch.setattr("harness.run.fine_tune", refuse)
 
 
@@ -220,6 +224,30 @@ def test_damaged_record_stops_tables_and_run(damage, study, tmp_path, capsys, no
     code, err = mmpetl(capsys, "run", "--params", params, "--dataset", "mosi", "--method", "linear",
                        "--out", runs)
     assert code == 2 and str(record) in err
+
+
+def test_record_of_data_changed_since_is_not_reused(study, tmp_path, capsys, no_compute):
+    """A run key holds the data's path, not its content: a record computed before the data at
+    that path changed is refused (naming it and both hashes), by the sweep and by mmpetl run."""
+    params, runs = study
+    runs = copy_of(runs, tmp_path)
+    record = the_record(runs)
+    recorded = json.loads(record.read_text())["data_hash"]
+    data = Path(yaml.safe_load(params.read_text())["data"]["tiny"]["mosi"]["path"])
+    manifest = data / "generated.json"
+    original = manifest.read_bytes()
+    try:
+        manifest.write_bytes(original + b"\n")  # the data regenerated: other bytes, same path
+        for argv in (["sweep", "--executor", "sequential"],
+                     ["run", "--dataset", "mosi", "--method", "linear"]):
+            code, err = mmpetl(capsys, *argv, "--params", params, "--out", runs)
+            assert code == 2 and str(record) in err and "other data" in err and recorded in err
+            assert records.tree_hash(data) in err
+    finally:
+        manifest.write_bytes(original)
+    assert records.tree_hash(data) == recorded
+    code, err = mmpetl(capsys, "sweep", "--params", params, "--out", runs, "--executor", "sequential")
+    assert code == 0, err
 
 
 # --- 3. feature caches verified by content -------------------------------------------------------
