@@ -209,3 +209,22 @@ def test_harness_imports_no_heavy_package_it_does_not_need():
                           text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- per-run work done once per process -----------------------------------------------------------
+def test_card_is_parsed_once_per_text(tmp_path, monkeypatch):
+    """A run reads its card several times: the YAML is parsed once per text, and an edited card is
+    read afresh (the cache is keyed by the file's text)."""
+    from harness.data import cards
+
+    card = (cards.cards_dir() / "mosi.yaml").read_text()
+    folder = tmp_path / "datasets"
+    folder.mkdir()
+    (folder / "mosi.yaml").write_text(card)
+    monkeypatch.setattr(cards, "cards_dir", lambda: folder)
+    parsed = cards._parsed.cache_info().misses
+    first, second = cards.load_card("mosi"), cards.load_card("mosi")
+    assert first.raw == second.raw and first.raw is not second.raw  # copies: callers may edit
+    assert cards._parsed.cache_info().misses <= parsed + 1
+    (folder / "mosi.yaml").write_text(card.replace("title:", "title: edited", 1))
+    assert cards.load_card("mosi").raw["title"].startswith("edited")
