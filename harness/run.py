@@ -106,15 +106,19 @@ def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
     return Path(out_dir) / plan.dataset / f"{records.row_slug(plan.row)}-seed{plan.seed}-{key[:12]}.json"
 
 
-def read_done_record(plan: RunPlan, path: Path) -> dict:
+def read_done_record(plan: RunPlan, path: Path, data_hashes: dict | None = None) -> dict:
     """The record of ``plan`` at ``path``, whole (``records.read_run_record``) and computed from
     the data that is at the plan's data path now: a run key holds the data's path, not its
     content, so a record whose ``data_hash`` differs from the data's tree hash (the data were
-    regenerated or replaced since) is an error naming it, never reused as this run's."""
+    regenerated or replaced since) is an error naming it, never reused as this run's.
+    ``data_hashes``: a {data path: tree hash} memo for many records (hashed once per call site)."""
     record = records.read_run_record(path)
     data = Path(plan.data["path"])
     if record.get("data_hash") is not None and data.exists():
-        current = tree_hash(data)
+        data_hashes = {} if data_hashes is None else data_hashes
+        if data not in data_hashes:
+            data_hashes[data] = tree_hash(data)
+        current = data_hashes[data]
         if record["data_hash"] != current:
             raise InputError("run record computed from other data (the data changed since; delete "
                              "the records of the old data to recompute them)", file=str(path),

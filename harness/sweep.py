@@ -79,11 +79,11 @@ def grid_plans(params: dict) -> list[RunPlan]:
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
     """The plans without a record; a record that is there must be whole and of the current data
     (``run.read_done_record``: InputError naming a corrupt, empty, metric-less or other-data one)."""
-    todo = []
+    todo, data_hashes = [], {}
     for plan in plans:
         path = record_path(plan, run_key(plan), out_dir)
         if path.exists() or path.is_symlink():
-            read_done_record(plan, path)
+            read_done_record(plan, path, data_hashes)
         else:
             todo.append(plan)
     return todo
