@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from harness import records
+from harness import concurrency, records
 from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
 from harness.ray_executor import RayOptions, ray_session, run_with_ray
@@ -136,7 +138,9 @@ def worker_pool(executor: str, workers: int):
     executor's pool (yielded), the ``ray`` executor's Ray instance (started once, not per call).
     Pool workers are forked, so they start with torch and the harness already imported; spawned
     (a fresh interpreter each) where fork is unavailable or this process has initialised CUDA,
-    which a forked child cannot use."""
+    which a forked child cannot use. Either way a worker is this process's child and dies with it
+    (``concurrency.worker_init``); an exception or a stop signal leaving the block stops the
+    workers at once (``stop_workers``) instead of letting them finish every queued run."""
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     if executor == "ray":
@@ -149,35 +153,79 @@ def worker_pool(executor: str, workers: int):
     forkable = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
     context = multiprocessing.get_context("fork" if forkable else "spawn")
     if forkable:  # the first optimiser step imports torch._dynamo (~1 s): once here, not per worker
-        import torch._dynamo  # noqa: F401
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        yield pool
+        importlib.import_module("torch._dynamo")  # (an import statement would make torch local)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=concurrency.worker_init,
+                                                initargs=(os.getpid(),)) as pool:
+        try:
+            yield pool
+        except BaseException:
+            stop_workers(pool)
+            raise
+
+
+# How long a worker asked to stop (SIGTERM) may take to unwind before it is killed
+WORKER_GRACE_S = 10.0
+
+
+def stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Cancel the runs not started and stop the pool's workers: SIGTERM (a worker unwinds: its
+    temporary record removed, its lock released), SIGKILL after ``WORKER_GRACE_S``."""
+    workers = list((pool._processes or {}).values())  # Python >= 3.14: pool.terminate_workers()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_S
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
              desc: str = "sweep", pool=None, ray_options: RayOptions | None = None) -> dict | None:
-    """Run ``plans`` (not yet recorded) through ``executor``, ``workers`` at a time. The ``ray``
-    executor returns what came back to the driver (records received, duplicates, trials retried)."""
+    """Run ``plans`` (not yet recorded) through ``executor``, ``workers`` at a time. The
+    ``sequential`` and ``process`` executors return ``{"computed": n}``, the runs this call computed
+    (not those another sweep on the folder computed meanwhile); the ``ray`` executor returns what
+    came back to the driver (records received, duplicates, trials retried)."""
     values = [plan_to_dict(p) for p in plans]
     root, out = os.getcwd(), str(Path(out_dir).resolve())
     if not values:
         return
-    if executor == "sequential":
-        for v in tqdm(values, desc=desc, unit="run"):
-            run_trial(v, out, root)
-    elif executor == "process":
-        with contextlib.ExitStack() as stack:
-            pool = pool or stack.enter_context(worker_pool(executor, workers))
-            futures = [pool.submit(run_trial, v, out, root) for v in values]
-            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
-                               desc=desc, unit="run"):
-                future.result()
+    if executor in ("sequential", "process"):
+        paths = [str(record_path(p, run_key(p), Path(out))) for p in plans]
+        trials = [(v, out, root, path) for v, path in zip(values, paths)]
+        with concurrency.stop_on_signals():
+            return {"computed": run_local(trials, executor, workers, desc, pool)}
     elif executor == "ray":  # each record is written here, on the driver, as it comes back
         keys = [run_key(p) for p in plans]
         paths = {key: record_path(p, key, Path(out)) for key, p in zip(keys, plans)}
         return run_with_ray(list(zip(keys, values)), out, root, workers,
                             (Path(out_dir) / RAY_STORAGE).resolve(), ray_options or RayOptions(),
                             paths.__getitem__)
+
+
+def trial_once(plan_values: dict, out_dir: str, root: str, record: str) -> bool:
+    """The trial of the sequential and process executors: ``run_trial`` under the run's lock,
+    unless another sweep on the same folder wrote ``record`` meanwhile (waited for, then read).
+    True when this call computed the run."""
+    return concurrency.compute_once(Path(out_dir), Path(record),
+                                    lambda: run_trial(plan_values, out_dir, root))
+
+
+def run_local(trials: list[tuple], executor: str, workers: int, desc: str, pool) -> int:
+    """``trial_once(*arguments)`` for each of ``trials``, in this process or in the pool's
+    workers; how many runs were computed."""
+    if executor == "sequential":
+        return sum(trial_once(*arguments) for arguments in tqdm(trials, desc=desc, unit="run"))
+    with contextlib.ExitStack() as stack:
+        pool = pool or stack.enter_context(worker_pool(executor, workers))
+        futures = [pool.submit(concurrency.exit_when_stopped, trial_once, *arguments)
+                   for arguments in trials]
+        return sum(future.result() for future in tqdm(concurrent.futures.as_completed(futures),
+                                                       total=len(futures), desc=desc, unit="run"))
 
 
 def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
@@ -192,15 +240,17 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     if todo:
         check_can_compute(todo, out_dir)
-    came_home = run_many(todo, executor, workers, out_dir, ray_options=ray_options)
+    came_home = run_many(todo, executor, workers, out_dir, ray_options=ray_options) or {}
     missing = pending(plans, out_dir)
     if missing:
         raise RuntimeError(f"{len(missing)} runs have no record after the sweep")
-    return {"runs": len(plans), "computed": len(todo), "reused": len(plans) - len(todo),
+    # runs another sweep computed while this one waited for them count as recorded, not computed
+    computed = came_home.get("computed", len(todo))
+    return {"runs": len(plans), "computed": computed, "reused": len(plans) - computed,
             "restored": restored, "set_aside": moved_aside, "executor": executor, "workers": workers,
             "records": sorted(str(record_path(p, run_key(p), out_dir).relative_to(out_dir))
                               for p in plans),
-            **({"ray": came_home} if came_home else {})}
+            **({"ray": came_home} if executor == "ray" and came_home else {})}
 
 
 def stale_reason(record: dict, hashes: dict | None = None) -> str | None:
