@@ -50,8 +50,9 @@ def _raise_stopped(signum, frame):
 def stop_on_signals():
     """Within the block, the first SIGINT or SIGTERM raises ``Stopped`` here; later ones are
     ignored while the block unwinds (it stops its workers, which takes bounded time). The previous
-    handlers come back afterwards. Outside the main thread, where Python runs no signal handler,
-    the block runs unchanged."""
+    handlers come back afterwards. A signal this process was started ignoring stays ignored (a
+    shell starts background jobs with SIGINT ignored). Outside the main thread, where Python runs
+    no signal handler, the block runs unchanged."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -61,7 +62,8 @@ def stop_on_signals():
             signal.signal(other, signal.SIG_IGN)
         raise Stopped(signum)
 
-    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     except Stopped as stopped:

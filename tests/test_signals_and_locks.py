@@ -145,6 +145,24 @@ def test_a_stop_signal_exits_128_plus_its_number_leaving_nothing_partial(tmp_pat
     assert list(tmp_path.iterdir()) == []  # neither the record nor its temporary file
 
 
+def test_a_signal_the_process_was_started_ignoring_stays_ignored(tmp_path):
+    """A shell starts background jobs with SIGINT ignored: ``mmpetl sweep &`` must not stop on it."""
+    process = python("""
+        import signal, time
+        from harness.concurrency import stop_on_signals
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with stop_on_signals():
+            print("running", flush=True)
+            time.sleep(60)
+    """, stderr=subprocess.DEVNULL)
+    assert process.stdout.readline() == "running\n"
+    process.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(1)  # still running
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(STOP_BOUND_S) == 128 + signal.SIGTERM
+
+
 ORPHAN = """
     import multiprocessing, os, sys, time
     from harness import concurrency
