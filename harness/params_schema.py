@@ -351,14 +351,15 @@ def _fits(config, widths: dict[str, int] | None) -> None:
 
 
 def check_row(row: dict, file: str, where: str, widths: dict[str, int] | None = None,
-              command_line: tuple[str, ...] = (), defaults: dict | None = None) -> dict:
+              command_line: tuple[str, ...] = (), defaults: dict | None = None,
+              defaults_where: str = "method_defaults") -> dict:
     """A grid row (``method``, ``variant``, config fields): the method and variant exist, each
-    field has the config's type and passes its checks alone, the whole config passes them, and
-    fits ``widths`` (the backbone's, where known before running). ``where``: the row's key path;
+    field has the config's type, and the config passes the method's own checks and fits
+    ``widths`` (the backbone's, where known before running). ``where``: the row's key path;
     ``command_line``: the fields whose value came from ``--set``; ``defaults``: the profile's
-    method defaults under the row (``profiles.<p>.method_defaults.<method>``)."""
+    method defaults under the row, at ``defaults_where``. Returns the row's settings, those
+    from --set as the config's types (1 -> 1.0 for a float)."""
     method, variant = row.get("method"), row.get("variant", "paper")
-    # returns the row's settings, those from --set as the config's types (1 -> 1.0 for a float)
     if not isinstance(method, str) or method not in method_names():
         raise InputError("unknown method in a grid row", file=file, key=f"{where}.method",
                          expected=f"one of {method_names()}", found=repr(method))
@@ -368,8 +369,12 @@ def check_row(row: dict, file: str, where: str, widths: dict[str, int] | None = 
                          expected=f"one of {sorted(spec.variants)}", found=repr(variant))
     settings = {**(defaults or {}), **{k: v for k, v in row.items() if k not in ("method", "variant")}}
 
-    def origin(field: str) -> tuple[str, str]:
-        return (COMMAND_LINE, field) if field in command_line else (file, f"{where}.{field}")
+    def origin(field: str | None) -> tuple[str, str]:
+        if field is None:  # the row as a whole
+            return (", ".join(sorted({origin(f)[0] for f in settings} or {file})), where)
+        if field in command_line:
+            return COMMAND_LINE, field
+        return file, f"{where}.{field}" if field in row else f"{defaults_where}.{field}"
 
     model = _dataclass_model(spec.config_class)
     for field, value in settings.items():
@@ -378,17 +383,29 @@ def check_row(row: dict, file: str, where: str, widths: dict[str, int] | None = 
             raise InputError(f"unknown {method} setting", file=source, key=key,
                              expected=f"one of {sorted(model.model_fields)}", found=repr(field))
         _check_value(model, field, value, source, key)
-        try:
-            _fits(spec.make_config(variant, **{field: value}), widths)
-        except ConfigError as error:
-            raise InputError(str(error), file=source, key=key) from None
-    try:
-        _fits(spec.make_config(variant, **settings), widths)
-    except ConfigError as error:
-        sources = sorted({origin(field)[0] for field in settings} or {file})
-        raise InputError(str(error), file=", ".join(sources), key=where) from None
+    _blame(lambda values: _fits(spec.make_config(variant, **values), widths), settings, origin,
+           ConfigError)
     typed = model.model_validate({f: settings[f] for f in command_line if f in settings})
     return {**settings, **typed.model_dump(exclude_unset=True)}
+
+
+def _blame(check, settings: dict, origin, errors) -> None:
+    """``check(settings)``; where it raises one of ``errors``, an InputError at ``origin`` of the
+    one field whose value fails ``check`` alone, else of the whole (``origin(None)``): a valid
+    whole never fails, and a single bad value is named by its own key."""
+    try:
+        check(settings)
+        return
+    except errors as error:
+        problem = error
+    for field, value in settings.items():
+        try:
+            check({field: value})
+        except errors as alone:
+            source, key = origin(field)
+            raise InputError(str(alone).strip('"'), file=source, key=key) from None
+    source, key = origin(None)
+    raise InputError(str(problem).strip('"'), file=source, key=key) from None
 
 
 def resolved_row(row: dict, defaults: dict | None = None) -> tuple:
@@ -474,21 +491,19 @@ def _backbone_model(kind: str) -> type[BaseModel]:
 
 
 def _check_backbones(checked: Params, file: str) -> None:
-    """Each backbone block: known keys of the right types, each value and the whole block passing
-    the backbone config's own checks."""
+    """Each backbone block: known keys of the right types, passing the backbone config's own
+    checks (unless a pretrained tower named there brings sizes of its own)."""
     for profile, blocks in checked.profiles.items():
         for kind in BACKBONE_BLOCKS:
             block, where = getattr(blocks, kind), f"profiles.{profile}.{kind}"
             _validate(_backbone_model(kind), block, file, prefix=tuple(where.split(".")))
+            if named_encoders(kind, block):
+                continue
             preset = {"preset": block["preset"]} if "preset" in block else {}
-            # the whole block, unless a pretrained tower named there brings sizes of its own
-            whole = [] if named_encoders(kind, block) else [(None, None)]
-            for name, value in [*block.items(), *whole]:
-                try:
-                    _backbone_config(kind, block if name is None else {**preset, name: value})
-                except (ValueError, KeyError) as error:
-                    raise InputError(f"invalid {kind} setting: {str(error).strip(chr(34))}", file=file,
-                                     key=where if name is None else f"{where}.{name}") from None
+            _blame(lambda values: _backbone_config(kind, {**preset, **values}),
+                   {k: v for k, v in block.items() if k != "preset"},
+                   lambda name: (file, where if name is None else f"{where}.{name}"),
+                   (ValueError, KeyError))
 
 
 def _check_datasets(checked: Params, file: str, cards: Cards) -> None:
@@ -529,7 +544,8 @@ def _no_duplicates(values: list, file: str, key: str) -> None:
 def _check_with_defaults(params: dict, checked: Params, row: dict, card, file: str,
                          where: str) -> None:
     defaults = checked.profiles[checked.profile].method_defaults.get(row.get("method")) or {}
-    check_row(row, file, where, known_widths(params, card), defaults=defaults)
+    check_row(row, file, where, known_widths(params, card), defaults=defaults,
+              defaults_where=f"profiles.{checked.profile}.method_defaults.{row.get('method')}")
 
 
 def _check_grid(params: dict, checked: Params, file: str, cards: Cards) -> None:

@@ -156,7 +156,8 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     row_settings = {**(settings or {}), **set_settings}
     typed = check_row(grid_row(method, variant, row_settings), file, method,
                       known_widths(params, card), command_line=tuple(set_settings),
-                      defaults=profile_defaults)
+                      defaults=profile_defaults,
+                      defaults_where=f"profiles.{profile}.method_defaults.{method}")
     row_settings.update({key: typed[key] for key in set_settings})
     row = grid_row(method, variant, row_settings)
     method_overrides: dict = {**profile_defaults, **row_settings}
