@@ -164,31 +164,33 @@ def test_a_signal_the_process_was_started_ignoring_stays_ignored(tmp_path):
 
 
 ORPHAN = """
-    import multiprocessing, os, sys, time
+    import concurrent.futures, multiprocessing, os, sys, time
     from harness import concurrency
 
-    def worker(parent):
-        if sys.argv[1] == "getppid":  # the fallback where PR_SET_PDEATHSIG is unavailable
-            concurrency._parent_death_signal = lambda signum: False
-        concurrency.worker_init(parent)
-        time.sleep(120)
-
-    child = multiprocessing.get_context("fork").Process(target=worker, args=(os.getpid(),))
-    child.start()
-    print(child.pid, flush=True)
+    method, watch = sys.argv[1], sys.argv[2]
+    if watch == "getppid":  # the fallback where PR_SET_PDEATHSIG is unavailable (fork inherits it)
+        concurrency._parent_death_signal = lambda signum: False
+    # the process executor's pool: its initializer, one worker busy with a long task, wrapped
+    # as the executor wraps every run
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context(method), initializer=concurrency.worker_init,
+        initargs=(os.getpid(),))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(concurrency.exit_when_stopped, time.sleep, 120)
     time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("watch", ["prctl", "getppid"])
-def test_a_worker_dies_when_its_parent_is_killed(watch):
-    parent = python(ORPHAN, watch)
-    child = int(parent.stdout.readline())
-    time.sleep(0.5)  # the child has run worker_init
-    assert psutil.Process(child).ppid() == parent.pid
+@pytest.mark.parametrize("method, watch", [("fork", "prctl"), ("spawn", "prctl"), ("fork", "getppid")])
+def test_a_pool_worker_dies_when_its_parent_is_killed(method, watch):
+    """Fork: the sweep's start method; spawn: its start method once CUDA is initialised."""
+    parent = python(ORPHAN, method, watch)
+    worker = int(parent.stdout.readline())
+    assert psutil.Process(worker).ppid() == parent.pid
+    time.sleep(0.3)  # the worker has taken the long task
     parent.kill()  # SIGKILL: the parent cannot stop its worker itself
     parent.wait()
-    assert gone(child, within_s=5), f"worker {child} outlived its killed parent ({watch})"
+    assert gone(worker, within_s=5), f"worker {worker} outlived its killed parent ({method}, {watch})"
 
 
 # --- a real process-executor sweep ------------------------------------------------------------
