@@ -111,8 +111,15 @@ def read_done_record(plan: RunPlan, path: Path, data_hashes: dict | None = None)
     the data that is at the plan's data path now: a run key holds the data's path, not its
     content, so a record whose ``data_hash`` differs from the data's tree hash (the data were
     regenerated or replaced since) is an error naming it, never reused as this run's.
-    ``data_hashes``: a {data path: tree hash} memo for many records (hashed once per call site)."""
+    ``data_hashes``: a {data path: tree hash} memo for many records (hashed once per call site).
+    A record whose own key is not the one its file name holds (copied or renamed from another
+    run's) is refused too."""
     record = records.read_run_record(path)
+    named = path.stem.rsplit("-", 1)[-1]
+    if str(record.get("key"))[:12] != named:
+        raise InputError("run record of another run (its key is not the one in its file name; "
+                         "delete the file to recompute its run)",
+                         file=str(path), key="key", expected=f"{named}...", found=record.get("key"))
     data = Path(plan.data["path"])
     if record.get("data_hash") is not None and data.exists():
         data_hashes = {} if data_hashes is None else data_hashes

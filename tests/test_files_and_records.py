@@ -195,6 +195,8 @@ DAMAGE = {
     "binary": lambda p: p.write_bytes(b"\xff\xfe\x00garbage"),
     "a folder": lambda p: (p.unlink(), p.mkdir()),
     "a dangling link": lambda p: (p.unlink(), p.symlink_to(p.parent / "gone.json")),
+    "another run's record": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                               "key": "0" * 64})),
 }
 
 
