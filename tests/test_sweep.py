@@ -1,8 +1,8 @@
-"""The finetune grid: executors agree, runs are keyed and resumable, Ray runs on a local cluster."""
+"""The finetune grid: executors agree, runs are keyed and resumable (Ray on a cluster:
+test_ray_cluster.py)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -91,42 +91,3 @@ def test_sweep_killed_with_sigkill_resumes_without_loss(small_params, tmp_path):
                                         text=True, check=True).stdout)
     assert summary["computed"] == 8 - len(finished) and summary["reused"] == len(finished)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # none recomputed
-
-
-@pytest.mark.slow
-def test_ray_cluster_through_ray_address(small_params, tmp_path):
-    """A Ray cluster of its own (`ray start --head --block` in a new session, on a free port),
-    joined through RAY_ADDRESS; only that cluster is stopped afterwards (never `ray stop`, which
-    would stop every Ray instance on the machine). Token authentication off: a driver joining
-    by address (not `auto`) has no token, and this cluster is a test's own."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline, address = time.time() + 180, f"127.0.0.1:{port}"
-        while subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r})"],
-                             capture_output=True, env=env, timeout=120).returncode != 0:
-            assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
-            time.sleep(2)
-        result = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--executor", "ray",
-                                 "--params", str(small_params), "--out", str(tmp_path), "--json"],
-                                cwd=ROOT, capture_output=True, text=True,
-                                env={**env, "RAY_ADDRESS": address})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads(result.stdout)["computed"] == 8
-        assert len(metrics_by_row(tmp_path)) == 8
-    finally:  # `ray start --block` stops what it started on SIGTERM; then anything left in its group
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
