@@ -324,6 +324,16 @@ def write_error(path: Path, error: OSError):
                             f"({where})")
 
 
+def _about_writing(error: OSError, path: Path, temporary: Path | None) -> bool:
+    """Whether ``error`` concerns writing ``path``: it names no file (a failed write, fsync) or
+    names ``path``, its temporary or one of its folders."""
+    if error.filename is None:
+        return True
+    named = Path(os.fsdecode(error.filename)).absolute()
+    ours = {path.absolute(), *path.absolute().parents}
+    return named in ours or (temporary is not None and named == temporary.absolute())
+
+
 def require_writable_folder(folder: str | Path, key: str = "--out") -> None:
     """InputError unless ``folder`` is (or can be created as) a folder this process may write,
     checked before any work whose result would go there."""
@@ -369,6 +379,8 @@ def atomic_path(path: str | Path):
         os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600: follow the umask
         os.replace(temporary, path)
     except OSError as error:
+        if not _about_writing(error, path, temporary):
+            raise  # e.g. an input the block reads: not this write's error
         raise write_error(path, error) from None
     finally:
         if temporary is not None and temporary.exists():

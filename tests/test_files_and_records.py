@@ -184,6 +184,15 @@ def test_atomic_write_errors_name_the_path_and_clean_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "record.json"]
 
 
+def test_an_input_error_inside_an_atomic_write_is_not_called_a_write_error(tmp_path):
+    """An OS error about another file (an input the block reads) keeps its own type and message;
+    the temporary is removed and the target is not written."""
+    with pytest.raises(FileNotFoundError, match="missing-input"):
+        with records.atomic_file(tmp_path / "out.json") as stream:
+            stream.write((tmp_path / "missing-input").read_text())
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- 2. damaged run records ----------------------------------------------------------------------
 DAMAGE = {
     "empty": lambda p: p.write_text(""),
