@@ -524,6 +524,13 @@ def _check_datasets(checked: Params, file: str, cards: Cards) -> None:
     if profile not in checked.profiles:
         raise InputError("the profile has no block", file=file, key=f"profiles.{profile}",
                          expected="a mapping", found="nothing")
+    if checked.pretrain is not None:
+        for dataset, source in checked.pretrain.use.items():
+            if source not in checked.pretrain.checkpoints:
+                raise InputError("a pre-training source without a checkpoint path", file=file,
+                                 key=f"pretrain.use.{dataset}",
+                                 expected=f"one of pretrain.checkpoints {sorted(checked.pretrain.checkpoints)}",
+                                 found=repr(source))
     for method in checked.profiles[profile].method_defaults:
         if method not in method_names():
             raise InputError("unknown method", file=file,

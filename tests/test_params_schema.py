@@ -174,6 +174,8 @@ GRID_CASES = [
     ("unknown role", setter("grid.mosi.1.target_roles", ["q", "x"]), "grid.mosi[1].target_roles",
      "a non-empty subset"),
     ("duplicate seed", setter("seeds", [0, 1, 0]), "seeds[2]", "seeds[0] is the same"),
+    ("pre-training source without a checkpoint", setter("pretrain.use", {"mosi": "mosi"}),
+     "pretrain.use.mosi", "one of pretrain.checkpoints"),
     ("unknown top-level key", setter("seed", 3), "seed", "one of ['data', 'data_seed'"),
 ]
 
