@@ -157,6 +157,8 @@ def test_planted_comparisons_read_verdicts_against_predictions():
                                     for c in predicted_better)
     few = table.planted_comparisons(comparison_values(better=0.3), seeds=[0])
     assert all(c["outcome"] == "untestable" and c["holds"] is None for c in few)
+    none = table.planted_comparisons(comparison_values(better=0.3), seeds=[99])
+    assert all(c["outcome"] == table.NOT_RUN and c["holds"] is None for c in none)
 
 
 def test_planted_table_renders_every_row_with_its_records(tmp_path):

@@ -25,6 +25,7 @@ from harness.tables.io import csv_text, num, write_bytes_if_changed
 BETTER, NOT_BETTER = "better", "not better"   # the predictions
 OUTCOMES = {stats.WANDER_BETTER: BETTER, stats.BASELINE_BETTER: "worse",
             stats.NOT_SIGNIFICANT: stats.NOT_SIGNIFICANT, stats.UNTESTABLE: stats.UNTESTABLE}
+NOT_RUN = "not run: no records of the row and the probe on common seeds"
 PROBE = {"method": "linear"}
 NAME = "planted_effects"
 TITLE = "Planted effects: each method against the linear probe where the right answer is known"
@@ -94,7 +95,8 @@ def planted_values(selection: Selection) -> dict:
 def planted_comparisons(values: Mapping, seeds=None) -> list[dict]:
     """Every planted row against the linear probe, on the seeds in ``seeds`` (None: all), Holm
     over the whole table; each comparison carries its task, row, prediction, ``outcome`` (better,
-    worse, no significant difference, untestable) and ``holds`` (None when untestable)."""
+    worse, no significant difference, untestable, or ``NOT_RUN``) and ``holds`` (None unless
+    tested)."""
     keep = (lambda s: True) if seeds is None else set(seeds).__contains__
     found = []
     for task in PLANTED_TASKS:
@@ -109,7 +111,7 @@ def planted_comparisons(values: Mapping, seeds=None) -> list[dict]:
     stats.adjust(found)
     for comparison in found:
         verdict = comparison["verdict"]
-        comparison["outcome"] = OUTCOMES[verdict]
+        comparison["outcome"] = OUTCOMES[verdict] if comparison["n"] else NOT_RUN
         comparison["holds"] = (None if verdict == stats.UNTESTABLE else
                                (comparison["outcome"] == BETTER) == (comparison["prediction"] == BETTER))
     return found
