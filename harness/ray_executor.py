@@ -171,15 +171,13 @@ def compute_record(key: str | None, values: dict, root: str) -> dict:
         raise InputError(f"Ray node {node_name()} computes another run key for "
                          f"{records.row_slug(values['row'])} seed {values['seed']}: its code (harness "
                          "or methods) or compute packages differ from the driver's; install the "
-                         "driver's revision on every node", key="run key", expected=key[:12],
+                         "driver's revision on every node", expected=f"the driver's run key {key[:12]}",
                          found=local[:12])
     scratch = tempfile.mkdtemp(prefix="mmpetl-trial-")
     try:
         return run_trial(values, scratch, root)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
 
 
 def _ledger_class():
@@ -201,9 +199,9 @@ def _ledger_class():
     return Ledger
 
 
-def _records_home(out_dir: Path, path_for, ledger):
-    """A Tune callback (in the driver) that writes each record a trial reports atomically into
-    ``out_dir`` (``path_for(trial config, record)``), marks its key in ``ledger``, and keeps what
+def _records_home(path_for, ledger):
+    """A Tune callback (in the driver) that writes each record a trial reports atomically at
+    ``path_for(trial config, record)``, marks its key in ``ledger``, and keeps what
     the sweep reports: records received, duplicates (a key received twice), trials retried, the
     first bad input."""
     import ray
@@ -277,11 +275,11 @@ def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions,
     return home.summary()
 
 
-def run_with_ray(keyed_values: list[tuple[str, dict]], out_dir: str, root: str, workers: int,
-                 storage: Path, options: RayOptions, path_for) -> dict:
-    """Run the plans ``keyed_values`` ([(run key, plan values)]) as Tune trials of
-    ``options.runs_per_trial`` runs; each record is written on the driver at ``path_for(key)``
-    under ``out_dir``. Returns what came back (``RecordsHome.summary``)."""
+def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, storage: Path,
+                 options: RayOptions, path_for) -> dict:
+    """Run the plans ``keyed_values`` ([(run key, plan values)]; paths relative to ``root``) as Tune
+    trials of ``options.runs_per_trial`` runs; each record is written on the driver at
+    ``path_for(key)``. Returns what came back (``RecordsHome.summary``)."""
     import ray
     from ray import tune
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -308,7 +306,7 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], out_dir: str, root: str, 
                     return
                 tune.report({"record": record})
 
-        home = _records_home(Path(out_dir), lambda config, record: path_for(record["key"]), ledger)
+        home = _records_home(lambda config, record: path_for(record["key"]), ledger)
         return _fit(trainable, "finetune", storage, workers, options,
                     lambda config: options.resources(trials[config["batch"]][0][1]["train"]["device"]),
                     home, param_space={"batch": tune.grid_search(list(range(len(trials))))})
@@ -344,7 +342,7 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
         metric=[metric, "tunable"],
         mode=[direction[:3] for direction in directions],  # minimize -> min, maximize -> max
         sampler=sampler, study_name=study_name, storage=journal)
-    home = _records_home(Path(out_dir), lambda config, record: record_path(
+    home = _records_home(lambda config, record: record_path(
         plan_for(config), record["key"], Path(out_dir)), None)
     with ray_session(workers):
         return _fit(trainable, f"search-{study_name}", storage, workers, options,

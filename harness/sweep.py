@@ -202,7 +202,7 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
     elif executor == "ray":  # each record is written here, on the driver, as it comes back
         keys = [run_key(p) for p in plans]
         paths = {key: record_path(p, key, Path(out)) for key, p in zip(keys, plans)}
-        return run_with_ray(list(zip(keys, values)), out, root, workers,
+        return run_with_ray(list(zip(keys, values)), root, workers,
                             (Path(out_dir) / RAY_STORAGE).resolve(), ray_options or RayOptions(),
                             paths.__getitem__)
 
