@@ -1,6 +1,6 @@
 """Calibration of the statistics on the planted-answer tasks (a benchmark, not a test).
 
-    python scripts/bench_calibration.py [--pool 20] [--sizes 2,3,4,5,6,8,10] [--studies 400]
+    python scripts/bench_calibration.py [--pool 30] [--sizes 2,3,4,5,6,8,10] [--studies 200]
                                         [--workers 2] [--scratch DIR] [--json FILE]
 
 Runs every row of the Planted effects table (harness.tables.planted: the linear probe and the
@@ -24,8 +24,9 @@ does (harness.stats: paired t-test, Holm over the table, alpha 0.05). Printed pe
 Then the recommended number of seeds: the smallest n with A/A and null-task false-positive rates
 <= 5% and power >= 80%. Studies drawn from one pool of seeds share seeds (more so as n nears
 the pool), so the rates are resampling estimates; a larger --pool makes them less dependent.
-The fine-tuning runs dominate the time (about 6-7 minutes for --pool 20 on 2 uncontended cores);
-a rerun with the same --scratch reuses its records.
+The fine-tuning runs dominate the time: 210 runs at --pool 30 (seven rows; LoRA, which cannot
+read the feature cache, is about half of it); a rerun with the same --scratch reuses its records
+and only replays the studies.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import stats
-from harness.data import generate, load_card
+from harness.data import generate
 from harness.records import write_json_atomic
 from harness.settings import load_params
 from harness.sweep import sweep
@@ -65,26 +66,26 @@ def study_params(pool: int, data_dir: Path) -> dict:
     return params
 
 
-def aa_false_positive(values: dict, n: int, rng: np.random.Generator) -> list[bool]:
+def aa_false_positive(values: dict, metrics: dict, n: int, rng: np.random.Generator) -> list[bool]:
     """One A/A draw per row: the row's values on n seeds against its values on n other seeds."""
     found = []
     for (dataset, _), by_seed in sorted(values.items()):
         seeds = rng.permutation(sorted(by_seed))[: 2 * n]
         first = {i: by_seed[int(s)] for i, s in enumerate(seeds[:n])}
         second = {i: by_seed[int(s)] for i, s in enumerate(seeds[n:])}
-        comparison = stats.compare(first, second, load_card(dataset).main_metric)
+        comparison = stats.compare(first, second, metrics[dataset])
         stats.adjust([comparison])
         found.append(comparison["verdict"] in (stats.WANDER_BETTER, stats.BASELINE_BETTER))
     return found
 
 
-def replay(values: dict, pool: int, n: int, studies: int, seed: int) -> dict:
+def replay(values: dict, metrics: dict, pool: int, n: int, studies: int, seed: int) -> dict:
     """The rates of the module docstring for studies of n seeds."""
     rng = np.random.default_rng([seed, n])
     aa, null_better, null_wander, power, holds = [], [], [], [], []
     for _ in range(studies):
         chosen = sorted(int(s) for s in rng.choice(pool, size=n, replace=False))
-        table = planted_comparisons(values, chosen)
+        table = planted_comparisons(values, metrics, chosen)
         null = [c for c in table if c["dataset"] == "planted_null"]
         null_better.append(any(c["outcome"] == BETTER for c in null))
         null_wander.append(any(c["row"] == "Wander (d=16)" and c["verdict"] in (
@@ -92,7 +93,7 @@ def replay(values: dict, pool: int, n: int, studies: int, seed: int) -> dict:
         power.append(all(c["outcome"] == BETTER for c in table if c["prediction"] == BETTER))
         holds.append(all(c["holds"] for c in table))
         if 2 * n <= pool:
-            aa.extend(aa_false_positive(values, n, rng))
+            aa.extend(aa_false_positive(values, metrics, n, rng))
     return {"n": n, "studies": studies,
             "aa_false_positive": float(np.mean(aa)) if aa else None,
             "null_false_positive": float(np.mean(null_better)),
@@ -110,10 +111,10 @@ def recommend(rows: list[dict]) -> int | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pool", type=int, default=20, help="seeds run per row (default 20)")
+    parser.add_argument("--pool", type=int, default=30, help="seeds run per row (default 30)")
     parser.add_argument("--sizes", default="2,3,4,5,6,8,10",
                         help="numbers of seeds per study, comma-separated (default 2,3,4,5,6,8,10)")
-    parser.add_argument("--studies", type=int, default=400, help="studies replayed per size (default 400)")
+    parser.add_argument("--studies", type=int, default=200, help="studies replayed per size (default 200)")
     parser.add_argument("--workers", type=int, default=2, help="sweep worker processes (default 2)")
     parser.add_argument("--scratch", help="folder for data, caches and records (default: a temporary one)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -131,8 +132,9 @@ def main() -> int:
     sweep_s = time.perf_counter() - started
     print(f"runs: {summary['runs']} ({summary['computed']} computed) in {sweep_s:.0f} s; records in "
           f"{scratch / 'runs'}", file=sys.stderr)
-    values = planted_values(collect(scratch / "runs", params))["values"]
-    rows = [replay(values, args.pool, n, args.studies, seed=0) for n in sizes]
+    collected = planted_values(collect(scratch / "runs", params))
+    rows = [replay(collected["values"], collected["metrics"], args.pool, n, args.studies, seed=0)
+            for n in sizes]
     print(f"Calibration on the planted tasks: {args.studies} studies per size drawn from {args.pool} "
           f"seeds per row; Holm over the Planted effects table, alpha {stats.ALPHA}")
     print(f"{'seeds':>5} {'A/A FP':>7} {'null FP':>8} {'null Wander sig.':>17} {'power':>6} {'all hold':>9}")

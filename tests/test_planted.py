@@ -25,6 +25,7 @@ from harness.train import seed_everything
 from helpers import ROOT
 
 SIZES = {"n_train": 512, "n_valid": 16, "n_test": 512}
+METRICS = {task.dataset: load_card(task.dataset).main_metric for task in table.PLANTED_TASKS}
 
 
 @pytest.fixture(scope="module")
@@ -145,19 +146,19 @@ def comparison_values(better: float) -> dict:
 
 
 def test_planted_comparisons_read_verdicts_against_predictions():
-    found = table.planted_comparisons(comparison_values(better=0.3))
+    found = table.planted_comparisons(comparison_values(better=0.3), METRICS)
     assert len(found) == sum(len(t.rows) for t in table.PLANTED_TASKS)
     for c in found:
         assert c["n"] == 5 and c["p_holm"] >= c["p_t"]
         assert c["holds"] is True, c
         assert (c["outcome"] == table.BETTER) == (c["prediction"] == table.BETTER)
-    wrong = table.planted_comparisons(comparison_values(better=-0.3))
+    wrong = table.planted_comparisons(comparison_values(better=-0.3), METRICS)
     predicted_better = [c for c in wrong if c["prediction"] == table.BETTER]
     assert predicted_better and all(c["outcome"] == "worse" and c["holds"] is False
                                     for c in predicted_better)
-    few = table.planted_comparisons(comparison_values(better=0.3), seeds=[0])
+    few = table.planted_comparisons(comparison_values(better=0.3), METRICS, seeds=[0])
     assert all(c["outcome"] == "untestable" and c["holds"] is None for c in few)
-    none = table.planted_comparisons(comparison_values(better=0.3), seeds=[99])
+    none = table.planted_comparisons(comparison_values(better=0.3), METRICS, seeds=[99])
     assert all(c["outcome"] == table.NOT_RUN and c["holds"] is None for c in none)
 
 

@@ -78,29 +78,31 @@ PLANTED_TASKS = (
 
 
 def planted_values(selection: Selection) -> dict:
-    """{(dataset, label): {seed: main-metric value}} for every planted row and the probe (label
-    "Linear probe"), plus ``records`` {(dataset, label): [record paths]}."""
-    values, paths = {}, {}
+    """``values`` {(dataset, label): {seed: main-metric value}} for every planted row and the probe
+    (label "Linear probe"), ``records`` {(dataset, label): [record paths]} and ``metrics``
+    {dataset: the card's main metric}."""
+    values, paths, metrics = {}, {}, {}
     for task in PLANTED_TASKS:
-        metric = load_card(task.dataset).main_metric
+        metric = metrics[task.dataset] = load_card(task.dataset).main_metric
         for label, grid in (("Linear probe", PROBE),) + tuple((r.label, r.grid) for r in task.rows):
             by_seed = selection.get(task.dataset, grid)
             values[(task.dataset, label)] = {seed: record["metrics"].get(metric, float("nan"))
                                              for seed, record in sorted(by_seed.items())}
             paths[(task.dataset, label)] = sorted(
                 f"{task.dataset}/{Path(r['_path']).name}" for r in by_seed.values())
-    return {"values": values, "records": paths}
+    return {"values": values, "records": paths, "metrics": metrics}
 
 
-def planted_comparisons(values: Mapping, seeds=None) -> list[dict]:
-    """Every planted row against the linear probe, on the seeds in ``seeds`` (None: all), Holm
+def planted_comparisons(values: Mapping, metrics: Mapping, seeds=None) -> list[dict]:
+    """Every planted row against the linear probe on its dataset's metric (``planted_values``
+    gives both), on the seeds in ``seeds`` (None: all), Holm
     over the whole table; each comparison carries its task, row, prediction, ``outcome`` (better,
     worse, no significant difference, untestable, or ``NOT_RUN``) and ``holds`` (None unless
     tested)."""
     keep = (lambda s: True) if seeds is None else set(seeds).__contains__
     found = []
     for task in PLANTED_TASKS:
-        metric = load_card(task.dataset).main_metric
+        metric = metrics[task.dataset]
         probe = {s: v for s, v in values[(task.dataset, "Linear probe")].items() if keep(s)}
         for row in task.rows:
             side = {s: v for s, v in values[(task.dataset, row.label)].items() if keep(s)}
@@ -132,7 +134,7 @@ def _p(p) -> str:
 def render_planted(selection: Selection, out_dir, banner: str | None) -> list[tuple[Path, bytes]]:
     """The table's Markdown and CSV files as (path, bytes)."""
     collected = planted_values(selection)
-    comparisons = planted_comparisons(collected["values"])
+    comparisons = planted_comparisons(collected["values"], collected["metrics"])
     lines = [f"# {TITLE}", ""] + ([f"**{banner}**", ""] if banner else [])
     lines += ["Each row against the linear probe on the same seeds (paired t-test; Holm over the "
               "table, alpha 0.05). Predictions and the reasoning behind them: docs/planted.md.", ""]
