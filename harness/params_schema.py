@@ -31,8 +31,6 @@ from harness.train import TrainSettings
 from methods import ConfigError, get_method, method_names
 
 COMMAND_LINE = "command line --set"  # the origin of a --set value
-PROFILES = ("tiny", "paper")
-EXECUTORS = ("sequential", "process", "ray")
 SEED_MAX = 2**32 - 1  # numpy's seed range
 
 Seed = Annotated[StrictInt, Field(ge=0, le=SEED_MAX)]
@@ -128,10 +126,10 @@ def _defaults(cls) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _dataclass_model(cls, rules: tuple = ()) -> type[BaseModel]:
-    """A model whose every field is optional, typed after the dataclass ``cls`` (or ``rules``)."""
+    """A model of the fields of the dataclass ``cls``, each typed after it (or ``rules``) and
+    optional (left out: the dataclass default; ``null`` only where the field's type allows it)."""
     defaults, rules = _defaults(cls), dict(rules)
-    fields = {f.name: (Optional[rules.get(f.name) or _annotation_type(f.type, defaults.get(f.name))],
-                       None)
+    fields = {f.name: (rules.get(f.name) or _annotation_type(f.type, defaults.get(f.name)), None)
               for f in dataclasses.fields(cls)}
     return create_model(f"{cls.__name__}Fields", __base__=_Section, **fields)
 

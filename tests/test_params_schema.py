@@ -169,6 +169,8 @@ GRID_CASES = [
     ("no grid at all", setter("grid", {}), "grid", "a non-empty mapping"),
     ("dataset without a grid", lambda p: p["grid"].pop("mosi"), "grid.mosi", "an entry"),
     ("fold without folds", setter("data.tiny.mosi.fold", 2), "data.tiny.mosi.fold", "no fold"),
+    ("null where the field takes none", setter("grid.mosi.1.rank", None), "grid.mosi[1].rank",
+     "an integer"),
     ("target_roles a string", setter("grid.mosi.1.target_roles", "qv"), "grid.mosi[1].target_roles",
      "a list"),
     ("unknown role", setter("grid.mosi.1.target_roles", ["q", "x"]), "grid.mosi[1].target_roles",
