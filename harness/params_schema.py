@@ -53,7 +53,21 @@ TRAIN_RULES = {
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, PyYAML's default, needs a
-    dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string)."""
+    dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string); a key given twice in
+    one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {first_line[key] + 1})",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(

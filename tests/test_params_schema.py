@@ -112,6 +112,13 @@ def test_exponent_without_a_dot_is_a_number_in_params_and_on_the_command_line(tm
     assert plan.train.grad_clip == 1.0 and isinstance(plan.train.grad_clip, float)
 
 
+def test_a_key_given_twice_exits_2_naming_both_lines(capsys, tmp_path):
+    params = write_params(tmp_path, text_edit=lambda text: text + "seeds:\n- 5\n")
+    out = tmp_path / "runs"
+    refused(capsys, ["sweep", "--params", str(params), "--out", str(out)], out, f"file {params}",
+            "found the key 'seeds' twice (first on line")
+
+
 # --- the command line: its values and where they came from ----------------------------------
 
 COMMAND_LINE_CASES = [
