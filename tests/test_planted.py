@@ -87,7 +87,9 @@ def test_cross_label_flips_with_any_one_modality():
     null = signal_latents("unimodal", np.random.default_rng(0), 256, 6, 4)
     assert np.allclose(planted_score("unimodal", null),
                        sum(null[m][:, 0, 0] for m in MODALITIES) / math.sqrt(3))
-    assert all(np.ptp(null[m][:, :, 0], axis=1).max() == 0 for m in MODALITIES)  # every token
+    assert all(np.ptp(null[m], axis=1).max() == 0 for m in MODALITIES)  # every token the same
+    assert all(np.ptp(z[m][:, :, 0], axis=1).max() == 0 < np.ptp(z[m][:, :, 1], axis=1).min()
+               for m in MODALITIES)   # cross: the signal on every token, the rest per token
 
 
 def test_null_premise_the_probe_input_holds_the_label(generated):

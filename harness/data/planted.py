@@ -13,7 +13,10 @@ the late-fusion head reads, holds the signal as well as any pooling of the seque
     s = the task's score (below);  label = clip(1.5 (s + noise e) / sqrt(1 + noise^2), -3, 3)
 
 - ``unimodal`` (dataset ``planted_null``): s = (c_text + c_audio + c_vision) / sqrt(3), a sum of
-  unimodal features: what the frozen encoders hand the head is already enough.
+  unimodal features: what the frozen encoders hand the head is already enough. Here every token
+  of a modality carries the same whole latent, so no pooling over the tokens can clean up what
+  token 0 holds (with per-token variation in the other coordinates, Wander's pooling did:
+  docs/planted.md, "Measured").
 - ``cross`` (dataset ``planted_cross``): s = sign(c_text) sign(c_audio) sign(c_vision), the parity
   of the three signs: flipping one modality's sign flips the label, so the label is independent
   of any one modality and of any two (E[s | two of the c_m] = 0), and only a function of all
@@ -58,10 +61,13 @@ def _int(key, value, low, high):
 
 def signal_latents(task: str, rng: np.random.Generator, n: int, length: int, rank: int) -> dict:
     """{modality: z (n, length, rank)}: standard normal, except the signal coordinate z[..., 0],
-    one value per sample and modality repeated over the positions."""
+    one value per sample and modality repeated over the positions; for ``unimodal`` the whole
+    latent is repeated (every token of a modality is the same but for the feature noise)."""
     z = {m: rng.standard_normal((n, length, rank)) for m in MODALITIES}
     for m in MODALITIES:
         z[m][:, :, 0] = rng.standard_normal((n, 1))
+        if task == "unimodal":
+            z[m][:] = z[m][:, :1]
     return z
 
 
