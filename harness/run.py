@@ -93,10 +93,13 @@ def run_code_hash(method: str) -> str:
 
 
 def run_key(plan: RunPlan) -> str:
-    # the compute packages' versions: a record made under another torch / transformers / peft /
-    # numpy is never read back as this run's
-    return canonical_hash({"run": plan.identity(), "code": run_code_hash(plan.method),
-                           "packages": records.compute_versions()})
+    # the data's content (tree hash; None before the data exist): regenerated or replaced data
+    # are new runs, and their old records are set aside as stale. The compute packages' versions:
+    # a record made under another torch / transformers / peft / numpy is never read back as this
+    # run's
+    data = Path(plan.data["path"])
+    return canonical_hash({"run": plan.identity(), "data": tree_hash(data) if data.exists() else None,
+                           "code": run_code_hash(plan.method), "packages": records.compute_versions()})
 
 
 def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
@@ -106,31 +109,15 @@ def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
     return Path(out_dir) / plan.dataset / f"{records.row_slug(plan.row)}-seed{plan.seed}-{key[:12]}.json"
 
 
-def read_done_record(plan: RunPlan, path: Path, data_hashes: dict | None = None) -> dict:
-    """The record of ``plan`` at ``path``, whole (``records.read_run_record``) and computed from
-    the data that is at the plan's data path now: a run key holds the data's path, not its
-    content, so a record whose ``data_hash`` differs from the data's tree hash (the data were
-    regenerated or replaced since) is an error naming it, never reused as this run's.
-    ``data_hashes``: a {data path: tree hash} memo for many records (hashed once per call site).
-    A record whose own key is not the one its file name holds (copied or renamed from another
-    run's) is refused too."""
+def read_done_record(plan: RunPlan, path: Path) -> dict:
+    """The record of ``plan`` at ``path``, whole (``records.read_run_record``). A record whose own
+    key is not the one its file name holds (copied or renamed from another run's) is refused."""
     record = records.read_run_record(path)
     named = path.stem.rsplit("-", 1)[-1]
     if str(record.get("key"))[:12] != named:
         raise InputError("run record of another run (its key is not the one in its file name; "
                          "delete the file to recompute its run)",
                          file=str(path), key="key", expected=f"{named}...", found=record.get("key"))
-    data = Path(plan.data["path"])
-    if record.get("data_hash") is not None and data.exists():
-        data_hashes = {} if data_hashes is None else data_hashes
-        if data not in data_hashes:
-            data_hashes[data] = tree_hash(data)
-        current = data_hashes[data]
-        if record["data_hash"] != current:
-            raise InputError("run record computed from other data (the data changed since; delete "
-                             "the records of the old data to recompute them)", file=str(path),
-                             key="data_hash", expected=f"{current} (tree hash of {data})",
-                             found=record["data_hash"])
     return record
 
 
@@ -197,9 +184,9 @@ def encoder_sources(plan: RunPlan) -> dict | None:
 
 
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
-    """Run ``plan`` unless a record under its key exists (then it is read, and must be whole and of
-    the current data: ``read_done_record``); return the record. The records folder must be writable before
-    anything is computed."""
+    """Run ``plan`` unless a record under its key exists (then it is read, and must be whole:
+    ``read_done_record``); return the record. The records folder must be writable before anything
+    is computed."""
     key = run_key(plan)
     path = record_path(plan, key, out_dir)
     if path.exists() or path.is_symlink():
