@@ -79,13 +79,13 @@ def grid_plans(params: dict) -> list[RunPlan]:
 
 
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
-    """The plans without a record; a record that is there must be whole and of the current data
-    (``run.read_done_record``: InputError naming a corrupt, empty, metric-less or other-data one)."""
-    todo, data_hashes = [], {}
+    """The plans without a record; a record that is there must be whole (``run.read_done_record``:
+    InputError naming a corrupt, empty, metric-less or another run's one)."""
+    todo = []
     for plan in plans:
         path = record_path(plan, run_key(plan), out_dir)
         if path.exists() or path.is_symlink():
-            read_done_record(plan, path, data_hashes)
+            read_done_record(plan, path)
         else:
             todo.append(plan)
     return todo
@@ -266,6 +266,9 @@ def stale_reason(record: dict, hashes: dict | None = None) -> str | None:
         hashes[method] = run_code_hash(method)
     if record.get("code_hash") != hashes[method]:
         return f"other code (harness or method {record['method']!r})"
+    data = Path(str((record.get("data") or {}).get("path")))
+    if record.get("data_hash") and data.exists() and record["data_hash"] != records.tree_hash(data):
+        return f"other data (the data at {data} changed since)"
     return None
 
 
