@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes
 from harness.run import prepare
-from harness.settings import plan_run
+from harness.settings import plan_run, seeds_for
 from methods import apply_method
 
 
@@ -16,7 +16,7 @@ def extract_dataset(params: dict, dataset: str, out_dir: str | Path = FEATURES_D
     """Stage ``extract@<dataset>``: the feature cache fine-tuning will look for. The backbone is
     built by ``harness.run.prepare``, as fine-tuning builds it (its frozen encoders do not depend
     on the run's seed). Returns a JSON-able summary."""
-    plan = plan_run(params, dataset, "linear", seed=params.get("seeds", [0])[0])
+    plan = plan_run(params, dataset, "linear", seed=seeds_for(params, dataset)[0])
     prepared = prepare(plan)
     backbone = prepared.backbone
     apply_method(backbone, "linear")  # freezes the encoders: the head alone trains

@@ -206,6 +206,8 @@ class Params(_Section):
     profile: Profile
     datasets: Annotated[list[StrictStr], Field(min_length=1)]
     seeds: Annotated[list[Seed], Field(min_length=1)]
+    # dataset -> its seeds, replacing ``seeds`` for it (``settings.seeds_for``)
+    seeds_by_dataset: dict[StrictStr, Annotated[list[Seed], Field(min_length=1)]] = {}
     method: StrictStr = "all"
     methods: list[StrictStr] = []
     grid: Annotated[dict[StrictStr, Annotated[list[Row], Field(min_length=1)]], Field(min_length=1)]
@@ -458,6 +460,7 @@ def _check_names(checked: Params, file: str, cards: Cards) -> None:
         *((f"data.{p}", blocks) for p, blocks in checked.data.items())) for name in block]
     named += [(f"run_defaults.{m}.{name}", name) for m, block in checked.run_defaults.items()
               for name in block]
+    named += [(f"seeds_by_dataset.{name}", name) for name in checked.seeds_by_dataset]
     if checked.search is not None:
         named.append(("search.dataset", checked.search.dataset))
     if checked.pretrain is not None:
@@ -523,6 +526,8 @@ def _check_datasets(checked: Params, file: str, cards: Cards) -> None:
         raise InputError("unknown method", file=file, key="method",
                          expected=f"'all' or one of {method_names()}", found=repr(checked.method))
     _no_duplicates(checked.seeds, file, "seeds")
+    for dataset, seeds in checked.seeds_by_dataset.items():
+        _no_duplicates(seeds, file, f"seeds_by_dataset.{dataset}")
     _no_duplicates(checked.datasets, file, "datasets")
     profile = checked.profile
     for index, dataset in enumerate(checked.datasets):

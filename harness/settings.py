@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def load_params_methods(params: dict) -> None:
             raise InputError(str(error), file=params["_file"], key=f"methods[{index}]",
                              expected="an importable module that registers methods",
                              found=repr(module)) from error
+
+
+def seeds_for(params: Mapping, dataset: str) -> list[int]:
+    """The seeds of ``dataset``'s runs: ``seeds_by_dataset.<dataset>`` where params.yaml gives
+    one (the planted tasks need more seeds than the study's datasets: docs/planted.md), else
+    ``seeds``. Every reader of a dataset's seeds (sweep, tables, leaderboard, extract) asks here."""
+    by_dataset = params.get("seeds_by_dataset") or {}
+    key = f"seeds_by_dataset.{dataset}" if dataset in by_dataset else "seeds"
+    seeds = by_dataset[dataset] if dataset in by_dataset else params.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise InputError("seeds must be a non-empty list of integers",
+                         file=params.get("_file", PARAMS_FILE), key=key, expected="e.g. [0, 1, 2]",
+                         found=repr(seeds))
+    return list(seeds)
 
 
 def section(params: dict, *keys: str) -> dict:

@@ -33,7 +33,7 @@ from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
 from harness.ray_executor import RayOptions, ray_session, run_with_ray
 from harness.run import RUNS_DIR, read_done_record, record_path, run_code_hash, run_key, run_trial
-from harness.settings import RunPlan, plan_run, plan_to_dict, section
+from harness.settings import RunPlan, plan_run, plan_to_dict, section, seeds_for
 from methods import method_names
 
 EXECUTORS = ("sequential", "process", "ray")
@@ -45,16 +45,13 @@ STALE = ".stale"
 
 
 def grid_plans(params: dict) -> list[RunPlan]:
-    """Every run of the study: datasets x grid rows (filtered by ``method``) x seeds."""
+    """Every run of the study: per dataset, its grid rows (filtered by ``method``) x its seeds
+    (``settings.seeds_for``)."""
     file = params["_file"]
     chosen = params.get("method", "all")
     if chosen != "all" and chosen not in method_names():
         raise InputError("unknown method", file=file, key="method",
                          expected=f"'all' or one of {method_names()}", found=chosen)
-    seeds = params.get("seeds")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise InputError("seeds must be a non-empty list of integers", file=file, key="seeds",
-                         expected="e.g. [0, 1, 2]", found=seeds)
     datasets = params.get("datasets")
     if not isinstance(datasets, list) or not datasets:
         raise InputError("datasets must be a non-empty list", file=file, key="datasets",
@@ -65,6 +62,7 @@ def grid_plans(params: dict) -> list[RunPlan]:
         if dataset not in grid:
             raise InputError("dataset has no grid rows", file=file, key=f"grid.{dataset}",
                              expected="a list of rows", found="nothing")
+        seeds = seeds_for(params, dataset)
         for index, row in enumerate(grid[dataset]):
             if not isinstance(row, dict) or "method" not in row:
                 raise InputError("a grid row must be a mapping with a method", file=file,

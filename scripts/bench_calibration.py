@@ -55,7 +55,8 @@ def study_params(pool: int, data_dir: Path) -> dict:
     """The study's params.yaml restricted to the planted tasks, their table rows and ``pool``
     seeds, with the data generated under ``data_dir``."""
     params = load_params(ROOT / "params.yaml")
-    params.update(datasets=[t.dataset for t in PLANTED_TASKS], seeds=list(range(pool)), method="all")
+    params.update(datasets=[t.dataset for t in PLANTED_TASKS], seeds=list(range(pool)),
+                  seeds_by_dataset={}, method="all")
     for task in PLANTED_TASKS:
         params["grid"][task.dataset] = [dict(PROBE)] + [dict(row.grid) for row in task.rows]
         folder = data_dir / task.dataset

@@ -2,11 +2,11 @@
 
     python scripts/bench_parallel.py [--rows 25] [--seeds 3] [--workers 2] [--repeat 5]
 
-The grid is the study's own: the first ``--rows`` MOSI rows of params.yaml times its first
-``--seeds`` seeds (default: all 25 rows x 3 seeds = 75 trials, the MOSI part of stage finetune;
-tiny profile, MOSI generated as stage data@mosi does, in a temporary folder; no pre-trained
-checkpoint). Fixed costs (Ray's start and stop, worker start-up) weigh less the more trials share
-them; a grid of fewer trials shows them (``--seeds 1``).
+The grid is the study's own: the first ``--rows`` MOSI rows of params.yaml times the first
+``--seeds`` of MOSI's seeds (``settings.seeds_for``) (default: all 25 rows x 3 seeds = 75 trials,
+the MOSI part of stage finetune; tiny profile, MOSI generated as stage data@mosi does, in a
+temporary folder; no pre-trained checkpoint). Fixed costs (Ray's start and stop, worker start-up)
+weigh less the more trials share them; a grid of fewer trials shows them (``--seeds 1``).
 Each executor runs it as a fresh ``mmpetl sweep`` command into its own empty record folder, so
 each wall time is what a user waits for: interpreter and imports, worker start-up, every trial,
 the index (the frozen encoders' feature cache is built before any of them). Prints the wall
@@ -37,21 +37,24 @@ EXECUTORS = ("sequential", "process", "ray")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=None, help="first MOSI grid rows (default all)")
-    parser.add_argument("--seeds", type=int, default=None, help="first seeds of params.yaml (default all)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="first of MOSI's seeds in params.yaml (default all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="repetitions of the three sweeps")
     args = parser.parse_args()
     from harness.data import generate
+    from harness.settings import seeds_for
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    rows, seeds = params["grid"]["mosi"][: args.rows], params["seeds"][: args.seeds]
+    rows, seeds = params["grid"]["mosi"][: args.rows], seeds_for(params, "mosi")[: args.seeds]
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1 (found {args.repeat})")
     if len(rows) * len(seeds) < 8:
         parser.error(f"the grid must have >= 8 trials (found {len(rows)} rows x {len(seeds)} seeds)")
     folder = Path(tempfile.mkdtemp(prefix="mmpetl-parallel-"))
     generate("mosi", folder / "mosi", seed=params["data_seed"], **params["generate"]["mosi"])
-    params.update(profile="tiny", datasets=["mosi"], method="all", seeds=seeds, grid={"mosi": rows})
+    params.update(profile="tiny", datasets=["mosi"], method="all", seeds=seeds, seeds_by_dataset={},
+                  grid={"mosi": rows})
     params["data"]["tiny"]["mosi"]["path"] = str(folder / "mosi")
     params["pretrain"]["use"] = {}
     (folder / "params.yaml").write_text(yaml.safe_dump(params))

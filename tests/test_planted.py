@@ -174,10 +174,11 @@ def test_planted_table_renders_every_row_with_its_records(tmp_path):
         current[(dataset, row_key(grid))] = {
             seed: {"metrics": {metric: v}, "_path": f"runs/{dataset}/{label}-seed{seed}.json"}
             for seed, v in by_seed.items()}
-    selection = Selection("runs", "tiny", list(range(5)), current=current)
+    seeds = {task.dataset: list(range(5)) for task in table.PLANTED_TASKS}
+    selection = Selection("runs", "tiny", seeds, current=current)
     files = dict(table.render_planted(selection, tmp_path, "BANNER"))
     markdown = files[tmp_path / f"{table.NAME}.md"].decode()
-    assert "BANNER" in markdown and f"alpha {ALPHA}" in markdown
+    assert "BANNER" in markdown and f"alpha {ALPHA}" in markdown and ": 0, 1, 2, 3, 4." in markdown
     for task in table.PLANTED_TASKS:
         for row in task.rows:
             assert row.label in markdown

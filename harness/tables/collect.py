@@ -4,7 +4,8 @@ records a table reads.
 Selection rules (``collect``):
 - a record belongs to the cell (dataset, grid row) when its ``row`` equals the grid row exactly
   (``row_key``: canonical JSON of the dict) and its ``dataset`` matches;
-- with ``params``: only records of ``params.profile`` and of the seeds in ``params.seeds`` count;
+- with ``params``: only records of ``params.profile`` and of their dataset's seeds count
+  (``settings.seeds_for``: ``seeds_by_dataset.<dataset>``, else ``seeds``);
   a record whose resolved settings differ from what params.yaml would give now (data,
   backbone, the train keys params.yaml sets except ``device``, the pre-training source of
   ``pretrain.use``, method settings) is *stale*:
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from harness.errors import InputError
 from harness.records import read_run_record
+from harness.settings import seeds_for
 from methods.base import ConfigError
 
 def row_key(row: Mapping) -> str:
@@ -111,7 +113,9 @@ class Selection:
     """The records a rendering reads, by (dataset, row key) then seed."""
     records_dir: str
     profile: str | None
-    seeds: list[int] | None
+    # dataset -> the seeds params.yaml runs it with, for every dataset params.yaml names or a
+    # record holds (None: without params, every seed counts)
+    seeds: dict[str, list[int]] | None
     current: dict = field(default_factory=dict)        # (dataset, key) -> {seed: record}
     stale: dict = field(default_factory=dict)          # (dataset, key) -> [(record, reasons)]
     ignored: Counter = field(default_factory=Counter)  # why records were left out -> count
@@ -125,6 +129,19 @@ class Selection:
 
     def stale_for(self, dataset: str, row: Mapping) -> list:
         return self.stale.get((dataset, row_key(row)), [])
+
+    def seeds_of(self, dataset: str) -> list[int] | None:
+        """The seeds whose records count for ``dataset`` (None: every seed)."""
+        return None if self.seeds is None else self.seeds.get(dataset)
+
+
+def seeds_text(per_dataset: Mapping) -> str:
+    """``0, 1, 2`` when every dataset has the same seeds, else one entry per dataset
+    (``mosi 0, 1, 2; planted_cross 0, 1, ...``)."""
+    texts = {dataset: ", ".join(map(str, seeds)) for dataset, seeds in per_dataset.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{dataset} {text}" for dataset, text in texts.items())
 
 
 def _current_code_hash(method: str) -> str | None:
@@ -141,7 +158,11 @@ def _current_code_hash(method: str) -> str | None:
 def collect(records_dir, params: Mapping | None = None) -> Selection:
     records = load_records(records_dir)
     profile = params.get("profile") if params else None
-    seeds = sorted(int(s) for s in params["seeds"]) if params and params.get("seeds") else None
+    seeds = None
+    if params and params.get("seeds"):
+        named = {*(params.get("datasets") or []), *(params.get("grid") or {}),
+                 *(params.get("seeds_by_dataset") or {}), *(r["dataset"] for r in records)}
+        seeds = {dataset: sorted(seeds_for(params, dataset)) for dataset in sorted(named)}
     if profile is None:
         profiles = sorted({str(r.get("profile")) for r in records})
         if len(profiles) > 1:
@@ -154,8 +175,9 @@ def collect(records_dir, params: Mapping | None = None) -> Selection:
         if profile is not None and record.get("profile") != profile:
             selection.ignored[f"profile {record.get('profile')!r} (params.yaml: {profile!r})"] += 1
             continue
-        if seeds is not None and record["seed"] not in seeds:
-            selection.ignored[f"seed {record['seed']} not in params.yaml seeds"] += 1
+        if seeds is not None and record["seed"] not in seeds[record["dataset"]]:
+            selection.ignored[f"seed {record['seed']} not among params.yaml seeds of "
+                              f"{record['dataset']}"] += 1
             continue
         cell = (record["dataset"], row_key(record["row"]))
         reasons = stale_reasons(record, params) if params else []

@@ -19,7 +19,7 @@ from tabulate import tabulate
 
 from harness import stats
 from harness.data import load_card
-from harness.tables.collect import Selection, row_key
+from harness.tables.collect import Selection, row_key, seeds_text
 from harness.tables.io import csv_text, num, write_bytes_if_changed
 
 BETTER, NOT_BETTER = "better", "not better"   # the predictions
@@ -138,6 +138,9 @@ def render_planted(selection: Selection, out_dir, banner: str | None) -> list[tu
     lines = [f"# {TITLE}", ""] + ([f"**{banner}**", ""] if banner else [])
     lines += ["Each row against the linear probe on the same seeds (paired t-test; Holm over the "
               "table, alpha 0.05). Predictions and the reasoning behind them: docs/planted.md.", ""]
+    planned = {t.dataset: selection.seeds_of(t.dataset) for t in PLANTED_TASKS}
+    if all(seeds is not None for seeds in planned.values()):
+        lines += [f"Seeds (params.yaml `seeds_by_dataset`, else `seeds`): {seeds_text(planned)}.", ""]
     table, csv_lines = [], []
     for c in comparisons:
         key = (c["dataset"], c["row"])

@@ -36,7 +36,7 @@ from tabulate import tabulate
 from harness import stats
 from harness.errors import InputError
 from harness.tables import planted, specs as specs_module
-from harness.tables.collect import Selection, collect, row_key
+from harness.tables.collect import Selection, collect, row_key, seeds_text
 from harness.tables.io import (csv_text, write_bytes_if_changed,
                                write_text_if_changed)
 from harness.tables.specs import Column, Row, Section, Spec
@@ -130,7 +130,8 @@ def _why_not_run(row: Row, dataset: str, selection: Selection, params: Mapping |
         return (f"not run: {len(stale)} record(s) in {selection.records_dir}/{dataset} are stale "
                 f"(resolved settings differ from params.yaml in: {', '.join(names)}; rerun "
                 f"`mmpetl sweep`)")
-    seeds = f" for seeds {selection.seeds}" if selection.seeds is not None else ""
+    seeds = selection.seeds_of(dataset)
+    seeds = f" for seeds {seeds} (params.yaml seeds of {dataset})" if seeds is not None else ""
     return (f"not run: no records in {selection.records_dir}/{dataset} for this row{seeds} "
             f"(run `mmpetl sweep`)")
 
@@ -228,7 +229,7 @@ def build(spec: Spec, selection: Selection, params: Mapping | None = None) -> Sp
                                             f"(undefined) at every seed ({column.key}, e.g. a "
                                             "correlation with a constant side)", paper=paper)
                     continue
-                expected = selection.seeds if selection.seeds is not None else sorted(values)
+                expected = selection.seeds_of(dataset) or sorted(values)
                 summary = stats.summarize(list(values.values()), list(values))
                 cells[column.id] = Cell(column, dataset, "ok", values, summary,
                                         "; ".join(sorted(conventions)),
@@ -275,7 +276,7 @@ def _provenance(spec: Spec, rows: list, selection: Selection, params: Mapping | 
     return {
         "profiles": profiles,
         "seeds": sorted({int(r["seed"]) for r in records}),
-        "params_seeds": selection.seeds,
+        "params_seeds": _params_seeds(spec, selection),
         "data_hashes": sorted({str(r.get("data_hash")) for r in records
                                if r.get("data_hash") is not None}),
         "data_hash_missing": sum(1 for r in records if r.get("data_hash") is None),
@@ -286,6 +287,14 @@ def _provenance(spec: Spec, rows: list, selection: Selection, params: Mapping | 
         "ignored": dict(sorted(selection.ignored.items())),
         "duplicates": duplicates,
     }
+
+
+def _params_seeds(spec: Spec, selection: Selection) -> dict:
+    """{dataset: the seeds params.yaml runs it with} for the datasets of ``spec``'s cells ({}
+    without params.yaml)."""
+    datasets = {column.dataset or section.dataset for section in spec.sections
+                for column in section.columns}
+    return {d: selection.seeds_of(d) for d in sorted(datasets) if selection.seeds_of(d) is not None}
 
 
 # ------------------------------------------------------------------------------------------
@@ -331,8 +340,8 @@ def _header(result: SpecResult) -> list[str]:
     if banner:
         lines += [f"> **{banner}**", ""]
     seeds = ", ".join(map(str, prov["seeds"])) or "none"
-    expected = (f" (params.yaml seeds: {', '.join(map(str, prov['params_seeds']))})"
-                if prov["params_seeds"] is not None else "")
+    expected = (f" (params.yaml seeds: {seeds_text(prov['params_seeds'])})"
+                if prov["params_seeds"] else "")
     hashes = ", ".join(prov["data_hashes"]) or "none"
     if prov["data_hash_missing"]:
         hashes += f" ({prov['data_hash_missing']} record(s) carry no data hash)"
