@@ -55,13 +55,9 @@ def write_planted_record(root: Path, dataset: str, row: dict, seed: int) -> Path
 def seven_everywhere(runs: Path) -> tuple[dict, Path, Path]:
     """Records of seed 7 on mosi (seeds 0-2) and planted_cross (seeds 0-9), with the params."""
     params = {**make_params(), "seeds_by_dataset": {name: list(range(10)) for name in PLANTED}}
-    for seed in (0, 1, 2, 7):
-        mosi_path = write_record(runs, "mosi", LINEAR, seed)
-    planted_path = None
-    for seed in range(10):
-        path = write_planted_record(runs, "planted_cross", LINEAR, seed)
-        planted_path = path if seed == 7 else planted_path
-    return params, mosi_path, planted_path
+    mosi = {seed: write_record(runs, "mosi", LINEAR, seed) for seed in (0, 1, 2, 7)}
+    planted = {seed: write_planted_record(runs, "planted_cross", LINEAR, seed) for seed in range(10)}
+    return params, mosi[7], planted[7]
 
 
 def test_a_record_counts_only_on_its_datasets_seeds(tmp_path):
@@ -90,7 +86,7 @@ def test_leaderboards_and_tables_follow_each_datasets_seeds(tmp_path):
             in (tmp_path / "lb" / "planted_cross.md").read_text())
     render_all(runs, tmp_path / "tables", params, names=["planted_effects"])
     table = (tmp_path / "tables" / "planted_effects.md").read_text()
-    assert "Seeds (params.yaml `seeds_by_dataset`, else `seeds`): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9." in table
+    assert "`seeds_by_dataset`, else `seeds`): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9." in table
     assert planted_7.name in (tmp_path / "tables" / "planted_effects.csv").read_text()
 
 

@@ -140,7 +140,8 @@ def render_planted(selection: Selection, out_dir, banner: str | None) -> list[tu
               "table, alpha 0.05). Predictions and the reasoning behind them: docs/planted.md.", ""]
     planned = {t.dataset: selection.seeds_of(t.dataset) for t in PLANTED_TASKS}
     if all(seeds is not None for seeds in planned.values()):
-        lines += [f"Seeds (params.yaml `seeds_by_dataset`, else `seeds`): {seeds_text(planned)}.", ""]
+        lines += [f"Seeds (params.yaml `seeds_by_dataset`, else `seeds`): {seeds_text(planned)}.",
+                  ""]
     table, csv_lines = [], []
     for c in comparisons:
         key = (c["dataset"], c["row"])
