@@ -127,6 +127,7 @@ def _run_defaults(params: dict, dataset: str, method: str) -> dict | None:
 
 
 def cmd_run(args) -> int:
+    from harness import concurrency
     from harness.run import RUNS_DIR, execute, read_done_record, record_path, run_key
     from harness.settings import load_params, plan_run
 
@@ -137,10 +138,15 @@ def cmd_run(args) -> int:
     key, out = run_key(plan), Path(args.out)
     found = next((path for path in (record_path(plan, key, out), record_path(plan, key, RUNS_DIR))
                   if path.exists()), None)
+    if found is None:  # under the run's lock: a sweep or run computing it now is waited for
+        path = record_path(plan, key, out)
+        with concurrency.record_lock(out, path):
+            if path.is_file():
+                found = path
+            else:
+                record = execute(plan, out, progress=not args.json)
     if found is not None:  # the same key: the same run, already recorded
         record = read_done_record(plan, found)
-    else:
-        record = execute(plan, out, progress=not args.json)
     where = found or record_path(plan, key, out)
     status = {"reused": found is not None, "record": str(where)}
 

@@ -200,9 +200,12 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
     elif executor == "ray":  # each record is written here, on the driver, as it comes back
         keys = [run_key(p) for p in plans]
         paths = {key: record_path(p, key, Path(out)) for key, p in zip(keys, plans)}
-        return run_with_ray(list(zip(keys, values)), root, workers,
-                            (Path(out_dir) / RAY_STORAGE).resolve(), ray_options or RayOptions(),
-                            paths.__getitem__)
+        with contextlib.ExitStack() as held:  # every run's lock for the whole Ray sweep: another
+            for key in keys:                  # sweep on the folder waits for them, then reads
+                held.enter_context(concurrency.record_lock(Path(out), paths[key]))
+            left = [(key, v) for key, v in zip(keys, values) if not paths[key].is_file()]
+            return run_with_ray(left, root, workers, (Path(out_dir) / RAY_STORAGE).resolve(),
+                                ray_options or RayOptions(), paths.__getitem__) if left else None
 
 
 def trial_once(plan_values: dict, out_dir: str, root: str, record: str) -> bool:

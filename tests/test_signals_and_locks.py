@@ -299,3 +299,44 @@ def test_two_sweeps_on_one_folder_compute_each_run_once(sweep_params, tmp_path):
     assert all(s["computed"] + s["reused"] == 12 for s in summaries)
     final = {path.name: path.stat().st_ino for path in records_in(out)}
     assert len(final) == 12 and final == {name: first_inode.get(name, ino) for name, ino in final.items()}
+
+
+COPIER = """
+    import shutil, sys
+    from pathlib import Path
+    from harness.concurrency import record_lock
+    out, record, source = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    with record_lock(out, record):
+        print("held", flush=True)
+        sys.stdin.readline()  # the test says when the run is done
+        record.parent.mkdir(exist_ok=True)
+        shutil.copyfile(source, record)
+"""
+
+
+def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path, monkeypatch,
+                                                                          capsys):
+    """`mmpetl run --out DIR` takes the run's lock like a sweep's trial: while another process
+    computes the same run into DIR, it waits, then reads the record instead of computing it."""
+    from harness.cli import main
+
+    params = small_mosi_params(tmp_path)
+    params.update(datasets=["mosi"], grid={"mosi": [{"method": "linear"}]})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    argv = ["run", "--params", str(path), "--dataset", "mosi", "--method", "linear", "--json"]
+    assert main(argv + ["--out", str(tmp_path / "first")]) == 0
+    (computed,) = (tmp_path / "first" / "mosi").glob("*.json")
+    record = tmp_path / "second" / "mosi" / computed.name
+    holder = python(COPIER, tmp_path / "second", record, computed, stdin=subprocess.PIPE)
+    assert holder.stdout.readline() == "held\n"
+    threading.Timer(1.0, lambda: holder.communicate("done\n")).start()
+    monkeypatch.setattr("harness.run.fine_tune", lambda *a, **k: pytest.fail("computed again"))
+    capsys.readouterr()
+    started = time.monotonic()
+    assert main(argv + ["--out", str(tmp_path / "second")]) == 0
+    assert time.monotonic() - started >= 0.9  # it waited for the holder
+    out, err = capsys.readouterr()
+    assert json.loads(out)["run_status"] == {"reused": True, "record": str(record)}
+    assert "is being computed by another process" in err
+    assert holder.wait(10) == 0
