@@ -130,6 +130,7 @@ def cmd_run(args) -> int:
     from harness import concurrency
     from harness.run import RUNS_DIR, execute, read_done_record, record_path, run_key
     from harness.settings import load_params, plan_run
+    from harness.sweep import check_can_compute
 
     params = load_params(args.params)
     _use_threads(params)
@@ -140,6 +141,7 @@ def cmd_run(args) -> int:
                   if path.exists()), None)
     if found is None:  # under the run's lock: a sweep or run computing it now is waited for
         path = record_path(plan, key, out)
+        check_can_compute([plan], out)  # before the lock file is written under ``out``
         with concurrency.record_lock(out, path):
             if path.is_file():
                 found = path
