@@ -185,6 +185,10 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_brings_every_record_home(tm
         pytest.skip("needs unshare and root (a private mount namespace per worker node)")
     params = small_mosi_params(tmp_path)
     params.update(datasets=["mosi"], seeds=[0, 1])
+    # runs long enough (about a second each) that both trials are still computing when the node
+    # is killed: with one-epoch runs a node could finish its trials before the kill, and nothing
+    # would be lost to retry (a race the CI dry run hit)
+    params["profiles"]["tiny"]["train"] = {"epochs": 12, "batch_size": 16}
     params["grid"] = {"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4},
                                {"method": "wander", "down_dim": 8}, {"method": "adapter", "down_dim": 8}]}
     params["executor"] = {"kind": "ray", "workers": 2, "cpus_per_trial": 1, "runs_per_trial": 4,
