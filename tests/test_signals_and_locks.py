@@ -320,6 +320,7 @@ def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path
     computes the same run into DIR, it waits, then reads the record instead of computing it."""
     from harness.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the feature cache goes to ./datasets/features, not the checkout's
     params = small_mosi_params(tmp_path)
     params.update(datasets=["mosi"], grid={"mosi": [{"method": "linear"}]})
     path = tmp_path / "params.yaml"
