@@ -121,13 +121,19 @@ def restore(plans: list[RunPlan], out_dir: Path) -> int:
         path = record_path(plan, run_key(plan), out_dir)
         aside = Path(out_dir) / STALE / path.relative_to(out_dir)
         if aside.is_file() and not path.is_file():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(aside, path)
-            except OSError as error:
-                raise records.write_error(path, error) from None
+            _move(aside, path)
             moved += 1
     return moved
+
+
+def _move(source: Path, target: Path) -> None:
+    """Move a record file between the records folder and ``.stale`` (an OS error names the
+    target: exit 2)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    except OSError as error:
+        raise records.write_error(target, error) from None
 
 
 @contextlib.contextmanager
@@ -281,12 +287,7 @@ def set_aside(out_dir: Path) -> int:
         if path.parent.name.startswith(".") or path.name.startswith("."):
             continue  # Ray's storage, temporaries
         if stale_reason(records.read_run_record(path), hashes):
-            target = Path(out_dir) / STALE / path.relative_to(out_dir)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-            except OSError as error:
-                raise records.write_error(target, error) from None
+            _move(path, Path(out_dir) / STALE / path.relative_to(out_dir))
             moved += 1
     return moved
 
