@@ -1,9 +1,12 @@
 """Tiny models run fastest single-threaded; two threads on a 2-core machine only add contention.
 
-The suite has no side effects on the checkout: in a git checkout, `git status` and `dvc status`
+The suite has no side effects on the checkout: in a git checkout, `git status`, `dvc status` and
+the names, sizes and modification times of the files git ignores under datasets/ and results/
+(the pipeline's outputs: generated data, feature caches; a rewrite in place changes no status)
 are read when the session starts and again when it ends, and a difference fails the run with
 both states printed (tests write under pytest's temporary folders, never into results/,
 datasets/ or params.yaml). This covers every test the session ran, the slow ones included."""
+import difflib
 import os
 import subprocess
 
@@ -18,12 +21,30 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 BEFORE = pytest.StashKey[tuple]()
 
 
-def checkout_state() -> tuple[str, str]:
+def ignored_outputs() -> str:
+    """One line per file git ignores under datasets/ and results/: path, size, mtime (lock files
+    left by a sweep's run locks excepted)."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "-z",
+                             "datasets", "results"], cwd=ROOT, capture_output=True, text=True,
+                            check=True, env=ENV).stdout
+    lines = []
+    for name in sorted(filter(None, listed.split("\0"))):
+        if "/.locks/" in name or "__pycache__" in name:
+            continue
+        try:
+            stat = (ROOT / name).stat()
+        except FileNotFoundError:  # removed while listed
+            continue
+        lines.append(f"{name} {stat.st_size} {stat.st_mtime_ns}")
+    return "\n".join(lines)
+
+
+def checkout_state() -> tuple[str, str, str]:
     git = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--ignored=no"],
                          cwd=ROOT, capture_output=True, text=True, check=True, env=ENV).stdout
     dvc = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True,
                          env=ENV).stdout
-    return git, dvc
+    return git, dvc, ignored_outputs()
 
 
 def pytest_sessionstart(session):
@@ -37,8 +58,9 @@ def pytest_sessionfinish(session, exitstatus):
         return
     after = checkout_state()
     if after != before:
-        for what, old, new in zip(("git status", "dvc status"), before, after):
+        for what, old, new in zip(("git status", "dvc status", "ignored outputs"), before, after):
             if old != new:
-                print(f"\nthe test session changed the checkout ({what}):\nbefore:\n{old}\n"
-                      f"after:\n{new}")
+                changes = difflib.unified_diff(old.splitlines(), new.splitlines(), "before",
+                                               "after", lineterm="", n=0)
+                print(f"\nthe test session changed the checkout ({what}):\n" + "\n".join(changes))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
