@@ -96,11 +96,14 @@ def _search_method(params, config, storage, directions, method, space, executor,
 
     study_name = study_name_for(params, method)
     sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
-                                directions=directions, load_if_exists=True)
-    with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([f"valid_{metric}", "tunable"])
+    try:  # load first: create_study(load_if_exists=True) appends a create entry to the journal
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
+                                    directions=directions)
+        with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([f"valid_{metric}", "tunable"])
 
     todo = config["trials"] - len(_finished(study))
     if executor == "ray" and todo > 0:  # Ray's OptunaSearch asks this study as workers free up

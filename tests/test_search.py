@@ -74,9 +74,11 @@ def test_search_writes_pareto_and_resumes(search_params, tmp_path):
     records = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
     assert 2 <= len(records) <= 4  # repeated settings are read back, not recomputed
 
+    journal = (tmp_path / "journal.log").read_bytes()
     again = run_search(search_params, "sequential", 1, tmp_path)  # the journal has every trial
     assert again["trials"] == 6
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == records
+    assert (tmp_path / "journal.log").read_bytes() == journal  # nothing appended on a resume
 
     search_params["search"]["trials"] = 4  # a larger budget adds only the new trials
     assert run_search(search_params, "sequential", 1, tmp_path)["trials"] == 8
