@@ -24,24 +24,28 @@ log = logging.getLogger(__name__)
 FORMAT, FORMAT_VERSION = "mmpetl.pretrained_backbone", 1
 PROVENANCE_SUFFIX = ".provenance.json"  # beside the checkpoint; .dvcignore leaves it out of DVC's hash
 # a pre-training task -> the output size of the head it trains (the source's card names the task
-# and the backbone)
-PRETRAIN_OUTPUT = {"regression": 1, "retrieval": 0}
-# what a fine-tuning load leaves out by default, per backbone kind
-DEFAULT_SKIP = {"late_fusion": ("projections.", "head.out."), "mmt": ()}
+# and the backbone); classification: the number of classes of the source's data (None here)
+PRETRAIN_OUTPUT = {"regression": 1, "retrieval": 0, "classification": None}
+# what a fine-tuning load leaves out by default, per backbone kind (two_tower: the class layer)
+DEFAULT_SKIP = {"late_fusion": ("projections.", "head.out."), "mmt": (), "two_tower": ("head.mlp.3.",)}
 # config fields that change the computation without changing any tensor shape
-STRUCTURAL = {"late_fusion": ("heads",), "mmt": ("heads", "text.num_attention_heads")}
+STRUCTURAL = {"late_fusion": ("heads",), "mmt": ("heads", "text.num_attention_heads"),
+              "two_tower": ("image_heads", "text_heads", "fusion_heads")}
 
 
-def pretrain_source(source: str, key: str = "source", file: str | None = None) -> tuple[str, str, int]:
+def pretrain_source(source: str, key: str = "source", file: str | None = None
+                    ) -> tuple[str, str, int | None]:
     """(backbone kind, task, head output size) of the pre-training source ``source``, read from its
-    dataset card; ``key`` / ``file`` name where the source was given, for the error."""
+    dataset card (output size None: the number of classes of the source's data); ``key`` /
+    ``file`` name where the source was given, for the error."""
     names = list_cards()
     if source not in names:
         raise InputError("unknown pre-training source (no dataset card)", file=file, key=key,
                          expected=names, found=source)
     card = load_card(source)
     if card.task not in PRETRAIN_OUTPUT:
-        raise InputError("a pre-training source needs a regression or retrieval task", file=file,
+        raise InputError("a pre-training source needs a regression, retrieval or classification task",
+                         file=file,
                          key=key, expected=sorted(PRETRAIN_OUTPUT), found=f"{source}: {card.task}")
     return card.backbone, card.task, PRETRAIN_OUTPUT[card.task]
 

@@ -479,8 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
 
     p = _command(sub, "pretrain", cmd_pretrain, "pre-train a backbone (mosei: late fusion, "
-                 "howto100m: MMT); writes its checkpoint", params=True)
-    p.add_argument("--source", required=True, choices=["mosei", "howto100m"])
+                 "howto100m: MMT, recipes: two-tower); writes its checkpoint", params=True)
+    p.add_argument("--source", required=True,
+                   help="a dataset card with a regression, retrieval or classification task "
+                        "(mosei, howto100m, recipes)")
     p.add_argument("--seed", type=_seed_option, default=None, help="default: pretrain.seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a pre-training train setting (repeatable)")

@@ -1,5 +1,5 @@
-"""Stage ``pretrain@<source>``: pre-training of the late-fusion and MMT backbones (loading their
-checkpoints for fine-tuning is ``harness.checkpoints``).
+"""Stage ``pretrain@<source>``: pre-training of the late-fusion, MMT and two-tower backbones
+(loading their checkpoints for fine-tuning is ``harness.checkpoints``).
 
 Sources
 -------
@@ -9,27 +9,30 @@ Sources
 - ``howto100m`` -> MMT with its 2 experts (s3d, vggish) and ASR captions, the max-margin ranking
   loss. Fine-tuning on MSR-VTT (7 experts) is a ``strict=False`` load: the 5 new experts'
   parameters (projection, type embedding, GEU, mixture logit) start fresh.
+- ``recipes``   -> the two-tower backbone (image and text towers, fusion head), classification of
+  dishes that are not Food-101's classes, cross-entropy. Fine-tuning on Food-101 loads everything
+  except the class layer (``head.mlp.3.*``: the class counts differ).
 
 The WHOLE backbone trains (every parameter), with the fine-tuning loop's optimiser, StepLR
 schedule and gradient clipping; the checkpoint holds the epoch selected on the validation split.
 
-Vocabulary (MMT)
-----------------
+Vocabulary (MMT, two-tower)
+---------------------------
 The text encoder's word embedding table is indexed by a ``WordVocab``, whose ids depend on the
 whole word set (it sorts it). Pre-training therefore fixes the vocabulary: the union of the
 pre-training data's words (the generator's manifest vocabulary, else the training captions' words)
 and the words of the datasets it is shared with (``extra_vocab``; ``dataset_vocab('msrvtt', ...)``
-gives MSR-VTT's the same way). The word list is stored in the checkpoint (``vocab``), and
-fine-tuning MUST tokenise with it (``adopt_vocab``): same ids, same table size. Downstream words
-missing from it become [UNK] and are counted in the load report. Where the profile's ``mmt`` block
-names a pretrained ``text_model``, its own tokenizer is used instead (pre-training and
+gives MSR-VTT's, ``dataset_vocab('food101', ...)`` Food-101's). The word list is stored in the
+checkpoint (``vocab``), and fine-tuning MUST tokenise with it (``adopt_vocab``): same ids, same
+table size. Downstream words missing from it become [UNK] and are counted in the load report.
+Where the profile's ``mmt`` / ``two_tower`` block names a pretrained ``text_model``, its own tokenizer is used instead (pre-training and
 fine-tuning alike): the checkpoint stores no word list, ``tokenizer`` identifies the tokenizer.
 
 Checkpoint format (``torch.save`` of a dict, written atomically; ``torch.load(weights_only=True)``
 reads it)::
 
     format: "mmpetl.pretrained_backbone", format_version: 1,
-    backbone: "late_fusion" | "mmt", config: the backbone config as a dict,
+    backbone: "late_fusion" | "mmt" | "two_tower", config: the backbone config as a dict,
     state_dict: {name: tensor} (CPU, every parameter and persistent buffer),
     source, data: {path, format, hash, sizes}, seed, train: TrainSettings as a dict,
     profile_settings, task, metrics: {valid, initial_valid, selected_epoch, select_metric,
@@ -191,7 +194,7 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
     """Pre-train the whole backbone for ``source`` and save the checkpoint at ``out_path``.
 
     ``profile_settings``: the profile's block for the source's backbone kind (params.yaml
-    ``profiles.<profile>.late_fusion`` / ``.mmt``), the SAME block fine-tuning builds from;
+    ``profiles.<profile>.late_fusion`` / ``.mmt`` / ``.two_tower``), the SAME block fine-tuning builds from;
     ``train_settings``: a ``TrainSettings`` or a dict of its fields; ``data``: the source's data
     block (``path``, ``format``, loader options, ``max_text_len``; default: the card's path);
     ``extra_vocab``: words of the fine-tuning data sets that will share the MMT vocabulary.
@@ -205,9 +208,11 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
     tokenizer = (PretrainedTokenizer(text.tokenizer, text.name, text.tokenizer_sha256)
                  if text is not None else None)
     loaded, splits, vocab, vocab_sources = _load_source(source, data or {}, extra_vocab, tokenizer)
-    if loaded.info.get("task") != ("regression" if task_name == "regression" else "retrieval"):
+    if loaded.info.get("task") != task_name:
         raise InputError("pre-training data of the wrong task", file=loaded.path, key="task",
                          expected=task_name, found=loaded.info.get("task"))
+    if output_dim is None:  # classification: one output per class of the source
+        output_dim = int(loaded.info["num_classes"])
 
     seed_everything(seed)
     backbone = build_backbone(kind, dict(profile_settings or {}), loaded.info, output_dim,

@@ -14,7 +14,9 @@ over aligned positions t, where K = the first `interaction_order` modalities (ex
 of the dataset. MOSI / MOSEI: label = clip(1.5 s, -3, 3). IEMOCAP: 4 heads s_c, class =
 argmax. Food-101: n_classes heads over (title word, image patch) pairs, class = argmax;
 images are tiny JPEGs whose 4x4 patches carry the image latents as colours; title words
-carry the text latents. MSR-VTT / HowTo100M: a caption meaning vector
+carry the text latents. A class's heads are those of its index in FOOD_CLASSES, so a dish
+means the same in every set of the family; the two-tower pre-training source (recipes) takes
+other dishes than Food-101's (first_class), hence other heads over the same latents. MSR-VTT / HowTo100M: a caption meaning vector
 c = sum_t prod_{e in K} (A_e z_e[t]) (+ unimodal terms), caption words sampled from
 softmax(sharpness * <word embedding, c + noise>) so retrieval needs the expert interaction.
 
@@ -44,8 +46,8 @@ SCOPES = ("aligned", "pooled")
 FAMILY_OPTS = {
     "sentiment": {"latent_dim": 4, "text": 32, "audio": 8, "vision": 12, "vocab_size": 64, "frames_per_word": 2,
                   "n_folds": 1, "audio_neg_inf": True},
-    "food101": {"latent_dim": 4, "n_classes": 5, "image_size": 16, "patch": 4, "vocab_size": 48,
-                "quirk_fraction": 0.15},
+    "food101": {"latent_dim": 4, "n_classes": 5, "first_class": 0, "image_size": 16, "patch": 4,
+                "vocab_size": 48, "quirk_fraction": 0.15},
     "video": {"latent_dim": 8, "vocab_size": 64, "n_captions": 5, "missing_rate": 0.2, "nan_rate": 0.1,
               "caption_sharpness": 2.0,
               "s3d": 16, "vggish": 8, "face": 8, "rgb": 16, "speech": 8, "ocr": 8, "scene": 16},
@@ -133,7 +135,7 @@ def generate(dataset: str, out_dir=None, seed: int = 0, n_train: int | None = No
     out_dir/generated.json). Deterministic in (seed, arguments). Options: per-modality /
     per-expert dims (text=32, audio=8, vision=12; s3d=16, ...), latent_dim, world_seed,
     unimodal_weight, vocab_size, and per family: frames_per_word, n_folds, audio_neg_inf
-    (sentiment); n_classes, image_size, patch, quirk_fraction (food101); n_captions,
+    (sentiment); n_classes, first_class, image_size, patch, quirk_fraction (food101); n_captions,
     missing_rate, nan_rate, caption_sharpness (video). Validates everything before writing;
     writes atomically (a failure leaves nothing behind)."""
     card = load_card(dataset)
@@ -216,6 +218,8 @@ def _check_family_options(fam: str, card, opts: dict):
         return _gen_sentiment
     elif fam == "food101":
         opts["n_classes"] = _int("n_classes", opts["n_classes"], 2, len(FOOD_CLASSES))
+        opts["first_class"] = _int("first_class", opts["first_class"], 0,
+                                   len(FOOD_CLASSES) - opts["n_classes"])
         opts["patch"] = _int("patch", opts["patch"], 1, 64)
         opts["image_size"] = _int("image_size", opts["image_size"], opts["patch"], 1024)
         if opts["image_size"] % opts["patch"]:
@@ -416,12 +420,13 @@ def _gen_food(card, out: Path, fmt, seed, sizes, L, k, noise, opts, manifest):
     bottom as the draws happen."""
     from PIL import Image
     r, V, C = opts["latent_dim"], opts["vocab_size"], opts["n_classes"]
+    heads = range(opts["first_class"], opts["first_class"] + C)   # FOOD_CLASSES indices
     S, p = opts["image_size"], opts["patch"]
     g = S // p
     n_patch = g * g
     T = min(L, n_patch)
     world = World("food101", opts["world_seed"], r)
-    rng = _rng(seed, "food101", "data")
+    rng = _rng(seed, card.name, "data")
     N = sum(sizes.values())
     words = rng.integers(0, V, size=(N, L))
     u = rng.uniform(-1.0, 1.0, size=(N, n_patch, 3))
@@ -430,7 +435,7 @@ def _gen_food(card, out: Path, fmt, seed, sizes, L, k, noise, opts, manifest):
     order = ("text", "image")[:k]
     w = opts["unimodal_weight"]
     scores = np.zeros((N, C))
-    for c in range(C):
+    for i, c in enumerate(heads):
         terms = {"text": zt[:, :T] @ world.coef("text", c),
                  "image": math.sqrt(3) * (u[:, :T] @ world.coef("image", c, 3))}
         inter = np.ones((N, T))
@@ -439,10 +444,10 @@ def _gen_food(card, out: Path, fmt, seed, sizes, L, k, noise, opts, manifest):
         inter = inter.sum(1) / math.sqrt(T)
         uni = (zt @ world.coef("uni_text", c)).sum(1) / math.sqrt(L) + \
             math.sqrt(3) * (u @ world.coef("uni_image", c, 3)).sum(1) / math.sqrt(n_patch)
-        scores[:, c] = (inter + w * uni / math.sqrt(2)) / math.sqrt(1 + w * w)
+        scores[:, i] = (inter + w * uni / math.sqrt(2)) / math.sqrt(1 + w * w)
     scores += noise * rng.standard_normal(scores.shape)
     cls = scores.argmax(1)
-    classes = FOOD_CLASSES[:C]
+    classes = [FOOD_CLASSES[c] for c in heads]
     vocab = FOOD_WORDS[:V]
     quirky = rng.random(N) < opts["quirk_fraction"]
     titles, tokens = [], []
@@ -462,6 +467,8 @@ def _gen_food(card, out: Path, fmt, seed, sizes, L, k, noise, opts, manifest):
     else:
         groups = {"train": ("train", slice(0, sizes["train"] + sizes["valid"])),
                   "test": ("test", sl["test"])}
+    if not sizes["test"]:  # a set without a test split (a pre-training source) writes no test file
+        del groups["test"]
     recs: dict[str, list] = {}
     for gname, (img_split, idx) in groups.items():
         recs[gname] = []
