@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib
 import multiprocessing
 import os
 import time
@@ -156,8 +155,6 @@ def worker_pool(executor: str, workers: int):
         return
     forkable = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
     context = multiprocessing.get_context("fork" if forkable else "spawn")
-    if forkable:  # the first optimiser step imports torch._dynamo (~1 s): once here, not per worker
-        importlib.import_module("torch._dynamo")  # (an import statement would make torch local)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
                                                 initializer=concurrency.worker_init,
                                                 initargs=(os.getpid(),)) as pool:

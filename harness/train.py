@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from harness.errors import InputError
+from harness.optim import Adam, StepLR
 from harness.tasks.tasks import Task
 
 THREADS_ENV = "OMP_NUM_THREADS"
@@ -137,9 +138,10 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
     Returns the selected epoch, the per-epoch history and the training wall time."""
     device = torch.device(settings.device)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings.optimizer]
-    optimizer = optimizer_class(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, settings.step_size, settings.gamma)
+    # torch.optim's Adam / AdamW update and StepLR without its torch._dynamo import (harness.optim)
+    optimizer = Adam(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay,
+                     decoupled_weight_decay=settings.optimizer == "adamw")
+    scheduler = StepLR(optimizer, settings.step_size, settings.gamma)
     loader = batches(splits["train"], settings.batch_size, seed)
     best_value, best_epoch, best_state, history = None, -1, None, []
     started = time.perf_counter()
@@ -153,7 +155,7 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
                 loss = task.loss(model(batch).float(), batch["label"])
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{desc}: non-finite loss at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(trainable.values(), settings.grad_clip)
