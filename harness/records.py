@@ -152,6 +152,18 @@ def read_lock(path: str | Path = None) -> dict[str, str]:
     return pins
 
 
+_HEADER_FIELD = re.compile(r"^(Name|Version):[ \t]*(.*?)\s*$", re.M)
+
+
+def _name_and_version(distribution: metadata.Distribution) -> tuple[str | None, str | None]:
+    """A distribution's ``Name`` and ``Version`` from the header block of its core metadata
+    (single-line fields before the first blank line): ``distribution.metadata`` parses the whole
+    file, long description included, 10x slower (0.5 s for the ~200 packages of the lock)."""
+    text = distribution.read_text("METADATA") or distribution.read_text("PKG-INFO") or ""
+    fields = dict(_HEADER_FIELD.findall(re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]))
+    return fields.get("Name"), fields.get("Version")
+
+
 def lock_mismatches(path: str | Path = None) -> list[str]:
     """``"name installed (lock pinned)"`` / ``"name missing (lock pinned)"`` for every package of
     the lock whose installed version differs (compute packages first); [] without a lock file
@@ -161,9 +173,9 @@ def lock_mismatches(path: str | Path = None) -> list[str]:
         return []
     installed = {}
     for distribution in metadata.distributions():
-        name = distribution.metadata["Name"]
+        name, version = _name_and_version(distribution)
         if name:
-            installed.setdefault(_normalised(name), distribution.version)
+            installed.setdefault(_normalised(name), version)
     differ = []
     pins = read_lock(path)
     for name in sorted(pins, key=lambda n: (n not in COMPUTE_PACKAGES, n)):

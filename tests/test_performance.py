@@ -255,6 +255,20 @@ def test_harness_imports_no_heavy_package_it_does_not_need():
     assert done.stdout.strip() == "[]"
 
 
+def test_lock_check_reads_what_the_full_metadata_parse_reads():
+    """The lock check reads each installed package's name and version from its metadata's header
+    block only: the same as ``importlib.metadata``'s full parse, for every installed package."""
+    from importlib import metadata
+
+    from harness.records import _name_and_version
+
+    distributions = list(metadata.distributions())
+    assert len(distributions) > 10
+    for distribution in distributions:
+        assert _name_and_version(distribution) == (distribution.metadata["Name"],
+                                                    distribution.version)
+
+
 # --- per-run work done once per process -----------------------------------------------------------
 def test_card_is_parsed_once_per_text(tmp_path, monkeypatch):
     """A run reads its card several times: the YAML is parsed once per text, and an edited card is
