@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from harness import checkpoints
 from harness.backbones import build_backbone
 from harness.data import generate, load_dataset
 from harness.data.cards import load_card
@@ -18,6 +19,7 @@ from harness.data import planted
 from harness.data.planted import MODALITIES, planted_score, signal_latents
 from harness.errors import InputError
 from harness.run import BACKBONE_SEED
+from harness.settings import load_params, pretrained_plan
 from harness.stats import ALPHA
 from harness.tables import planted as table
 from harness.tables.collect import Selection, row_key
@@ -32,26 +34,50 @@ METRICS = {task.dataset: load_card(task.dataset).main_metric for task in table.P
 def generated(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted")
     return {name: load_dataset(name, generate(name, folder / name, seed=0, **SIZES)["path"])
-            for name in ("planted_null", "planted_cross")}
+            for name in ("planted_null", "planted_cross", "planted_depth")}
 
 
-def frozen_token0(data) -> dict:
-    """{split: (token-0 states of every modality after the frozen encoders, labels)}: the linear
-    probe's input, from the study's late-fusion backbone (tiny profile, frozen towers drawn with
-    the run's BACKBONE_SEED, as harness.run.prepare builds them)."""
-    settings = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["tiny"]["late_fusion"]
+def study_backbone(data):
+    """The study's frozen late-fusion backbone for ``data`` (tiny profile), as harness.run.prepare
+    builds it: towers drawn with the run's BACKBONE_SEED, then the checkpoint that params.yaml
+    ``pretrain.use`` names for the dataset loaded (planted_depth: the planted backbone the
+    generator wrote beside the data)."""
+    params = load_params(ROOT / "params.yaml")
+    settings = params["profiles"]["tiny"]["late_fusion"]
     seed_everything(BACKBONE_SEED)
     backbone = build_backbone("late_fusion", settings, data.info, 1).eval()
-    out = {}
-    for split in ("train", "test"):
-        states, labels = [], []
-        with torch.no_grad():
-            for batch in DataLoader(data.split(split), batch_size=128):
-                encoded = backbone.encode(batch)
-                states.append(torch.stack([encoded[m][:, 0] for m in MODALITIES], 1))
-                labels.append(batch["label"])
-        out[split] = (torch.cat(states).numpy().astype(np.float64), torch.cat(labels).numpy())
-    return out
+    plan = pretrained_plan(params, data.name, "late_fusion")
+    if plan is not None:
+        assert Path(plan["path"]).name == planted.BACKBONE_FILE
+        document = checkpoints.read_checkpoint(Path(data.path).parent / planted.BACKBONE_FILE)
+        checkpoints.load_pretrained(backbone, document, plan["skip"])
+    return backbone
+
+
+def token0_states(data, split: str, where=None) -> tuple[np.ndarray, np.ndarray]:
+    """(token-0 states of every modality (n, 3, width), labels) on ``split`` of the study's frozen
+    backbone: after the encoders (the linear probe's input), or, with ``where`` (a function of the
+    backbone and a modality returning a module), at that module's output."""
+    backbone = study_backbone(data)
+    seen, hooks = {}, []
+    for m in MODALITIES if where else ():
+        hooks.append(where(backbone, m).register_forward_hook(
+            lambda module, args, output, m=m: seen.__setitem__(m, output)))
+    states, labels = [], []
+    with torch.no_grad():
+        for batch in DataLoader(data.split(split), batch_size=128):
+            encoded = backbone.encode(batch)
+            found = seen if where else encoded
+            states.append(torch.stack([found[m][:, 0] for m in MODALITIES], 1))
+            labels.append(batch["label"])
+    for hook in hooks:
+        hook.remove()
+    return torch.cat(states).numpy().astype(np.float64), torch.cat(labels).numpy()
+
+
+def frozen_token0(data, where=None) -> dict:
+    """{split: token0_states(data, split, where)} for the train and test splits."""
+    return {split: token0_states(data, split, where) for split in ("train", "test")}
 
 
 def ridge_test_r(train_x, train_y, test_x, test_y, penalty=1.0) -> float:
@@ -119,6 +145,96 @@ def test_cross_premise_no_linear_signal_in_any_modality_but_each_sign_is_exposed
     for index, m in enumerate(MODALITIES):
         r = ridge_test_r(train_x[:, index], signal["train"][m], test_x[:, index], signal["test"][m])
         assert r > 0.9, (m, r)
+
+
+def flipped_signal(batch: dict) -> dict:
+    """``batch`` with feature 0 (the depth task's signal, c_m + noise) negated in every modality."""
+    flipped = dict(batch)
+    for m in MODALITIES:
+        flipped[m] = batch[m].clone()
+        flipped[m][..., 0] = -batch[m][..., 0]
+    return flipped
+
+
+def test_depth_data_put_the_signal_on_feature_0_alone(generated):
+    """Depth task: feature 0 of each modality is c_m + noise at every token, the other features
+    carry the other latent coordinates only, and the label is the null's sum of the c_m; what
+    the frozen encoders do with feature 0 decides everything below."""
+    data = generated["planted_depth"]
+    signal = generated_signal("planted_depth")
+    test = data.split("test")
+    features = {m: np.stack([test[i][m].numpy() for i in range(len(test))]) for m in MODALITIES}
+    for m in MODALITIES:
+        assert np.abs(features[m][..., 0] - signal["test"][m][:, None]).max() < 0.3
+        others = features[m][:, 0, 1:].reshape(len(test), -1)
+        assert abs(ridge_test_r(others[:256], signal["test"][m][:256], others[256:],
+                                signal["test"][m][256:])) < 4 / math.sqrt(256)
+    score = sum(signal["test"][m] for m in MODALITIES) / math.sqrt(3)
+    labels = np.array([float(test[i]["label"]) for i in range(len(test))])
+    assert np.corrcoef(score, labels)[0, 1] > 0.95   # label noise 0.1 and the clip at +-3
+
+
+def test_depth_backbone_output_does_not_change_when_the_signal_flips_sign(generated):
+    """The proof of docs/planted.md, on the study's planted backbone: negating feature 0 of every
+    modality (c_m -> -c_m, which negates the label and leaves the data's distribution as it
+    is) leaves every token of every modality after the frozen encoders unchanged (to float
+    rounding), so no function of the encoders' output (the probe's head, Wander) correlates
+    with the label; the first layer's output does change."""
+    data = generated["planted_depth"]
+    backbone = study_backbone(data)
+    batch = next(iter(DataLoader(data.split("test"), batch_size=64)))
+    with torch.no_grad():
+        states, flipped = backbone.encode(batch), backbone.encode(flipped_signal(batch))
+        first = {m: backbone.encoders[m][0](x) for m, x in backbone.embed(batch).items()}
+        first_flipped = {m: backbone.encoders[m][0](x)
+                         for m, x in backbone.embed(flipped_signal(batch)).items()}
+    for m in MODALITIES:
+        scale = states[m].abs().max()
+        assert (states[m] - flipped[m]).abs().max() < 1e-5 * scale, m
+        assert (first[m] - first_flipped[m]).abs().max() > 0.1 * first[m].abs().max(), m
+
+
+def test_depth_premise_the_output_lost_the_label_that_each_layer_holds(generated):
+    """Depth task: a ridge regression on the probe's input (frozen token 0 of each modality after
+    the encoders) has |r| below 4 standard errors of zero on held-out data, while one on the
+    first layer's output, on what LoRA reads in the last layer (its attention norm's output)
+    and on what an Adapter reads there (the attention sub-layer's output) predicts the label."""
+    data = generated["planted_depth"]
+    last = lambda backbone: backbone.depth - 1   # noqa: E731
+    places = {
+        "first layer's output": lambda b, m: b.encoders[m][0],
+        "last layer's attention norm (LoRA on q, v)": lambda b, m: b.encoders[m][last(b)].attn_norm,
+        "last layer's attention output (Adapter)": lambda b, m: b.encoders[m][last(b)].attn,
+    }
+    def test_r(states):
+        (train_x, train_y), (test_x, test_y) = states["train"], states["test"]
+        return ridge_test_r(train_x.reshape(len(train_x), -1), train_y,
+                            test_x.reshape(len(test_x), -1), test_y), len(test_y)
+    r, n = test_r(frozen_token0(data))
+    assert abs(r) < 4 / math.sqrt(n), r
+    for place, where in places.items():
+        r, _ = test_r(frozen_token0(data, where))
+        assert r > 0.9, (place, r)
+
+
+def test_depth_backbone_file_is_a_checkpoint_of_the_study_backbone(generated, tmp_path):
+    """The planted backbone is written in harness.checkpoints' format for the tiny profile's
+    late-fusion block, byte for byte the same from the same seed; a sequence too long for its
+    lost subspace is refused, and nothing is written."""
+    assert (planted.CHECKPOINT_FORMAT, planted.CHECKPOINT_FORMAT_VERSION) == \
+        (checkpoints.FORMAT, checkpoints.FORMAT_VERSION)
+    tiny = load_params(ROOT / "params.yaml")["profiles"]["tiny"]["late_fusion"]
+    assert planted.BACKBONE_OPTIONS == {k: tiny[k] for k in planted.BACKBONE_OPTIONS}
+    written = Path(generated["planted_depth"].path).parent / planted.BACKBONE_FILE
+    document = checkpoints.read_checkpoint(written)
+    assert document["backbone"] == "late_fusion" and document["config"]["width"] == tiny["width"]
+    again = generate("planted_depth", tmp_path / "again", seed=0, **SIZES)
+    assert (Path(again["path"]) / planted.BACKBONE_FILE).read_bytes() == written.read_bytes()
+    with pytest.raises(InputError, match="seq_len"):
+        generate("planted_depth", tmp_path / "long", seed=0, seq_len=40, **SIZES)
+    with pytest.raises(InputError, match="heads"):
+        generate("planted_depth", tmp_path / "odd", seed=0, heads=3, **SIZES)
+    assert not (tmp_path / "long").exists() and not (tmp_path / "odd").exists()
 
 
 def generated_signal(dataset: str) -> dict:
@@ -195,7 +311,7 @@ def test_bad_planted_input_is_named(tmp_path, monkeypatch):
     cards = tmp_path / "cards"
     cards.mkdir()
     card = yaml.safe_load((ROOT / "datasets" / "planted_cross.yaml").read_text())
-    card["generate"]["planted"] = "depth"
+    card["generate"]["planted"] = "deep"
     (cards / "planted_cross.yaml").write_text(yaml.safe_dump(card))
     monkeypatch.setenv("MMPETL_DATASETS_DIR", str(cards))
     with pytest.raises(InputError, match="generate.planted"):
