@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from harness import records
 from harness.backbones import build_backbone, load_named
@@ -45,10 +45,14 @@ def task_for(info: dict) -> tuple[str, int]:
 
 class InMemory(Dataset):
     """Keeps every item after its first read: for small splits whose loader streams from disk
-    (per-video HDF5 files, images), so each epoch after the first reads memory, not files."""
+    (per-video HDF5 files, images), so each epoch after the first reads memory, not files. Items
+    are read when first asked for, in the order they are asked for (a loader may draw from the
+    global generator while reading, e.g. MSR-VTT's random train caption). Once every item has
+    been read, ``batch`` cuts batches from the items collated once instead of collating each
+    batch item by item: the same tensors (``default_collate`` stacks them either way)."""
 
     def __init__(self, split: Dataset):
-        self.split, self.items = split, {}
+        self.split, self.items, self.collated = split, {}, None
 
     def __len__(self) -> int:
         return len(self.split)
@@ -57,6 +61,15 @@ class InMemory(Dataset):
         if index not in self.items:
             self.items[index] = self.split[index]
         return self.items[index]
+
+    def batch(self, indices: list[int]) -> dict:
+        if self.collated is None and len(self.items) == len(self):
+            self.collated = default_collate([self.items[i] for i in range(len(self))])
+        if self.collated is None:
+            return default_collate([self[i] for i in indices])
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        return {key: value[rows] if isinstance(value, torch.Tensor) else [value[i] for i in indices]
+                for key, value in self.collated.items()}
 
 
 def text_vocab(plan: RunPlan) -> PretrainedTokenizer | None:
@@ -160,6 +173,8 @@ def prepare(plan: RunPlan) -> Prepared:
         vocab_report = {"tokenizer": vocab.identity(), "checkpoint_tokenizer": stored or None}
     elif checkpoint is not None:  # text is tokenised with the pre-training vocabulary
         vocab, splits, vocab_report = adopt_vocab(checkpoint, splits, vocab)
+    if plan.data.get("in_memory"):  # the tokenised items too: later epochs cut batches from memory
+        splits = {name: InMemory(split) for name, split in splits.items()}
     seed_everything(BACKBONE_SEED)
     backbone = build_backbone(plan.backbone_kind, plan.backbone, data.info, output_dim,
                               vocab_size=len(vocab) if vocab else None)

@@ -49,6 +49,11 @@ def _settings(params: dict) -> dict:
 
 
 def run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict:
+    with records.inputs_fixed():  # every trial's key is asked for several times
+        return _run_search(params, executor, workers, out_dir)
+
+
+def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dict:
     config = _settings(params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

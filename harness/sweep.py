@@ -236,6 +236,11 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
           out_dir: Path = RUNS_DIR) -> dict:
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
+    with records.inputs_fixed():  # every run's key is asked for several times
+        return _sweep(params, executor, workers, out_dir)
+
+
+def _sweep(params: dict, executor: str, workers: int | None, out_dir: Path) -> dict:
     plans = grid_plans(params)
     ray_options = RayOptions.from_params(params) if executor == "ray" else None
     restored = restore(plans, out_dir)

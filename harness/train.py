@@ -134,8 +134,10 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
                      settings: TrainSettings, seed: int, progress: bool = True,
                      desc: str = "fine-tune") -> dict:
     """Train ``model``'s trainable parameters with the settings' optimiser and StepLR schedule,
-    evaluate on the valid split after every epoch and leave the model at the best epoch's weights.
-    Returns the selected epoch, the per-epoch history and the training wall time."""
+    evaluate on the valid split after every epoch and leave the model at the best epoch's weights
+    (its trainable parameters and buffers: the model the selected validation metrics measured).
+    Returns the selected epoch, its validation metrics, the per-epoch history and the training
+    wall time."""
     device = torch.device(settings.device)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # torch.optim's Adam / AdamW update and StepLR without its torch._dynamo import (harness.optim)
@@ -143,7 +145,8 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
                      decoupled_weight_decay=settings.optimizer == "adamw")
     scheduler = StepLR(optimizer, settings.step_size, settings.gamma)
     loader = batches(splits["train"], settings.batch_size, seed)
-    best_value, best_epoch, best_state, history = None, -1, None, []
+    kept = [*trainable.values(), *model.buffers()]  # what the best epoch's state holds
+    best_value, best_epoch, best_state, best_valid, history = None, -1, None, None, []
     started = time.perf_counter()
     epochs = tqdm(range(settings.epochs), desc=desc, unit="epoch", disable=not progress)
     for epoch in epochs:
@@ -167,14 +170,15 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
         value = valid[task.select_metric]
         history.append({"epoch": epoch, "train_loss": total / count, f"valid_{task.select_metric}": value})
         if task.better(value, best_value):
-            best_value, best_epoch = value, epoch
-            best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            best_value, best_epoch, best_valid = value, epoch, valid
+            best_state = [t.detach().clone() for t in kept]
         epochs.set_postfix(loss=f"{total / count:.4f}", **{task.select_metric: f"{value:.4f}"})
     wall = time.perf_counter() - started
     with torch.no_grad():
-        for name, parameter in trainable.items():
-            parameter.copy_(best_state[name])
-    return {"selected_epoch": best_epoch, "history": history, "train_wall_s": wall}
+        for tensor, best in zip(kept, best_state):
+            tensor.copy_(best)
+    return {"selected_epoch": best_epoch, "selected_valid": best_valid, "history": history,
+            "train_wall_s": wall}
 
 
 def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings: TrainSettings,
@@ -188,7 +192,7 @@ def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings
     trained = train_and_select(model, task, splits, settings, seed, progress)
     return {
         "test": evaluate(model, task, splits["test"], settings),
-        "valid": evaluate(model, task, splits["valid"], settings),
+        "valid": trained.pop("selected_valid"),  # measured on the same weights at that epoch
         "initial_test": initial_test,
         "select_metric": task.select_metric,
         **trained,

@@ -1,0 +1,115 @@
+"""What a trial skips without changing its numbers (issues 15, 16): hashes asked for again inside a
+sweep, batches of in-memory splits cut from items collated once, the validation metrics of the
+selected epoch taken from its evaluation instead of a second one."""
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from harness import records
+from harness.run import InMemory
+from harness.tasks.tasks import TASKS
+from harness.train import TrainSettings, batches, evaluate, fine_tune
+
+
+def test_inputs_fixed_hashes_each_tree_and_code_once(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("first")
+    before = records.tree_hash(data)
+    code = records.code_hash()
+    with records.inputs_fixed():
+        assert records.tree_hash(data) == before
+        (data / "a.txt").write_text("second, longer")  # a change inside the block is not seen
+        assert records.tree_hash(data) == before
+        with records.inputs_fixed():  # a nested block shares the outer memo
+            assert records.tree_hash(data) == before
+        assert records.code_hash() == code
+        method = {"methods.base": records.PROJECT_ROOT / "methods" / "base.py"}
+        assert records.code_hash(method) != code
+    after = records.tree_hash(data)  # outside: the files are listed and hashed again
+    assert after != before
+    (data / "a.txt").write_text("first")
+    assert records.tree_hash(data) == before
+
+
+class Logged(Dataset):
+    """Items of every kind a loader yields (tensors, arrays, numbers, strings); logs each read."""
+
+    def __init__(self, size: int):
+        generator = np.random.default_rng(0)
+        self.rows = [{"x": torch.randn(3, 2), "array": generator.normal(size=4).astype(np.float32),
+                      "label": float(i) / 3, "count": i, "flag": i % 2 == 0, "id": f"item{i}"}
+                     for i in range(size)]
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        self.reads.append(index)
+        return self.rows[index]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def test_in_memory_batches_are_the_item_by_item_collation():
+    source = Logged(10)
+    split = InMemory(source)
+    expected = {tuple(ix): default_collate([source.rows[i] for i in ix])
+                for ix in ([3, 1, 4], [0, 5, 9, 2], [6, 7, 8], [9, 0])}
+    # items are read in the order the batches ask for them, each once
+    first_pass = [[3, 1, 4], [0, 5, 9, 2], [6, 7, 8]]
+    for ix in first_pass:
+        assert split.collated is None
+        got = split.batch(ix)
+        assert got.keys() == expected[tuple(ix)].keys()
+        assert all(_same(got[k], expected[tuple(ix)][k]) for k in got)
+    assert source.reads == [i for ix in first_pass for i in ix]
+    for ix in ([9, 0], [3, 1, 4]):  # every item read: cut from the collated items, no read
+        got = split.batch(ix)
+        assert split.collated is not None
+        assert all(_same(got[k], expected[tuple(ix)][k]) for k in got)
+    assert len(source.reads) == 10
+    # through the training loop's loader: the same batches as the plain DataLoader's
+    plain = list(batches(source, 4, seed=3))
+    cut = list(batches(split, 4, seed=3))
+    assert len(plain) == len(cut)
+    assert all(_same(p[k], c[k]) for p, c in zip(plain, cut) for k in p)
+
+
+class Regressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+        # a buffer training changes (like running statistics), drifting the outputs: later
+        # epochs validate worse, so the selected epoch is not the last
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        return self.linear(batch["x"]).squeeze(-1) + 0.02 * self.calls
+
+
+def test_fine_tune_reports_the_selected_epochs_validation_on_the_restored_model():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=generator)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(64, generator=generator)
+    items = [{"x": x[i], "label": y[i]} for i in range(64)]
+    splits = {"train": items[:32], "valid": items[32:48], "test": items[48:]}
+    settings = TrainSettings(epochs=8, batch_size=8, lr=0.2, step_size=3)
+    torch.manual_seed(0)
+    model = Regressor()
+    task = TASKS["regression"]
+    result = fine_tune(model, task, splits, settings, seed=0, progress=False)
+    assert result["selected_epoch"] < settings.epochs - 1
+    selected = result["history"][result["selected_epoch"]]
+    assert result["valid"][task.select_metric] == selected[f"valid_{task.select_metric}"]
+    # the model left behind (parameters AND buffers of the selected epoch) measures the same
+    assert evaluate(model, task, splits["valid"], settings) == result["valid"]
+    assert evaluate(model, task, splits["test"], settings) == result["test"]
