@@ -74,6 +74,20 @@ PLANTED_TASKS = (
                    "LoRA changes each modality's encoder alone; token 0 already holds each "
                    "modality's feature and the modalities still meet only in the head's MLP, "
                    "as for the probe"))),
+    PlantedTask("planted_depth", "depth: features the frozen encoders' output lost", (
+        PlantedRow("Wander (d=16)", WANDER, NOT_BETTER,
+                   "Wander acts after the last layer, on the encoders' output, which is the same "
+                   "whichever sign each modality's feature has; the label changes sign with them, "
+                   "so nothing computed from that output correlates with it, the probe's head "
+                   "included"),
+        PlantedRow("LoRA (r=16)", {"method": "lora", "rank": 16}, BETTER,
+                   "every layer's normed input holds each modality's feature (in channels the "
+                   "final norm zeroes); LoRA on q and v reads it there and can write it through "
+                   "the attention's output map into channels the final norm keeps"),
+        PlantedRow("Adapter (d=16)", {"method": "adapter", "down_dim": 16}, BETTER,
+                   "each layer's attention output carries the feature (in channels the final norm "
+                   "zeroes); the adapter after it reads it there and can add it to channels the "
+                   "final norm keeps"))),
 )
 
 
