@@ -114,7 +114,8 @@ def planted_backbone(name: str, dims: dict, seq_len: int, seed: int, options: di
     except one value channel of attention, which reads the u-component of the normed input and
     writes it back along u; the sub-layer norms keep gain 1 and bias 0 on S, the final norms have
     gain 0 and bias 0 on S. Flipping the sign of feature 0 then flips the S block and leaves R,
-    every norm's statistics and so the final norms' output unchanged (docs/planted.md)."""
+    every norm's statistics and so the final norms' output unchanged (docs/planted.md); channel 0,
+    which the embedding's padding rule reads, is in R."""
     width, depth, heads = (_int(k, options[k], 1, 4096) for k in ("width", "depth", "heads"))
     if width % heads:
         raise _bad("heads", f"a divisor of width {width}", heads)
@@ -204,9 +205,10 @@ def generate_planted(card, out_dir: Path, seed: int, sizes: dict, seq_len: int, 
         "dataset": card.name, "planted": task, "format": "mult", "seed": int(seed),
         "sizes": sizes, "seq_len": seq_len, "noise": noise, "options": opts,
         "dims": dims, "label_std": float(labels.std()),
-        "backbone": None if backbone is None else {"file": BACKBONE_FILE, **backbone["planted"]},
         "note": "generated planted-answer task: NOT comparable to any paper's numbers",
     }
+    if backbone is not None:
+        manifest["backbone"] = {"file": BACKBONE_FILE, **backbone["planted"]}
     with AtomicDir(Path(out_dir)) as tmp:
         with open(tmp / spec["files"][0], "wb") as f:
             pickle.dump(data, f, protocol=4)
