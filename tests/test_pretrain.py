@@ -340,3 +340,30 @@ def test_pretrain_sources_come_from_the_dataset_cards():
     assert "pretrain.use.mosi" in str(unknown.value)
     # a classification source's head has one output per class of its data (known when loaded)
     assert pretrain_source("recipes") == ("two_tower", "classification", None)
+
+
+def test_two_tower_pretrained_on_recipes_loads_into_food101(tmp_path):
+    """pretrain@recipes: the whole two-tower trains on dishes that are not Food-101's; Food-101
+    fine-tuning loads every tensor but the class layer (its class count differs) and tokenises
+    with the checkpoint's word vocabulary (the source's and Food-101's words)."""
+    generate("recipes", tmp_path / "recipes", seed=0, n_train=12, n_valid=6, n_classes=3,
+             first_class=5)
+    generate("food101", tmp_path / "food101", seed=0, n_train=8, n_valid=4, n_test=4)
+    tower = {"preset": "tiny", "image_hidden": 16, "text_hidden": 16, "fusion_width": 16,
+             "image_layers": 1, "text_layers": 1, "fusion_layers": 1}
+    extra = dataset_vocab("food101", {"path": str(tmp_path / "food101")})
+    meta = pretrain("recipes", tmp_path / "two_tower.pt", tower, {**TRAIN, "epochs": 1}, seed=0,
+                    data={"path": str(tmp_path / "recipes"), "image_size": 32},
+                    extra_vocab=extra, progress=False)
+    assert meta["backbone"] == "two_tower" and meta["task"] == "classification"
+    assert set(extra) <= set(meta["vocab"])
+    food = load_dataset("food101", tmp_path / "food101", image_size=32)
+    assert not set(food.info["classes"]) & set(load_dataset("recipes", tmp_path / "recipes").info["classes"])
+    backbone = build_backbone("two_tower", tower, food.info, food.info["num_classes"],
+                              vocab_size=len(WordVocab(meta["vocab"])))
+    report = load_pretrained(backbone, tmp_path / "two_tower.pt")
+    assert report["skipped"] == ["head.mlp.3.bias", "head.mlp.3.weight"]
+    assert report["n_missing"] == 0 and report["n_unexpected"] == 0
+    state = read_checkpoint(tmp_path / "two_tower.pt")["state_dict"]
+    own = backbone.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("head.mlp.3."))
