@@ -298,6 +298,24 @@ def test_food101_generated_formats(tmp_path, fmt):
     check_data("food101", tmp_path / fmt)
 
 
+def test_recipes_generated_without_test_split_and_first_class_checked(tmp_path):
+    """The two-tower pre-training source: MMBT train / dev files only (no test split, no test
+    file), dishes from FOOD_CLASSES[first_class:]; a first_class that leaves too few dishes is
+    refused before anything is written."""
+    from harness.data.generate import FOOD_CLASSES
+    from harness.errors import InputError
+
+    m = generate("recipes", tmp_path / "recipes", n_train=12, n_valid=4, n_classes=3, first_class=5)
+    assert sorted(p.name for p in (tmp_path / "recipes").glob("*.jsonl")) == ["dev.jsonl", "train.jsonl"]
+    assert m["classes"] == FOOD_CLASSES[5:8]
+    ld = load_dataset("recipes", tmp_path / "recipes")
+    assert {k: len(v) for k, v in ld.splits.items()} == {"train": 12, "valid": 4}
+    with pytest.raises(InputError, match="first_class") as error:
+        generate("recipes", tmp_path / "bad", n_classes=3, first_class=len(FOOD_CLASSES) - 2)
+    assert f"[0, {len(FOOD_CLASSES) - 3}]" in str(error.value)
+    assert not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------- msrvtt
 
 def _msrvtt_tree(root: Path):
