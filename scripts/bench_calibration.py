@@ -107,8 +107,9 @@ def replay(values: dict, metrics: dict, pool: int, n: int, studies: int, seed: i
             stats.WANDER_BETTER, stats.BASELINE_BETTER) for c in null))
         power.append(all(c["outcome"] == BETTER for c in table if c["prediction"] == BETTER))
         for dataset in effects:
-            power_by_task[dataset].append(all(c["outcome"] == BETTER for c in table
-                                              if c["dataset"] == dataset and c["prediction"] == BETTER))
+            power_by_task[dataset].append(all(
+                c["outcome"] == BETTER for c in table
+                if c["dataset"] == dataset and c["prediction"] == BETTER))
         holds.append(all(c["holds"] for c in table))
         if 2 * n <= pool:
             aa.extend(aa_false_positive(ran, metrics, n, rng))
@@ -118,7 +119,8 @@ def replay(values: dict, metrics: dict, pool: int, n: int, studies: int, seed: i
             "null_wander_significant": (float(np.mean(null_wander)) if "planted_null" in tasks
                                         else None),
             "power": float(np.mean(power)),
-            "power_by_task": {dataset: float(np.mean(found)) for dataset, found in power_by_task.items()},
+            "power_by_task": {dataset: float(np.mean(found))
+                              for dataset, found in power_by_task.items()},
             "all_hold": float(np.mean(holds))}
 
 
@@ -172,9 +174,11 @@ def main() -> int:
           f"{stats.ALPHA}")
     effects = list(rows[0]["power_by_task"])
     print(f"{'seeds':>5} {'A/A FP':>7} {'null FP':>8} {'null Wander sig.':>17} {'power':>6} "
-          + "".join(f"{'power ' + d.removeprefix('planted_'):>13}" for d in effects) + f" {'all hold':>9}")
+          + "".join(f"{'power ' + d.removeprefix('planted_'):>13}" for d in effects)
+          + f" {'all hold':>9}")
     for row in rows:
-        print(f"{row['n']:>5} {_rate(row['aa_false_positive']):>7} {_rate(row['null_false_positive']):>8} "
+        print(f"{row['n']:>5} {_rate(row['aa_false_positive']):>7} "
+              f"{_rate(row['null_false_positive']):>8} "
               f"{_rate(row['null_wander_significant']):>17} {row['power']:>6.3f} "
               + "".join(f"{row['power_by_task'][d]:>13.3f}" for d in effects)
               + f" {row['all_hold']:>9.3f}")

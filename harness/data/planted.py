@@ -97,7 +97,8 @@ def lost_subspace(width: int, seq_len: int) -> tuple[list[int], np.ndarray]:
     that a token's channel mean and variance do not depend on the sign of the signal."""
     size = seq_len + 4   # seq_len + 1 constraints: a null space of >= 3 dimensions
     if size > width // 2:
-        raise _bad("seq_len", f"at most {width // 2 - 4} for the depth task's width {width}", seq_len)
+        raise _bad("seq_len", f"at most {width // 2 - 4} for the depth task's width {width}",
+                   seq_len)
     channels = list(range(width - size, width))
     positions = fairseq_sinusoidal_table(seq_len + 1, width)[1:, channels].double().numpy()
     _, singular, basis = np.linalg.svd(np.vstack([np.ones(size), positions]))
@@ -152,7 +153,8 @@ def planted_backbone(name: str, dims: dict, seq_len: int, seed: int, options: di
             backbone.final_norms[m].bias[lost] = 0
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
             "backbone": "late_fusion", "config": dataclasses.asdict(config),
-            "state_dict": {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()},
+            "state_dict": {k: v.detach().clone().contiguous()
+                           for k, v in backbone.state_dict().items()},
             "source": name, "seed": int(seed), "vocab": None, "tokenizer": None,
             "planted": {"lost_channels": channels, "signal_direction": direction.tolist(),
                         "signal_value_channel": 0}}
