@@ -68,6 +68,7 @@ Backbones: two-tower (Food-101) and late-fusion (MOSI / IEMOCAP / MOSEI), both i
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -370,19 +371,50 @@ def cache_status(cache_path: str | Path, encoder_hash_: str, data_hash: str) -> 
     return "; ".join(stale) or verify_content(path, meta)
 
 
+# Caches this process has read and checked, reused while their file is unchanged: a sweep worker
+# runs many rows on one cache, and each check reads and hashes every array (3 file opens per split)
+_LOADED: collections.OrderedDict = collections.OrderedDict()  # {path: (key, CachedFeatures)}
+
+
+def _loaded_key(path: Path, encoder_hash_: str, data_hash: str) -> tuple:
+    """What a loaded cache is valid for: the hashes asked for and the file as it was read (inode,
+    size, modification and change times: any write changes them)."""
+    stat = path.stat()
+    return encoder_hash_, data_hash, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _remember(features: "CachedFeatures", key: tuple) -> None:
+    """Keep an in-memory cache for this process, oldest dropped first beyond IN_MEMORY_LIMIT."""
+    if not features.in_memory:
+        return
+    _LOADED.pop(str(features.path), None)
+    _LOADED[str(features.path)] = (key, features)
+    while sum(f.nbytes for _, f in _LOADED.values()) > IN_MEMORY_LIMIT:
+        _LOADED.popitem(last=False)
+
+
 def extract_features(backbone: nn.Module, dataset_split: Dataset, cache_path: str | Path,
                      data_hash: str, batch_size: int = 64, progress: bool = True, *,
                      force: bool = False, device: str | torch.device | None = None,
                      encoder_hash_: str | None = None, desc: str | None = None) -> "CachedFeatures":
     """Per-item token states of ``backbone``'s encoders (before the last fusion hook) for every
-    item of ``dataset_split``, cached at ``cache_path``; see the module docstring."""
+    item of ``dataset_split``, cached at ``cache_path``; see the module docstring. A cache this
+    process read and checked before is reused without reading its file again while the file is
+    unchanged (``_LOADED``)."""
     require_cacheable(backbone, require_frozen=False)
     path = Path(cache_path)
     current = encoder_hash_ or encoder_hash(backbone)
+    remembered = _LOADED.get(str(path))
+    if not force and remembered and path.is_file() and \
+            remembered[0] == _loaded_key(path, current, data_hash):
+        features = remembered[1]
+        features.status, features.extract_s = "reused", None
+        return features
     reason = "forced" if force else cache_status(path, current, data_hash)
     if reason is None:
         features = CachedFeatures(path)
         features.status = "reused"
+        _remember(features, _loaded_key(path, current, data_hash))
         return features
     verb = "computed" if reason == "missing" else "recomputed"
     if verb == "recomputed":
@@ -394,6 +426,7 @@ def extract_features(backbone: nn.Module, dataset_split: Dataset, cache_path: st
     features = CachedFeatures(path)
     features.status = f"{verb}: {reason}"
     features.extract_s = time.perf_counter() - started
+    _remember(features, _loaded_key(path, current, data_hash))
     return features
 
 
@@ -474,8 +507,8 @@ class CachedFeatures(Dataset):
         self.status = "loaded"
         self.extract_s: float | None = None
         with h5py.File(self.path, "r") as f:
-            nbytes = sum(f[k].size * f[k].dtype.itemsize for k in self.fields)
-            self.in_memory = nbytes <= IN_MEMORY_LIMIT if in_memory is None else in_memory
+            self.nbytes = sum(f[k].size * f[k].dtype.itemsize for k in self.fields)
+            self.in_memory = self.nbytes <= IN_MEMORY_LIMIT if in_memory is None else in_memory
             self._arrays = ({k: torch.from_numpy(np.ascontiguousarray(f[k][...])) for k in self.fields}
                             if self.in_memory else None)
         self._file = None
@@ -575,7 +608,7 @@ def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: st
         info["splits"][name] = {"path": str(features.path), "status": features.status,
                                 "n": len(features)}
         info["extract_s"] += features.extract_s or 0.0
-    return FromCache(backbone), cached, info
+    return FromCache(backbone, check=False), cached, info  # checked above
 
 
 def plan_data_hashes(plan, data, vocab) -> dict[str, str]:

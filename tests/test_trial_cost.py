@@ -2,6 +2,7 @@
 sweep, batches of in-memory splits cut from items collated once, the validation metrics of the
 selected epoch taken from its evaluation instead of a second one."""
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
@@ -113,3 +114,38 @@ def test_fine_tune_reports_the_selected_epochs_validation_on_the_restored_model(
     # the model left behind (parameters AND buffers of the selected epoch) measures the same
     assert evaluate(model, task, splits["valid"], settings) == result["valid"]
     assert evaluate(model, task, splits["test"], settings) == result["test"]
+
+
+def test_a_checked_feature_cache_is_reused_in_process_until_its_file_changes(tmp_path, monkeypatch):
+    import h5py
+
+    from harness import features
+    from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
+    from methods import apply_method
+
+    torch.manual_seed(0)
+    config = LateFusionConfig()
+    backbone = LateFusionBackbone(config)
+    apply_method(backbone, "linear")
+    generator = torch.Generator().manual_seed(1)
+    items = [{**{m: torch.randn(config.seq_lens[m], d, generator=generator)
+                 for m, d in config.input_dims.items()},
+              "label": torch.tensor(float(i)), "index": torch.tensor(i)} for i in range(12)]
+    path = tmp_path / "train.h5"
+
+    def extract():
+        return features.extract_features(backbone, items, path, "data-v1", batch_size=4,
+                                         progress=False)
+
+    computed = extract()
+    assert computed.status == "computed: missing" and computed.extract_s is not None
+    with monkeypatch.context() as patched:  # reused without opening the file again
+        patched.setattr(features, "cache_status", lambda *a: pytest.fail("the file was re-read"))
+        again = extract()
+    assert again is computed and again.status == "reused" and again.extract_s is None
+    with h5py.File(path, "r+") as f:  # an altered array: the file changed, so it is checked again
+        field = next(k for k in f if k.startswith("feat_"))
+        f[field][0] = f[field][0] + 1
+    rechecked = extract()
+    assert rechecked.status.startswith("recomputed: stored arrays altered")
+    assert torch.equal(rechecked.batch([0])[field], computed.batch([0])[field])
