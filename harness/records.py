@@ -56,16 +56,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 _TREE_MEMO: dict[tuple, str] = {}
-# {("tree", resolved path) | ("code", sources): hash} while inputs are held fixed
-# (``inputs_fixed``), else None
-_FIXED: dict[tuple, str] | None = None
+# {("tree", resolved path) | ("code", sources) | ("git",): hash or commit} while inputs are held
+# fixed (``inputs_fixed``), else None
+_FIXED: dict[tuple, str | None] | None = None
 
 
 @contextlib.contextmanager
 def inputs_fixed():
     """Within the block the data and code a run key hashes are taken as unchanged once hashed:
     ``tree_hash`` of a path and ``code_hash`` of a method's sources hashed before return that
-    hash without reading the files again. A sweep asks for each run's key several times and each
+    hash without reading the files again (and ``git_commit`` is asked once). A sweep asks for each run's key several times and each
     key hashes its data folder (a stat of every file: 7 ms for Food-101's images) and the harness
     code (3 ms), x 316 runs x 6 asks; neither changes while it runs. Worker processes forked
     inside the block inherit what was hashed. Nested blocks share the outer one."""
@@ -80,7 +80,7 @@ def inputs_fixed():
         _FIXED = None
 
 
-def _fixed(key: tuple, compute) -> str:
+def _fixed(key: tuple, compute) -> str | None:
     """``compute()``, memoised under ``key`` inside ``inputs_fixed``."""
     if _FIXED is None:
         return compute()
@@ -143,6 +143,12 @@ def _code_hash(sources: dict) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD's commit, ``+dirty`` when ``RUN_CODE`` has uncommitted changes (provenance); asked
+    once inside ``inputs_fixed``, whose code is taken as unchanged."""
+    return _fixed(("git",), _git_commit)
+
+
+def _git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()

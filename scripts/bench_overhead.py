@@ -208,6 +208,13 @@ def bare_process(loop_file: str) -> dict:
 
 # --- 2. a sweep trial after imports ---------------------------------------------------------------
 def bench_trial(params_path: Path, folder: Path, reps: int) -> dict:
+    from harness import records
+
+    with records.inputs_fixed():  # as in a sweep's worker: data and code hashed once per sweep
+        return _bench_trial(params_path, folder, reps)
+
+
+def _bench_trial(params_path: Path, folder: Path, reps: int) -> dict:
     from harness.run import execute
     from harness.settings import load_params
 

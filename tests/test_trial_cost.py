@@ -13,7 +13,7 @@ from harness.tasks.tasks import TASKS
 from harness.train import TrainSettings, batches, evaluate, fine_tune
 
 
-def test_inputs_fixed_hashes_each_tree_and_code_once(tmp_path):
+def test_inputs_fixed_hashes_each_tree_and_code_once(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.txt").write_text("first")
@@ -28,6 +28,10 @@ def test_inputs_fixed_hashes_each_tree_and_code_once(tmp_path):
         assert records.code_hash() == code
         method = {"methods.base": records.PROJECT_ROOT / "methods" / "base.py"}
         assert records.code_hash(method) != code
+        commit = records.git_commit()
+        monkeypatch.setattr(records.subprocess, "run", lambda *a, **k: pytest.fail("git again"))
+        assert records.git_commit() == commit
+        monkeypatch.undo()
     after = records.tree_hash(data)  # outside: the files are listed and hashed again
     assert after != before
     (data / "a.txt").write_text("first")
