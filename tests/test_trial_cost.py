@@ -153,3 +153,26 @@ def test_a_checked_feature_cache_is_reused_in_process_until_its_file_changes(tmp
     rechecked = extract()
     assert rechecked.status.startswith("recomputed: stored arrays altered")
     assert torch.equal(rechecked.batch([0])[field], computed.batch([0])[field])
+
+
+def test_pipeline_bench_sums_each_datasets_run_costs(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_pipeline", records.PROJECT_ROOT / "scripts" / "bench_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    walls = {"mosi": [(1.5, 1.25), (2.0, 1.5)], "msrvtt": [(4.0, 2.5)]}
+    for dataset, costs in walls.items():
+        (tmp_path / dataset).mkdir()
+        for seed, (wall, train) in enumerate(costs):
+            (tmp_path / dataset / f"wander_d8-seed{seed}-abc.json").write_text(
+                json.dumps({"wall_s": wall, "train_wall_s": train}))
+    (tmp_path / ".stale").mkdir()  # records set aside are not the study's
+    (tmp_path / "index.json").write_text("{}")
+    bench.print_run_costs(tmp_path)
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == {"mosi", "msrvtt", "all"}
+    assert lines["mosi"] == ["2", f"{3.5:.1f}", "s", f"{2.75:.1f}", "s"]
+    assert lines["all"][:2] == ["3", f"{7.5:.1f}"]
