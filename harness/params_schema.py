@@ -46,6 +46,7 @@ TRAIN_RULES = {
     "step_size": PositiveInt, "gamma": Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)],
     "batch_size": PositiveInt, "epochs": PositiveInt, "grad_clip": NonNegativeNumber,
     "device": Literal["cpu", "cuda"], "amp": StrictBool, "feature_cache": StrictBool,
+    "loader_workers": Annotated[StrictInt, Field(ge=0)], "pin_memory": StrictBool,
 }
 
 

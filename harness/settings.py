@@ -15,7 +15,7 @@ from harness.data.cards import load_card
 from harness.errors import InputError
 from harness.params_schema import (COMMAND_LINE, check_row, check_train, known_widths, parse_set_value,
                                    parse_yaml, validate_params)
-from harness.train import TrainSettings
+from harness.train import LOADER_FIELDS, TrainSettings
 from methods import ConfigError, get_method, load_methods
 
 PARAMS_FILE = "params.yaml"
@@ -140,7 +140,9 @@ class RunPlan:
         """What identifies the run (hashed into its key, with the code hash)."""
         return {"profile": self.profile, "dataset": self.dataset, "method": self.method,
                 "variant": self.variant, "seed": self.seed, "row": self.row,
-                "train": dataclasses.asdict(self.train), "method_overrides": self.method_overrides,
+                "train": {name: value for name, value in dataclasses.asdict(self.train).items()
+                          if name not in LOADER_FIELDS},  # how batches load does not change them
+                "method_overrides": self.method_overrides,
                 "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data,
                 "pretrained": self.pretrained,
                 **({"encoders": self.encoders} if self.encoders else {})}

@@ -69,6 +69,10 @@ class TrainSettings:
     device: str = "cpu"          # cpu | cuda
     amp: bool = False            # bf16 autocast (CUDA or CPU; changes the numbers, so off by default)
     feature_cache: bool = False  # read cached frozen-encoder outputs when the method allows it
+    # Data loading (LOADER_FIELDS): the batches and their order are the same whatever these are,
+    # so they are recorded (``loader_in_effect``) but not in the run key
+    loader_workers: int = 0      # DataLoader worker processes; 0 loads in the training process
+    pin_memory: bool = False     # page-locked batches for faster copies to the GPU; no-op on CPU
 
     def validate(self) -> None:
         checks = [
@@ -97,16 +101,32 @@ def _autocast(settings: TrainSettings):
     return contextlib.nullcontext()
 
 
-def batches(dataset: Dataset, batch_size: int, seed: int | None = None) -> DataLoader:
+# The train settings that say how batches are loaded, not which: left out of the run key
+LOADER_FIELDS = ("loader_workers", "pin_memory")
+
+
+def loader_in_effect(settings: TrainSettings) -> dict:
+    """How a run loads its batches: worker processes, and pinned memory only on CUDA (there is
+    nothing to pin for on CPU, so ``pin_memory: true`` is ignored there)."""
+    return {"workers": settings.loader_workers,
+            "pin_memory": settings.pin_memory and settings.device == "cuda"}
+
+
+def batches(dataset: Dataset, batch_size: int, seed: int | None = None,
+            loader: dict | None = None) -> DataLoader:
     """The batches of ``dataset``: shuffled by a generator seeded with ``seed``, in order when
     None. A dataset with ``batch(indices)`` (the in-memory feature cache) is indexed a batch at a
     time instead of item by item + ``default_collate``; the sampler and its draws are the same
-    either way, so a seed gives the same batches in the same order."""
+    either way, so a seed gives the same batches in the same order. ``loader``
+    (``loader_in_effect``): worker processes (kept across epochs) and pinned memory; the sampler
+    draws in this process, so they change neither the batches nor their order."""
+    workers, pin = (loader or {}).get("workers", 0), (loader or {}).get("pin_memory", False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     indexed = callable(getattr(dataset, "batch", None))
     return DataLoader(range(len(dataset)) if indexed else dataset, batch_size=batch_size,
                       shuffle=seed is not None, generator=generator,
-                      collate_fn=dataset.batch if indexed else None)
+                      collate_fn=dataset.batch if indexed else None,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
 
 
 @torch.no_grad()
@@ -114,7 +134,7 @@ def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSett
     model.eval()
     device = torch.device(settings.device)
     outputs, labels = [], []
-    for batch in batches(dataset, max(settings.batch_size, 64)):
+    for batch in batches(dataset, max(settings.batch_size, 64), loader=loader_in_effect(settings)):
         batch = _to_device(batch, device)
         with _autocast(settings):
             if task.name == "retrieval":  # embed both sides; score every caption against every video
@@ -144,7 +164,7 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
     optimizer = Adam(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay,
                      decoupled_weight_decay=settings.optimizer == "adamw")
     scheduler = StepLR(optimizer, settings.step_size, settings.gamma)
-    loader = batches(splits["train"], settings.batch_size, seed)
+    loader = batches(splits["train"], settings.batch_size, seed, loader_in_effect(settings))
     kept = [*trainable.values(), *model.buffers()]  # what the best epoch's state holds
     best_value, best_epoch, best_state, best_valid, history = None, -1, None, None, []
     started = time.perf_counter()
@@ -198,4 +218,5 @@ def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings
         **trained,
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                if device.type == "cuda" else None),
+        "loader": loader_in_effect(settings),  # not in the run key (LOADER_FIELDS)
     }

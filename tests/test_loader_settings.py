@@ -1,0 +1,82 @@
+"""Data-loading train settings (issue 17): ``loader_workers`` and ``pin_memory`` come from params,
+are checked, change neither the batches nor the run key, and are recorded as in effect (pinned
+memory only on CUDA). The CUDA path is scripts/gpu_check.sh's (no GPU on the CI machine)."""
+import pytest
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from harness.errors import InputError
+from harness.params_schema import check_train
+from harness.run import execute, run_key
+from harness.settings import load_params, plan_run
+from harness.train import TrainSettings, batches, loader_in_effect
+from tests.helpers import small_mosi_params
+
+
+class ItemDataset(Dataset):
+    """Items one at a time (default_collate), like the loaders' datasets."""
+
+    def __len__(self):
+        return 37
+
+    def __getitem__(self, index):
+        return {"x": torch.full((3,), float(index)), "label": torch.tensor(index)}
+
+
+class IndexedDataset(ItemDataset):
+    """A batch at a time (``batch(indices)``), like the in-memory feature cache."""
+
+    def batch(self, indices):
+        return {"x": torch.tensor(indices, dtype=torch.float32)[:, None].repeat(1, 3),
+                "label": torch.tensor(indices)}
+
+
+@pytest.mark.parametrize("dataset", [ItemDataset(), IndexedDataset()], ids=["items", "indexed"])
+@pytest.mark.parametrize("seed", [None, 5])
+def test_loader_workers_give_the_same_batches_in_the_same_order(dataset, seed):
+    alone = [b["label"].tolist() for b in batches(dataset, 8, seed)]
+    with_workers = [b["label"].tolist() for b in
+                    batches(dataset, 8, seed, {"workers": 2, "pin_memory": False})]
+    assert with_workers == alone
+    assert sorted(sum(alone, [])) == list(range(len(dataset)))
+    if seed is not None:
+        assert sum(alone, []) != list(range(len(dataset)))  # shuffled
+
+
+def test_pinned_memory_is_in_effect_on_cuda_only():
+    assert loader_in_effect(TrainSettings(loader_workers=3, pin_memory=True)) == \
+        {"workers": 3, "pin_memory": False}  # nothing to pin for on CPU: ignored
+    cuda = TrainSettings(device="cuda", pin_memory=True)  # not validated: no CUDA needed here
+    assert loader_in_effect(cuda) == {"workers": 0, "pin_memory": True}
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("loader_workers", -1, "greater than or equal to 0"), ("loader_workers", 1.5, "integer"),
+    ("loader_workers", True, "integer"), ("pin_memory", "yes", "true or false")])
+def test_bad_loader_settings_are_refused_naming_the_key(key, value, expected):
+    with pytest.raises(InputError) as caught:
+        check_train({key: value}, "params.yaml", "profiles.paper.train")
+    message = str(caught.value)
+    assert f"profiles.paper.train.{key}" in message and "params.yaml" in message
+    assert expected in message.lower() and repr(value) in message
+
+
+def test_loader_settings_are_not_in_the_run_key_but_amp_is_and_change_no_metric(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(small_mosi_params(tmp_path)))
+    params = load_params(path)
+    plain = plan_run(params, "mosi", "linear")
+    loading = plan_run(params, "mosi", "linear", overrides={"loader_workers": "2", "pin_memory": "true"})
+    assert (loading.train.loader_workers, loading.train.pin_memory) == (2, True)
+    assert run_key(loading) == run_key(plain)
+    assert "loader_workers" not in loading.identity()["train"]
+    assert run_key(plan_run(params, "mosi", "linear", overrides={"amp": "true"})) != run_key(plain)
+    with pytest.raises(InputError, match="loader_workers"):
+        plan_run(params, "mosi", "linear", overrides={"loader_workers": "-2"})
+    # a whole run: the same metrics, and the record says how it loaded
+    alone, with_workers = (execute(plan, tmp_path / name, progress=False)
+                           for plan, name in ((plain, "alone"), (loading, "workers")))
+    assert with_workers["metrics"] == alone["metrics"]
+    assert with_workers["loader"] == {"workers": 2, "pin_memory": False}
+    assert alone["loader"] == {"workers": 0, "pin_memory": False}
