@@ -7,7 +7,8 @@ Tune's storage lives inside the results folder, not ~/ray_results.
 On a cluster nothing depends on a worker node's disk:
 
 - Results come home. A trial runs its runs in a scratch folder of its own and hands each run's
-  whole record to the driver in its Tune result; the driver writes it atomically into the
+  whole record to the driver in its Tune result (one JSON string: Tune neither flattens its
+  hundred-odd fields nor prints them in its trial tables); the driver writes it atomically into the
   records folder (``RecordsHome``) as soon as it arrives, and notes its key in a ``Ledger`` actor
   pinned to the driver's node. A trial lost with its node is retried (``max_failures``); the retry
   asks the ledger which of its runs already came home and skips them, so no finished run is
@@ -30,6 +31,7 @@ Two entry points: ``run_with_ray`` runs a fixed list of plans (the finetune grid
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -214,9 +216,9 @@ def _records_home(path_for, ledger):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "input_error" in result and self.input_error is None:
                 self.input_error = result["input_error"]
-            record = result.get("record")
-            if record is None:
+            if "record" not in result:
                 return
+            record = json.loads(result["record"])
             records.write_json_atomic(path_for(trial.config, record), record)
             if record["key"] in self.received:
                 self.duplicates += 1
@@ -304,7 +306,7 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
                 except InputError as error:
                     tune.report({"input_error": str(error)})
                     return
-                tune.report({"record": record})
+                tune.report({"record": json.dumps(record)})
 
         home = _records_home(lambda config, record: path_for(record["key"]), ledger)
         return _fit(trainable, "finetune", storage, workers, options,
@@ -333,7 +335,7 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
         except InputError as error:
             tune.report({"input_error": str(error)})
             return
-        tune.report({"record": record, metric: record["valid_metrics"][metric],  # select on validation
+        tune.report({"record": json.dumps(record), metric: record["valid_metrics"][metric],  # on validation
                      "tunable": record["tunable"]["method"] + record["tunable"]["head"]})
 
     searcher = OptunaSearch(
