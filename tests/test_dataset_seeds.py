@@ -18,7 +18,7 @@ from test_params_schema import refused, setter, write_params
 from test_tables import make_params, read_csv, write_record
 
 ROOT = Path(__file__).resolve().parent.parent
-PLANTED = ("planted_cross", "planted_null")
+PLANTED = ("planted_cross", "planted_depth", "planted_null")
 LINEAR = {"method": "linear"}
 
 
@@ -35,8 +35,7 @@ def test_grid_plans_run_each_dataset_on_its_own_seeds(tmp_path):
     seeds = {}
     for plan in grid_plans(params):
         seeds.setdefault(plan.dataset, []).append(plan.seed)
-    assert seeds == {"mosi": [0, 1, 2], "planted_cross": list(range(10)),
-                     "planted_null": list(range(10))}
+    assert seeds == {"mosi": [0, 1, 2], **{name: list(range(10)) for name in PLANTED}}
 
 
 def write_planted_record(root: Path, dataset: str, row: dict, seed: int) -> Path:
