@@ -141,7 +141,7 @@ class RunPlan:
         return {"profile": self.profile, "dataset": self.dataset, "method": self.method,
                 "variant": self.variant, "seed": self.seed, "row": self.row,
                 "train": {name: value for name, value in dataclasses.asdict(self.train).items()
-                          if name not in LOADER_FIELDS},  # how batches load does not change them
+                          if name not in LOADER_FIELDS},  # pinned memory changes no number
                 "method_overrides": self.method_overrides,
                 "backbone_kind": self.backbone_kind, "backbone": self.backbone, "data": self.data,
                 "pretrained": self.pretrained,

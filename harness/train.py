@@ -69,8 +69,10 @@ class TrainSettings:
     device: str = "cpu"          # cpu | cuda
     amp: bool = False            # bf16 autocast (CUDA or CPU; changes the numbers, so off by default)
     feature_cache: bool = False  # read cached frozen-encoder outputs when the method allows it
-    # Data loading (LOADER_FIELDS): the batches and their order are the same whatever these are,
-    # so they are recorded (``loader_in_effect``) but not in the run key
+    # Data loading, recorded as in effect (``loader_in_effect``). The sampler's batches and their
+    # order do not depend on the workers, but an item that draws a random number (MSR-VTT's random
+    # train caption) draws it from the worker's generator: loader_workers is in the run key;
+    # pin_memory (LOADER_FIELDS) changes no number and is not
     loader_workers: int = 0      # DataLoader worker processes; 0 loads in the training process
     pin_memory: bool = False     # page-locked batches for faster copies to the GPU; no-op on CPU
 
@@ -102,7 +104,7 @@ def _autocast(settings: TrainSettings):
 
 
 # The train settings that say how batches are loaded, not which: left out of the run key
-LOADER_FIELDS = ("loader_workers", "pin_memory")
+LOADER_FIELDS = ("pin_memory",)
 
 
 def loader_in_effect(settings: TrainSettings) -> dict:
@@ -119,7 +121,7 @@ def batches(dataset: Dataset, batch_size: int, seed: int | None = None,
     time instead of item by item + ``default_collate``; the sampler and its draws are the same
     either way, so a seed gives the same batches in the same order. ``loader``
     (``loader_in_effect``): worker processes (kept across epochs) and pinned memory; the sampler
-    draws in this process, so they change neither the batches nor their order."""
+    draws in this process, so they change neither which items make a batch nor their order."""
     workers, pin = (loader or {}).get("workers", 0), (loader or {}).get("pin_memory", False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     indexed = callable(getattr(dataset, "batch", None))
@@ -218,5 +220,5 @@ def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings
         **trained,
         "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                if device.type == "cuda" else None),
-        "loader": loader_in_effect(settings),  # not in the run key (LOADER_FIELDS)
+        "loader": loader_in_effect(settings),  # pin_memory is not in the run key (LOADER_FIELDS)
     }

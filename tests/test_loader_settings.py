@@ -1,6 +1,7 @@
 """Data-loading train settings (issue 17): ``loader_workers`` and ``pin_memory`` come from params,
-are checked, change neither the batches nor the run key, and are recorded as in effect (pinned
-memory only on CUDA). The CUDA path is scripts/gpu_check.sh's (no GPU on the CI machine)."""
+are checked, change neither which items make a batch nor their order, and are recorded as in
+effect (pinned memory only on CUDA). Workers are in the run key (an item drawing a random number
+draws it from the worker's generator), pinned memory is not. The CUDA path is scripts/gpu_check.sh's (no GPU on the CI machine)."""
 import pytest
 import torch
 import yaml
@@ -62,19 +63,38 @@ def test_bad_loader_settings_are_refused_naming_the_key(key, value, expected):
     assert expected in message.lower() and repr(value) in message
 
 
-def test_loader_settings_are_not_in_the_run_key_but_amp_is_and_change_no_metric(tmp_path):
+class RandomItemDataset(ItemDataset):
+    """An item that draws a random number when read, as MSR-VTT's random train caption does."""
+
+    def __getitem__(self, index):
+        return {"draw": torch.randint(1000, (1,)), "label": torch.tensor(index)}
+
+
+def test_items_drawing_random_numbers_differ_in_worker_processes():
+    """Why loader_workers is in the run key: the workers' generators are not the training
+    process's, so a random draw inside an item changes with them."""
+    def draws(loader):
+        torch.manual_seed(0)
+        return [b["draw"].tolist() for b in batches(RandomItemDataset(), 8, 5, loader)]
+
+    assert draws(None) == draws(None)
+    assert draws({"workers": 2, "pin_memory": False}) != draws(None)
+
+
+def test_pinned_memory_is_not_in_the_run_key_workers_and_amp_are_and_mosi_metrics_agree(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(small_mosi_params(tmp_path)))
     params = load_params(path)
     plain = plan_run(params, "mosi", "linear")
     loading = plan_run(params, "mosi", "linear", overrides={"loader_workers": "2", "pin_memory": "true"})
     assert (loading.train.loader_workers, loading.train.pin_memory) == (2, True)
-    assert run_key(loading) == run_key(plain)
-    assert "loader_workers" not in loading.identity()["train"]
+    assert run_key(plan_run(params, "mosi", "linear", overrides={"pin_memory": "true"})) == run_key(plain)
+    assert run_key(loading) != run_key(plain)
+    assert loading.identity()["train"]["loader_workers"] == 2
     assert run_key(plan_run(params, "mosi", "linear", overrides={"amp": "true"})) != run_key(plain)
     with pytest.raises(InputError, match="loader_workers"):
         plan_run(params, "mosi", "linear", overrides={"loader_workers": "-2"})
-    # a whole run: the same metrics, and the record says how it loaded
+    # a whole MOSI run (its items draw nothing): the same metrics; the record says how it loaded
     alone, with_workers = (execute(plan, tmp_path / name, progress=False)
                            for plan, name in ((plain, "alone"), (loading, "workers")))
     assert with_workers["metrics"] == alone["metrics"]
