@@ -86,6 +86,7 @@ def test_leaderboards_and_tables_follow_each_datasets_seeds(tmp_path):
     render_all(runs, tmp_path / "tables", params, names=["planted_effects"])
     table = (tmp_path / "tables" / "planted_effects.md").read_text()
     assert "`seeds_by_dataset`, else `seeds`): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9." in table
+    assert max(len(line) for line in table.splitlines() if line.startswith("|")) <= 200
     assert planted_7.name in (tmp_path / "tables" / "planted_effects.csv").read_text()
 
 

@@ -159,9 +159,10 @@ def render_planted(selection: Selection, out_dir, banner: str | None) -> list[tu
     table, csv_lines = [], []
     for c in comparisons:
         key = (c["dataset"], c["row"])
-        table.append([c["task"], c["row"], c["n"], _r(c["wander_mean"]), _r(c["baseline_mean"]),
+        table.append([c["dataset"], c["row"], c["n"], _r(c["wander_mean"]), _r(c["baseline_mean"]),
                       f"{_r(c['improvement'])} {_interval(c['improvement_t_ci_low'], c['improvement_t_ci_high'])}",
-                      _p(c["p_t"]), _p(c["p_holm"]), c["outcome"], c["prediction"],
+                      _p(c["p_t"]), _p(c["p_holm"]),
+                      "not run [1]" if c["outcome"] == NOT_RUN else c["outcome"], c["prediction"],
                       {True: "yes", False: "NO", None: "untestable"}[c["holds"]]])
         csv_lines.append({
             "task": c["task"], "dataset": c["dataset"], "row": c["row"],
@@ -174,9 +175,13 @@ def render_planted(selection: Selection, out_dir, banner: str | None) -> list[tu
             "holds": c["holds"], "why": c["why"],
             "records": " ".join(collected["records"][key] + collected["records"][(c["dataset"], "Linear probe")])})
     metrics = sorted({c["metric"] for c in comparisons})
+    lines += ["Tasks (named by their dataset in the table):", ""]
+    lines += [f"- `{t.dataset}`: {t.task}" for t in PLANTED_TASKS] + [""]
     lines.append(tabulate(table, headers=["task", "row", "n", "row mean", "probe mean",
                                           "mean diff [95% CI]", "p", "p Holm", "found",
                                           "predicted", "as predicted"], tablefmt="github"))
+    if any(c["outcome"] == NOT_RUN for c in comparisons):
+        lines += ["", f"1. {NOT_RUN[len('not run: '):].capitalize()}."]
     lines += ["", f"Metric: the dataset card's main metric ({', '.join(metrics)}); mean diff = row "
               "- probe. Why each prediction:", ""]
     lines += [f"- {c['task']} / {c['row']}: {c['why']}." for c in comparisons]
