@@ -73,10 +73,9 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def test_food101_titles_and_images_beat_the_majority_class(tmp_path, generate_settings):
-    data = _generated(tmp_path, generate_settings, "food101", image_size=16)
-    vocab = sorted({w for item in data.splits["train"] for w in _words(item["text"])})
-
+def _probe_beats_the_majority_class(data, vocab: list[str], train: str, test: str) -> None:
+    """A logistic probe on each item's title words (a bag over ``vocab``) and mean image colour,
+    fitted on split ``train``, beats the majority class of split ``test`` by 5 points."""
     def features(split):
         rows, labels = [], []
         for item in data.splits[split]:
@@ -88,11 +87,17 @@ def test_food101_titles_and_images_beat_the_majority_class(tmp_path, generate_se
             labels.append(int(item["label"]))
         return np.array(rows), np.array(labels)
 
-    x_train, y_train = features("train")
-    x_test, y_test = features("test")
+    x_train, y_train = features(train)
+    x_test, y_test = features(test)
     accuracy = LogisticRegression(max_iter=3000).fit(x_train, y_train).score(x_test, y_test)
     majority = np.bincount(y_test).max() / len(y_test)
     assert accuracy > majority + 0.05, (accuracy, majority)
+
+
+def test_food101_titles_and_images_beat_the_majority_class(tmp_path, generate_settings):
+    data = _generated(tmp_path, generate_settings, "food101", image_size=16)
+    vocab = sorted({w for item in data.splits["train"] for w in _words(item["text"])})
+    _probe_beats_the_majority_class(data, vocab, "train", "test")
 
 
 def test_msrvtt_captions_retrieve_their_video_above_chance(tmp_path, generate_settings):
@@ -153,20 +158,4 @@ def test_recipes_teaches_other_dishes_in_food101s_world(tmp_path, generate_setti
     assert not set(recipes.info["classes"]) & set(food.info["classes"])
     assert set(recipes.info["classes"]) <= set(FOOD_CLASSES)
     assert recipes.info["vocab"] == food.info["vocab"]
-    vocab = recipes.info["vocab"]
-
-    def features(split):
-        rows, labels = [], []
-        for item in recipes.splits[split]:
-            bag = np.zeros(len(vocab))
-            for word in _words(item["text"]):
-                bag[vocab.index(word)] += 1
-            rows.append(np.concatenate([bag, item["image"].numpy().mean((1, 2))]))
-            labels.append(int(item["label"]))
-        return np.array(rows), np.array(labels)
-
-    x_train, y_train = features("train")
-    x_valid, y_valid = features("valid")
-    accuracy = LogisticRegression(max_iter=3000).fit(x_train, y_train).score(x_valid, y_valid)
-    majority = np.bincount(y_valid).max() / len(y_valid)
-    assert accuracy > majority + 0.05, (accuracy, majority)
+    _probe_beats_the_majority_class(recipes, recipes.info["vocab"], "train", "valid")
