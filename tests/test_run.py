@@ -156,10 +156,12 @@ def test_missing_params_file_is_named(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_wander_learns_on_the_pretrained_late_fusion_backbone(tmp_path):
+def test_wander_learns_on_the_pretrained_late_fusion_backbone(tmp_path, monkeypatch):
     """A learning-signal check: after fine-tuning, Wander's test MAE is below the MAE of the same
     model at initialisation (untrained head and adapter), for every seed."""
     from harness.pretrain import plan_pretrain, pretrain
+
+    monkeypatch.chdir(tmp_path)  # the feature cache goes to ./datasets/features, not the checkout's
 
     generate("mosi", tmp_path / "mosi", seed=0, n_train=384, interaction_scope="pooled")
     generate("mosei", tmp_path / "mosei", seed=0, n_train=1024, interaction_scope="pooled")
