@@ -9,10 +9,11 @@ On a cluster nothing depends on a worker node's disk:
 - Results come home. A trial runs its runs in a scratch folder of its own and hands each run's
   whole record to the driver in its Tune result (one JSON string: Tune neither flattens its
   hundred-odd fields nor prints them in its trial tables); the driver writes it atomically into the
-  records folder (``RecordsHome``) as soon as it arrives, and notes its key in a ``Ledger`` actor
-  pinned to the driver's node. A trial lost with its node is retried (``max_failures``); the retry
-  asks the ledger which of its runs already came home and skips them, so no finished run is
-  computed twice.
+  records folder (``RecordsHome``) as soon as it arrives. A trial lost with its node is retried
+  (``max_failures``): before the retry starts, the driver opens a ``Ledger`` actor pinned to its
+  own node and holding the keys of every record that came home (and of those coming after); the
+  retry asks it which of its runs to skip, so no finished run is computed twice. A sweep without
+  a lost trial starts no ledger (one process fewer on a small machine).
 - Code and data. Every node runs the project installed at the same revision (the worker computes
   each run's key and refuses to run when it differs from the driver's: other code or compute
   packages), and reads the project folder, its data and checkpoints at the driver's paths (a
@@ -37,6 +38,7 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,15 +184,16 @@ def compute_record(key: str | None, values: dict, root: str) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _ledger_class():
+def _open_ledger(name: str, done: set[str]):
+    """The named ``Ledger`` actor on the driver's node (it outlives any worker node), holding
+    ``done``: the run keys whose records reached the driver, for a retried trial to skip."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class Ledger:
-        """The run keys whose records reached the driver, for a retried trial to skip."""
-
-        def __init__(self):
-            self.done = set()
+        def __init__(self, done: set[str]):
+            self.done = set(done)
 
         def mark(self, key: str) -> None:
             self.done.add(key)
@@ -198,20 +201,35 @@ def _ledger_class():
         def which_done(self, keys: list[str]) -> list[str]:
             return [k for k in keys if k in self.done]
 
-    return Ledger
+    ledger = Ledger.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote(done)
+    ray.get(ledger.which_done.remote([]))  # up before the retried trial asks for it
+    return ledger
 
 
-def _records_home(path_for, ledger):
+def runs_done(ledger_name: str, keys: list[str]) -> set[str]:
+    """Which of ``keys`` came home already: none unless a trial was retried (no ledger yet)."""
+    import ray
+
+    try:
+        ledger = ray.get_actor(ledger_name)
+    except ValueError:
+        return set()
+    return set(ray.get(ledger.which_done.remote(keys)))
+
+
+def _records_home(path_for, ledger_name: str | None):
     """A Tune callback (in the driver) that writes each record a trial reports atomically at
-    ``path_for(trial config, record)``, marks its key in ``ledger``, and keeps what
-    the sweep reports: records received, duplicates (a key received twice), trials retried, the
-    first bad input."""
+    ``path_for(trial config, record)``, and keeps what the sweep reports: records received,
+    duplicates (a key received twice), trials retried, the first bad input. With ``ledger_name``,
+    a retried trial opens the ledger of received keys, which then notes every later one."""
     import ray
     from ray.tune import Callback
 
     class RecordsHome(Callback):
         def __init__(self):
             self.received, self.duplicates, self.retried, self.input_error = set(), 0, 0, None
+            self.ledger = None
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "input_error" in result and self.input_error is None:
@@ -223,11 +241,14 @@ def _records_home(path_for, ledger):
             if record["key"] in self.received:
                 self.duplicates += 1
             self.received.add(record["key"])
-            if ledger is not None:
-                ray.get(ledger.mark.remote(record["key"]))
+            if self.ledger is not None:
+                ray.get(self.ledger.mark.remote(record["key"]))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
+            # Tune calls this before its loop starts the requeued trial: the ledger is up in time
             self.retried += 1
+            if ledger_name is not None and self.ledger is None:
+                self.ledger = _open_ledger(ledger_name, self.received)
 
         def summary(self) -> dict:
             return {"records_received": len(self.received), "duplicates": self.duplicates,
@@ -282,22 +303,17 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
     """Run the plans ``keyed_values`` ([(run key, plan values)]; paths relative to ``root``) as Tune
     trials of ``options.runs_per_trial`` runs; each record is written on the driver at
     ``path_for(key)``. Returns what came back (``RecordsHome.summary``)."""
-    import ray
     from ray import tune
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     trials = trial_batches(keyed_values, workers, options.runs_per_trial)
+    ledger_name = f"mmpetl-ledger-{uuid.uuid4().hex}"
 
     with ray_session(workers):
-        # the ledger lives on the driver's node: it outlives any worker node
-        ledger = _ledger_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)).remote()
-
         # A trial's config is its batch's index: the plans travel once, with the function, and
         # Tune's driver names, stores and checkpoints small configs.
         def trainable(config: dict) -> None:
             batch = trials[config["batch"]]
-            done = set(ray.get(ledger.which_done.remote([key for key, _ in batch])))
+            done = runs_done(ledger_name, [key for key, _ in batch])
             for key, values in batch:
                 if key in done:  # came home before this trial was lost with its node
                     continue
@@ -308,7 +324,7 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
                     return
                 tune.report({"record": json.dumps(record)})
 
-        home = _records_home(lambda config, record: path_for(record["key"]), ledger)
+        home = _records_home(lambda config, record: path_for(record["key"]), ledger_name)
         return _fit(trainable, "finetune", storage, workers, options,
                     lambda config: options.resources(trials[config["batch"]][0][1]["train"]["device"]),
                     home, param_space={"batch": tune.grid_search(list(range(len(trials))))})
