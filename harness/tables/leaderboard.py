@@ -190,16 +190,37 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
               "The CSV has the exact Wilcoxon p, its smallest attainable p and P(better).", ""]
     rest = [c for c in result.spec.sections[2].columns]
     if len(rest) > 1:
-        body = [[r.row.label] + [render._ours(r.cells[c.id]) for c in rest[1:]]
-                for r in by_title[SECTIONS[2]]]
-        lines += ["## Other metrics", "",
-                  tabulate(body, ["Row"] + [f"{c.label} (`{c.key}`)" for c in rest[1:]],
-                           tablefmt="github", disable_numparse=True), ""]
+        lines += ["## Other metrics", ""]
+        for columns in _fitting(rest[1:], lambda part: _other_metrics(by_title[SECTIONS[2]], part)):
+            lines += [_other_metrics(by_title[SECTIONS[2]], columns), ""]
     lines += ["## Run records", ""]
     for row_result in by_title[SECTIONS[2]]:
         names = ", ".join(_record_names(row_result.records)) or "none"
         lines.append(f"- `{row_result.row.label}`: {names}")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# The widest table line a reader follows without scrolling: wider tables are split by column
+MAX_TABLE_WIDTH = 200
+
+
+def _other_metrics(rows: list, columns: list[Column]) -> str:
+    body = [[r.row.label] + [render._ours(r.cells[c.id]) for c in columns] for r in rows]
+    return tabulate(body, ["Row"] + [f"{c.label} (`{c.key}`)" for c in columns],
+                    tablefmt="github", disable_numparse=True)
+
+
+def _fitting(columns: list[Column], table) -> list[list[Column]]:
+    """``columns`` in consecutive groups, each as many as ``table(group)`` renders within
+    ``MAX_TABLE_WIDTH`` characters (at least one)."""
+    groups = [[]]
+    for column in columns:
+        wider = groups[-1] + [column]
+        if groups[-1] and len(table(wider).splitlines()[0]) > MAX_TABLE_WIDTH:
+            groups.append([column])
+        else:
+            groups[-1] = wider
+    return groups
 
 
 def _no_values(rows: list, slug: str | None, main: Column) -> str:
