@@ -344,7 +344,7 @@ def cost_markdown(report: dict) -> str:
             f"| {r['form']} | {r['parameters']:,} | {r['time_s']:.4g} | {r['memory_mb']:.1f} | "
             f"{r['flops_forward'] / 1e9:.4g} | {r['flops_step'] / 1e9:.4g} | {_g(r['ratio_time'])} | "
             f"{_g(r['ratio_memory'])} | {flops_ratio} |")
-    lines += ["", f"The paper's {t6['paper_source']}, beside it:", "",
+    lines += ["", f"{t6['paper_source']}, beside it:", "",
               "| Form | Time (s) | Memory (MB) | FLOPs | Time / SF | Memory / SF | FLOPs / SF |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in t6["rows"]:
