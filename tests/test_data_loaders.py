@@ -270,9 +270,17 @@ def test_food101_raw_titles_with_commas_and_quotes(tmp_path, monkeypatch):
     assert tr[3]["text"] == "crispy, flaky baklava" and tr[3]["label"].item() == 1
     assert ld.report["unquoted_comma_rows"] == 1
     before = len(opened)
-    it = tr[0]
+    it = tr[1]
     assert len(opened) == before + 1 and it["image"].shape == (3, 8, 10)
     assert it["image"][0].mean() > 0.6 and it["image"][1].mean() < 0.2
+    it["image"].zero_()                                   # a copy of the kept pixels
+    again = load_dataset("food101", tmp_path).splits["train"][1]
+    assert len(opened) == before + 1                      # kept for the process: not read again
+    assert again["image"][0].mean() > 0.6
+    replaced = tmp_path / "images" / "train" / "apple_pie" / "new.jpg"
+    _img(replaced, colour=(10, 10, 200))
+    replaced.replace(tmp_path / "images" / "train" / "apple_pie" / "apple_pie_1.jpg")
+    assert tr[1]["image"][2].mean() > 0.6 and len(opened) == before + 2   # a new file: read
     ld2 = load_dataset("food101", tmp_path, image_size=16)
     assert ld2.splits["test"][0]["image"].shape == (3, 16, 16)
     rep = check_data("food101", tmp_path)
@@ -377,6 +385,32 @@ def test_msrvtt_generated_split_schemes(tmp_path):
     rep = check_data("msrvtt", tmp_path / "g", split_scheme="full")
     assert rep["missing_experts_per_video"] == m["missing_experts_per_video"]
     assert rep["nonfinite"]["nan_filled_experts"] == m["quirks"]["nan_filled_experts"]
+
+
+def test_msrvtt_videos_read_once_per_process_while_unchanged(tmp_path, monkeypatch):
+    """A sweep worker's later runs read each video from memory, not its file; a replaced file is
+    read again."""
+    import shutil
+
+    from harness.data import msrvtt
+
+    generate("msrvtt", tmp_path, n_train=4, n_valid=2, n_test=2, seq_len=4)
+    read = []
+    real_read = msrvtt.read_video
+    monkeypatch.setattr(msrvtt, "read_video", lambda path, *a, **k: (read.append(path),
+                                                                     real_read(path, *a, **k))[1])
+
+    def test_item():
+        return load_dataset("msrvtt", tmp_path, split_scheme="full").splits["test"][0]
+
+    first, again = test_item(), test_item()
+    assert len(read) == 1 and torch.equal(first["s3d"], again["s3d"])
+    replacement = tmp_path / "replacement.h5"
+    shutil.copy(read[0], replacement)
+    with h5py.File(replacement, "a") as f:
+        f["features.s3d"][...] = 7.0
+    replacement.replace(read[0])
+    assert (test_item()["s3d"][first["mask_s3d"]] == 7.0).all() and len(read) == 2
 
 
 def test_howto100m_generated(tmp_path):

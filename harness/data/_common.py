@@ -2,6 +2,7 @@
 atomic output directories and checksums. Everything that goes wrong raises InputError."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -9,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -127,6 +128,52 @@ def read_manifest(root: Path) -> dict | None:
         raise InputError("generator manifest is not a mapping", file=str(p), key="(root)",
                          expected="a JSON object", found=type(m).__name__)
     return m
+
+
+# ----------------------------------------------------------------------------- reads kept in memory
+
+class ReadMemo:
+    """What this process has read from files, reused while the file is unchanged: a sweep worker
+    runs many rows on the same data, and a loader that reads a file per item (MSR-VTT's HDF5
+    videos, Food-101's images) would otherwise read every file again for every run. Up to
+    ``limit`` bytes of values are kept; the least recently used are dropped first."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.kept: collections.OrderedDict = collections.OrderedDict()  # key: (file, value, bytes)
+
+    def read(self, path: Path, how: tuple, read: Callable[[], Any],
+             nbytes: Callable[[Any], int]) -> Any:
+        """``read()``: the value read from the file at ``path`` in the way ``how`` names (the
+        reader's options), memoised while the file is the same (inode, size, modification and
+        change times: any write changes them). The value is shared by every caller: they must
+        not modify it. A file that cannot be stat'ed is read as without the memo (its error
+        raised by ``read``)."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return read()
+        key = (str(path), how)
+        file = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        kept = self.kept.get(key)
+        if kept is not None and kept[0] == file:
+            self.kept.move_to_end(key)
+            return kept[1]
+        value = read()
+        self.forget(key)
+        self.kept[key] = (file, value, nbytes(value))
+        self.used += self.kept[key][2]
+        while self.used > self.limit:
+            self.forget(next(iter(self.kept)))
+        return value
+
+    def forget(self, key: tuple) -> None:
+        entry = self.kept.pop(key, None)
+        if entry is not None:
+            self.used -= entry[2]
+
+
+FILE_READS = ReadMemo(limit=1 << 30)  # the loaders' per-item file reads, per process
 
 
 # ----------------------------------------------------------------------------- arrays

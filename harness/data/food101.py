@@ -10,6 +10,8 @@ Formats (names used by `format=`):
 Items (dicts): image (float32 3 x H x W in [0, 1], opened lazily in __getitem__, resized
 to image_size x image_size when image_size is set), text (str), label (int64 class index
 into info["classes"], the sorted class names of the train split), id (str), index (int64).
+Without a ``transform`` the decoded pixels are kept for the process while the file is unchanged
+(``_common.FILE_READS``): a sweep worker's later runs on the same images read memory.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import (LoadedDataset, load_json, pick_format, read_manifest, require_path,
-                      split_index)
+from ._common import (FILE_READS, LoadedDataset, load_json, pick_format, read_manifest,
+                      require_path, split_index)
 from .cards import Card
 
 
@@ -52,17 +54,22 @@ class ImageTextDataset(Dataset):
                              expected="a readable JPEG/PNG image",
                              found=f"{type(e).__name__}: {str(e)[:120]}") from None
 
+    def pixels(self, i: int) -> torch.Tensor:
+        """Image ``i``: float32 3 x H x W in [0, 1], resized to image_size x image_size if set."""
+        im = self.open_image(i)
+        if self.image_size:
+            im = im.resize((self.image_size, self.image_size))
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
     def __getitem__(self, i: int) -> dict:
         i = split_index(i, len(self.records), "samples")
         path, text, label, rid = self.records[i]
-        im = self.open_image(i)
         if self.transform is not None:
-            image = self.transform(im)
-        else:
-            if self.image_size:
-                im = im.resize((self.image_size, self.image_size))
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-            image = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+            image = self.transform(self.open_image(i))
+        else:  # decoded once per process while the file is unchanged; a copy of the kept one
+            image = FILE_READS.read(Path(path), ("image", self.image_size), lambda: self.pixels(i),
+                                    lambda pixels: pixels.nbytes).clone()
         return {"image": image, "text": text, "label": torch.tensor(label, dtype=torch.int64),
                 "id": rid, "index": torch.tensor(i, dtype=torch.int64)}
 

@@ -22,7 +22,9 @@ Items (dicts), for each expert e:
   present_e    bool scalar
 plus caption (str, words joined by spaces), caption_index (int64), label and video_index
 (int64: the video's index in its split), id (str: video id), index (int64).
-The HDF5 file is opened in __getitem__ (lazily, per item).
+The HDF5 file is opened in __getitem__ (lazily, per item) and what it held is kept for the
+process (``_common.FILE_READS``) while the file is unchanged: a sweep worker's later runs on the
+same videos read memory; the random train caption is still drawn per item, in the same order.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import (LoadedDataset, decode, length_stats, load_pickle, pick_format, read_manifest,
-                      require_path, split_index)
+from ._common import (FILE_READS, LoadedDataset, decode, length_stats, load_pickle, pick_format,
+                      read_manifest, require_path, split_index)
 from .cards import Card
 
 FEAT_DIR = Path("vid_feat_files") / "mult_h5"
@@ -116,6 +118,12 @@ def read_video(path: Path, experts: list[str], dims: dict[str, int], required: s
     return out
 
 
+def video_bytes(video: dict) -> int:
+    """About the memory ``read_video``'s result holds: its arrays and caption words."""
+    arrays = sum(a.nbytes + t.nbytes for a, t in filter(None, video["experts"].values()))
+    return arrays + sum(len(word) for caption in video["captions"] for word in caption)
+
+
 class VideoTextDataset(Dataset):
     """(video, caption) items read lazily from the per-video HDF5 files."""
 
@@ -138,7 +146,10 @@ class VideoTextDataset(Dataset):
             vi, ci = i, None
         vid = self.videos[vi]
         path = video_path(self.root, vid)
-        v = read_video(path, self.experts, self.dims, self.required, self.max_tokens)
+        v = FILE_READS.read(path, ("mmt", tuple(self.experts), tuple(sorted(self.dims.items())),
+                                   tuple(sorted(self.required)), self.max_tokens),
+                            lambda: read_video(path, self.experts, self.dims, self.required,
+                                               self.max_tokens), video_bytes)
         item: dict = {}
         T = self.max_tokens
         for e in self.experts:
