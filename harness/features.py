@@ -77,7 +77,6 @@ import logging
 import os
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,7 @@ from tqdm import tqdm
 
 from harness.backbones.pretrained import tensors_sha256
 from harness.errors import InputError
-from harness.records import atomic_path, canonical_hash, tree_hash
+from harness.records import atomic_path, canonical_hash, installed_version, tree_hash
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +246,11 @@ def pretrained_identity(backbone: nn.Module) -> dict:
 
 def encoder_hash(backbone: nn.Module) -> str:
     """The encoder config hash a cache is valid for (see the module docstring)."""
-    try:  # the installed version, read without importing transformers (half a second)
-        transformers_version = metadata.version("transformers")
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        transformers_version = None
     document = {"backbone": type(backbone).__name__, **_config_document(backbone),
                 "code": _code_hash(backbone), "torch": torch.__version__.split("+")[0],
-                "transformers": transformers_version, "state": encoder_state_hash(backbone),
-                "pretrained": pretrained_identity(backbone),
+                # the installed version, read once per process without importing transformers
+                "transformers": installed_version("transformers"),
+                "state": encoder_state_hash(backbone), "pretrained": pretrained_identity(backbone),
                 "storage": str(STORAGE_DTYPE), "format_version": VERSION}
     return canonical_hash(document)
 
@@ -402,6 +398,15 @@ def extract_features(backbone: nn.Module, dataset_split: Dataset, cache_path: st
     process read and checked before is reused without reading its file again while the file is
     unchanged (``_LOADED``)."""
     require_cacheable(backbone, require_frozen=False)
+    return _extract_checked(backbone, dataset_split, cache_path, data_hash, batch_size, progress,
+                            force, device, encoder_hash_, desc)
+
+
+def _extract_checked(backbone: nn.Module, dataset_split: Dataset, cache_path: str | Path,
+                     data_hash: str, batch_size: int, progress: bool, force: bool,
+                     device: str | torch.device | None, encoder_hash_: str | None,
+                     desc: str | None) -> "CachedFeatures":
+    """``extract_features`` for a backbone whose structure the caller has checked."""
     path = Path(cache_path)
     current = encoder_hash_ or encoder_hash(backbone)
     remembered = _LOADED.get(str(path))
@@ -532,10 +537,10 @@ class CachedFeatures(Dataset):
         once in memory, without building an item at a time; item by item from the file otherwise."""
         if self._arrays is None:
             return default_collate([self[i] for i in indices])
-        rows = torch.as_tensor(indices)
-        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < len(self)):
+        if len(indices) and not (0 <= min(indices) and max(indices) < len(self)):
             raise IndexError(f"items {indices} of a {len(self)}-item feature cache")
-        return {k: self._arrays[k][rows] for k in self.fields}
+        rows = torch.as_tensor(indices)  # index_select copies what ``[rows]`` does, several times faster
+        return {k: torch.index_select(self._arrays[k], 0, rows) for k in self.fields}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -588,11 +593,13 @@ class FromCache(nn.Module):
 
 def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: str | Path,
                   data_hashes: dict[str, str], batch_size: int = 64, progress: bool = True,
-                  device: str | torch.device | None = None):
+                  device: str | torch.device | None = None, check: bool = True):
     """``(FromCache(backbone), {split: CachedFeatures}, info)``; raises NotCacheable when the
-    method changes the encoders. ``info``: encoder_hash, folder, per-split path / status / n and
-    the extraction seconds spent (0 when every split was reused)."""
-    require_cacheable(backbone)
+    method changes the encoders (``check=False``: the caller found no ``cache_problems``).
+    ``info``: encoder_hash, folder, per-split path / status / n and the extraction seconds spent
+    (0 when every split was reused)."""
+    if check:
+        require_cacheable(backbone)
     current = encoder_hash(backbone)
     folder = Path(cache_dir) / current[:16]
     cached, info = {}, {"encoder_hash": current, "folder": str(folder), "splits": {},
@@ -601,14 +608,13 @@ def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: st
         if name not in data_hashes:
             raise InputError("no data hash for a split", key=f"data_hashes.{name}",
                              expected="a sha256 hex digest", found="nothing")
-        features = extract_features(backbone, split, folder / f"{name}.h5", data_hashes[name],
-                                    batch_size, progress, device=device, encoder_hash_=current,
-                                    desc=f"extract {name}")
+        features = _extract_checked(backbone, split, folder / f"{name}.h5", data_hashes[name],
+                                    batch_size, progress, False, device, current, f"extract {name}")
         cached[name] = features
         info["splits"][name] = {"path": str(features.path), "status": features.status,
                                 "n": len(features)}
         info["extract_s"] += features.extract_s or 0.0
-    return FromCache(backbone, check=False), cached, info  # checked above
+    return FromCache(backbone, check=False), cached, info  # checked above or by the caller
 
 
 def plan_data_hashes(plan, data, vocab) -> dict[str, str]:

@@ -5,9 +5,11 @@
 ``_use_grad_for_differentiable`` wrapper): 1-2.5 s of imports for ``torch.compile`` support, which
 the harness never uses, more than a tiny run's whole training. No constructor option (``foreach``,
 ``fused``, ``differentiable``) avoids it. The update here is ``torch.optim.adam.adam``, the function
-``torch.optim.Adam.step`` calls, with the same arguments and the same lazily created state, so the
+``torch.optim.Adam.step`` calls, with the same arguments and the same lazily created state, except
+``foreach=True``: one multi-tensor call per step instead of a Python loop over the parameters
+(torch.optim's default on CPU). Both compute the same operations in the same order, so the
 parameters come out bit for bit the same (tests/test_performance.py checks it against
-``torch.optim.Adam`` / ``AdamW`` with ``StepLR``).
+``torch.optim.Adam`` / ``AdamW`` with ``foreach=False`` and ``StepLR``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class Adam:
                                  torch.tensor(0.0, dtype=_scalar_dtype()))
         exp_avgs, exp_avg_sqs, steps = zip(*(self.state[p] for p in with_grad))
         adam(with_grad, [p.grad for p in with_grad], list(exp_avgs), list(exp_avg_sqs), [],
-             list(steps), foreach=None, fused=None, has_complex=any(map(torch.is_complex, with_grad)),
+             list(steps), foreach=True, fused=None, has_complex=any(map(torch.is_complex, with_grad)),
              amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=self.lr,
              weight_decay=self.weight_decay, eps=self.eps, maximize=False,
              decoupled_weight_decay=self.decoupled)

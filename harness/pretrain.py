@@ -70,7 +70,7 @@ from harness.records import atomic_file, canonical_hash, update_with_file
 from harness.settings import RUN_OPTIONS, checkpoint_path, section
 from harness.tasks.tasks import TASKS
 from harness.text import SPECIALS, PretrainedTokenizer, Tokenized, WordVocab, words
-from harness.train import TrainSettings, evaluate, seed_everything, train_and_select
+from harness.train import TrainSettings, evaluate, run_loaders, seed_everything, train_and_select
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,13 @@ def pretrain(source: str, out_path: str | Path, profile_settings: dict, train_se
     device = torch.device(settings.device)
     backbone.to(device)
     with single_threaded(device):
-        initial_valid = evaluate(backbone, task, splits["valid"], settings)
-        trained = train_and_select(backbone, task, splits, settings, seed, progress,
+        loaders = run_loaders(splits, settings, seed)
+        initial_valid = evaluate(backbone, task, loaders["valid"], settings)
+        trained = train_and_select(backbone, task, loaders, settings, progress,
                                    desc=f"pretrain {kind} on {source}")
-        final_valid = evaluate(backbone, task, splits["valid"], settings)
-    best_epoch, history = trained["selected_epoch"], trained["history"]
+    # the backbone is left at the selected epoch's weights, which these metrics measured
+    final_valid, best_epoch, history = (trained["selected_valid"], trained["selected_epoch"],
+                                        trained["history"])
     best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
 
     metadata = _plain({

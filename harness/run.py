@@ -67,9 +67,9 @@ class InMemory(Dataset):
             self.collated = default_collate([self.items[i] for i in range(len(self))])
         if self.collated is None:
             return default_collate([self[i] for i in indices])
-        rows = torch.as_tensor(indices, dtype=torch.int64)
-        return {key: value[rows] if isinstance(value, torch.Tensor) else [value[i] for i in indices]
-                for key, value in self.collated.items()}
+        rows = torch.as_tensor(indices, dtype=torch.int64)  # index_select: ``[rows]``, faster
+        return {key: torch.index_select(value, 0, rows) if isinstance(value, torch.Tensor)
+                else [value[i] for i in indices] for key, value in self.collated.items()}
 
 
 def text_vocab(plan: RunPlan) -> PretrainedTokenizer | None:
@@ -221,7 +221,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
             backbone.to(plan.train.device)
             model, fit_splits, info = cached_splits(
                 backbone, splits, FEATURES_DIR / plan.dataset, plan_data_hashes(plan, data, vocab),
-                batch_size=max(plan.train.batch_size, 64), progress=progress)
+                batch_size=max(plan.train.batch_size, 64), progress=progress, check=False)
             features = {"cached": True, **info}
     seed_everything(plan.seed)  # training draws the same numbers whether the cache was just built or not
     result = fine_tune(model, TASKS[task_name], fit_splits, plan.train, plan.seed, progress=progress)

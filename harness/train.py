@@ -4,6 +4,7 @@ released Wander code only ever reported validation numbers; we do not)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import time
@@ -94,6 +95,8 @@ class TrainSettings:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":  # the loaders' batches are on the CPU already
+        return batch
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -131,12 +134,24 @@ def batches(dataset: Dataset, batch_size: int, seed: int | None = None,
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
 
 
+def run_loaders(splits: dict[str, Dataset], settings: TrainSettings, seed: int) -> dict[str, DataLoader]:
+    """A run's loaders, built once per run: ``train`` shuffled by ``seed`` in batches of
+    ``batch_size``, every other split in order in batches of ``max(batch_size, 64)`` for
+    ``evaluate``. With ``loader_workers``, each keeps its worker processes from one pass to the
+    next (a loader built per evaluation would start them again on every validation pass)."""
+    loader = loader_in_effect(settings)
+    return {name: batches(split, settings.batch_size, seed, loader) if name == "train"
+            else batches(split, max(settings.batch_size, 64), loader=loader)
+            for name, split in splits.items()}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSettings) -> dict:
+def evaluate(model: nn.Module, task: Task, loader: DataLoader, settings: TrainSettings) -> dict:
+    """``task``'s metrics of ``model`` on one pass over ``loader`` (``run_loaders``)."""
     model.eval()
     device = torch.device(settings.device)
     outputs, labels = [], []
-    for batch in batches(dataset, max(settings.batch_size, 64), loader=loader_in_effect(settings)):
+    for batch in loader:
         batch = _to_device(batch, device)
         with _autocast(settings):
             if task.name == "retrieval":  # embed both sides; score every caption against every video
@@ -152,21 +167,19 @@ def evaluate(model: nn.Module, task: Task, dataset: Dataset, settings: TrainSett
     return task.evaluate(torch.cat(outputs), torch.cat(labels))
 
 
-def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
-                     settings: TrainSettings, seed: int, progress: bool = True,
-                     desc: str = "fine-tune") -> dict:
-    """Train ``model``'s trainable parameters with the settings' optimiser and StepLR schedule,
-    evaluate on the valid split after every epoch and leave the model at the best epoch's weights
-    (its trainable parameters and buffers: the model the selected validation metrics measured).
-    Returns the selected epoch, its validation metrics, the per-epoch history and the training
-    wall time."""
+def train_and_select(model: nn.Module, task: Task, loaders: dict[str, DataLoader],
+                     settings: TrainSettings, progress: bool = True, desc: str = "fine-tune") -> dict:
+    """Train ``model``'s trainable parameters with the settings' optimiser and StepLR schedule on
+    ``loaders["train"]`` (``run_loaders``), evaluate on ``loaders["valid"]`` after every epoch and
+    leave the model at the best epoch's weights (its trainable parameters and buffers: the model
+    the selected validation metrics measured). Returns the selected epoch, its validation
+    metrics, the per-epoch history and the training wall time."""
     device = torch.device(settings.device)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # torch.optim's Adam / AdamW update and StepLR without its torch._dynamo import (harness.optim)
     optimizer = Adam(trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay,
                      decoupled_weight_decay=settings.optimizer == "adamw")
     scheduler = StepLR(optimizer, settings.step_size, settings.gamma)
-    loader = batches(splits["train"], settings.batch_size, seed, loader_in_effect(settings))
     kept = [*trainable.values(), *model.buffers()]  # what the best epoch's state holds
     best_value, best_epoch, best_state, best_valid, history = None, -1, None, None, []
     started = time.perf_counter()
@@ -174,21 +187,22 @@ def train_and_select(model: nn.Module, task: Task, splits: dict[str, Dataset],
     for epoch in epochs:
         model.train()
         total, count = 0.0, 0
-        for batch in loader:
+        for batch in loaders["train"]:
             batch = _to_device(batch, device)
             with _autocast(settings):
                 loss = task.loss(model(batch).float(), batch["label"])
-            if not torch.isfinite(loss):
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 raise RuntimeError(f"{desc}: non-finite loss at epoch {epoch}")
             optimizer.zero_grad()
             loss.backward()
             if settings.grad_clip > 0:
                 nn.utils.clip_grad_norm_(trainable.values(), settings.grad_clip)
             optimizer.step()
-            total += loss.item() * len(batch["label"])
+            total += loss_value * len(batch["label"])
             count += len(batch["label"])
         scheduler.step()
-        valid = evaluate(model, task, splits["valid"], settings)
+        valid = evaluate(model, task, loaders["valid"], settings)
         value = valid[task.select_metric]
         history.append({"epoch": epoch, "train_loss": total / count, f"valid_{task.select_metric}": value})
         if task.better(value, best_value):
@@ -210,10 +224,11 @@ def fine_tune(model: nn.Module, task: Task, splits: dict[str, Dataset], settings
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    initial_test = evaluate(model, task, splits["test"], settings)
-    trained = train_and_select(model, task, splits, settings, seed, progress)
+    loaders = run_loaders(splits, settings, seed)
+    initial_test = evaluate(model, task, loaders["test"], settings)
+    trained = train_and_select(model, task, loaders, settings, progress)
     return {
-        "test": evaluate(model, task, splits["test"], settings),
+        "test": evaluate(model, task, loaders["test"], settings),
         "valid": trained.pop("selected_valid"),  # measured on the same weights at that epoch
         "initial_test": initial_test,
         "select_metric": task.select_metric,

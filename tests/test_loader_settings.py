@@ -2,6 +2,8 @@
 are checked, change neither which items make a batch nor their order, and are recorded as in
 effect (pinned memory only on CUDA). Workers are in the run key (an item drawing a random number
 draws it from the worker's generator), pinned memory is not. The CUDA path is scripts/gpu_check.sh's (no GPU on the CI machine)."""
+import os
+
 import pytest
 import torch
 import yaml
@@ -11,7 +13,8 @@ from harness.errors import InputError
 from harness.params_schema import check_train
 from harness.run import execute, run_key
 from harness.settings import load_params, plan_run
-from harness.train import TrainSettings, batches, loader_in_effect
+from harness.tasks.tasks import TASKS
+from harness.train import TrainSettings, batches, fine_tune, loader_in_effect
 from tests.helpers import small_mosi_params
 
 
@@ -43,6 +46,41 @@ def test_loader_workers_give_the_same_batches_in_the_same_order(dataset, seed):
     assert sorted(sum(alone, [])) == list(range(len(dataset)))
     if seed is not None:
         assert sum(alone, []) != list(range(len(dataset)))  # shuffled
+
+
+class ReaderPid(ItemDataset):
+    """Items that say which process read them: a worker's pid with loader_workers."""
+
+    def __getitem__(self, index):
+        return {"x": torch.full((3,), float(index)), "label": torch.tensor(float(index % 3)),
+                "pid": torch.tensor(os.getpid())}
+
+
+class ReaderProbe(torch.nn.Linear):
+    """A regression probe noting the reader pids of every batch it evaluates."""
+
+    def __init__(self):
+        super().__init__(3, 1)
+        self.evaluated = []
+
+    def forward(self, batch):
+        if not self.training:
+            self.evaluated.append(set(batch["pid"].tolist()))
+        return super().forward(batch["x"]).squeeze(-1)
+
+
+def test_each_split_keeps_its_loader_workers_for_the_whole_run():
+    """fine_tune builds each split's loader once: with a worker, the validation passes (one per
+    epoch) are read by one worker process, and the initial and final test passes by another,
+    instead of a worker started for every pass."""
+    settings = TrainSettings(epochs=3, batch_size=8, loader_workers=1)
+    model = ReaderProbe()
+    fine_tune(model, TASKS["regression"], {"train": ReaderPid(), "valid": ReaderPid(),
+                                           "test": ReaderPid()}, settings, seed=0, progress=False)
+    test_first, *valid, test_last = model.evaluated  # one batch per pass (37 items <= 64)
+    assert len(valid) == settings.epochs
+    assert len(set().union(*valid)) == 1 and test_first == test_last
+    assert os.getpid() not in test_first | valid[0] and test_first != valid[0]
 
 
 def test_pinned_memory_is_in_effect_on_cuda_only():

@@ -58,24 +58,32 @@ def test_sf_two_matmuls_equal_the_einsum_up_to_summation_order(form, dtype, tole
 
 
 # --- the optimiser without torch.optim.Optimizer -----------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_optimiser_gives_torch_optims_parameters_bit_for_bit(decoupled):
-    """harness.optim.Adam / StepLR against torch.optim.Adam (AdamW) / StepLR: the same parameters
-    after 15 steps over 5 epochs with clipping, weight decay, a decay every 2 epochs and a
-    parameter that never gets a gradient."""
+def test_optimiser_gives_torch_optims_parameters_bit_for_bit(decoupled, dtype, seed):
+    """harness.optim.Adam / StepLR (multi-tensor update) against torch.optim.Adam (AdamW) / StepLR
+    with the per-tensor update (``foreach=False``, torch.optim's path on CPU): the same
+    parameters after 60 steps over 6 epochs with clipping, weight decay, a decay every 2 epochs,
+    parameters of several shapes (a scalar, vectors, matrices, a 3-d tensor) and a parameter
+    that never gets a gradient."""
     from harness.optim import Adam, StepLR
 
     def train(make_optimizer, make_schedule) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
-        unused = torch.nn.Parameter(torch.randn(3))
-        parameters = [*model.parameters(), unused]
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.LayerNorm(7),
+                                    torch.nn.Linear(7, 3)).to(dtype)
+        scale = torch.nn.Parameter(torch.ones((), dtype=dtype))
+        mixing = torch.nn.Parameter(torch.randn(2, 3, 3, dtype=dtype))
+        unused = torch.nn.Parameter(torch.randn(3, dtype=dtype))
+        parameters = [*model.parameters(), scale, mixing, unused]
         optimizer = make_optimizer(parameters)
         schedule = make_schedule(optimizer)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            for _ in range(3):
-                loss = model(torch.randn(4, 5, generator=g)).pow(2).mean()
+        g = torch.Generator().manual_seed(seed + 1)
+        for _ in range(6):
+            for _ in range(10):
+                out = scale * model(torch.randn(4, 5, generator=g, dtype=dtype))
+                loss = torch.einsum("bi,kij,bj->", out, mixing, out).pow(2) / 100 + out.pow(2).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 0.5)
@@ -86,11 +94,11 @@ def test_optimiser_gives_torch_optims_parameters_bit_for_bit(decoupled):
     reference = torch.optim.AdamW if decoupled else torch.optim.Adam
     ours = train(lambda ps: Adam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled),
                  lambda optimizer: StepLR(optimizer, 2, 0.5))
-    theirs = train(lambda ps: reference(ps, lr=1e-2, weight_decay=0.1),
+    theirs = train(lambda ps: reference(ps, lr=1e-2, weight_decay=0.1, foreach=False),
                    lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5))
     assert not torch.equal(ours[0], train(lambda ps: Adam(ps, lr=1e-2), lambda o: StepLR(o, 2, 1.0))[0])
     for got, want in zip(ours, theirs):
-        assert torch.equal(got, want)
+        assert got.dtype == dtype and torch.equal(got, want)
 
 
 # --- the cached-feature loop ----------------------------------------------------------------------
@@ -244,13 +252,14 @@ def test_harness_imports_no_heavy_package_it_does_not_need():
               "harness.extract\nfrom harness.features import encoder_hash\n"
               "from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig\n"
               "from harness.tasks.tasks import TASKS\n"
-              "from harness.train import TrainSettings, train_and_select\n"
+              "from harness.train import TrainSettings, run_loaders, train_and_select\n"
               "encoder_hash(LateFusionBackbone(LateFusionConfig()))\n"
               "class Probe(torch.nn.Linear):\n"
               "    def forward(self, batch): return super().forward(batch['x']).squeeze(-1)\n"
               "items = [{'x': torch.randn(3), 'label': torch.tensor(1.0)} for _ in range(8)]\n"
-              "train_and_select(Probe(3, 1), TASKS['regression'], {'train': items, 'valid': items}, "
-              "TrainSettings(epochs=2, batch_size=4), seed=0, progress=False)\n"
+              "settings = TrainSettings(epochs=2, batch_size=4)\n"
+              "loaders = run_loaders({'train': items, 'valid': items}, settings, seed=0)\n"
+              "train_and_select(Probe(3, 1), TASKS['regression'], loaders, settings, progress=False)\n"
               f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True,
                           text=True)

@@ -118,6 +118,27 @@ def test_checkpoint_holds_state_and_metadata(late_checkpoint, data_dir):
     assert all(not p.name.startswith(".") for p in path.parent.iterdir())
 
 
+def test_checkpoint_valid_metrics_are_the_selected_epochs_and_its_weights(late_checkpoint, data_dir):
+    """metrics.valid is the selected epoch's validation (taken from training, not measured
+    again), and the checkpoint's weights measure the very same metrics on the valid split."""
+    from harness.pretrain import single_threaded
+    from harness.tasks.tasks import TASKS
+    from harness.train import TrainSettings, evaluate, run_loaders
+
+    path, _ = late_checkpoint
+    document = read_checkpoint(path)
+    metrics = document["metrics"]
+    assert metrics["valid"]["mae"] == metrics["history"][metrics["selected_epoch"]]["valid_mae"]
+    model = LateFusionBackbone(LateFusionConfig(**document["config"]))
+    model.load_state_dict(document["state_dict"])
+    settings = TrainSettings(**TRAIN)
+    valid = load_dataset("mosei", str(data_dir / "mosei")).split("valid")
+    loader = run_loaders({"valid": valid}, settings, seed=0)["valid"]
+    with single_threaded(torch.device("cpu")):  # as pre-training measured them
+        measured = evaluate(model, TASKS["regression"], loader, settings)
+    assert json.dumps(measured, sort_keys=True) == json.dumps(metrics["valid"], sort_keys=True)
+
+
 def test_pretraining_trains_every_parameter(late_checkpoint, data_dir):
     path, _ = late_checkpoint
     document = read_checkpoint(path)

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, default_collate
 from harness import records
 from harness.run import InMemory
 from harness.tasks.tasks import TASKS
-from harness.train import TrainSettings, batches, evaluate, fine_tune
+from harness.train import TrainSettings, batches, evaluate, fine_tune, run_loaders
 
 
 def test_inputs_fixed_hashes_each_tree_and_code_once(tmp_path, monkeypatch):
@@ -116,8 +116,9 @@ def test_fine_tune_reports_the_selected_epochs_validation_on_the_restored_model(
     selected = result["history"][result["selected_epoch"]]
     assert result["valid"][task.select_metric] == selected[f"valid_{task.select_metric}"]
     # the model left behind (parameters AND buffers of the selected epoch) measures the same
-    assert evaluate(model, task, splits["valid"], settings) == result["valid"]
-    assert evaluate(model, task, splits["test"], settings) == result["test"]
+    loaders = run_loaders(splits, settings, seed=0)
+    assert evaluate(model, task, loaders["valid"], settings) == result["valid"]
+    assert evaluate(model, task, loaders["test"], settings) == result["test"]
 
 
 def test_a_checked_feature_cache_is_reused_in_process_until_its_file_changes(tmp_path, monkeypatch):
