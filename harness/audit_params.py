@@ -484,20 +484,28 @@ def _m(count: int | None) -> str:
 
 
 def _build_and_count(row: PaperRow, device: str) -> tuple[dict | None, str | None, dict | None]:
-    """(counts, error, unchecked counts)."""
+    """(counts, error, unchecked counts); counted once per backbone, method, variant and settings
+    (a Wander code row's explanation counts the paper variant: another row's count)."""
+    return _counted(row.backbone, row.method, row.variant, tuple(sorted(row.settings.items())),
+                    device)
+
+
+@lru_cache(maxsize=None)
+def _counted(kind: str, method: str, variant: str, settings_items: tuple, device: str):
+    settings = dict(settings_items)
     with building(device):
-        backbone = BACKBONES[row.backbone].build()
+        backbone = BACKBONES[kind].build()
         try:
-            apply_method(backbone, row.method, row.variant, **row.settings)
+            apply_method(backbone, method, variant, **settings)
             return count_parameters(backbone), None, None
         except ConfigError as error:
             message = str(error)
     # The same modules with validate_for lifted (information only).
     try:
         with building(device):
-            backbone = BACKBONES[row.backbone].build()
-            spec = get_method(row.method)
-            config = spec.make_config(row.variant, **row.settings)
+            backbone = BACKBONES[kind].build()
+            spec = get_method(method)
+            config = spec.make_config(variant, **settings)
             freeze(backbone)
             spec.apply_fn(backbone, config)
             trainable_head(backbone)
