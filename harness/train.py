@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from harness.errors import InputError
@@ -123,13 +123,19 @@ def batches(dataset: Dataset, batch_size: int, seed: int | None = None,
     None. A dataset with ``batch(indices)`` (the in-memory feature cache) is indexed a batch at a
     time instead of item by item + ``default_collate``; the sampler and its draws are the same
     either way, so a seed gives the same batches in the same order. ``loader``
-    (``loader_in_effect``): worker processes (kept across epochs) and pinned memory; the sampler
-    draws in this process, so they change neither which items make a batch nor their order."""
+    (``loader_in_effect``): worker processes (kept across epochs) and pinned memory; they change
+    neither which items make a batch nor their order, epoch after epoch. The sampler has a
+    generator of its own: a DataLoader draws its workers' base seed from its ``generator`` (the
+    global one when None) each time it starts a pass, but only once with workers kept across
+    passes, so a shared generator would order epoch 2 on by the worker setting, and the global
+    one (dropout's) would be drawn a different number of times."""
     workers, pin = (loader or {}).get("workers", 0), (loader or {}).get("pin_memory", False)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     indexed = callable(getattr(dataset, "batch", None))
-    return DataLoader(range(len(dataset)) if indexed else dataset, batch_size=batch_size,
-                      shuffle=seed is not None, generator=generator,
+    source = range(len(dataset)) if indexed else dataset
+    sampler = (RandomSampler(source, generator=torch.Generator().manual_seed(seed))
+               if seed is not None else None)
+    return DataLoader(source, batch_size=batch_size, sampler=sampler,
+                      generator=torch.Generator().manual_seed(0 if seed is None else seed),
                       collate_fn=dataset.batch if indexed else None,
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
 

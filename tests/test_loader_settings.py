@@ -39,13 +39,20 @@ class IndexedDataset(ItemDataset):
 @pytest.mark.parametrize("dataset", [ItemDataset(), IndexedDataset()], ids=["items", "indexed"])
 @pytest.mark.parametrize("seed", [None, 5])
 def test_loader_workers_give_the_same_batches_in_the_same_order(dataset, seed):
-    alone = [b["label"].tolist() for b in batches(dataset, 8, seed)]
-    with_workers = [b["label"].tolist() for b in
-                    batches(dataset, 8, seed, {"workers": 2, "pin_memory": False})]
-    assert with_workers == alone
-    assert sorted(sum(alone, [])) == list(range(len(dataset)))
+    """Epoch after epoch (workers kept across passes draw their base seed once, not per pass),
+    and the global generator (dropout's) is drawn alike."""
+    def three_epochs(loader):
+        torch.manual_seed(0)
+        passes = batches(dataset, 8, seed, loader)
+        return [[b["label"].tolist() for b in passes] for _ in range(3)], torch.rand(1).item()
+
+    alone, after_alone = three_epochs(None)
+    with_workers, after_workers = three_epochs({"workers": 2, "pin_memory": False})
+    assert with_workers == alone and after_workers == after_alone
+    assert all(sorted(sum(epoch, [])) == list(range(len(dataset))) for epoch in alone)
     if seed is not None:
-        assert sum(alone, []) != list(range(len(dataset)))  # shuffled
+        assert sum(alone[0], []) != list(range(len(dataset)))  # shuffled
+        assert alone[1] != alone[0]  # anew each epoch
 
 
 class ReaderPid(ItemDataset):
