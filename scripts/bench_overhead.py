@@ -15,6 +15,8 @@ side by side in one run (A, B, A, B, ...: both see the same machine state).
 3. sf_peak:     Wander SF forward + backward at paper-like sizes (3 x 50 tokens, width 768, d 64,
                 R 8, batch 32) as a fraction of the fp32 matmul peak measured here (best of a
                 2048^2 matmul); the einsum form SF had before, in the same run, for comparison.
+                FLOPs are those of Eq. 13 written plainly (the einsum form's matmuls, forward and
+                backward, counted by FlopCounterMode), whatever ``fuse`` itself runs.
 4. cache:       one training step of a paper-size two-tower (ViT-B/16 + BERT-base sizes, random
                 weights) with Wander, recomputing the frozen encoders vs reading the feature cache
                 (``CachedFeatures`` + ``harness.train.batches``); the FLOP ratio of the two steps.
@@ -269,8 +271,8 @@ def bench_sf(reps: int) -> dict:
         math.prod(terms[1:], start=terms[0]).backward(upstream)
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        two_matmuls()
+    with counter:  # the useful FLOPs: Eq. 13's matmuls, not what an implementation adds
+        einsum()
     flops = counter.get_total_flops()
     times = {"two_matmuls": [], "einsum": []}
     peaks = []
