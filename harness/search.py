@@ -2,8 +2,9 @@
 adapters' bottleneck), a multi-objective study (task metric up, #tunable down) whose trials are
 ordinary fine-tuning runs, run through the sweep's executor and recorded (so a repeated trial is
 read back, not recomputed). Each study lives in a journal file and resumes where it stopped.
-The sequential and process executors ask a batch of trials, run them and tell the results; the ray
-executor hands the same study to Ray Tune's OptunaSearch, which asks as workers free up (so its
+The sequential and process executors ask every study for a batch of trials, run the batches
+together (one method's longer runs do not leave workers idle) and tell each study its results; the
+ray executor hands each study to Ray Tune's OptunaSearch, which asks as workers free up (so its
 trials can differ from the batched ones).
 
 The search selects on the VALIDATION split: a trial's objective is its record's
@@ -62,12 +63,19 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     metric = config["metric"]
     directions = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]
     chosen = params.get("method", "all")
-    rows = []
+    spaces = {method: space for method, space in section(params, "search", "space").items()
+              if chosen in ("all", method)}
+    studies = {method: _open_study(params, config, storage, directions, method)
+               for method in spaces}
     with worker_pool(executor, workers) as pool:
-        for method, space in section(params, "search", "space").items():
-            if chosen in ("all", method):
-                rows += _search_method(params, config, storage, directions, method, space,
-                                       executor, workers, out_dir, pool)
+        if executor == "ray":  # Ray's OptunaSearch asks each study as workers free up
+            for method in spaces:
+                studies[method] = _search_with_ray(params, config, storage, directions, method,
+                                                   spaces[method], studies[method], workers,
+                                                   out_dir)
+        _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool)
+    rows = [row for method in spaces
+            for row in _trial_rows(params, config, method, studies[method], out_dir)]
     table = pd.DataFrame(rows)
     return _finish(table, config, metric, directions, out_dir, params["profile"])
 
@@ -91,46 +99,73 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state.is_finished()]
 
 
-def _search_method(params, config, storage, directions, method, space, executor, workers,
-                   out_dir, pool) -> list[dict]:
-    """Run (or resume) one method's study until it has ``trials`` finished trials."""
-    metric = config["metric"]
+def _plan_for(params: dict, config: dict, method: str, settings: dict):
+    return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
 
-    def plan_for(settings: dict):
-        return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
 
+def _open_study(params, config, storage, directions, method) -> optuna.Study:
+    """The method's study, resumed from the journal or created."""
     study_name = study_name_for(params, method)
     sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
     try:  # load first: create_study(load_if_exists=True) appends a create entry to the journal
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
     except KeyError:
         study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
                                     directions=directions)
         with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([f"valid_{metric}", "tunable"])
+            study.set_metric_names([f"valid_{config['metric']}", "tunable"])
+        return study
 
+
+def _search_with_ray(params, config, storage, directions, method, space, study, workers,
+                     out_dir) -> optuna.Study:
+    """Run the study's missing trials through Ray Tune's OptunaSearch; the study reloaded."""
     todo = config["trials"] - len(_finished(study))
-    if executor == "ray" and todo > 0:  # Ray's OptunaSearch asks this study as workers free up
-        from harness.ray_executor import RayOptions, search_with_ray
+    if todo <= 0:
+        return study
+    from harness.ray_executor import RayOptions, search_with_ray
 
-        search_with_ray(study_name, storage, sampler, directions, space, todo, plan_for, metric,
-                        str((out_dir / "runs").resolve()), os.getcwd(), workers,
-                        (out_dir / RAY_STORAGE).resolve(), RayOptions.from_params(params))
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    while len(_finished(study)) < config["trials"]:  # ask a batch, run it, tell
-        asked = [study.ask() for _ in range(min(config["batch"], config["trials"] - len(_finished(study))))]
-        plans = [plan_for({name: trial.suggest_categorical(name, choices)
-                           for name, choices in space.items()})
-                 for trial in asked]
-        run_many(plans, executor, workers, out_dir / "runs", desc=f"search {method}", pool=pool)
-        for trial, plan in zip(asked, plans):
-            record = execute(plan, out_dir / "runs", progress=False)  # reads the record back
-            study.tell(trial, [record["valid_metrics"][metric],
-                               record["tunable"]["method"] + record["tunable"]["head"]])
+    search_with_ray(study.study_name, storage, study.sampler, directions, space, todo,
+                    lambda settings: _plan_for(params, config, method, settings), config["metric"],
+                    str((out_dir / "runs").resolve()), os.getcwd(), workers,
+                    (out_dir / RAY_STORAGE).resolve(), RayOptions.from_params(params))
+    return optuna.load_study(study_name=study.study_name, storage=storage)
+
+
+def _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool) -> None:
+    """Until every study has ``trials`` finished trials: ask each unfinished study for a batch,
+    run every study's batch together (the workers stay busy while one method's runs are longer
+    than another's), tell each study its results. A study's asks and tells are the ones it would
+    get alone: its trials do not depend on the other studies'."""
+    metric = config["metric"]
+    while True:
+        asked = {method: [study.ask() for _ in range(min(config["batch"], config["trials"]
+                                                          - len(_finished(study))))]
+                 for method, study in studies.items()}
+        plans = {method: [_plan_for(params, config, method,
+                                    {name: trial.suggest_categorical(name, choices)
+                                     for name, choices in spaces[method].items()})
+                          for trial in trials]
+                 for method, trials in asked.items()}
+        todo = [plan for method_plans in plans.values() for plan in method_plans]
+        if not todo:
+            return
+        run_many(todo, executor, workers, out_dir / "runs",
+                 desc="search " + ", ".join(m for m, p in plans.items() if p), pool=pool)
+        for method, trials in asked.items():
+            for trial, plan in zip(trials, plans[method]):
+                record = execute(plan, out_dir / "runs", progress=False)  # reads the record back
+                tunable = record["tunable"]["method"] + record["tunable"]["head"]
+                studies[method].tell(trial, [record["valid_metrics"][metric], tunable])
+
+
+def _trial_rows(params, config, method, study, out_dir) -> list[dict]:
+    metric = config["metric"]
     pareto = {t.number for t in study.best_trials}
     return [{"method": method, "trial": t.number, **t.params, f"valid_{metric}": t.values[0],
-             f"test_{metric}": _test_value(plan_for(t.params), out_dir / "runs", metric),
+             f"test_{metric}": _test_value(_plan_for(params, config, method, t.params),
+                                           out_dir / "runs", metric),
              "tunable": t.values[1], "pareto": t.number in pareto}
             for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
 
