@@ -1,6 +1,7 @@
 """Wall time of one finetune grid under each executor, side by side in one run.
 
     python scripts/bench_parallel.py [--rows 25] [--seeds 3] [--workers 2] [--repeat 5]
+                                     [--executors sequential,process,ray]
 
 The grid is the study's own: the first ``--rows`` MOSI rows of params.yaml times the first
 ``--seeds`` of MOSI's seeds (``settings.seeds_for``) (default: all 25 rows x 3 seeds = 75 trials,
@@ -15,12 +16,14 @@ process and sequential / ray (target >= 1.6x on 2 cores), and whether the three 
 identical metrics (exit 1 if not). ``--repeat`` runs the three sweeps that many times (the order
 of the executors rotating, so a drift of the machine's load does not favour one) and prints the
 median and range of each ratio over the repetitions. The ``ray`` sweep batches
-``executor.runs_per_trial`` runs per Tune trial (params.yaml).
+``executor.runs_per_trial`` runs per Tune trial (params.yaml). ``--executors`` leaves some out
+(sequential, the reference, always runs). The temporary folder is removed at the end.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,9 +43,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=None,
                         help="first of MOSI's seeds in params.yaml (default all)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5, help="repetitions of the three sweeps")
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions of the sweeps")
+    parser.add_argument("--executors", default=",".join(EXECUTORS),
+                        help="comma-separated executors to time (sequential always runs)")
     args = parser.parse_args()
-    from harness.data import generate
+    executors = ("sequential", *[e for e in EXECUTORS[1:] if e in args.executors.split(",")])
+    unknown = set(args.executors.split(",")) - set(EXECUTORS)
+    if unknown or len(executors) < 2:
+        parser.error(f"--executors: expected sequential and one or more of process, ray "
+                     f"(found {args.executors!r})")
     from harness.settings import seeds_for
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -52,6 +61,17 @@ def main() -> int:
     if len(rows) * len(seeds) < 8:
         parser.error(f"the grid must have >= 8 trials (found {len(rows)} rows x {len(seeds)} seeds)")
     folder = Path(tempfile.mkdtemp(prefix="mmpetl-parallel-"))
+    try:
+        return compare(params, rows, seeds, executors, args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def compare(params: dict, rows: list, seeds: list, executors: tuple, args, folder: Path) -> int:
+    """Generate MOSI into ``folder``, then time the sweeps ``args.repeat`` times; 0 when every
+    executor gave the same metrics every time."""
+    from harness.data import generate
+
     generate("mosi", folder / "mosi", seed=params["data_seed"], **params["generate"]["mosi"])
     params.update(profile="tiny", datasets=["mosi"], method="all", seeds=seeds, seeds_by_dataset={},
                   grid={"mosi": rows})
@@ -64,15 +84,16 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "harness.cli", "extract", "--dataset", "mosi", "--params",
                     str(folder / "params.yaml"), "--json"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ratios, same = {executor: [] for executor in EXECUTORS[1:]}, True
+    ratios, same = {executor: [] for executor in executors[1:]}, True
     for repetition in range(args.repeat):
         times, metrics = {}, {}
-        order = EXECUTORS[repetition % 3:] + EXECUTORS[: repetition % 3]
+        shift = repetition % len(executors)
+        order = executors[shift:] + executors[:shift]
         print(f"repetition {repetition + 1}/{args.repeat} (order: {', '.join(order)})", flush=True)
         for executor in order:
             out = folder / f"runs-{repetition}-{executor}"
             times[executor], metrics[executor] = timed_sweep(executor, args.workers, folder, out)
-        same = same and metrics["sequential"] == metrics["process"] == metrics["ray"]
+        same = same and all(metrics[e] == metrics["sequential"] for e in executors)
         for executor in ratios:
             ratios[executor].append(times["sequential"] / times[executor])
         print("  " + ", ".join(f"sequential / {e} {ratios[e][-1]:.2f}x" for e in ratios), flush=True)
