@@ -87,15 +87,19 @@ class RayOptions:
 
 def trial_batches(keyed_values: list[tuple[str, dict]], workers: int,
                   runs_per_trial: int) -> list[list]:
-    """The runs split into trials of at most ``runs_per_trial`` consecutive runs of one device,
-    small enough that every worker gets one: ``[[(key, plan values), ...], ...]``."""
-    size = max(1, min(runs_per_trial, math.ceil(len(keyed_values) / max(1, workers))))
-    found, current = [], []
-    for key, values in keyed_values:
+    """The runs split into trials of consecutive runs of one device: ``[[(key, plan values), ...],
+    ...]``. Each trial takes at most ``runs_per_trial`` runs and at most the runs left over twice
+    the workers, so trials shrink to one run towards the end: Tune starts them in order, and the
+    last trials finish together instead of one worker running a whole batch while the other idles."""
+    found, current, size = [], [], 0
+    for index, (key, values) in enumerate(keyed_values):
         device = values["train"]["device"]
         if current and (len(current) == size or current[-1][1]["train"]["device"] != device):
             found.append(current)
             current = []
+        if not current:
+            left = len(keyed_values) - index
+            size = max(1, min(runs_per_trial, math.ceil(left / (2 * max(1, workers)))))
         current.append((key, values))
     return found + [current] if current else found
 

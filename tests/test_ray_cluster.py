@@ -45,14 +45,19 @@ def test_bad_ray_settings_name_the_key(key, value, expected):
     assert repr(value) in str(caught.value)
 
 
-def test_batches_keep_one_device_and_give_every_worker_a_trial():
+def test_batches_keep_one_device_and_shrink_towards_the_end():
     runs = [(f"key{i}", {"train": {"device": "cpu" if i < 6 else "cuda"}}) for i in range(9)]
     found = trial_batches(runs, workers=2, runs_per_trial=4)
+    # at most the runs left over twice the workers: 9 -> 3, 6 -> 2, 4 -> 1, then one device each
     assert [[key for key, _ in batch] for batch in found] == [
-        ["key0", "key1", "key2", "key3"], ["key4", "key5"], ["key6", "key7", "key8"]]
+        ["key0", "key1", "key2"], ["key3", "key4"], ["key5"], ["key6"], ["key7"], ["key8"]]
     assert all(len({values["train"]["device"] for _, values in batch}) == 1 for batch in found)
     assert [len(b) for b in trial_batches(runs[:4], workers=4, runs_per_trial=4)] == [1, 1, 1, 1]
     assert sum(len(b) for b in trial_batches(runs, workers=1, runs_per_trial=1)) == 9
+    many = [(f"key{i}", {"train": {"device": "cpu"}}) for i in range(75)]
+    sizes = [len(b) for b in trial_batches(many, workers=2, runs_per_trial=4)]
+    assert sum(sizes) == 75 and max(sizes) == 4 and sizes == sorted(sizes, reverse=True)
+    assert sizes[-4:] == [1, 1, 1, 1]
 
 
 def test_a_node_without_the_data_names_the_path_and_the_node(tmp_path, monkeypatch):
