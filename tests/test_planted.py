@@ -322,7 +322,10 @@ def test_bad_planted_input_is_named(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_cross_effect_through_the_run_machinery(tmp_path, monkeypatch):
     """End to end, the study's settings (tiny profile, the card's sizes): on the cross task
-    Wander's test correlation exceeds the linear probe's on each of two seeds, as predicted."""
+    Wander learns the parity, which the linear probe cannot, on some seeds, and is never clearly
+    worse. Wander learns it on about two seeds in three (docs/planted.md), so one seed proves
+    nothing either way: on four seeds, it beats the probe by more than 0.2 on at least one (the
+    probe's correlation has a standard error of about 0.06) and trails it by at most 0.05."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["_file"] = str(ROOT / "params.yaml")
     params["data"]["tiny"]["planted_cross"]["path"] = generate("planted_cross", tmp_path / "data", seed=0)["path"]
@@ -330,8 +333,10 @@ def test_cross_effect_through_the_run_machinery(tmp_path, monkeypatch):
     from harness.run import execute
     from harness.settings import plan_run
     metric = load_card("planted_cross").main_metric
-    for seed in (0, 1):
+    gains = []
+    for seed in (0, 1, 2, 3):
         probe, wander = (execute(plan_run(params, "planted_cross", row.pop("method"), "paper", seed,
                                           settings=row), tmp_path / "runs", progress=False)
                          ["metrics"][metric] for row in (dict(table.PROBE), dict(table.WANDER)))
-        assert wander > probe, (seed, wander, probe)
+        gains.append(wander - probe)
+    assert max(gains) > 0.2 and min(gains) > -0.05, gains
