@@ -318,15 +318,16 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
         def trainable(config: dict) -> None:
             batch = trials[config["batch"]]
             done = runs_done(ledger_name, [key for key, _ in batch])
-            for key, values in batch:
-                if key in done:  # came home before this trial was lost with its node
-                    continue
-                try:
-                    record = compute_record(key, values, root)
-                except InputError as error:
-                    tune.report({"input_error": str(error)})
-                    return
-                tune.report({"record": json.dumps(record)})
+            with records.inputs_fixed():  # the batch's runs hash the data and code once
+                for key, values in batch:
+                    if key in done:  # came home before this trial was lost with its node
+                        continue
+                    try:
+                        record = compute_record(key, values, root)
+                    except InputError as error:
+                        tune.report({"input_error": str(error)})
+                        return
+                    tune.report({"record": json.dumps(record)})
 
         home = _records_home(lambda config, record: path_for(record["key"]), ledger_name)
         return _fit(trainable, "finetune", storage, workers, options,
@@ -351,7 +352,8 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
     def trainable(config: dict) -> None:
         try:
             enter_project(root)  # plan_for resolves the data and checkpoint paths
-            record = compute_record(None, plan_to_dict(plan_for(config)), root)
+            with records.inputs_fixed():  # the run's key is asked for several times
+                record = compute_record(None, plan_to_dict(plan_for(config)), root)
         except InputError as error:
             tune.report({"input_error": str(error)})
             return

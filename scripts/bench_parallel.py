@@ -1,7 +1,7 @@
 """Wall time of one finetune grid under each executor, side by side in one run.
 
     python scripts/bench_parallel.py [--rows 25] [--seeds 3] [--workers 2] [--repeat 5]
-                                     [--executors sequential,process,ray]
+                                     [--executors sequential,process,ray,ray-running]
 
 The grid is the study's own: the first ``--rows`` MOSI rows of params.yaml times the first
 ``--seeds`` of MOSI's seeds (``settings.seeds_for``) (default: all 25 rows x 3 seeds = 75 trials,
@@ -16,14 +16,22 @@ process and sequential / ray (target >= 1.6x on 2 cores), and whether the three 
 identical metrics (exit 1 if not). ``--repeat`` runs the three sweeps that many times (the order
 of the executors rotating, so a drift of the machine's load does not favour one) and prints the
 median and range of each ratio over the repetitions. The ``ray`` sweep batches
-``executor.runs_per_trial`` runs per Tune trial (params.yaml). ``--executors`` leaves some out
-(sequential, the reference, always runs). The temporary folder is removed at the end.
+``executor.runs_per_trial`` runs per Tune trial (params.yaml) and starts and stops a Ray instance of
+its own, as ``mmpetl sweep --executor ray`` does without RAY_ADDRESS. ``ray-running`` is the same
+sweep joining a Ray instance started once before the timings (``ray start --head --block``, stopped
+at the end; RAY_ADDRESS), as on a cluster that is up: it shows what the trials cost without the
+instance's start and stop (the instance's idle processes run during every executor's sweeps).
+``--executors`` leaves some out (sequential, the reference, always runs; default all but
+ray-running). The temporary folder is removed at the end.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +42,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-EXECUTORS = ("sequential", "process", "ray")
+EXECUTORS = ("sequential", "process", "ray", "ray-running")
+# the running instance and its sweeps: no token (a token file in ~/.ray would otherwise be asked for)
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def main() -> int:
@@ -44,13 +54,13 @@ def main() -> int:
                         help="first of MOSI's seeds in params.yaml (default all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="repetitions of the sweeps")
-    parser.add_argument("--executors", default=",".join(EXECUTORS),
+    parser.add_argument("--executors", default=",".join(EXECUTORS[:3]),
                         help="comma-separated executors to time (sequential always runs)")
     args = parser.parse_args()
     executors = ("sequential", *[e for e in EXECUTORS[1:] if e in args.executors.split(",")])
     unknown = set(args.executors.split(",")) - set(EXECUTORS)
     if unknown or len(executors) < 2:
-        parser.error(f"--executors: expected sequential and one or more of process, ray "
+        parser.error(f"--executors: expected sequential and one or more of {', '.join(EXECUTORS[1:])} "
                      f"(found {args.executors!r})")
     from harness.settings import seeds_for
 
@@ -84,6 +94,13 @@ def compare(params: dict, rows: list, seeds: list, executors: tuple, args, folde
     subprocess.run([sys.executable, "-m", "harness.cli", "extract", "--dataset", "mosi", "--params",
                     str(folder / "params.yaml"), "--json"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with contextlib.ExitStack() as stack:
+        address = stack.enter_context(running_ray(args.workers, folder)) if "ray-running" in executors else None
+        return time_sweeps(executors, args, folder, address)
+
+
+def time_sweeps(executors: tuple, args, folder: Path, address: str | None) -> int:
+    """The timed repetitions; 0 when every executor gave the same metrics every time."""
     ratios, same = {executor: [] for executor in executors[1:]}, True
     for repetition in range(args.repeat):
         times, metrics = {}, {}
@@ -92,34 +109,72 @@ def compare(params: dict, rows: list, seeds: list, executors: tuple, args, folde
         print(f"repetition {repetition + 1}/{args.repeat} (order: {', '.join(order)})", flush=True)
         for executor in order:
             out = folder / f"runs-{repetition}-{executor}"
-            times[executor], metrics[executor] = timed_sweep(executor, args.workers, folder, out)
+            times[executor], metrics[executor] = timed_sweep(executor, args.workers, folder, out, address)
         same = same and all(metrics[e] == metrics["sequential"] for e in executors)
         for executor in ratios:
             ratios[executor].append(times["sequential"] / times[executor])
         print("  " + ", ".join(f"sequential / {e} {ratios[e][-1]:.2f}x" for e in ratios), flush=True)
     print(f"identical metrics across executors in every repetition: {same}")
     for executor, found in ratios.items():
-        print(f"speed-up sequential / {executor + ':':<8} median {statistics.median(found):.2f}x, "
+        print(f"speed-up sequential / {executor + ':':<12} median {statistics.median(found):.2f}x, "
               f"range {min(found):.2f}-{max(found):.2f}x over {len(found)} repetitions "
               f"(workers {args.workers}; target >= 1.6x on 2 cores)")
     return 0 if same else 1
 
 
-def timed_sweep(executor: str, workers: int, folder: Path, out: Path) -> tuple[float, list[str]]:
-    """Wall time of one fresh ``mmpetl sweep`` into the empty folder ``out``, and its metrics."""
+@contextlib.contextmanager
+def running_ray(workers: int, folder: Path):
+    """A Ray head of ``workers`` CPUs running until the block ends; yields its address."""
+    with socket.socket() as probe:  # a free port: never join another instance on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={workers}",
+               "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+               f"--temp-dir={folder / 'ray'}"]
+    head = subprocess.Popen(command, env=RAY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_for_head(head, address)
+        yield address
+    finally:
+        head.terminate()  # --block: the head stops the node's processes when it ends
+        head.wait()
+
+
+def wait_for_head(head: subprocess.Popen, address: str, timeout_s: float = 120) -> None:
+    """Until ``ray status`` answers at ``address``; exit if the head died or never answered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise SystemExit(f"ray start --head exited {head.returncode}")
+        if subprocess.run(["ray", "status", f"--address={address}"], env=RAY_ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0:
+            return
+        time.sleep(1)
+    raise SystemExit(f"the Ray head at {address} did not answer within {timeout_s:.0f} s")
+
+
+def timed_sweep(executor: str, workers: int, folder: Path, out: Path,
+                address: str | None) -> tuple[float, list[str]]:
+    """Wall time of one fresh ``mmpetl sweep`` into the empty folder ``out``, and its metrics;
+    ``ray-running`` joins the Ray instance at ``address``."""
     workers = 1 if executor == "sequential" else workers
-    command = [sys.executable, "-m", "harness.cli", "sweep", "--executor", executor,
+    env = {k: v for k, v in RAY_ENV.items() if k != "RAY_ADDRESS"}
+    if executor == "ray-running":
+        env["RAY_ADDRESS"] = address
+    command = [sys.executable, "-m", "harness.cli", "sweep", "--executor", executor.split("-")[0],
                "--workers", str(workers), "--params", str(folder / "params.yaml"),
                "--out", str(out), "--json"]
     started = time.perf_counter()
     # run in the temporary folder: feature caches land there, not in this checkout's DVC outputs
-    done = subprocess.run(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    done = subprocess.run(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{executor}: mmpetl sweep exited {done.returncode}")
     computed = json.loads(done.stdout)["computed"]
     found = [json.loads(p.read_text()) for p in out.glob("mosi/*.json")]
-    print(f"  {executor:<10} {computed} trials, {workers} worker(s): wall {wall:6.1f} s, trials' own "
+    print(f"  {executor:<11} {computed} trials, {workers} worker(s): wall {wall:6.1f} s, trials' own "
           f"time summed {sum(r['wall_s'] for r in found):6.1f} s", flush=True)
     return wall, sorted(json.dumps([r["row"], r["metrics"]], sort_keys=True) for r in found)
 
