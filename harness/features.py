@@ -392,21 +392,14 @@ def _remember(features: "CachedFeatures", key: tuple) -> None:
 def extract_features(backbone: nn.Module, dataset_split: Dataset, cache_path: str | Path,
                      data_hash: str, batch_size: int = 64, progress: bool = True, *,
                      force: bool = False, device: str | torch.device | None = None,
-                     encoder_hash_: str | None = None, desc: str | None = None) -> "CachedFeatures":
+                     encoder_hash_: str | None = None, desc: str | None = None,
+                     checked: bool = False) -> "CachedFeatures":
     """Per-item token states of ``backbone``'s encoders (before the last fusion hook) for every
     item of ``dataset_split``, cached at ``cache_path``; see the module docstring. A cache this
     process read and checked before is reused without reading its file again while the file is
-    unchanged (``_LOADED``)."""
-    require_cacheable(backbone, require_frozen=False)
-    return _extract_checked(backbone, dataset_split, cache_path, data_hash, batch_size, progress,
-                            force, device, encoder_hash_, desc)
-
-
-def _extract_checked(backbone: nn.Module, dataset_split: Dataset, cache_path: str | Path,
-                     data_hash: str, batch_size: int, progress: bool, force: bool,
-                     device: str | torch.device | None, encoder_hash_: str | None,
-                     desc: str | None) -> "CachedFeatures":
-    """``extract_features`` for a backbone whose structure the caller has checked."""
+    unchanged (``_LOADED``). ``checked``: the caller found the encoders cacheable already."""
+    if not checked:
+        require_cacheable(backbone, require_frozen=False)
     path = Path(cache_path)
     current = encoder_hash_ or encoder_hash(backbone)
     remembered = _LOADED.get(str(path))
@@ -570,9 +563,9 @@ def load_features(cache_path: str | Path, encoder_hash_: str | None = None,
 class FromCache(nn.Module):
     """The backbone's last fusion hook + head on cached encoder states (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, check: bool = True):
+    def __init__(self, backbone: nn.Module, checked: bool = False):
         super().__init__()
-        if check:
+        if not checked:  # ``checked``: the caller found the encoders cacheable already
             require_cacheable(backbone)
         self.modalities = tuple(backbone.modalities)
         self.last = _last(backbone)
@@ -593,12 +586,12 @@ class FromCache(nn.Module):
 
 def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: str | Path,
                   data_hashes: dict[str, str], batch_size: int = 64, progress: bool = True,
-                  device: str | torch.device | None = None, check: bool = True):
+                  device: str | torch.device | None = None, checked: bool = False):
     """``(FromCache(backbone), {split: CachedFeatures}, info)``; raises NotCacheable when the
-    method changes the encoders (``check=False``: the caller found no ``cache_problems``).
+    method changes the encoders (``checked``: the caller found no ``cache_problems`` already).
     ``info``: encoder_hash, folder, per-split path / status / n and the extraction seconds spent
     (0 when every split was reused)."""
-    if check:
+    if not checked:
         require_cacheable(backbone)
     current = encoder_hash(backbone)
     folder = Path(cache_dir) / current[:16]
@@ -608,13 +601,14 @@ def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: st
         if name not in data_hashes:
             raise InputError("no data hash for a split", key=f"data_hashes.{name}",
                              expected="a sha256 hex digest", found="nothing")
-        features = _extract_checked(backbone, split, folder / f"{name}.h5", data_hashes[name],
-                                    batch_size, progress, False, device, current, f"extract {name}")
+        features = extract_features(backbone, split, folder / f"{name}.h5", data_hashes[name],
+                                    batch_size, progress, device=device, encoder_hash_=current,
+                                    desc=f"extract {name}", checked=True)
         cached[name] = features
         info["splits"][name] = {"path": str(features.path), "status": features.status,
                                 "n": len(features)}
         info["extract_s"] += features.extract_s or 0.0
-    return FromCache(backbone, check=False), cached, info  # checked above or by the caller
+    return FromCache(backbone, checked=True), cached, info
 
 
 def plan_data_hashes(plan, data, vocab) -> dict[str, str]:

@@ -221,7 +221,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
             backbone.to(plan.train.device)
             model, fit_splits, info = cached_splits(
                 backbone, splits, FEATURES_DIR / plan.dataset, plan_data_hashes(plan, data, vocab),
-                batch_size=max(plan.train.batch_size, 64), progress=progress, check=False)
+                batch_size=max(plan.train.batch_size, 64), progress=progress, checked=True)
             features = {"cached": True, **info}
     seed_everything(plan.seed)  # training draws the same numbers whether the cache was just built or not
     result = fine_tune(model, TASKS[task_name], fit_splits, plan.train, plan.seed, progress=progress)
