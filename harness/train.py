@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
 from harness.errors import InputError
@@ -117,11 +117,27 @@ def loader_in_effect(settings: TrainSettings) -> dict:
             "pin_memory": settings.pin_memory and settings.device == "cuda"}
 
 
+class IndexedBatches:
+    """A DataLoader's batches of a dataset with ``batch(indices)``, cut in this process: the same
+    index lists from the same sampler, without the loader's per-batch machinery (its iterator,
+    fetcher and worker seed draw from its own generator; none touches a global generator)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler):
+        self.dataset, self.index_lists = dataset, BatchSampler(sampler, batch_size, drop_last=False)
+
+    def __iter__(self):
+        return (self.dataset.batch(indices) for indices in self.index_lists)
+
+    def __len__(self) -> int:
+        return len(self.index_lists)
+
+
 def batches(dataset: Dataset, batch_size: int, seed: int | None = None,
-            loader: dict | None = None) -> DataLoader:
+            loader: dict | None = None) -> DataLoader | IndexedBatches:
     """The batches of ``dataset``: shuffled by a generator seeded with ``seed``, in order when
     None. A dataset with ``batch(indices)`` (the in-memory feature cache) is indexed a batch at a
-    time instead of item by item + ``default_collate``; the sampler and its draws are the same
+    time instead of item by item + ``default_collate``, in this process (``IndexedBatches``)
+    unless ``loader`` asks for workers or pinned memory; the sampler and its draws are the same
     either way, so a seed gives the same batches in the same order. ``loader``
     (``loader_in_effect``): worker processes (kept across epochs) and pinned memory; they change
     neither which items make a batch nor their order, epoch after epoch. The sampler has a
@@ -133,14 +149,17 @@ def batches(dataset: Dataset, batch_size: int, seed: int | None = None,
     indexed = callable(getattr(dataset, "batch", None))
     source = range(len(dataset)) if indexed else dataset
     sampler = (RandomSampler(source, generator=torch.Generator().manual_seed(seed))
-               if seed is not None else None)
+               if seed is not None else SequentialSampler(source))
+    if indexed and not workers and not pin:
+        return IndexedBatches(dataset, batch_size, sampler)
     return DataLoader(source, batch_size=batch_size, sampler=sampler,
                       generator=torch.Generator().manual_seed(0 if seed is None else seed),
                       collate_fn=dataset.batch if indexed else None,
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
 
 
-def run_loaders(splits: dict[str, Dataset], settings: TrainSettings, seed: int) -> dict[str, DataLoader]:
+def run_loaders(splits: dict[str, Dataset], settings: TrainSettings,
+                seed: int) -> dict[str, DataLoader | IndexedBatches]:
     """A run's loaders, built once per run: ``train`` shuffled by ``seed`` in batches of
     ``batch_size``, every other split in order in batches of ``max(batch_size, 64)`` for
     ``evaluate``. With ``loader_workers``, each keeps its worker processes from one pass to the
