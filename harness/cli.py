@@ -395,11 +395,16 @@ def cmd_data(args) -> int:
     """The data@<dataset> stage: tiny generates the dataset in a real format; paper checks the
     real files and records the check report next to where the generated data would be."""
     from harness.data import check_data, generate
+    from harness.params_file import read_params, section
     from harness.records import write_json_atomic
-    from harness.settings import load_params, section
 
-    params = load_params(args.params)
-    profile = params["profile"]
+    # only the keys this stage reads (dvc.yaml), without torch: every other key is checked by the
+    # stages that read it (load_params)
+    params = read_params(args.params)
+    profile = params.get("profile")
+    if profile not in ("tiny", "paper"):
+        raise InputError("unknown profile", file=params["_file"], key="profile",
+                         expected="'tiny' or 'paper'", found=repr(profile))
     target = Path("datasets/generated") / args.dataset
     if profile == "tiny":
         options = dict(section(params, "generate", args.dataset))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import types
 import typing
 from typing import Annotated, Any, Literal, Optional, Union
@@ -27,6 +26,7 @@ from harness.backbones.mmt import MMTConfig
 from harness.backbones.two_tower import PRESETS, TwoTowerConfig
 from harness.data.cards import list_cards, load_card
 from harness.errors import InputError
+from harness.params_file import parse_yaml
 from harness.train import TrainSettings
 from methods import ConfigError, get_method, method_names
 
@@ -51,40 +51,6 @@ TRAIN_RULES = {
 
 
 # --- YAML ------------------------------------------------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, PyYAML's default, needs a
-    dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string); a key given twice in
-    one mapping is an error (PyYAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        self.flatten_mapping(node)
-        first_line: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in first_line:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"found the key {key!r} twice (first on line {first_line[key] + 1})",
-                    key_node.start_mark)
-            first_line[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str):
-    """A YAML document (a file's text, or a ``--set`` value) with YAML 1.2 floats."""
-    return yaml.load(text, Loader=_Loader)
-
 
 def parse_set_value(raw: str):
     """A ``--set`` value: YAML (``1e-4`` a number, ``[q, v]`` a list); the plain string when it

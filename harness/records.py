@@ -26,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # these files outside methods/ and, of methods/, only its method's code (``code_hash``).
 RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "harness/errors.py",
             "harness/train.py", "harness/optim.py", "harness/text.py", "harness/settings.py",
-            "harness/params_schema.py", "harness/checkpoints.py",
+            "harness/params_file.py", "harness/params_schema.py", "harness/checkpoints.py",
             "harness/features.py", "harness/run.py")
 CHUNK = 1 << 20  # bytes read at a time when hashing a file
 PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")

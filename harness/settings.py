@@ -7,18 +7,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from harness.backbones import plan_encoders
 from harness.checkpoints import checkpoint_sha256, pretrain_source
 from harness.data.cards import load_card
 from harness.errors import InputError
+from harness.params_file import PARAMS_FILE, read_params, section
 from harness.params_schema import (COMMAND_LINE, check_row, check_train, known_widths, parse_set_value,
-                                   parse_yaml, validate_params)
+                                   validate_params)
 from harness.train import LOADER_FIELDS, TrainSettings
 from methods import ConfigError, get_method, load_methods
 
-PARAMS_FILE = "params.yaml"
 # Keys of a data block (params.yaml data.<profile>.<dataset>) that are not loader options.
 RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")
 
@@ -26,18 +24,7 @@ RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
     """Read ``path`` (YAML with YAML 1.2 floats: ``1e-3`` is a number), import the method modules
     it lists, and check the whole of it (``harness.params_schema``) before anything runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("parameters file not found (run from the project root or pass --params)",
-                         file=str(path))
-    try:
-        params = parse_yaml(path.read_text())
-    except yaml.YAMLError as error:
-        raise InputError(f"malformed YAML: {error}", file=str(path)) from error
-    if not isinstance(params, dict):
-        raise InputError("parameters must be a mapping", file=str(path), expected="a mapping",
-                         found=type(params).__name__)
-    params["_file"] = str(path)
+    params = read_params(path)
     load_params_methods(params)
     validate_params(params)
     return params
@@ -75,24 +62,6 @@ def seeds_for(params: Mapping, dataset: str) -> list[int]:
                          file=params.get("_file", PARAMS_FILE), key=key, expected="e.g. [0, 1, 2]",
                          found=repr(seeds))
     return list(seeds)
-
-
-def section(params: dict, *keys: str) -> dict:
-    """params[k1][k2]... as a dict, or an InputError naming the dotted key."""
-    node = params
-    for depth, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-            dotted = ".".join(keys[: depth + 1])
-            known = sorted(k for k in node if not k.startswith("_")) if isinstance(node, dict) else []
-            raise InputError("missing key", file=params["_file"], key=dotted,
-                             expected=f"one of {known}" if known else "a mapping", found="nothing")
-        node = node[key]
-    if node is None:
-        return {}
-    if not isinstance(node, dict):
-        raise InputError("expected a mapping", file=params["_file"], key=".".join(keys),
-                         expected="a mapping", found=repr(node))
-    return node
 
 
 def parse_overrides(overrides: dict[str, str] | None, train_fields, method_fields,

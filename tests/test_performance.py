@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
 from harness.errors import InputError
@@ -262,6 +263,26 @@ def test_harness_imports_no_heavy_package_it_does_not_need():
                           text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_data_stage_generates_without_torch(tmp_path):
+    """A data@ stage reads its few params keys without importing torch (about 2 s of each of the
+    ten stages); a profile it does not know exits 2 naming the key."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["generate"]["mosi"] = {**params["generate"]["mosi"], "n_train": 24, "n_valid": 8, "n_test": 8}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    script = ("import sys\nfrom harness.cli import main\ncode = main(['data', '--dataset', 'mosi'])\n"
+              "print(code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["0", "False"]
+    assert (tmp_path / "datasets" / "generated" / "mosi" / "generated.json").is_file()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "profile": "small"}))
+    bad = subprocess.run([sys.executable, "-m", "harness.cli", "data", "--dataset", "mosi"], cwd=tmp_path,
+                         env=ENV, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "profile" in bad.stderr and "'small'" in bad.stderr
 
 
 def test_lock_check_reads_what_the_full_metadata_parse_reads():

@@ -1,0 +1,83 @@
+"""Reading params.yaml without importing torch: the YAML 1.2 reader every command uses, the file
+as a mapping (``read_params``; ``harness.settings.load_params`` then checks all of it) and one of
+its sections by dotted key. The data@ stages read their few keys through here alone."""
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+import yaml
+
+from harness.errors import InputError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, PyYAML's default, needs a
+    dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string); a key given twice in
+    one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {first_line[key] + 1})",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """A YAML document (a file's text, or a ``--set`` value) with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
+    """``path`` as a mapping, its name under ``_file``; not checked beyond being YAML and a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("parameters file not found (run from the project root or pass --params)",
+                         file=str(path))
+    try:
+        params = parse_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        raise InputError(f"malformed YAML: {error}", file=str(path)) from error
+    if not isinstance(params, dict):
+        raise InputError("parameters must be a mapping", file=str(path), expected="a mapping",
+                         found=type(params).__name__)
+    params["_file"] = str(path)
+    return params
+
+
+def section(params: dict, *keys: str) -> dict:
+    """params[k1][k2]... as a dict, or an InputError naming the dotted key."""
+    node = params
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            dotted = ".".join(keys[: depth + 1])
+            known = sorted(k for k in node if not k.startswith("_")) if isinstance(node, dict) else []
+            raise InputError("missing key", file=params["_file"], key=dotted,
+                             expected=f"one of {known}" if known else "a mapping", found="nothing")
+        node = node[key]
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise InputError("expected a mapping", file=params["_file"], key=".".join(keys),
+                         expected="a mapping", found=repr(node))
+    return node
