@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -282,6 +283,9 @@ def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions,
     InputError and trials that failed for good as a RuntimeError; return ``home``'s summary."""
     from ray import tune
 
+    # Tune's result grid looks for each trial's result.json / progress.csv, which this executor has
+    # Tune not write (the records came home through ``home``), and warns about every trial
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner = tune.Tuner(
         tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory([resources_for(config)])),
         param_space=tune_config.pop("param_space", None),
