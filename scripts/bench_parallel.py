@@ -11,9 +11,9 @@ weigh less the more trials share them; a grid of fewer trials shows them (``--se
 Each executor runs it as a fresh ``mmpetl sweep`` command into its own empty record folder, so
 each wall time is what a user waits for: interpreter and imports, worker start-up, every trial,
 the index (the frozen encoders' feature cache is built before any of them). Prints the wall
-times, each executor's summed trial time (the records' ``wall_s``), the ratios sequential /
-process and sequential / ray (target >= 1.6x on 2 cores), and whether the three executors gave
-identical metrics (exit 1 if not). ``--repeat`` runs the three sweeps that many times (the order
+times, each executor's summed trial time (the records' ``wall_s``), the ratio of sequential to
+each other executor (target >= 1.6x on 2 cores), and whether every executor gave identical
+metrics (exit 1 if not). ``--repeat`` runs the sweeps that many times (the order
 of the executors rotating, so a drift of the machine's load does not favour one) and prints the
 median and range of each ratio over the repetitions. The ``ray`` sweep batches
 ``executor.runs_per_trial`` runs per Tune trial (params.yaml) and starts and stops a Ray instance of
