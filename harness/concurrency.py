@@ -132,14 +132,15 @@ def record_lock(out_dir: Path, record: Path):
     path = lock_path(out_dir, record)
     told = False
     while True:
+        descriptor = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise InputError("cannot create the run's lock file", file=str(path),
-                             expected="a writable records folder",
-                             found=error.strerror or type(error).__name__) from None
-        try:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise InputError("cannot create the run's lock file", file=str(path),
+                                 expected="a writable records folder",
+                                 found=error.strerror or type(error).__name__) from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -150,8 +151,9 @@ def record_lock(out_dir: Path, record: Path):
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
             if _is_file_at(descriptor, path):
                 break
-        except BaseException:
-            os.close(descriptor)
+        except BaseException:  # stopped (SIGTERM) or failed while taking the lock
+            if descriptor is not None:
+                _abandon(descriptor, path)
             raise
         os.close(descriptor)
     try:
@@ -160,6 +162,20 @@ def record_lock(out_dir: Path, record: Path):
         yield
     finally:
         path.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _abandon(descriptor: int, path: Path) -> None:
+    """Close a lock file this process opened but was stopped before it held it for a run: removed
+    when nobody holds it (this process then does, and removes it as a holder would), else left to
+    its holder."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _is_file_at(descriptor, path):
+            path.unlink(missing_ok=True)
+    except OSError:  # held by another process: its holder removes it
+        pass
+    finally:
         os.close(descriptor)
 
 

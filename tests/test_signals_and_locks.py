@@ -341,3 +341,55 @@ def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path
     assert json.loads(out)["run_status"] == {"reused": True, "record": str(record)}
     assert "is being computed by another process" in err
     assert holder.wait(10) == 0
+
+
+def stop_at_flock(monkeypatch, blocking: bool) -> None:
+    """The next non-blocking (``blocking=False``) or blocking ``flock`` raises ``Stopped``, as a
+    SIGTERM arriving there would; every other call is the real one."""
+    import fcntl
+
+    from harness import concurrency
+
+    real, armed = fcntl.flock, [True]
+
+    def flock(descriptor, operation):
+        if armed[0] and bool(operation & fcntl.LOCK_NB) != blocking:
+            armed[0] = False
+            raise concurrency.Stopped(signal.SIGTERM)
+        return real(descriptor, operation)
+
+    monkeypatch.setattr(concurrency.fcntl, "flock", flock)
+
+
+def test_a_sweep_stopped_while_taking_a_free_lock_leaves_no_lock_file(tmp_path, monkeypatch):
+    """Stopped between creating the lock file and holding it: nobody else holds the file, so it
+    is removed (a killed sweep's worker used to leave it behind)."""
+    from harness.concurrency import Stopped
+
+    record = tmp_path / "mosi" / "linear-seed0-abc.json"
+    stop_at_flock(monkeypatch, blocking=False)
+    with pytest.raises(Stopped):
+        with record_lock(tmp_path, record):
+            pass
+    assert list((tmp_path / ".locks").rglob("*.lock")) == []
+
+
+def test_a_sweep_stopped_while_waiting_leaves_the_holders_lock_file(tmp_path, monkeypatch):
+    """Stopped while waiting for a lock another process holds: the holder's file stays."""
+    import fcntl
+
+    from harness.concurrency import Stopped
+
+    record = tmp_path / "mosi" / "linear-seed0-abc.json"
+    path = lock_path(tmp_path, record)
+    path.parent.mkdir(parents=True)
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # another open file: another holder
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        stop_at_flock(monkeypatch, blocking=True)
+        with pytest.raises(Stopped):
+            with record_lock(tmp_path, record):
+                pass
+        assert path.is_file()
+    finally:
+        os.close(holder)
