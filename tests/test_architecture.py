@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import yaml
+
 from harness import records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +139,15 @@ def test_the_run_key_hashes_every_module_a_run_imports():
               ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir() else [ROOT / entry])}
     # harness.records computes the key (code_hash); what else it gives goes into the record only
     assert sorted(reached - hashed - {"harness.records"}) == []
+
+
+def test_the_stages_that_compute_runs_depend_on_every_file_of_the_run_key():
+    """A change to any file of ``RUN_CODE`` changes every run key, so the finetune and search
+    stages, which compute runs, must name it among their deps: dvc would call them up to date."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in ("finetune", "search"):
+        deps = {dep.split("#")[0].strip() for dep in stages[stage]["deps"]}
+        assert sorted(set(records.RUN_CODE) - deps) == [], stage
 
 
 def test_no_long_function_without_a_reason():
