@@ -113,6 +113,8 @@ def ray_session(workers: int):
     # no per-trial CSV / JSON / TensorBoard logs from Tune: the run records hold every result, and
     # writing them costs CPU that the trials compete for on a small machine
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # ... so Tune's result grid finds no trial's result.json / progress.csv and would warn about each
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     import ray
 
     from methods.registry import ENV_MODULES
@@ -283,9 +285,6 @@ def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions,
     InputError and trials that failed for good as a RuntimeError; return ``home``'s summary."""
     from ray import tune
 
-    # Tune's result grid looks for each trial's result.json / progress.csv, which this executor has
-    # Tune not write (the records came home through ``home``), and warns about every trial
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner = tune.Tuner(
         tune.with_resources(trainable, lambda config: tune.PlacementGroupFactory([resources_for(config)])),
         param_space=tune_config.pop("param_space", None),
