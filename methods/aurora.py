@@ -197,7 +197,7 @@ class AuroraLinear(nn.Module):
         output block o (columns): diag(lambda_j p_j), C x_3 p_j, or the released interleaving."""
         if self.lam is not None:
             return torch.diag_embed(self.lam * self.p)
-        slices = torch.einsum("rsk,iok->iors", self.factors.core, self.p)
+        slices = torch.tensordot(self.p, self.factors.core, dims=([2], [2]))  # C x_3 p: (i, o, r, s)
         if self.tower != "vit" or self.blocks_in == self.blocks_out == 1:
             return slices
         R = self.factors.rank

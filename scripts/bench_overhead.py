@@ -22,6 +22,12 @@ side by side in one run (A, B, A, B, ...: both see the same machine state).
                 (``CachedFeatures`` + ``harness.train.batches``); the FLOP ratio of the two steps.
 5. contention:  a sweep trial alone vs while one other busy process (a one-core spin loop) runs,
                 under the thread policy (1 thread for tiny), and the same with 2 threads.
+6. attention:   ``harness.backbones.layers.short_cpu_attention`` (explicit matmuls, keys padded
+                to 16), which ``Attention`` runs on CPU for fewer than 16 keys, vs
+                ``F.scaled_dot_product_attention``, forward + backward, batch 32: the tiny late
+                fusion's 12 tokens of width 64, 8 heads, and 15 tokens of width 768, 12 heads;
+                and, where ``Attention`` keeps SDPA, 33 tokens of width 128, 4 heads (the tiny
+                two-tower fusion); the largest difference of the outputs.
 
 Everything runs in a temporary folder (generated data, feature caches, run records): the checkout
 is not touched. Timings on a machine shared with other jobs are not final figures: rerun it on an
@@ -52,7 +58,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's harness, whatever is installed
 
 DATASET = "mosi"
 SETTINGS = {"wander": {"down_dim": 16}, "linear": {}}  # run_defaults: Wander d = 16 on MOSI
-SECTIONS = ("process", "trial", "sf_peak", "cache", "contention")
+SECTIONS = ("process", "trial", "sf_peak", "cache", "contention", "attention")
 
 
 def parse_args(argv=None):
@@ -374,6 +380,48 @@ def bench_contention(params_path: Path, folder: Path, reps: int) -> dict:
     return {**found, "goal": "slowdown <= 1.3 under the thread policy (threads_1 for tiny)"}
 
 
+# --- 6. CPU attention vs SDPA --------------------------------------------------------------------
+ATTENTION_SIZES = {"tokens_12_width_64": (12, 64, 8), "tokens_15_width_768": (15, 768, 12),
+                   "tokens_33_width_128_sdpa_kept": (33, 128, 4)}
+
+
+def bench_attention(reps: int, batch: int = 32) -> dict:
+    import torch.nn.functional as F
+
+    from harness.backbones.layers import Attention, short_cpu_attention
+
+    found = {}
+    for name, (length, width, heads) in ATTENTION_SIZES.items():
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(batch, length, width, requires_grad=True) for _ in range(3))
+        upstream = torch.randn(batch, length, width)
+        mask = torch.rand(batch, length) > 0.2
+        mask[:, 0] = True
+
+        def sdpa():
+            def split(t):
+                return t.view(batch, length, heads, width // heads).transpose(1, 2)
+            return F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask[:, None, None, :]
+                                                  ).transpose(1, 2).reshape(batch, length, width)
+
+        def ours():
+            return short_cpu_attention(q, k, v, mask, heads, 0.0, Attention.SHORT).reshape(batch, length, width)
+
+        times = {"sdpa": [], "ours": []}
+        for _ in range(reps + 1):  # the first pair untimed
+            for label, attend in (("sdpa", sdpa), ("ours", ours)):
+                started = time.perf_counter()
+                for _ in range(20):
+                    attend().backward(upstream)
+                times[label].append((time.perf_counter() - started) / 20)
+        with torch.no_grad():
+            difference = (ours() - sdpa()).abs().max().item()
+        best = {label: min(values[1:]) for label, values in times.items()}
+        found[name] = {"sdpa_ms": 1e3 * best["sdpa"], "ours_ms": 1e3 * best["ours"],
+                       "speedup": best["sdpa"] / best["ours"], "max_abs_difference": difference}
+    return {**found, "goal": "speedup > 1 below 16 tokens (where Attention uses it), < 1 above"}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.bare_process:
@@ -392,7 +440,8 @@ def main(argv=None) -> int:
                     ("trial", lambda: bench_trial(params_path, folder, reps)),
                     ("sf_peak", lambda: bench_sf(reps)),
                     ("cache", lambda: bench_cache(folder, reps, 4 if args.quick else 8)),
-                    ("contention", lambda: bench_contention(params_path, folder, reps)))
+                    ("contention", lambda: bench_contention(params_path, folder, reps)),
+                    ("attention", lambda: bench_attention(reps)))
         for name, run in sections:
             if args.only and name not in args.only:
                 continue

@@ -1,5 +1,6 @@
 """Performance work (issue 16) that must not change what is computed, and what may: Wander's SF as
-two matmuls (the einsum's numbers up to float summation order), the feature cache indexed a batch
+two matmuls (the einsum's numbers up to float summation order), short attention on CPU written
+out (SDPA's numbers up to summation order), Aurora's Tucker slices as one matmul, the feature cache indexed a batch
 at a time (the same batches in the same order), the thread policy, single-threaded pre-training
 (the same checkpoint bytes whatever the thread count), opt-in bf16 autocast on CPU (in the run key),
 and commands that do not import heavy packages they do not need."""
@@ -11,11 +12,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
+from harness.backbones.layers import Attention
+import torch.nn.functional as F
 from harness.errors import InputError
 from harness.features import CachedFeatures, extract_features
 from harness.train import (DEFAULT_THREADS, THREADS_ENV, TrainSettings, _autocast, batches,
@@ -56,6 +60,69 @@ def test_sf_two_matmuls_equal_the_einsum_up_to_summation_order(form, dtype, tole
             assert got is None
             continue
         assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
+# --- attention over fewer than 16 keys on CPU: written out ---------------------------------------
+def sdpa_attention(layer: Attention, x: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+    """The layer's attention as scaled_dot_product_attention alone (no CPU path)."""
+    batch, length, width = x.shape
+
+    def split(t):
+        return t.view(batch, length, layer.heads, width // layer.heads).transpose(1, 2)
+
+    mask = None if key_padding is None else key_padding[:, None, None, :]
+    out = F.scaled_dot_product_attention(split(layer.q(x)), split(layer.k(x)), split(layer.v(x)),
+                                         attn_mask=mask)
+    return layer.o(out.transpose(1, 2).reshape(batch, length, width))
+
+
+@pytest.mark.parametrize("length", [1, 5, 12, 15, 16, 17])
+@pytest.mark.parametrize("masked", [True, False])
+def test_short_attention_on_cpu_gives_sdpa_and_its_gradients(length, masked):
+    """In float64 the written-out path agrees with SDPA to rounding, outputs and gradients,
+    including a sample whose every key is masked (SDPA answers zeros there, and no NaN gradient)."""
+    torch.manual_seed(length)
+    layer = Attention(32, 4, dropout=0.0).double()
+    x = torch.randn(3, length, 32, dtype=torch.float64, requires_grad=True)
+    key_padding = None
+    if masked:
+        key_padding = torch.rand(3, length) > 0.3
+        key_padding[0, 0], key_padding[2] = True, False  # sample 2 attends to nothing
+    upstream = torch.randn(3, length, 32, dtype=torch.float64)
+    ours = layer(x, key_padding)
+    reference = sdpa_attention(layer, x, key_padding)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-12)
+    params = [x, *layer.parameters()]
+    ours_grads = torch.autograd.grad((ours * upstream).sum(), params)
+    reference_grads = torch.autograd.grad((reference * upstream).sum(), params)
+    for a, b in zip(ours_grads, reference_grads):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=0, atol=1e-11)
+
+
+def test_short_attention_drops_attention_weights_in_training_only():
+    """Attention dropout acts on the weights when training (outputs change with the seed) and
+    not in evaluation (the SDPA answer)."""
+    layer = Attention(16, 2, dropout=0.5)
+    x = torch.randn(2, 6, 16)
+    layer.eval()
+    assert torch.allclose(layer(x, None), sdpa_attention(layer, x, None), atol=1e-6)
+    layer.train()
+    torch.manual_seed(0)
+    first = layer(x, None)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, layer(x, None))
+
+
+def test_aurora_tucker_slices_are_the_core_times_p():
+    """C x_3 p (the Tucker form's slices) as one matmul equals the einsum of its definition."""
+    from methods.aurora import AuroraConfig, AuroraFactors, AuroraLinear
+
+    torch.manual_seed(0)
+    factors = AuroraFactors(8, 6, "tucker")
+    layer = AuroraLinear(torch.nn.Linear(8, 32), factors, "fc1", AuroraConfig(rank=6, form="tucker"))
+    expected = torch.einsum("rsk,iok->iors", factors.core, layer.p)
+    assert torch.allclose(layer.mixing(), expected, atol=1e-6)
 
 
 # --- the optimiser without torch.optim.Optimizer -----------------------------------------------------
@@ -133,6 +200,26 @@ def test_cache_gives_the_same_batches_in_the_same_order(cache, in_memory):
                 assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
     shuffled = torch.cat([batch["index"] for batch in batches(features, 8, 3)])
     assert sorted(shuffled.tolist()) == list(range(37)) and shuffled.tolist() != list(range(37))
+
+
+def test_in_memory_sentiment_split_gives_the_same_batches_in_the_same_order():
+    """An in-memory MOSI-format split indexed a batch at a time yields what its items +
+    default_collate yielded (ids included), batch for batch, for the same seed and in order."""
+    from harness.data.sentiment import ArrayDataset
+
+    g = np.random.default_rng(0)
+    split = ArrayDataset({"text": g.standard_normal((37, 5, 6)).astype(np.float32),
+                          "mask_text": g.random((37, 5)) > 0.3,
+                          "label": g.standard_normal(37).astype(np.float32)},
+                         [f"clip{i}" for i in range(37)])
+    per_item = [split[i] for i in range(len(split))]
+    for seed in (None, 3):
+        got, want = list(batches(split, 8, seed)), list(batches(per_item, 8, seed))
+        assert len(got) == len(want) == 5
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys() and a["id"] == b["id"]
+            for key in a.keys() - {"id"}:
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
 
 
 def test_cache_refuses_items_outside_it(cache):

@@ -28,8 +28,9 @@ float64 by tests/test_released_wander_late_fusion.py):
 - key padding: where the loader marks padded steps (``mask_<m>`` False: unaligned data) our
   attention ignores them; the released attention has no mask and attends to every step
   (aligned MOSI / IEMOCAP pickles: every step is real, so the two agree);
-- attention is ``scaled_dot_product_attention`` (same math as the released q * d^-1/2, softmax,
-  dropout, bmm; equal to rounding).
+- attention is ``scaled_dot_product_attention``, or on CPU for fewer than 16 steps the same math
+  written out (``layers.Attention``); both the released q * d^-1/2, softmax, dropout, bmm, equal to
+  rounding.
 """
 from __future__ import annotations
 

@@ -9,7 +9,17 @@ import torch.nn.functional as F
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v, o linears (so LoRA / Aurora can target each)."""
+    """Multi-head self-attention with separate q, k, v, o linears (so LoRA / Aurora can target each).
+
+    It is ``F.scaled_dot_product_attention``, except on CPU for fewer than ``SHORT`` keys (the
+    tiny late-fusion backbones' 12 tokens): there torch's softmax over a last dimension shorter
+    than its 16-float vector costs about ten times as much as over 16, and SDPA with it, so
+    ``short_cpu_attention`` writes the same math out with the keys padded to ``SHORT`` by masked
+    zeros (1.6-1.7x faster forward + backward, SDPA's answer to 1e-6; ``scripts/bench_overhead.py
+    --only attention``).
+    """
+
+    SHORT = 16
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -23,16 +33,48 @@ class Attention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
+        """``key_padding``: (B, L) bool, True = attend; a query attending to nothing gets zeros."""
         batch, length, width = x.shape
+        dropout = self.dropout if self.training else 0.0
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if x.device.type == "cpu" and length < self.SHORT:
+            out = short_cpu_attention(q, k, v, key_padding, self.heads, dropout, self.SHORT)
+        else:
+            def split(t: torch.Tensor) -> torch.Tensor:
+                return t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
 
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+            mask = None if key_padding is None else key_padding[:, None, None, :]
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
+                                                 dropout_p=dropout).transpose(1, 2)
+        return self.o(out.reshape(batch, length, width))
 
-        mask = None if key_padding is None else key_padding[:, None, None, :]  # True = attend
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
-                                             attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.o(out.transpose(1, 2).reshape(batch, length, width))
+
+def short_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding: torch.Tensor | None, heads: int, dropout: float,
+                        pad_keys_to: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v of (B, L, W) projections -> (B, L, heads, W / heads),
+    as batched matmuls over contiguous (B * heads, L, W / heads) blocks, with the keys padded by
+    masked zeros to ``pad_keys_to`` (which changes neither the softmax nor the output)."""
+    batch, length, width = q.shape
+    head_dim, keys = width // heads, k.shape[1]
+    if key_padding is None:
+        key_padding = torch.ones(batch, keys, dtype=torch.bool, device=q.device)
+    if keys < pad_keys_to:
+        k, v = (F.pad(t, (0, 0, 0, pad_keys_to - keys)) for t in (k, v))
+        key_padding = F.pad(key_padding, (0, pad_keys_to - keys), value=False)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, -1, heads, head_dim).transpose(1, 2).reshape(batch * heads, -1, head_dim)
+
+    empty = ~key_padding.any(dim=1)  # such a query's scores stay finite and its output is zeroed
+    blocked = ~(key_padding | empty[:, None])
+    bias = torch.zeros(batch, 1, key_padding.shape[1], dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill_(blocked[:, None, :], float("-inf")).repeat_interleave(heads, dim=0)
+    weights = torch.baddbmm(bias, split(q), split(k).transpose(1, 2), alpha=head_dim ** -0.5).softmax(dim=-1)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    out = torch.bmm(weights, split(v)).view(batch, heads, length, head_dim).transpose(1, 2)
+    return out.masked_fill(empty[:, None, None, None], 0.0) if empty.any() else out
 
 
 class FeedForward(nn.Module):

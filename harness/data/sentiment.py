@@ -54,6 +54,12 @@ class ArrayDataset(Dataset):
         item["index"] = torch.tensor(i, dtype=torch.int64)
         return item
 
+    def batch(self, indices: list[int]) -> dict:
+        """The items ``indices`` as ``default_collate`` stacks them, indexed at once."""
+        rows = [split_index(i, len(self.ids), "samples") for i in indices]
+        found = {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self.arrays.items()}
+        return {**found, "id": [self.ids[i] for i in rows], "index": torch.tensor(rows, dtype=torch.int64)}
+
 
 class _H5Handles:
     """Per-process cache of read-only h5 handles (safe with DataLoader workers)."""
