@@ -29,10 +29,10 @@ RUN_CODE = ("methods", "harness/backbones", "harness/data", "harness/tasks", "ha
             "harness/params_file.py", "harness/params_schema.py", "harness/checkpoints.py",
             "harness/features.py", "harness/run.py")
 CHUNK = 1 << 20  # bytes read at a time when hashing a file
-PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")
+PACKAGES = ("torch", "transformers", "numpy", "scipy", "pandas", "optuna", "dvc", "ray")
 # The packages whose versions can change a run's numbers: their versions are in every run key, so
 # records made under another environment are never read back as these.
-COMPUTE_PACKAGES = ("torch", "transformers", "peft", "numpy")
+COMPUTE_PACKAGES = ("torch", "transformers", "numpy")
 # Exact versions of every package of the install (scripts/refresh_lock.sh writes it)
 LOCK_FILE = PROJECT_ROOT / "requirements-lock.txt"
 
@@ -242,7 +242,7 @@ def lock_warning(path: str | Path = None) -> str | None:
         return None
     shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
     return (f"mmpetl: warning: installed packages differ from {Path(path or LOCK_FILE).name}: "
-            f"{shown}; run keys hold torch/transformers/peft/numpy versions, so the committed "
+            f"{shown}; run keys hold torch/transformers/numpy versions, so the committed "
             f"study's records may not be reused (python -m pip install -r requirements-lock.txt)")
 
 

@@ -108,8 +108,7 @@ def run_code_hash(method: str) -> str:
 def run_key(plan: RunPlan) -> str:
     # the data's content (tree hash; None before the data exist): regenerated or replaced data
     # are new runs, and their old records are set aside as stale. The compute packages' versions:
-    # a record made under another torch / transformers / peft / numpy is never read back as this
-    # run's
+    # a record made under another torch / transformers / numpy is never read back as this run's
     data = Path(plan.data["path"])
     return canonical_hash({"run": plan.identity(), "data": tree_hash(data) if data.exists() else None,
                            "code": run_code_hash(plan.method), "packages": records.compute_versions()})

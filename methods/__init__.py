@@ -1,4 +1,4 @@
-"""PETL methods, one module each, behind one registry. Depends on torch and peft only."""
+"""PETL methods, one module each, behind one registry. Depends on torch only."""
 from methods.base import Backbone, ConfigError, LinearSite, MethodConfig, PromptProvider, Variant, count_parameters
 from methods.registry import (apply_method, get_method, load_entry_points, load_methods, method_names,
                               method_origin, method_sources, register)

@@ -91,7 +91,7 @@ def test_run_key_holds_the_compute_packages(monkeypatch, tmp_path):
     from harness.settings import load_params, plan_run
 
     versions = records.compute_versions()
-    assert set(versions) == {"torch", "transformers", "peft", "numpy"}
+    assert set(versions) == {"torch", "transformers", "numpy"}
     assert versions["torch"] == metadata.version("torch").split("+")[0]
     plan = plan_run(load_params(ROOT / "params.yaml"), "mosi", "linear")
     key = run_key(plan)

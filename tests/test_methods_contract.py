@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig as PeftLoraConfig, get_peft_model, inject_adapter_in_model
 
 from harness.audit import AUDIT_MODALITIES, AUDIT_OVERRIDES, audit_backbone, audit_one, random_batch
 from harness.backbones.mmt import MMTBackbone, MMTConfig
@@ -15,7 +15,7 @@ from harness.backbones.two_tower import TwoTowerBackbone, TwoTowerConfig
 from harness.cli import main
 from methods import apply_method, count_parameters, get_method, method_names
 from methods.base import Backbone, LinearSite
-from methods.lora import LoraConfig, peft_config
+from methods.lora import ROLES, target_paths
 
 CASES = [(m, v) for m in method_names() for v in get_method(m).variants]
 
@@ -55,15 +55,75 @@ def test_count_split_into_method_and_head(method, variant):
     assert counts["method"] + counts["head"] == everything
 
 
-@pytest.mark.parametrize("roles", [("q", "v"), ("q", "k", "v", "o", "fc1", "fc2")])
+def peft_lora(backbone, rank: int, roles: tuple[str, ...], dropout: float = 0.0):
+    """The peft library's LoRA on the same linears, as the reference ``methods/lora.py`` matches."""
+    return PeftLoraConfig(r=rank, lora_alpha=16.0, lora_dropout=dropout,
+                          target_modules=target_paths(backbone, roles))
+
+
+@pytest.mark.parametrize("roles", [("q", "v"), ROLES])
 def test_lora_count_equals_peft_count(roles):
     ours = audit_backbone(3)
     theirs = copy.deepcopy(ours)
     apply_method(ours, "lora", rank=4, target_roles=roles)
-    config = LoraConfig(rank=4, target_roles=roles)
-    peft_model = get_peft_model(theirs, peft_config(theirs, config))
+    peft_model = get_peft_model(theirs, peft_lora(theirs, 4, roles))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert count_parameters(ours)["method"] == trainable
+
+
+def late_fusion_and_batch():
+    backbone = audit_backbone(3)
+    return backbone, random_batch(backbone)
+
+
+def two_tower_and_batch():  # Hugging Face BERT and ViT towers (random weights)
+    torch.manual_seed(0)
+    backbone = TwoTowerBackbone(TwoTowerConfig.tiny())
+    return backbone, backbone.example_batch(3)
+
+
+@pytest.mark.parametrize("build", [late_fusion_and_batch, two_tower_and_batch])
+@pytest.mark.parametrize("roles, dropout", [(("q", "v"), 0.0), (ROLES, 0.25)])
+def test_lora_equals_peft_bit_for_bit(build, roles, dropout):
+    """Our LoRA and peft's, applied after the same seed: the same parameters (names, order,
+    trainable flags, values), then the same outputs and gradients in training (dropout's draws
+    included) once B is moved off zero."""
+    ours, batch = build()
+    theirs = copy.deepcopy(ours)
+    torch.manual_seed(1)
+    apply_method(ours, "lora", rank=4, dropout=dropout, target_roles=roles)
+    torch.manual_seed(1)
+    inject_adapter_in_model(peft_lora(theirs, 4, roles, dropout), theirs)
+    for name, parameter in theirs.named_parameters():  # apply_method's trainable set
+        parameter.requires_grad_("lora_" in name or name.startswith("head."))
+    ours_named, theirs_named = list(ours.named_parameters()), list(theirs.named_parameters())
+    assert [(n, p.requires_grad) for n, p in ours_named] == [(n, p.requires_grad) for n, p in theirs_named]
+    assert any("lora_A.default" in n for n, _ in ours_named)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours_named, theirs_named))
+    torch.manual_seed(2)
+    for (name, a), (_, b) in zip(ours_named, theirs_named):
+        if "lora_B" in name:
+            with torch.no_grad():
+                b.copy_(a.copy_(torch.randn_like(a)))
+    outputs = []
+    for model in (ours, theirs):
+        model.train()
+        torch.manual_seed(3)
+        out = model(batch)
+        out.square().mean().backward()
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a.grad, b.grad) for (_, a), (_, b) in zip(ours_named, theirs_named)
+               if a.requires_grad)
+
+
+def test_lora_refuses_a_target_that_is_not_a_linear():
+    backbone = audit_backbone(2)
+    path = target_paths(backbone, ("q",))[0]
+    parent, _, attribute = path.rpartition(".")
+    setattr(backbone.get_submodule(parent), attribute, torch.nn.Identity())
+    with pytest.raises(TypeError, match=rf"LoRA target {path} is a Identity, not an nn.Linear"):
+        apply_method(backbone, "lora", rank=4, target_roles=("q",))
 
 
 def test_full_and_linear_counts():

@@ -18,6 +18,7 @@ from harness.audit import AUDIT_OVERRIDES
 from harness.backbones.two_tower import (TwoTowerBackbone, TwoTowerConfig, build_image_encoder,
                                          build_text_encoder)
 from methods import apply_method, count_parameters, get_method, method_names
+from methods.lora import LoraLinear
 
 # Register every method module present (the package __init__ may not import them all yet).
 for _module in pkgutil.iter_modules(methods.__path__):
@@ -106,7 +107,7 @@ def test_bad_inputs_and_configs_are_refused(tiny):
         TwoTowerConfig.preset("huge")
 
 
-def test_linear_sites_resolve_and_peft_wraps_exactly_them(tiny):
+def test_linear_sites_resolve_and_lora_wraps_exactly_them(tiny):
     model = fresh(tiny)
     sites = model.linear_sites()
     assert len(sites) == 2 * 2 * 6 and len({s.path for s in sites}) == len(sites)
@@ -117,10 +118,8 @@ def test_linear_sites_resolve_and_peft_wraps_exactly_them(tiny):
     assert {(s.modality, s.depth, s.role) for s in sites} == {
         (m, d, r) for m in ("image", "text") for d in range(2)
         for r in ("q", "k", "v", "o", "fc1", "fc2")}
-    from peft.tuners.lora import LoraLayer
-
     apply_method(model, "lora", rank=4, target_roles=("q", "k", "v", "o", "fc1", "fc2"))
-    wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLinear)}
     assert wrapped == {s.path for s in sites}
     assert all(("lora_" in n) == p.requires_grad or n.startswith("head.")
                for n, p in model.named_parameters())

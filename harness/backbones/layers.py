@@ -12,11 +12,11 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v, o linears (so LoRA / Aurora can target each).
 
     It is ``F.scaled_dot_product_attention``, except on CPU for fewer than ``SHORT`` keys (the
-    tiny late-fusion backbones' 12 tokens): there torch's softmax over a last dimension shorter
-    than its 16-float vector costs about ten times as much as over 16, and SDPA with it, so
+    planted tasks' 12 tokens, the MMT video encoder's): there torch's softmax over a last dimension
+    shorter than its 16-float vector costs about ten times as much as over 16, and SDPA with it, so
     ``short_cpu_attention`` writes the same math out with the keys padded to ``SHORT`` by masked
-    zeros (1.6-1.7x faster forward + backward, SDPA's answer to 1e-6; ``scripts/bench_overhead.py
-    --only attention``).
+    zeros (1.55-1.68x faster forward + backward at 12 tokens of width 64, SDPA's answer to 1e-6;
+    ``scripts/bench_overhead.py --only attention``).
     """
 
     SHORT = 16

@@ -57,7 +57,7 @@ class ArrayDataset(Dataset):
     def batch(self, indices: list[int]) -> dict:
         """The items ``indices`` as ``default_collate`` stacks them, indexed at once."""
         rows = [split_index(i, len(self.ids), "samples") for i in indices]
-        found = {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in self.arrays.items()}
+        found = {k: torch.from_numpy(v[rows]) for k, v in self.arrays.items()}  # indexing copies
         return {**found, "id": [self.ids[i] for i in rows], "index": torch.tensor(rows, dtype=torch.int64)}
 
 
