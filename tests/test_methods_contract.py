@@ -15,7 +15,7 @@ from harness.backbones.two_tower import TwoTowerBackbone, TwoTowerConfig
 from harness.cli import main
 from methods import apply_method, count_parameters, get_method, method_names
 from methods.base import Backbone, LinearSite
-from methods.lora import ROLES, target_paths
+from methods.lora import ROLES, LoraConfig, target_paths
 
 CASES = [(m, v) for m in method_names() for v in get_method(m).variants]
 
@@ -55,10 +55,11 @@ def test_count_split_into_method_and_head(method, variant):
     assert counts["method"] + counts["head"] == everything
 
 
-def peft_lora(backbone, rank: int, roles: tuple[str, ...], dropout: float = 0.0):
-    """The peft library's LoRA on the same linears, as the reference ``methods/lora.py`` matches."""
-    return PeftLoraConfig(r=rank, lora_alpha=16.0, lora_dropout=dropout,
-                          target_modules=target_paths(backbone, roles))
+def peft_config(backbone, config: LoraConfig) -> PeftLoraConfig:
+    """``config`` as the peft library's LoRA config on the same linears (the reference that
+    ``methods/lora.py`` matches)."""
+    return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=target_paths(backbone, config.target_roles))
 
 
 @pytest.mark.parametrize("roles", [("q", "v"), ROLES])
@@ -66,7 +67,7 @@ def test_lora_count_equals_peft_count(roles):
     ours = audit_backbone(3)
     theirs = copy.deepcopy(ours)
     apply_method(ours, "lora", rank=4, target_roles=roles)
-    peft_model = get_peft_model(theirs, peft_lora(theirs, 4, roles))
+    peft_model = get_peft_model(theirs, peft_config(theirs, LoraConfig(rank=4, target_roles=roles)))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert count_parameters(ours)["method"] == trainable
 
@@ -90,10 +91,11 @@ def test_lora_equals_peft_bit_for_bit(build, roles, dropout):
     included) once B is moved off zero."""
     ours, batch = build()
     theirs = copy.deepcopy(ours)
+    fields = {"rank": 4, "dropout": dropout, "target_roles": roles}
     torch.manual_seed(1)
-    apply_method(ours, "lora", rank=4, dropout=dropout, target_roles=roles)
+    apply_method(ours, "lora", **fields)
     torch.manual_seed(1)
-    inject_adapter_in_model(peft_lora(theirs, 4, roles, dropout), theirs)
+    inject_adapter_in_model(peft_config(theirs, LoraConfig(**fields)), theirs)
     for name, parameter in theirs.named_parameters():  # apply_method's trainable set
         parameter.requires_grad_("lora_" in name or name.startswith("head."))
     ours_named, theirs_named = list(ours.named_parameters()), list(theirs.named_parameters())
