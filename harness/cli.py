@@ -203,7 +203,37 @@ def _positive_option(text: str) -> int:
     return value
 
 
+def _ray_started_early(args):
+    """With the ray executor (the command line's, else the params file's ``executor.kind``), Ray
+    installed and no RAY_ADDRESS: the command's own local Ray instance, starting now, before the
+    harness and torch import (``ray_local``), with the CPUs of ``--workers``, else
+    ``executor.workers``, else the machine's. Otherwise nothing. A params file that cannot be read
+    here starts nothing: ``load_params`` reports what is wrong with it."""
+    import importlib.util
+    import os
+
+    import yaml
+
+    try:
+        configured = yaml.safe_load(Path(args.params).read_text()).get("executor") or {}
+        kind = args.executor or configured.get("kind")
+        cpus = args.workers or configured.get("workers") or os.cpu_count() or 1
+    except (OSError, yaml.YAMLError, AttributeError):
+        return contextlib.nullcontext()
+    if (kind != "ray" or os.environ.get("RAY_ADDRESS") or importlib.util.find_spec("ray") is None
+            or isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
+        return contextlib.nullcontext()
+    from harness.ray_local import started_early
+
+    return started_early(cpus)
+
+
 def cmd_sweep(args) -> int:
+    with _ray_started_early(args):
+        return _sweep_command(args)
+
+
+def _sweep_command(args) -> int:
     from harness.settings import load_params
     from harness.sweep import sweep, write_index
 
@@ -236,6 +266,11 @@ def cmd_records(args) -> int:
 
 
 def cmd_search(args) -> int:
+    with _ray_started_early(args):
+        return _search_command(args)
+
+
+def _search_command(args) -> int:
     from harness.search import run_search
     from harness.settings import load_params
 

@@ -83,13 +83,13 @@ def worker_init(parent_pid: int) -> None:
     that started the worker ends: pools are started from the main thread."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_stopped)
-    if not _parent_death_signal(signal.SIGTERM):
+    if not parent_death_signal(signal.SIGTERM):
         _watch_parent(parent_pid)
     if os.getppid() != parent_pid:  # the parent died before the death signal was set
         os._exit(128 + signal.SIGTERM)
 
 
-def _parent_death_signal(signum: int) -> bool:
+def parent_death_signal(signum: int) -> bool:
     """Ask the kernel to send ``signum`` to this process when its parent dies (Linux only)."""
     if not sys.platform.startswith("linux"):
         return False

@@ -1,7 +1,8 @@
 """Ray Tune executor: the same trial function as the other executors, on one machine or a cluster.
 
 Ray itself is imported only when the ``ray`` executor is chosen. ``ray.init`` joins the cluster named by
-RAY_ADDRESS when it is set (``RAY_ADDRESS=... dvc repro``), else starts a local instance.
+RAY_ADDRESS when it is set (``RAY_ADDRESS=... dvc repro``), else a local instance of the command's
+own (``harness/ray_local.py``: started as the command starts, so it comes up while the driver imports).
 Tune's storage lives inside the results folder, not ~/ray_results.
 
 On a cluster nothing depends on a worker node's disk:
@@ -43,7 +44,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import records
+from harness import ray_local, records
 from harness.errors import InputError
 from harness.run import run_key, run_trial
 from harness.settings import plan_from_dict, plan_to_dict
@@ -107,8 +108,10 @@ def trial_batches(keyed_values: list[tuple[str, dict]], workers: int,
 
 @contextlib.contextmanager
 def ray_session(workers: int):
-    """Ray, initialised here unless the caller already did (then left running). Workers started by
-    a cluster's nodes get the user's method modules (MMPETL_METHODS) through the runtime env."""
+    """Ray, initialised here unless the caller already did (then left running): the cluster named by
+    RAY_ADDRESS, else a local instance of this command's own (``ray_local``: the one the command
+    started early, or one started now). Workers started by a cluster's nodes get the user's method
+    modules (MMPETL_METHODS) through the runtime env."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # no per-trial CSV / JSON / TensorBoard logs from Tune: the run records hold every result, and
     # writing them costs CPU that the trials compete for on a small machine
@@ -119,23 +122,18 @@ def ray_session(workers: int):
 
     from methods.registry import ENV_MODULES
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = os.environ.get("RAY_ADDRESS")
-        modules = os.environ.get(ENV_MODULES)
-        runtime_env = {"env_vars": {ENV_MODULES: modules}} if modules else None
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-        else:
-            # "local": a Ray instance of this process's own, never a cluster someone else
-            # started on this machine (ray.init() without an address would join the latest one)
-            ray.init(address="local", num_cpus=workers, include_dashboard=False,
-                     log_to_driver=False, runtime_env=runtime_env)
-    try:
+    with contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            if not address:
+                address = stack.enter_context(ray_local.instance(workers)).address()
+            modules = os.environ.get(ENV_MODULES)
+            ray.init(address=address, log_to_driver=False,
+                     runtime_env={"env_vars": {ENV_MODULES: modules}} if modules else None)
+            # leave no Ray driver behind (a later `ray stop` would kill this process); the local
+            # instance stops after it
+            stack.callback(ray.shutdown)
         yield
-    finally:
-        if started_here:  # leave no Ray driver behind (a later `ray stop` would kill this process)
-            ray.shutdown()
 
 
 def node_name() -> str:

@@ -169,7 +169,7 @@ ORPHAN = """
 
     method, watch = sys.argv[1], sys.argv[2]
     if watch == "getppid":  # the fallback where PR_SET_PDEATHSIG is unavailable (fork inherits it)
-        concurrency._parent_death_signal = lambda signum: False
+        concurrency.parent_death_signal = lambda signum: False
     # the process executor's pool: its initializer, one worker busy with a long task, wrapped
     # as the executor wraps every run
     pool = concurrent.futures.ProcessPoolExecutor(

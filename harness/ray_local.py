@@ -1,0 +1,113 @@
+"""A Ray instance of one sweep's own on this machine: ``ray start --head --block`` in a child process.
+
+``mmpetl sweep`` and ``mmpetl search`` with the ray executor and no RAY_ADDRESS start it first thing
+(``started_early``), so Ray's processes come up while the driver imports torch and the harness and
+makes its plans (each about 5 s on 2 cores: side by side instead of one after the other);
+``ray_executor.ray_session`` joins it with ``ray.init(address=...)`` and it stops when the command
+ends. A caller that did not start one early (a test calling ``sweep``) gets one started on the spot.
+
+Only what a sweep on one machine uses runs: no dashboard, no autoscaler monitor and no log monitor
+(workers' output stays in the session's log files; the driver asks for none), and no worker is
+prestarted when the driver connects (Tune's trial actors start their own, and prestarted ones sat
+idle until killed). The head's process gets SIGTERM when this process dies, however it dies, and
+``ray start --block`` then stops the node's processes.
+
+This module imports neither Ray nor torch: it runs before them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness.concurrency import parent_death_signal
+
+STARTED = "Ray runtime started"  # what ``ray start`` prints once the head node is up
+START_TIMEOUT_S = 180.0
+# the node's processes read these when they start (the raylet's configuration)
+HEAD_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+_early: LocalRay | None = None  # the instance started by ``started_early``, joined by ray_session
+
+
+class LocalRay:
+    """``ray start --head --block`` with ``cpus`` CPUs, on a free port of this machine."""
+
+    def __init__(self, cpus: int):
+        with socket.socket() as probe:  # a port of our own: never another instance on this machine
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.cpus = cpus
+        self.log = Path(tempfile.mkstemp(prefix="mmpetl-ray-head-", suffix=".log")[1])
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                 f"--port={self.port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                 "--no-monitor", "--include-log-monitor=false", "--disable-usage-stats"],
+                env={**os.environ, **HEAD_ENV, **same_auth_mode()}, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=lambda: parent_death_signal(signal.SIGTERM))
+
+    def address(self) -> str:
+        """The head's address, once it is up (waits for ``ray start`` to say so)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while STARTED not in self.log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                what = (f"exited {self.process.returncode}" if self.process.returncode is not None
+                        else f"did not start within {START_TIMEOUT_S:.0f} s")
+                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+                raise RuntimeError(f"the sweep's Ray instance (ray start --head --port={self.port}) "
+                                   f"{what}; its output (last lines of {self.log}):\n{tail}")
+            time.sleep(0.1)
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Stop the head and the node's processes; wait for them."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.unlink(missing_ok=True)
+
+
+def same_auth_mode() -> dict:
+    """The driver's authentication mode for the head: ``ray start --head`` turns token
+    authentication on when ~/.ray/auth_token exists, whereas a driver (like a local instance started
+    by ``ray.init``) uses RAY_AUTH_MODE, default ``disabled``, and could then not connect."""
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+
+@contextlib.contextmanager
+def started_early(cpus: int):
+    """A local Ray instance starting now, for the ``ray_session`` that comes later in this block;
+    stopped when the block ends."""
+    global _early
+    head = LocalRay(cpus)
+    _early = head
+    try:
+        yield
+    finally:
+        _early = None
+        head.stop()
+
+
+@contextlib.contextmanager
+def instance(cpus: int):
+    """The instance started early when it has at least ``cpus`` CPUs (left running: its block stops
+    it), else one started now and stopped at the end of this block. Yields it."""
+    if _early is not None and _early.cpus >= cpus:
+        yield _early
+        return
+    head = LocalRay(cpus)
+    try:
+        yield head
+    finally:
+        head.stop()

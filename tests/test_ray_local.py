@@ -1,0 +1,121 @@
+"""The Ray instance of a sweep's own (harness/ray_local.py): started as the command starts, joined
+by the sweep, stopped at its end or when its driver dies; a head that cannot start says why."""
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from harness import cli, ray_local
+from helpers import ROOT, small_mosi_params
+
+
+def started_with(monkeypatch, tmp_path, params_text: str, executor=None, workers=None):
+    """The CPUs ``cli._ray_started_early`` starts a local instance with, or None when it starts none."""
+    started = []
+    monkeypatch.setattr(ray_local, "started_early", lambda cpus: started.append(cpus) or contextlib.nullcontext())
+    params = tmp_path / "params.yaml"
+    params.write_text(params_text)
+    with cli._ray_started_early(argparse.Namespace(params=str(params), executor=executor, workers=workers)):
+        pass
+    return started[0] if started else None
+
+
+def test_only_a_ray_command_without_an_address_starts_ray_early(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_yaml = yaml.safe_dump({"executor": {"kind": "ray", "workers": 3}})
+    assert started_with(monkeypatch, tmp_path, ray_yaml) == 3
+    assert started_with(monkeypatch, tmp_path, ray_yaml, workers=2) == 2  # --workers wins
+    process_yaml = yaml.safe_dump({"executor": {"kind": "process", "workers": 2}})
+    assert started_with(monkeypatch, tmp_path, process_yaml) is None
+    assert started_with(monkeypatch, tmp_path, process_yaml, executor="ray") == 2
+    assert started_with(monkeypatch, tmp_path, "profile: tiny\n", executor="ray") == os.cpu_count()
+    assert started_with(monkeypatch, tmp_path, ray_yaml, executor="sequential") is None
+    # what load_params refuses starts nothing here (it then names the file, key and value)
+    assert started_with(monkeypatch, tmp_path, "executor: [unclosed\n") is None
+    assert started_with(monkeypatch, tmp_path, "- a list\n", executor="ray") is None
+    assert started_with(monkeypatch, tmp_path, yaml.safe_dump({"executor": {"kind": "ray", "workers": "two"}})) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: joined, not started
+    assert started_with(monkeypatch, tmp_path, ray_yaml) is None
+
+
+def test_the_head_uses_the_drivers_authentication_mode(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert ray_local.same_auth_mode() == {"RAY_AUTH_MODE": "disabled"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert ray_local.same_auth_mode() == {"RAY_AUTH_MODE": "token"}
+
+
+def test_a_head_that_cannot_start_says_why():
+    head = ray_local.LocalRay(cpus=-1)  # Ray refuses a negative CPU count
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)exited 1.*Resource quantities must be nonnegative"):
+            head.address()
+    finally:
+        head.stop()
+    assert not head.log.exists()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_the_instance_stops_when_its_driver_is_killed():
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import json, time\nfrom harness.ray_local import LocalRay\n"
+         "head = LocalRay(1)\nhead.address()\n"
+         "print(json.dumps([head.process.pid, head.port]), flush=True)\ntime.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        head_pid, port = json.loads(driver.stdout.readline())
+        assert port_open(port)  # the head's GCS answers
+        driver.send_signal(signal.SIGKILL)  # no finally block runs in the driver
+        driver.wait()
+        deadline = time.monotonic() + 60
+        while (os.path.exists(f"/proc/{head_pid}") or port_open(port)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{head_pid}"), "the head outlived its driver"
+        assert not port_open(port), "the head's GCS outlived its driver"
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def raylets() -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if "raylet" in open(f"/proc/{pid}/cmdline").read().split("\0")[0]:
+                found.add(int(pid))
+    return found
+
+
+def ray_sessions() -> set[str]:
+    """Ray's session folders (one per instance started on this machine, in Ray's default temp dir)."""
+    return set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_from_the_command_line_runs_on_its_own_instance_and_stops_it(tmp_path):
+    params = small_mosi_params(tmp_path)
+    params.update(datasets=["mosi"], seeds=[0, 1], grid={"mosi": [{"method": "linear"}, {"method": "wander"}]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    nodes, sessions = raylets(), ray_sessions()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--executor", "ray", "--workers", "2",
+                           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "runs"), "--json"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["computed"] == 4
+    assert len(list((tmp_path / "runs" / "mosi").glob("*.json"))) == 4
+    assert len(ray_sessions() - sessions) == 1  # the instance started early was joined: no second one
+    assert raylets() <= nodes  # the node's processes stopped with the command
