@@ -167,8 +167,7 @@ def cmd_run(args) -> int:
 
 def _executor(args, params: dict) -> tuple[str, int | None]:
     """The executor and its workers: the command line's, else params.yaml's ``executor``."""
-    configured = params.get("executor") or {}
-    kind = args.executor or configured.get("kind", "sequential")
+    kind, workers = _executor_choice(args, params)
     if kind == "ray":
         try:
             import ray  # noqa: F401
@@ -176,7 +175,13 @@ def _executor(args, params: dict) -> tuple[str, int | None]:
             origin = ("command line", "--executor") if args.executor else (args.params, "executor.kind")
             raise InputError('the ray executor needs Ray: pip install -e ".[ray]"', file=origin[0],
                              key=origin[1], expected="ray importable", found="no module ray") from None
-    return kind, args.workers or configured.get("workers")
+    return kind, workers
+
+
+def _executor_choice(args, params: dict) -> tuple[str, int | None]:
+    """The command line's executor and workers, else those of the params' ``executor`` section."""
+    configured = params.get("executor") or {}
+    return args.executor or configured.get("kind", "sequential"), args.workers or configured.get("workers")
 
 
 def _seed_option(text: str) -> int:
@@ -215,11 +220,10 @@ def _ray_started_early(args):
     import yaml
 
     try:
-        configured = yaml.safe_load(Path(args.params).read_text()).get("executor") or {}
-        kind = args.executor or configured.get("kind")
-        cpus = args.workers or configured.get("workers") or os.cpu_count() or 1
+        kind, cpus = _executor_choice(args, yaml.safe_load(Path(args.params).read_text()))
     except (OSError, yaml.YAMLError, AttributeError):
         return contextlib.nullcontext()
+    cpus = cpus or os.cpu_count() or 1
     if (kind != "ray" or os.environ.get("RAY_ADDRESS") or importlib.util.find_spec("ray") is None
             or isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
         return contextlib.nullcontext()

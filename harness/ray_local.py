@@ -31,7 +31,7 @@ from harness.concurrency import parent_death_signal
 STARTED = "Ray runtime started"  # what ``ray start`` prints once the head node is up
 START_TIMEOUT_S = 180.0
 # the node's processes read these when they start (the raylet's configuration)
-HEAD_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+HEAD_ENV = {"RAY_prestart_worker_first_driver": "0"}
 
 _early: LocalRay | None = None  # the instance started by ``started_early``, joined by ray_session
 
@@ -86,17 +86,25 @@ def same_auth_mode() -> dict:
 
 
 @contextlib.contextmanager
+def running(cpus: int):
+    """A ``LocalRay`` of ``cpus`` CPUs, stopped when the block ends."""
+    head = LocalRay(cpus)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@contextlib.contextmanager
 def started_early(cpus: int):
     """A local Ray instance starting now, for the ``ray_session`` that comes later in this block;
     stopped when the block ends."""
     global _early
-    head = LocalRay(cpus)
-    _early = head
-    try:
-        yield
-    finally:
-        _early = None
-        head.stop()
+    with running(cpus) as _early:
+        try:
+            yield
+        finally:
+            _early = None
 
 
 @contextlib.contextmanager
@@ -106,8 +114,5 @@ def instance(cpus: int):
     if _early is not None and _early.cpus >= cpus:
         yield _early
         return
-    head = LocalRay(cpus)
-    try:
+    with running(cpus) as head:
         yield head
-    finally:
-        head.stop()

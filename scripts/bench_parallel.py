@@ -18,8 +18,8 @@ of the executors rotating, so a drift of the machine's load does not favour one)
 median and range of each ratio over the repetitions. The ``ray`` sweep batches
 ``executor.runs_per_trial`` runs per Tune trial (params.yaml) and starts and stops a Ray instance of
 its own, as ``mmpetl sweep --executor ray`` does without RAY_ADDRESS. ``ray-running`` is the same
-sweep joining a Ray instance started once before the timings (``ray start --head --block``, stopped
-at the end; RAY_ADDRESS), as on a cluster that is up: it shows what the trials cost without the
+sweep joining a Ray instance started once before the timings (``harness.ray_local``'s ``ray start
+--head --block``, stopped at the end; RAY_ADDRESS), as on a cluster that is up: it shows what the trials cost without the
 instance's start and stop (the instance's idle processes run during every executor's sweeps).
 ``--executors`` leaves some out (sequential, the reference, always runs; default all but
 ray-running). The temporary folder is removed at the end.
@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -95,7 +94,7 @@ def compare(params: dict, rows: list, seeds: list, executors: tuple, args, folde
                     str(folder / "params.yaml"), "--json"], cwd=folder, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with contextlib.ExitStack() as stack:
-        address = stack.enter_context(running_ray(args.workers, folder)) if "ray-running" in executors else None
+        address = stack.enter_context(running_ray(args.workers)) if "ray-running" in executors else None
         return time_sweeps(executors, args, folder, address)
 
 
@@ -123,35 +122,17 @@ def time_sweeps(executors: tuple, args, folder: Path, address: str | None) -> in
 
 
 @contextlib.contextmanager
-def running_ray(workers: int, folder: Path):
-    """A Ray head of ``workers`` CPUs running until the block ends; yields its address."""
-    with socket.socket() as probe:  # a free port: never join another instance on this machine
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = ["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={workers}",
-               "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-               f"--temp-dir={folder / 'ray'}"]
-    head = subprocess.Popen(command, env=RAY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"127.0.0.1:{port}"
+def running_ray(workers: int):
+    """A Ray head of ``workers`` CPUs running until the block ends, as ``mmpetl sweep`` starts its own
+    (``harness.ray_local``); yields its address."""
+    from harness.ray_local import LocalRay
+
+    os.environ["RAY_AUTH_MODE"] = RAY_ENV["RAY_AUTH_MODE"]  # the head's, as the sweeps joining it
+    head = LocalRay(workers)
     try:
-        wait_for_head(head, address)
-        yield address
+        yield head.address()
     finally:
-        head.terminate()  # --block: the head stops the node's processes when it ends
-        head.wait()
-
-
-def wait_for_head(head: subprocess.Popen, address: str, timeout_s: float = 120) -> None:
-    """Until ``ray status`` answers at ``address``; exit if the head died or never answered."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise SystemExit(f"ray start --head exited {head.returncode}")
-        if subprocess.run(["ray", "status", f"--address={address}"], env=RAY_ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0:
-            return
-        time.sleep(1)
-    raise SystemExit(f"the Ray head at {address} did not answer within {timeout_s:.0f} s")
+        head.stop()
 
 
 def timed_sweep(executor: str, workers: int, folder: Path, out: Path,
