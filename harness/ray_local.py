@@ -9,7 +9,11 @@ ends. A caller that did not start one early (a test calling ``sweep``) gets one 
 Only what a sweep on one machine uses runs: no dashboard, no autoscaler monitor and no log monitor
 (workers' output stays in the session's log files; the driver asks for none), and no worker is
 prestarted when the driver connects (Tune's trial actors start their own, and prestarted ones sat
-idle until killed). The head's process gets SIGTERM when this process dies, however it dies, and
+idle until killed). Nor does the dashboard's API server: Ray 2.60 starts it even with
+``--include-dashboard=false`` (one module, for usage stats) and the head waits for it to register
+(1.5 CPU-s, and 2.3-2.8 s of the head's 6-6.5 s start on an idle machine). No switch turns it off,
+but a head whose dashboard port is taken logs an error and starts none when the dashboard was
+not asked for; so the head is given a port that this module holds (listening) until the head is up. The head's process gets SIGTERM when this process dies, however it dies, and
 ``ray start --block`` then stops the node's processes.
 
 This module imports neither Ray nor torch: it runs before them.
@@ -43,12 +47,18 @@ class LocalRay:
         with socket.socket() as probe:  # a port of our own: never another instance on this machine
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        # the dashboard's port, taken: the head then starts no API server (module docstring)
+        self.taken = socket.socket()
+        self.taken.bind(("127.0.0.1", 0))
+        self.taken.listen()
+        self.dashboard_port = self.taken.getsockname()[1]
         self.cpus = cpus
         self.log = Path(tempfile.mkstemp(prefix="mmpetl-ray-head-", suffix=".log")[1])
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                  f"--port={self.port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                  "--no-monitor", "--include-log-monitor=false", "--disable-usage-stats"],
                 env={**os.environ, **HEAD_ENV, **same_auth_mode()}, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=lambda: parent_death_signal(signal.SIGTERM))
@@ -60,14 +70,19 @@ class LocalRay:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 what = (f"exited {self.process.returncode}" if self.process.returncode is not None
                         else f"did not start within {START_TIMEOUT_S:.0f} s")
-                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+                taken = f"127.0.0.1:{self.dashboard_port} because it's already occupied"
+                lines = [line for line in self.log.read_text(errors="replace").splitlines()
+                         if taken not in line]  # the error the taken dashboard port is meant to cause
+                tail = "\n".join(lines[-20:])
                 raise RuntimeError(f"the sweep's Ray instance (ray start --head --port={self.port}) "
                                    f"{what}; its output (last lines of {self.log}):\n{tail}")
             time.sleep(0.1)
+        self.taken.close()
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         """Stop the head and the node's processes; wait for them."""
+        self.taken.close()
         if self.process.poll() is None:
             self.process.terminate()
             try:

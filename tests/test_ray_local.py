@@ -117,5 +117,7 @@ def test_a_ray_sweep_from_the_command_line_runs_on_its_own_instance_and_stops_it
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["computed"] == 4
     assert len(list((tmp_path / "runs" / "mosi").glob("*.json"))) == 4
-    assert len(ray_sessions() - sessions) == 1  # the instance started early was joined: no second one
+    (session,) = ray_sessions() - sessions  # the instance started early was joined: no second one
+    logs = os.listdir(f"/tmp/ray/{session}/logs")
+    assert "raylet.out" in logs and "dashboard.log" not in logs  # no API server of the dashboard ran
     assert raylets() <= nodes  # the node's processes stopped with the command
