@@ -34,8 +34,9 @@ from harness.concurrency import parent_death_signal
 
 STARTED = "Ray runtime started"  # what ``ray start`` prints once the head node is up
 START_TIMEOUT_S = 180.0
-# the node's processes read these when they start (the raylet's configuration)
-HEAD_ENV = {"RAY_prestart_worker_first_driver": "0"}
+# the node's processes read these when they start (the raylet's configuration); no drain on stop:
+# it lets a Ray Serve node hand its traffic over (0.5 s here), and a sweep's driver is gone by then
+HEAD_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 _early: LocalRay | None = None  # the instance started by ``started_early``, joined by ray_session
 
