@@ -14,8 +14,11 @@ the index (the frozen encoders' feature cache is built before any of them). Prin
 times, each executor's summed trial time (the records' ``wall_s``), the ratio of sequential to
 each other executor (target >= 1.6x on 2 cores), and whether every executor gave identical
 metrics (exit 1 if not). ``--repeat`` runs the sweeps that many times (the order
-of the executors rotating, so a drift of the machine's load does not favour one) and prints the
-median and range of each ratio over the repetitions. The ``ray`` sweep batches
+of the other executors rotating) between sequential sweeps (one more than the repetitions): each
+ratio is the mean of the two sequential sweeps around it over the executor's wall time, so a
+drift of the machine's speed during a repetition weighs on both sides alike (this shared machine
+ran the same sweep 84 s and then 188 s within minutes); it prints the median and range of each
+ratio over the repetitions. The ``ray`` sweep batches
 ``executor.runs_per_trial`` runs per Tune trial (params.yaml) and starts and stops a Ray instance of
 its own, as ``mmpetl sweep --executor ray`` does without RAY_ADDRESS. ``ray-running`` is the same
 sweep joining a Ray instance started once before the timings (``harness.ray_local``'s ``ray start
@@ -99,20 +102,31 @@ def compare(params: dict, rows: list, seeds: list, executors: tuple, args, folde
 
 
 def time_sweeps(executors: tuple, args, folder: Path, address: str | None) -> int:
-    """The timed repetitions; 0 when every executor gave the same metrics every time."""
-    ratios, same = {executor: [] for executor in executors[1:]}, True
+    """The timed repetitions; 0 when every executor gave the same metrics every time. Sequential
+    sweeps bracket each repetition (one before the first, one after each), and each other
+    executor's sweep is compared with the mean of the two around it: the machine's speed drifts
+    by up to 2x within minutes here, and a drift then weighs on both sides of a ratio alike."""
+    others = executors[1:]
+    ratios, same = {executor: [] for executor in others}, True
+    print("sequential sweep before the first repetition", flush=True)
+    before, reference = timed_sweep("sequential", args.workers, folder, folder / "runs-sequential-0", address)
     for repetition in range(args.repeat):
         times, metrics = {}, {}
-        shift = repetition % len(executors)
-        order = executors[shift:] + executors[:shift]
-        print(f"repetition {repetition + 1}/{args.repeat} (order: {', '.join(order)})", flush=True)
+        shift = repetition % len(others)
+        order = others[shift:] + others[:shift]
+        print(f"repetition {repetition + 1}/{args.repeat} (order: {', '.join(order)}, sequential)", flush=True)
         for executor in order:
             out = folder / f"runs-{repetition}-{executor}"
             times[executor], metrics[executor] = timed_sweep(executor, args.workers, folder, out, address)
-        same = same and all(metrics[e] == metrics["sequential"] for e in executors)
-        for executor in ratios:
-            ratios[executor].append(times["sequential"] / times[executor])
-        print("  " + ", ".join(f"sequential / {e} {ratios[e][-1]:.2f}x" for e in ratios), flush=True)
+        after, metrics["sequential"] = timed_sweep("sequential", args.workers, folder,
+                                                   folder / f"runs-sequential-{repetition + 1}", address)
+        same = same and all(found == reference for found in metrics.values())
+        bracket = (before + after) / 2
+        for executor in order:
+            ratios[executor].append(bracket / times[executor])
+        print(f"  sequential (mean of {before:.1f} and {after:.1f} s) / " +
+              ", ".join(f"{e} {ratios[e][-1]:.2f}x" for e in order), flush=True)
+        before = after
     print(f"identical metrics across executors in every repetition: {same}")
     for executor, found in ratios.items():
         print(f"speed-up sequential / {executor + ':':<12} median {statistics.median(found):.2f}x, "
