@@ -11,9 +11,10 @@ Only what a sweep on one machine uses runs: no dashboard, no autoscaler monitor 
 prestarted when the driver connects (Tune's trial actors start their own, and prestarted ones sat
 idle until killed). Nor does the dashboard's API server: Ray 2.60 starts it even with
 ``--include-dashboard=false`` (one module, for usage stats) and the head waits for it to register
-(1.5 CPU-s, and 2.3-2.8 s of the head's 6-6.5 s start on an idle machine). No switch turns it off,
-but a head whose dashboard port is taken logs an error and starts none when the dashboard was
-not asked for; so the head is given a port that this module holds (listening) until the head is up. The head's process gets SIGTERM when this process dies, however it dies, and
+(1.5 CPU-s, and 1.5-2.8 s of the head's 6.0-6.5 s start on an idle machine). No switch turns it
+off, but a head whose dashboard port is taken logs an error and starts none when the dashboard
+was not asked for; so the head is given a port that this module holds (listening) until the head
+is up. The head's process gets SIGTERM when this process dies, however it dies, and
 ``ray start --block`` then stops the node's processes.
 
 This module imports neither Ray nor torch: it runs before them.
