@@ -139,14 +139,11 @@ def time_sweeps(executors: tuple, args, folder: Path, address: str | None) -> in
 def running_ray(workers: int):
     """A Ray head of ``workers`` CPUs running until the block ends, as ``mmpetl sweep`` starts its own
     (``harness.ray_local``); yields its address."""
-    from harness.ray_local import LocalRay
+    from harness.ray_local import running
 
     os.environ["RAY_AUTH_MODE"] = RAY_ENV["RAY_AUTH_MODE"]  # the head's, as the sweeps joining it
-    head = LocalRay(workers)
-    try:
+    with running(workers) as head:
         yield head.address()
-    finally:
-        head.stop()
 
 
 def timed_sweep(executor: str, workers: int, folder: Path, out: Path,
