@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import sys
 from pathlib import Path
 
@@ -613,6 +614,19 @@ def _document(parser: argparse.ArgumentParser) -> None:
                     option.help = text or None
 
 
+def command() -> int:
+    """The ``mmpetl`` program (its console script and ``python -m harness.cli``): ``main``, then
+    every object it made is frozen out of the garbage collector, so the interpreter's exit does
+    not walk them in its final collections (the objects of torch, Ray and pandas: 0.6 s of every
+    command's exit on this machine, 1.0 s of a Ray sweep's). Objects left in a reference cycle
+    are then not finalised at exit; the commands close their files and stop their processes
+    themselves."""
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     global _json_stdout
     args = build_parser().parse_args(argv)
@@ -652,4 +666,4 @@ def _input_errors() -> tuple[type, ...]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -52,3 +52,23 @@ def test_json_output_has_no_nan():
     document = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
     assert document["metrics"]["corr"] is None and "NaN" in document["null_reasons"]["metrics.corr"]
     assert math.isnan(restore_nan(document)["metrics"]["corr"])
+
+
+def test_the_mmpetl_program_freezes_its_objects_before_the_interpreter_exits():
+    """The console script and ``python -m harness.cli`` run ``command``: ``main``, then every
+    object frozen out of the collector (the exit's final collections then skip them), its exit
+    code passed on."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mmpetl"]
+    assert script.value == "harness.cli:command"
+    probe = ("import gc, sys; from harness.cli import command; sys.argv = ['mmpetl'] + sys.argv[1:]; "
+             "code = command(); print(code, gc.get_freeze_count() > 1000)")
+    done = subprocess.run([sys.executable, "-c", probe, "methods"], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == "0 True", done.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", probe, "run", "--dataset", "mosi", "--method", "linear",
+                          "--params", "no-such-params.yaml"],
+                         capture_output=True, text=True)
+    assert bad.stdout.splitlines()[-1] == "2 True", bad.stderr[-2000:]
