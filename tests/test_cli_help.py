@@ -54,10 +54,10 @@ def test_json_output_has_no_nan():
     assert math.isnan(restore_nan(document)["metrics"]["corr"])
 
 
-def test_the_mmpetl_program_freezes_its_objects_before_the_interpreter_exits():
-    """The console script and ``python -m harness.cli`` run ``command``: ``main``, then every
-    object frozen out of the collector (the exit's final collections then skip them), its exit
-    code passed on."""
+def test_the_mmpetl_program_collects_in_full_rarely_and_freezes_its_objects_before_exit():
+    """The console script and ``python -m harness.cli`` run ``command``: ``main`` with full
+    collections after 100 younger ones, then every object frozen out of the collector (the exit's
+    final collections then skip them), its exit code passed on."""
     import subprocess
     import sys
     from importlib.metadata import entry_points
@@ -65,10 +65,10 @@ def test_the_mmpetl_program_freezes_its_objects_before_the_interpreter_exits():
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mmpetl"]
     assert script.value == "harness.cli:command"
     probe = ("import gc, sys; from harness.cli import command; sys.argv = ['mmpetl'] + sys.argv[1:]; "
-             "code = command(); print(code, gc.get_freeze_count() > 1000)")
+             "code = command(); print(code, gc.get_freeze_count() > 1000, gc.get_threshold()[2])")
     done = subprocess.run([sys.executable, "-c", probe, "methods"], capture_output=True, text=True)
-    assert done.stdout.splitlines()[-1] == "0 True", done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "0 True 100", done.stderr[-2000:]
     bad = subprocess.run([sys.executable, "-c", probe, "run", "--dataset", "mosi", "--method", "linear",
                           "--params", "no-such-params.yaml"],
                          capture_output=True, text=True)
-    assert bad.stdout.splitlines()[-1] == "2 True", bad.stderr[-2000:]
+    assert bad.stdout.splitlines()[-1] == "2 True 100", bad.stderr[-2000:]
