@@ -4,6 +4,9 @@ unless --json, and --json output is strict JSON."""
 import argparse
 import json
 import math
+import subprocess
+import sys
+from importlib.metadata import entry_points
 
 import pytest
 
@@ -58,10 +61,6 @@ def test_the_mmpetl_program_collects_in_full_rarely_and_freezes_its_objects_befo
     """The console script and ``python -m harness.cli`` run ``command``: ``main`` with full
     collections after 100 younger ones, then every object frozen out of the collector (the exit's
     final collections then skip them), its exit code passed on."""
-    import subprocess
-    import sys
-    from importlib.metadata import entry_points
-
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mmpetl"]
     assert script.value == "harness.cli:command"
     probe = ("import gc, sys; from harness.cli import command; sys.argv = ['mmpetl'] + sys.argv[1:]; "
