@@ -14,7 +14,9 @@ side by side in one run (A, B, A, B, ...: both see the same machine state).
                 its bare loop; Wander and the linear probe.
 3. sf_peak:     Wander SF forward + backward at paper-like sizes (3 x 50 tokens, width 768, d 64,
                 R 8, batch 32) as a fraction of the fp32 matmul peak measured here (best of a
-                2048^2 matmul); the einsum form SF had before, in the same run, for comparison.
+                2048^2 matmul); the einsum form SF had before, and SF's matmuls alone (each
+                modality's term and its backward, without the product over modalities), in the
+                same run, for comparison.
                 FLOPs are those of Eq. 13 written plainly (the einsum form's matmuls, forward and
                 backward, counted by FlopCounterMode), whatever ``fuse`` itself runs.
 4. cache:       one training step of a paper-size two-tower (ViT-B/16 + BERT-base sizes, random
@@ -272,6 +274,11 @@ def bench_sf(reps: int) -> dict:
     def two_matmuls():
         module.fuse(xs).backward(upstream)
 
+    def matmuls_alone():  # fuse()'s matmuls and their backward, without the product over modalities
+        terms = [torch.bmm(module.w_t[m].sum(0).expand(batch, -1, -1), x) @ module.w_h[m].sum(0).T.contiguous()
+                 for m, x in zip(names, xs)]
+        torch.autograd.backward(terms, [upstream] * len(terms))
+
     def einsum():  # the form SF had before (issue 16)
         terms = [torch.einsum("tl,bld,hd->bth", module.w_t[m].sum(0), x, module.w_h[m].sum(0))
                  for m, x in zip(names, xs)]
@@ -281,10 +288,11 @@ def bench_sf(reps: int) -> dict:
     with counter:  # the useful FLOPs: Eq. 13's matmuls, not what an implementation adds
         einsum()
     flops = counter.get_total_flops()
-    times = {"two_matmuls": [], "einsum": []}
+    steps = {"two_matmuls": two_matmuls, "matmuls_alone": matmuls_alone, "einsum": einsum}
+    times = {name: [] for name in steps}
     peaks = []
     for _ in range(reps + 1):
-        for name, step in (("two_matmuls", two_matmuls), ("einsum", einsum)):
+        for name, step in steps.items():
             started = time.perf_counter()
             for _ in range(3):
                 step()
