@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, project_with_inputs
 
 torch.set_num_threads(1)
 
@@ -64,3 +64,10 @@ def pytest_sessionfinish(session, exitstatus):
                                                "after", lineterm="", n=0)
                 print(f"\nthe test session changed the checkout ({what}):\n" + "\n".join(changes))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def reproduced_inputs(tmp_path_factory):
+    """The project with its data@, pretrain@ and extract@ stages reproduced
+    (``helpers.project_with_inputs``), shared by the end-to-end DVC tests."""
+    return project_with_inputs(tmp_path_factory.mktemp("project"))

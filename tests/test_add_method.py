@@ -9,15 +9,13 @@ A small study (MOSI, rows linear and lora, seed 0, 1 epoch) is reproduced and co
 """
 import csv
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import copy_project, sh
+
 RUNS = Path("results/runs")
 
 # What a user writes: one file in methods/, found by the package (no other edit).
@@ -47,16 +45,6 @@ def apply_bitfit(backbone: nn.Module, config: BitFitConfig) -> None:
 '''
 
 
-def sh(*command, cwd, check=True):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
-    return result
-
-
 def record_names(repo: Path) -> set[str]:
     return {str(p.relative_to(repo / RUNS)) for p in (repo / RUNS).glob("*/*.json")}
 
@@ -66,30 +54,15 @@ def sweep_summary(repo: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """The project's files with a 2-run study, reproduced up to the finetune stage and committed."""
-    folder = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name.startswith("results/") or not (ROOT / name).is_file():
-            continue  # start from no results
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, folder / name)
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params.update(datasets=["mosi"], seeds=[0], method="all")
-    params["grid"] = {"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4}]}
-    params["profiles"]["tiny"]["train"].update(epochs=1)
-    params["pretrain"]["profiles"]["tiny"].update(epochs=1)
-    params["search"].update(trials=2, space={"wander": {"down_dim": [4, 8]}})
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (("git", "init", "-q"), ("git", "config", "user.email", "test@example.com"),
-                    ("git", "config", "user.name", "test")):
-        sh(*command, cwd=folder)
+def repo(reproduced_inputs, tmp_path_factory):
+    """The project with a 2-run study, reproduced up to the finetune stage and committed."""
+    folder = copy_project(reproduced_inputs, tmp_path_factory.mktemp("repo"), datasets=["mosi"],
+                          seeds=[0], method="all",
+                          grid={"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4}]})
     sh("dvc", "repro", "finetune", cwd=folder)
     assert sweep_summary(folder)["computed"] == 2
     sh("git", "add", "-A", cwd=folder)
-    sh("git", "commit", "-qm", "a small study", cwd=folder)
+    sh("git", "commit", "-qm", "a 2-run study", cwd=folder)
     return folder
 
 

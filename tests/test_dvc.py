@@ -2,51 +2,22 @@
 twice (the second does nothing), `dvc exp run -S method=wander`, a queue of two experiments run
 by `dvc queue start -j 2`, `dvc exp show` and `dvc metrics diff` between two commits."""
 import json
-import os
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def sh(*command, cwd, check=True):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=ENV)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+from helpers import copy_project, sh
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """The tracked files of the project, with a small study, committed in a fresh git repo."""
-    folder = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
-    for name in tracked:
-        if name.startswith("results/"):
-            continue  # start from no results
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, folder / name)
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    params.update(datasets=["mosi"], seeds=[0, 1], method="all")
-    params["grid"] = {"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4},
-                               {"method": "adapter", "down_dim": 8}, {"method": "wander", "down_dim": 8}]}
-    params["profiles"]["tiny"]["train"].update(epochs=1)
-    params["pretrain"]["profiles"]["tiny"].update(epochs=1)
-    params["search"].update(trials=2, space={"wander": {"down_dim": [4, 8]}})
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=folder)
-    sh("git", "config", "user.email", "test@example.com", cwd=folder)
-    sh("git", "config", "user.name", "test", cwd=folder)
-    sh("git", "add", "-A", cwd=folder)
-    sh("git", "commit", "-qm", "small study", cwd=folder)
-    return folder
+def repo(reproduced_inputs, tmp_path_factory):
+    """The project with a small study, committed; its input stages already reproduced."""
+    return copy_project(reproduced_inputs, tmp_path_factory.mktemp("repo"), datasets=["mosi"],
+                        seeds=[0, 1], method="all",
+                        grid={"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4},
+                                       {"method": "adapter", "down_dim": 8},
+                                       {"method": "wander", "down_dim": 8}]})
 
 
 @pytest.mark.slow
