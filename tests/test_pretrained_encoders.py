@@ -5,6 +5,9 @@ the run key / record / feature-cache key, and bad input refused with exit 2 nami
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,13 +231,18 @@ def test_a_missing_config_json_is_refused(food_params, tmp_path):
     assert error.value.key == "profiles.tiny.two_tower.image_model"
 
 
-def test_a_hub_id_offline_and_absent_is_refused(food_params, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+def test_a_hub_id_offline_and_absent_is_refused(food_params, tmp_path):
+    """As a user runs it: huggingface_hub reads HF_HUB_OFFLINE and HF_HOME when it is imported,
+    so a process that imported it already would try the network instead (and wait for it)."""
     path = write(with_towers(food_params, text_model="no-such-org/no-such-model"), tmp_path)
-    with pytest.raises(InputError, match="HF_HUB_OFFLINE") as error:
-        plan_run(load_params(path), "food101", "linear")
-    assert error.value.key == "profiles.tiny.two_tower.text_model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--dataset", "food101",
+                           "--method", "linear", "--params", str(path), "--out", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "HF_HUB_OFFLINE" in done.stderr and "profiles.tiny.two_tower.text_model" in done.stderr
+    assert "no-such-org/no-such-model" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_mmt_text_tower_loads_through_the_same_path(models, tmp_path):
