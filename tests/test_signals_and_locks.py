@@ -24,10 +24,19 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 STOP_BOUND_S = 20  # generous: a stopped sweep exits within seconds
 
 
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn``: SIGINT at its default in the child, as in a terminal's foreground job. A
+    shell starts background jobs with SIGINT ignored and mmpetl keeps ignoring a signal it was
+    started ignoring (tested below), so a test run started in the background would otherwise pass
+    that on to the processes these tests stop with SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def python(script: str, *args, **popen) -> subprocess.Popen:
     """A Python process running ``script`` with the project importable, its stdout a pipe."""
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True, **popen)
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_terminal, **popen)
 
 
 def gone(pid: int, within_s: float) -> bool:
@@ -217,7 +226,8 @@ def sweep_command(params: Path, out: Path, workers: int = 2) -> list[str]:
 def start_sweep(params: Path, out: Path) -> subprocess.Popen:
     """A process-executor sweep in a session of its own (its process group, as a terminal job)."""
     return subprocess.Popen(sweep_command(params, out), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
 
 
 def records_in(out: Path) -> list[Path]:
