@@ -296,7 +296,7 @@ def cmd_cost(args) -> int:
 
     _use_threads(None)
 
-    report = write_cost(args.out, device=args.device)
+    report = write_cost(args.out, device=args.device, progress=True)
     _emit(report, args.json, lambda r: print(cost_markdown(r)))
     return 0
 

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 from methods import count_parameters
 from methods.wander import Wander, WanderConfig
@@ -184,12 +185,13 @@ def step_memory(module, states, device: torch.device) -> tuple[int, str]:
                              f"(torch.profiler profile_memory, {how}); not RSS")
 
 
-def table6(device: str = "cpu", **settings) -> dict:
-    """Table 6 on this machine: time, peak memory and FLOPs of one training step of each form."""
+def table6(device: str = "cpu", progress: bool = False, **settings) -> dict:
+    """Table 6 on this machine: time, peak memory and FLOPs of one training step of each form
+    (``progress``: a bar on stderr, one step per form)."""
     setting = Table6Setting(**settings)
     dev = _device(device)
     rows = []
-    for form in FORMS:
+    for form in tqdm(FORMS, desc="cost: Table 6", unit="form", disable=not progress):
         module, states = make_fusion(form, setting, dev)
         times = step_time(module, states, dev, setting.warmup, setting.repeats)
         forward, total = step_flops(module, states)
@@ -308,8 +310,8 @@ def crosscheck(sizes: tuple[dict, ...] = (
 
 
 # --- document, Markdown, files -----------------------------------------------------------------
-def cost_report(device: str = "cpu", **table6_settings) -> dict:
-    return {"table6": table6(device, **table6_settings), "sec44": sec44(),
+def cost_report(device: str = "cpu", progress: bool = False, **table6_settings) -> dict:
+    return {"table6": table6(device, progress, **table6_settings), "sec44": sec44(),
             "crosscheck": crosscheck(), "torch": torch.__version__}
 
 
@@ -388,11 +390,12 @@ def cost_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_cost(out_dir: str | Path = "results", device: str = "cpu", **table6_settings) -> dict:
+def write_cost(out_dir: str | Path = "results", device: str = "cpu", progress: bool = False,
+               **table6_settings) -> dict:
     """Compute the report and write ``out_dir/cost.json`` and ``out_dir/cost.md`` atomically."""
     from harness.records import versions, write_json_atomic, write_text_atomic
 
-    report = cost_report(device, **table6_settings)
+    report = cost_report(device, progress, **table6_settings)
     report["versions"] = versions()
     out = Path(out_dir)
     write_json_atomic(out / "cost.json", report)
