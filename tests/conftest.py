@@ -13,11 +13,11 @@ import subprocess
 import pytest
 import torch
 
-from helpers import ROOT, project_with_inputs
+from helpers import DVC_ENV, ROOT, project_with_inputs
 
 torch.set_num_threads(1)
 
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+ENV = {**os.environ, **DVC_ENV}
 BEFORE = pytest.StashKey[tuple]()
 
 

@@ -57,8 +57,8 @@ def sh(*command, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
 def project_with_inputs(folder: Path) -> Path:
     """A git + DVC copy of the project in ``folder`` without its results (the checkout's files,
     untracked ones included), one epoch of pre-training and of fine-tuning, a 2-trial search, its
-    data@, pretrain@ and extract@ stages reproduced. The end-to-end DVC tests copy it (``copy_project``) rather
-    than each reproducing these stages (about two minutes on 2 cores)."""
+    data@, pretrain@ and extract@ stages reproduced. The end-to-end DVC tests copy it
+    (``copy_project``) rather than each reproducing these stages (about two minutes on 2 cores)."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in listed:
