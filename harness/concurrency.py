@@ -6,12 +6,16 @@
   folder never compute a run twice: the second waits for the first's record and reads it.
 - Signals: within ``stop_on_signals`` SIGINT and SIGTERM raise ``Stopped`` in the main thread, so
   the sweep unwinds (``finally`` blocks remove temporary files, release locks) and exits 130 / 143.
+  Only the first stop signal raises. It can interrupt a ``finally`` that releases a lock (Python
+  handles a signal between any two bytecodes), so a stopping process releases the locks it still
+  has open once more where nothing interrupts it: at exit, or before a stopped worker exits.
 - Workers die with their parent: ``worker_init`` (a process pool's initializer) asks Linux to send
   the worker SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), SIGKILL included; where
   that is unavailable a thread polls ``os.getppid()``.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import fcntl
@@ -42,7 +46,11 @@ class Stopped(SystemExit):
         self.signal = signal.Signals(signum)
 
 
-def _raise_stopped(signum, frame):
+def _stop(signum, frame):
+    """The handler of the stop signals: the first raises ``Stopped``, later ones are ignored while
+    the process unwinds (it removes temporary files, releases locks, stops its workers)."""
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
     raise Stopped(signum)
 
 
@@ -56,13 +64,7 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame):
-        for other in STOP_SIGNALS:
-            signal.signal(other, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS
                 if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
@@ -82,7 +84,7 @@ def worker_init(parent_pid: int) -> None:
     worker gets SIGTERM when its parent dies. Linux sends the death signal when the parent THREAD
     that started the worker ends: pools are started from the main thread."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGTERM, _stop)
     if not parent_death_signal(signal.SIGTERM):
         _watch_parent(parent_pid)
     if os.getppid() != parent_pid:  # the parent died before the death signal was set
@@ -115,12 +117,20 @@ def exit_when_stopped(function: Callable, *args):
     try:
         return function(*args)
     except Stopped as stopped:
+        release_open_locks()  # ``os._exit`` runs no exit handler
         os._exit(stopped.code)
 
 
 def lock_path(out_dir: Path, record: Path) -> Path:
     """``<out_dir>/.locks/<dataset>/<record name>.lock`` for ``record`` under ``out_dir``."""
     return Path(out_dir) / LOCKS / Path(record).relative_to(out_dir).with_suffix(".lock")
+
+
+# The lock files this process has open: descriptor -> path. ``_release`` removes each entry as it
+# closes the descriptor; what a stop left here is released by ``release_open_locks``. A forked
+# child starts with none: the open file descriptions it inherits, and their flocks, are its parent's.
+_open_locks: dict[int, Path] = {}
+os.register_at_fork(after_in_child=_open_locks.clear)
 
 
 @contextlib.contextmanager
@@ -132,15 +142,8 @@ def record_lock(out_dir: Path, record: Path):
     path = lock_path(out_dir, record)
     told = False
     while True:
-        descriptor = None
+        descriptor = _open_lock_file(path)
         try:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as error:
-                raise InputError("cannot create the run's lock file", file=str(path),
-                                 expected="a writable records folder",
-                                 found=error.strerror or type(error).__name__) from None
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -152,31 +155,57 @@ def record_lock(out_dir: Path, record: Path):
             if _is_file_at(descriptor, path):
                 break
         except BaseException:  # stopped (SIGTERM) or failed while taking the lock
-            if descriptor is not None:
-                _abandon(descriptor, path)
+            _release(descriptor)
             raise
-        os.close(descriptor)
+        _release(descriptor)  # removed meanwhile by its holder: open the new one
     try:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())
         yield
     finally:
-        path.unlink(missing_ok=True)
-        os.close(descriptor)
+        _release(descriptor)
 
 
-def _abandon(descriptor: int, path: Path) -> None:
-    """Close a lock file this process opened but was stopped before it held it for a run: removed
-    when nobody holds it (this process then does, and removes it as a holder would), else left to
-    its holder."""
+def _open_lock_file(path: Path) -> int:
+    """Open (create) the lock file ``path`` and note it in ``_open_locks``, with the stop signals
+    blocked meanwhile: a stop between the two would leave a file nobody releases."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        _open_locks[descriptor] = path
+        return descriptor
+    except OSError as error:
+        raise InputError("cannot create the run's lock file", file=str(path),
+                         expected="a writable records folder",
+                         found=error.strerror or type(error).__name__) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _release(descriptor: int) -> None:
+    """Close a lock file this process opened, removing it first when this process holds it or
+    nobody does (locking it again is then immediate: ``flock`` on a descriptor that holds the lock
+    keeps it). A file another process holds (this one was waiting) is left to its holder. Called
+    again for the same descriptor, it does nothing."""
+    path = _open_locks.get(descriptor)
+    if path is None:
+        return
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if _is_file_at(descriptor, path):
-            path.unlink(missing_ok=True)
-    except OSError:  # held by another process: its holder removes it
+            os.unlink(path)
+    except OSError:  # held by another process, or already removed
         pass
-    finally:
-        os.close(descriptor)
+    del _open_locks[descriptor]
+    os.close(descriptor)
+
+
+@atexit.register
+def release_open_locks() -> None:
+    """Release every lock file this process still has open (see ``_open_locks``)."""
+    for descriptor in list(_open_locks):
+        _release(descriptor)
 
 
 def _holder(path: Path) -> str:

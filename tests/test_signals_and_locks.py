@@ -403,3 +403,68 @@ def test_a_sweep_stopped_while_waiting_leaves_the_holders_lock_file(tmp_path, mo
         assert path.is_file()
     finally:
         os.close(holder)
+
+
+INTERRUPTED_RELEASE = """
+    import signal, sys
+    from pathlib import Path
+    from harness import concurrency
+
+    out, record, where = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    real, armed = concurrency._release, [True]
+
+    def release(descriptor):  # the stop signal arrives as the lock's release begins
+        if armed[0]:
+            armed[0] = False
+            raise concurrency.Stopped(signal.SIGTERM)
+        real(descriptor)
+
+    concurrency._release = release
+
+    def compute():
+        record.parent.mkdir(exist_ok=True)
+        record.write_text("{}")
+
+    if where == "worker":  # a pool worker's run: it ends with os._exit
+        concurrency.exit_when_stopped(concurrency.compute_once, out, record, compute)
+    else:  # the sweep's own process: Stopped ends the interpreter
+        with concurrency.stop_on_signals():
+            concurrency.compute_once(out, record, compute)
+"""
+
+
+@pytest.mark.parametrize("where", ["worker", "main"])
+def test_a_stop_that_interrupts_the_locks_release_leaves_no_lock_file(tmp_path, where):
+    """A stop signal is handled between any two bytecodes, so it can arrive inside the ``finally``
+    that releases a record's lock, just after the record was written (a CI run's SIGKILLed sweep
+    left such a lock file). The stopping process releases it before it exits."""
+    record = tmp_path / "mosi" / "linear-seed0-abc.json"
+    process = python(INTERRUPTED_RELEASE, tmp_path, record, where, stderr=subprocess.PIPE)
+    _, err = process.communicate(timeout=STOP_BOUND_S)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert record.is_file()
+    assert list((tmp_path / ".locks").rglob("*.lock")) == []
+
+
+def test_releasing_a_lock_twice_is_harmless_and_spares_another_holders_file(tmp_path):
+    """``release_open_locks`` may meet a lock whose release was interrupted after the file was
+    removed, or one this process was waiting for: neither the holder's file nor a reused
+    descriptor number is touched."""
+    import fcntl
+
+    from harness import concurrency
+
+    record = tmp_path / "mosi" / "linear-seed0-abc.json"
+    path = lock_path(tmp_path, record)
+    with record_lock(tmp_path, record):
+        (descriptor,) = concurrency._open_locks
+    concurrency._release(descriptor)  # a second release: no longer noted, nothing done
+    assert concurrency._open_locks == {} and not path.exists()
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # another process's lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        concurrency._open_lock_file(path)  # opened by a waiter, then stopped
+        concurrency.release_open_locks()
+        assert concurrency._open_locks == {} and path.is_file()
+    finally:
+        os.close(holder)
