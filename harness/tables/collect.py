@@ -186,8 +186,10 @@ def collect(records_dir, params: Mapping | None = None) -> Selection:
             selection.ignored["stale vs params.yaml"] += 1
             continue
         candidates[(cell, record["seed"])].append(record)
+    current_codes = {method: _current_code_hash(method)  # once a method, not once a (cell, seed)
+                     for method in {group[0]["method"] for group in candidates.values()}}
     for (cell, seed), group in sorted(candidates.items()):
-        current_code = _current_code_hash(group[0]["method"])
+        current_code = current_codes[group[0]["method"]]
         chosen = sorted(group, key=lambda r: (r.get("code_hash") != current_code,
                                               str(r.get("key", r["_path"]))))[0]
         if len(group) > 1:
