@@ -334,7 +334,8 @@ def cmd_leaderboard(args) -> int:
     from harness.tables.leaderboard import write_leaderboards
 
     summary = write_leaderboards(args.runs, args.out, load_params(args.params),
-                                 headline_path=args.metrics, detail_path=args.detail)
+                                 headline_path=args.metrics, detail_path=args.detail,
+                                 progress=not args.json)
     _emit(summary, args.json, lambda s: print(
         "; ".join(f"{d}: {v['rows']} rows, {v['tests']} paired tests"
                   for d, v in s["leaderboards"].items()) or "no run records"))
@@ -347,7 +348,8 @@ def cmd_tables(args) -> int:
     from harness.settings import load_params
     from harness.tables.render import render_all
 
-    summary = render_all(args.runs, args.out, load_params(args.params), cost_table=args.cost)
+    summary = render_all(args.runs, args.out, load_params(args.params), cost_table=args.cost,
+                         progress=not args.json)
     _emit(summary, args.json, lambda s: print(
         f"{len(s['written'])} files written, {len(s['unchanged'])} unchanged in {args.out}"))
     return 0

@@ -107,3 +107,25 @@ def test_record_file_name_says_dataset_row_and_seed():
     assert path == Path("results/runs/mosi/wander_code_d16_rt4-seed2-0123456789ab.json")
     assert row_slug({"method": "maple", "source": "text"}) == "maple_source-text"
     assert row_slug({"method": "x", "path": "a/b c"}) == "x_path-a-b-c"
+
+
+@pytest.mark.parametrize("command, bar", [("leaderboard", "leaderboards: 100%"),
+                                          ("tables", "tables: 100%")])
+def test_the_stage_commands_show_progress_unless_asked_for_json(tmp_path, capsys, monkeypatch,
+                                                                command, bar):
+    """`mmpetl leaderboard` and `mmpetl tables` take seconds: a bar on stderr, one step per
+    dataset or table; with --json, stdout is the summary alone and stderr has no bar."""
+    from harness.cli import main
+
+    runs = tmp_path / "runs"
+    write_all(runs, skip_methods=("pmf",))
+    monkeypatch.setattr("harness.settings.load_params", lambda path: make_params())
+    out = ["--out", str(tmp_path / "out")] + (
+        ["--metrics", str(tmp_path / "m.json"), "--detail", str(tmp_path / "d.json")]
+        if command == "leaderboard" else ["--cost", str(tmp_path / "cost.md")])
+    argv = [command, "--runs", str(runs), *out]
+    assert main(argv) == 0
+    assert bar in capsys.readouterr().err
+    assert main(argv + ["--json"]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "written" in json.loads(stdout) and bar not in stderr

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tabulate import tabulate
+from tqdm import tqdm
 
 from harness import stats
 from harness.data.cards import load_card
@@ -297,9 +298,10 @@ def detail(selection: Selection) -> dict:
 
 def write_leaderboards(records_dir="results/runs", out_dir=LEADERBOARD_DIR,
                        params: Mapping | None = None, *, headline_path=HEADLINE,
-                       detail_path=DETAIL) -> dict:
+                       detail_path=DETAIL, progress: bool = False) -> dict:
     """The ``leaderboard`` stage. Returns {"written", "unchanged", "leaderboards": {dataset:
-    {"rows", "tests"}}}. Files are written only when their content changes."""
+    {"rows", "tests"}}}. Files are written only when their content changes. ``progress``: a bar
+    on stderr, one step per dataset."""
     selection = collect(records_dir, params)
     datasets = sorted({d for d, _ in selection.cells()})
     out_dir = Path(out_dir)
@@ -308,7 +310,7 @@ def write_leaderboards(records_dir="results/runs", out_dir=LEADERBOARD_DIR,
     def put(path, changed):
         (written if changed else unchanged).append(str(path))
 
-    for dataset in datasets:
+    for dataset in tqdm(datasets, desc="leaderboards", unit="dataset", disable=not progress):
         spec, chose = leaderboard_spec(dataset, selection)
         result = render.build(spec, selection, params)
         md, csv = out_dir / f"{dataset}.md", out_dir / f"{dataset}.csv"

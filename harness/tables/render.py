@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
+from tqdm import tqdm
 
 from harness import stats
 from harness.errors import InputError
@@ -655,11 +656,12 @@ def render_figure(result: SpecResult) -> bytes:
 # ------------------------------------------------------------------------------------------
 def render_all(records_dir="results/runs", out_dir="results/tables", params: Mapping | None = None,
                *, names=None,
-               cost_table: str | None = None) -> dict:
+               cost_table: str | None = None, progress: bool = False) -> dict:
     """Render every spec (or those in ``names``) from ``records_dir`` into ``out_dir``, write the
     index (results/metrics.json is the leaderboard stage's). ``params``: the loaded params.yaml
     (selects the profile and seeds, flags stale records and explains rows that did not run); without it
-    every record is used. Returns {"written": [...], "unchanged": [...], "tables": {...}}."""
+    every record is used. ``progress``: a bar on stderr, one step per table or figure. Returns
+    {"written": [...], "unchanged": [...], "tables": {...}}."""
     selection = collect(records_dir, params)
     out_dir = Path(out_dir)
     chosen = specs_module.SPECS
@@ -675,7 +677,7 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
     def put(path: Path, data: bytes):
         (written if write_bytes_if_changed(path, data) else unchanged).append(str(path))
 
-    for spec in chosen:
+    for spec in tqdm(chosen, desc="tables", unit="table", disable=not progress):
         result = build(spec, selection, params)
         figure_file = None
         if spec.kind == "figure":
