@@ -390,11 +390,12 @@ def cmd_datasets(args) -> int:
     rows = describe_datasets()
 
     def render(rows):
-        print(f"{'dataset':<10} {'task':<15} {'real data':<22} {'tiny data':<14} real data path")
+        width = max([len("dataset"), *(len(r["name"]) for r in rows)])
+        print(f"{'dataset':<{width}} {'task':<15} {'real data':<22} {'tiny data':<14} real data path")
         for r in rows:
             state = f"present ({r['format']})" if r["present"] else "absent"
             generated = "generated" if r.get("generated_present") else "not generated"
-            print(f"{r['name']:<10} {r['task']:<15} {state:<22} {generated:<14} {r['path']}")
+            print(f"{r['name']:<{width}} {r['task']:<15} {state:<22} {generated:<14} {r['path']}")
 
     _emit(rows, args.json, render)
     return 0
@@ -574,11 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Help for the options that have none, and the choices of those whose values argparse does not
 # restrict (an unknown dataset or method exits 2 with the project's own message instead)
-_DATASETS = "food101, iemocap, mosi, msrvtt (fine-tuning), mosei, howto100m (pre-training)"
+def _dataset_help() -> str:
+    from harness.data.cards import list_cards
+
+    return ("dataset: a card's name (mmpetl datasets describes them), one of: "
+            + ", ".join(list_cards()))
+
+
 _OPTION_HELP = {
     "params": "the parameters file (default: params.yaml)",
     "json": "print one strict JSON document on stdout (progress and logs go to stderr)",
-    "dataset": f"dataset, one of: {_DATASETS}",
+    "dataset": _dataset_help(),
     "method": "method (mmpetl methods lists them): wander, lora, adapter, ptuning, maple, pmf, "
               "aurora, uniadapter, full, linear",
     "variant": "paper (default) or code (the released code, where the method has it: wander, pmf, "

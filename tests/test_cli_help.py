@@ -26,6 +26,24 @@ def test_every_option_has_help_and_lists_its_choices():
                 assert str(choice) in option.help, (name, option.dest, choice)
 
 
+def test_the_dataset_and_method_help_name_every_card_and_every_built_in_method():
+    from harness.data.cards import list_cards
+    from methods import method_names, method_origin
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    listed = {o.dest: set(o.help.split(": ")[-1].split(", ")) for o in sub.choices["run"]._actions
+              if o.dest in ("dataset", "method")}
+    assert listed["dataset"] == set(list_cards())
+    assert listed["method"] == {m for m in method_names() if method_origin(m)["source"] == "built-in"}
+
+
+def test_datasets_lines_up_its_columns_for_the_longest_name(capsys):
+    assert main(["datasets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len({line.index(" regression ") for line in lines if " regression " in line}) == 1
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
