@@ -101,8 +101,9 @@ def plan_for(params: dict, method: str, seed: int):
 
 
 class BareLoop:
-    """The run's model, batches and schedule with nothing else: per epoch the training batches
-    (optimiser step, StepLR, gradient clipping) and the validation forwards; the initial and
+    """The run's model, batches and schedule with nothing else: per epoch that epoch's training
+    batches, the run's own (the same seeded order, cut before timing; the run cuts them as it
+    goes), with the optimiser step, StepLR and gradient clipping, and the validation forwards; the initial and
     final test / validation forwards as ``harness.train.fine_tune`` does. Picklable with what
     torch and the model's classes need only (the bare process of section 1 loads it)."""
 
@@ -125,10 +126,11 @@ class BareLoop:
                          "step_size": s.step_size, "gamma": s.gamma, "epochs": s.epochs,
                          "grad_clip": s.grad_clip}
         size = max(s.batch_size, 64)
-        self.train_batches = list(batches(splits["train"], s.batch_size, plan.seed))
+        train = batches(splits["train"], s.batch_size, plan.seed)  # a new order every pass, as in the run
+        self.epoch_batches = [list(train) for _ in range(s.epochs)]  # the run's steps, cut before timing
         self.valid = list(batches(splits["valid"], size))
         self.test = list(batches(splits["test"], size))
-        self.steps = len(self.train_batches) * s.epochs
+        self.steps = sum(map(len, self.epoch_batches))
 
     def __call__(self) -> float:
         from harness.optim import Adam, StepLR
@@ -141,9 +143,9 @@ class BareLoop:
         scheduler = StepLR(optimizer, s["step_size"], s["gamma"])
         started = time.perf_counter()
         self.forwards(self.test)
-        for _ in range(s["epochs"]):
+        for train_batches in self.epoch_batches:
             model.train()
-            for batch in self.train_batches:
+            for batch in train_batches:
                 loss = self.loss(model(batch).float(), batch["label"])
                 optimizer.zero_grad()
                 loss.backward()

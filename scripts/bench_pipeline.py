@@ -9,7 +9,11 @@ README's main job runs: one dvc process, its start-up paid once) and prints the 
 each stage (from dvc's "Running stage" line to the next one's, so a stage's time includes dvc's
 own bookkeeping of its outputs), then the total, then per dataset the fine-tuning runs' summed
 `wall_s` / `train_wall_s` from the records the sweep wrote (what the finetune stage's workers
-spent, before dividing by the workers). Budget for the tiny profile: 6.5 minutes (goal 5).
+spent, before dividing by the workers). Budget for the tiny profile: 6.5 minutes (goal 5). Then
+it checks that the recomputed study is the committed one (exit 1 otherwise): the pre-training
+checkpoints byte for byte, every run record under its committed name (so the same run key) with
+the same results (metrics, validation metrics, initial test metrics, per-epoch history, selected
+epoch, tunable counts; not its timings), and the tables, leaderboards and search results.
 
 --reuse: keeps everything the clone has (committed results, checkpoints and dvc.lock) and times
 one plain `dvc repro`, then checks what the README promises: the stages that ran, how many
@@ -19,7 +23,8 @@ for hash (`git diff --exit-code dvc.lock`), `git status` clean and `dvc status` 
 
 --venv: install the clone into its own virtual environment first, with the README's command
 (the lock file; install time printed, not counted), and run `dvc` / `mmpetl` from it, so the
-clone's code and the locked versions compute (otherwise the `mmpetl` on PATH does).
+clone's code and the locked versions compute (otherwise the `mmpetl` on PATH does, with the
+clone first on PYTHONPATH, so the clone's code computes).
 """
 from __future__ import annotations
 
@@ -85,7 +90,50 @@ def from_scratch(folder: Path, env: dict) -> int:
     print_run_costs(folder / "results" / "runs")
     status = run(["dvc", "status"], folder, env, check=False).stdout
     print("dvc status after the run:", status.strip() or "(empty)")
-    return 0
+    return 0 if same_as_committed(folder, env) else 1
+
+
+# What a run computed; a record's other fields are its timings and provenance
+RESULT_FIELDS = ("metrics", "valid_metrics", "initial_test", "history", "selected_epoch", "tunable")
+# The committed outputs the recomputed study must reproduce (not results/cost.*, which times this
+# machine, nor the run records, compared on RESULT_FIELDS), less where and when they were made:
+# a checkpoint's provenance file and the line of a table's header naming its records' commits
+COMMITTED_OUTPUTS = ("datasets/checkpoints", "results/tables", "results/leaderboards",
+                     "results/metrics.json", "results/metrics_detail.json", "results/search/summary.json",
+                     "results/search/trials.csv", "results/audit_grads.json", "results/audit_params.json")
+PROVENANCE_SUFFIX, COMMITS_LINE = ".provenance.json", "- git commit(s): "
+
+
+def same_as_committed(folder: Path, env: dict) -> bool:
+    """Whether the study recomputed in ``folder`` is the committed one; prints what differs."""
+    def committed_text(name: str) -> str:
+        return run(["git", "show", f"HEAD:{name}"], folder, env).stdout
+
+    def without_commits(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith(COMMITS_LINE)]
+
+    records = [name for name in run(["git", "ls-files", "results/runs"], folder, env).stdout.split()
+               if re.search(r"-seed\d+-[0-9a-f]{12}\.json$", name)]
+    missing = [name for name in records if not (folder / name).is_file()]
+    different = [name for name in records if name not in missing and any(
+        json.loads(committed_text(name)).get(field) != json.loads((folder / name).read_text()).get(field)
+        for field in RESULT_FIELDS)]
+    status = run(["git", "status", "--porcelain", "--untracked-files=all", "--", *COMMITTED_OUTPUTS],
+                 folder, env).stdout.splitlines()
+    changed = [line for line in status if not line.endswith(PROVENANCE_SUFFIX) and not (
+        line.startswith(" M ") and line.endswith(".md")
+        and without_commits(committed_text(line[3:])) == without_commits((folder / line[3:]).read_text()))]
+    print(f"recomputed against the commit: {len(records) - len(missing) - len(different)} of "
+          f"{len(records)} run records with the committed key and the same results "
+          f"({', '.join(RESULT_FIELDS)}); {len(missing)} not recomputed under that key, "
+          f"{len(different)} with other results")
+    for name in (missing + different)[:10]:
+        print(f"  {'missing' if name in missing else 'differs'}: {name}")
+    print(f"  checkpoints, tables, leaderboards, headline metrics, search, audits: "
+          f"{'the same as the commit, but for the commit they name' if not changed else 'CHANGED:'}")
+    for line in changed[:20]:
+        print(f"    {line}")
+    return not (missing or different or changed)
 
 
 def print_run_costs(runs: Path) -> None:
@@ -134,7 +182,8 @@ def main() -> int:
     args = parser.parse_args()
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mmpetl-bench-"))
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(folder)], check=True)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
     print(f"fresh clone: {folder} (HEAD {run(['git', 'rev-parse', '--short', 'HEAD'], folder, env).stdout.strip()})")
     if args.venv:
         env = make_venv(folder, env)

@@ -156,14 +156,20 @@ def test_a_checked_feature_cache_is_reused_in_process_until_its_file_changes(tmp
     assert torch.equal(rechecked.batch([0])[field], computed.batch([0])[field])
 
 
-def test_pipeline_bench_sums_each_datasets_run_costs(tmp_path, capsys):
+def pipeline_bench():
     import importlib.util
-    import json
 
     spec = importlib.util.spec_from_file_location(
         "bench_pipeline", records.PROJECT_ROOT / "scripts" / "bench_pipeline.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_pipeline_bench_sums_each_datasets_run_costs(tmp_path, capsys):
+    import json
+
+    bench = pipeline_bench()
     walls = {"mosi": [(1.5, 1.25), (2.0, 1.5)], "msrvtt": [(4.0, 2.5)]}
     for dataset, costs in walls.items():
         (tmp_path / dataset).mkdir()
@@ -177,3 +183,42 @@ def test_pipeline_bench_sums_each_datasets_run_costs(tmp_path, capsys):
     assert set(lines) == {"mosi", "msrvtt", "all"}
     assert lines["mosi"] == ["2", f"{3.5:.1f}", "s", f"{2.75:.1f}", "s"]
     assert lines["all"][:2] == ["3", f"{7.5:.1f}"]
+
+
+def test_pipeline_bench_finds_a_recomputed_study_that_is_not_the_committed_one(tmp_path, capsys):
+    """From scratch, the bench compares the recomputed study with the commit: the same run records
+    (by name, so by key) with the same results, and the same checkpoints, tables and leaderboards,
+    less where and when they were made (timings, the commit a table names, provenance files)."""
+    import json
+    import os
+    import subprocess
+
+    bench = pipeline_bench()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    record = tmp_path / "results" / "runs" / "mosi" / "wander-seed0-0123456789ab.json"
+    table = tmp_path / "results" / "tables" / "table3_mosi.md"
+    checkpoint = tmp_path / "datasets" / "checkpoints" / "mosei" / "tiny-late_fusion.pt"
+    for path in (record, table, checkpoint):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(commit: str, mae: float, wall: float, cell: str, weights: bytes) -> None:
+        record.write_text(json.dumps({"metrics": {"mae": mae}, "history": [1, 2], "wall_s": wall,
+                                      "git_commit": commit}))
+        table.write_text(f"# Table 3\n- git commit(s): {commit}\n| wander | {cell} |\n")
+        checkpoint.write_bytes(weights)
+        checkpoint.with_name(checkpoint.name + ".provenance.json").write_text(commit)
+
+    write("aaa", 1.0, 3.0, "1.00", b"w")
+    subprocess.run("git init -q && git add -A && git commit -qm study", shell=True, cwd=tmp_path,
+                   env=env, check=True)
+    write("bbb", 1.0, 4.5, "1.00", b"w")  # made again elsewhere, later: the same study
+    assert bench.same_as_committed(tmp_path, env)
+    assert "1 of 1 run records" in capsys.readouterr().out
+    for changed in ({"mae": 1.1}, {"cell": "1.10"}, {"weights": b"v"}):
+        write(**{"commit": "bbb", "mae": 1.0, "wall": 4.5, "cell": "1.00", "weights": b"w", **changed})
+        assert not bench.same_as_committed(tmp_path, env), changed
+    write("bbb", 1.0, 4.5, "1.00", b"w")
+    record.unlink()
+    assert not bench.same_as_committed(tmp_path, env)
+    assert "1 not recomputed under that key" in capsys.readouterr().out
