@@ -573,8 +573,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Help for the options that have none, and the choices of those whose values argparse does not
-# restrict (an unknown dataset or method exits 2 with the project's own message instead)
 def _dataset_help() -> str:
     from harness.data.cards import list_cards
 
@@ -582,6 +580,8 @@ def _dataset_help() -> str:
             + ", ".join(list_cards()))
 
 
+# Help for the options that have none, and the choices of those whose values argparse does not
+# restrict (an unknown dataset or method exits 2 with the project's own message instead)
 _OPTION_HELP = {
     "params": "the parameters file (default: params.yaml)",
     "json": "print one strict JSON document on stdout (progress and logs go to stderr)",
