@@ -112,12 +112,15 @@ def same_as_committed(folder: Path, env: dict) -> bool:
     def without_commits(text: str) -> list[str]:
         return [line for line in text.splitlines() if not line.startswith(COMMITS_LINE)]
 
-    records = [name for name in run(["git", "ls-files", "results/runs"], folder, env).stdout.split()
-               if re.search(r"-seed\d+-[0-9a-f]{12}\.json$", name)]
+    def results(text: str) -> list:
+        record = json.loads(text)
+        return [record.get(field) for field in RESULT_FIELDS]
+
+    # the run records' names, as the sweep finds them (harness.sweep: <dataset>/*-seed*-*.json)
+    records = run(["git", "ls-files", "--", "results/runs/*/*-seed*-*.json"], folder, env).stdout.split()
     missing = [name for name in records if not (folder / name).is_file()]
-    different = [name for name in records if name not in missing and any(
-        json.loads(committed_text(name)).get(field) != json.loads((folder / name).read_text()).get(field)
-        for field in RESULT_FIELDS)]
+    different = [name for name in records if name not in missing
+                 and results(committed_text(name)) != results((folder / name).read_text())]
     status = run(["git", "status", "--porcelain", "--untracked-files=all", "--", *COMMITTED_OUTPUTS],
                  folder, env).stdout.splitlines()
     changed = [line for line in status if not line.endswith(PROVENANCE_SUFFIX) and not (
