@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -277,9 +278,25 @@ def dumps_strict(document, **options) -> str:
 
 
 def host() -> dict:
-    """Where something was computed (provenance: kept beside artifacts, never in their bytes)."""
-    return {"platform": platform.platform(), "machine": platform.machine(),
+    """Where something was computed (provenance: kept beside artifacts, never in their bytes).
+    The CPU model and torch's vector instruction set are there because float32 kernels round
+    differently on other CPUs: the same run there agrees in its inputs, not in its last bits."""
+    torch = sys.modules.get("torch")   # only when already imported: no import for provenance
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability() if torch else None,
             "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's on Linux, else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def restore_nan(document):

@@ -235,6 +235,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
         "tunable": count_parameters(backbone),
         "wall_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if plan.train.device == "cuda" else "cpu",
+        "host": records.host(),  # not in the key: another CPU rounds differently (records.host)
         "threads": torch.get_num_threads(),  # not in the key: the thread policy's choice
         "data_format": data.format,
         "data_hash": tree_hash(plan.data["path"]),

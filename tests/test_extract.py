@@ -4,6 +4,7 @@ are atomic and the progress bar is harmless off a terminal."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 import os
 from pathlib import Path
@@ -314,32 +315,38 @@ def test_data_hash_follows_the_files_split_and_options(tmp_path):
 
 
 # --- the extract stage and a fine-tuning run agree on the caches ---------------------------------
-@pytest.mark.parametrize("dataset, sizes", [("food101", dict(n_train=30, n_test=10)),
-                                            ("mosi", dict(n_train=24, n_valid=8, n_test=8))])
-def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
+def stage_params(dataset: str, sizes: dict, folder: Path) -> dict:
+    """params.yaml with ``dataset`` generated small in ``folder`` and no pre-trained checkpoint."""
     import yaml
 
     from harness.data import generate
-    from harness.extract import extract_dataset
-    from harness.features import plan_data_hashes
-    from harness.run import prepare
-    from harness.settings import load_params, plan_run
+    from harness.settings import load_params
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "params.yaml")) as stream:
         params = yaml.safe_load(stream)
-    generate(dataset, tmp_path / "data", seed=0, **sizes)
+    generate(dataset, folder / "data", seed=0, **sizes)
     params["profile"] = "tiny"
-    params["data"]["tiny"][dataset]["path"] = str(tmp_path / "data")
+    params["data"]["tiny"][dataset]["path"] = str(folder / "data")
     params["profiles"]["tiny"]["two_tower"] = {"preset": "tiny"}
     # the Food-101 rows that fit the tiny preset's width (64): params.yaml is checked whole
     params["grid"]["food101"] = [row for row in params["grid"]["food101"]
                                  if row["method"] == "wander" or row.get("down_dim", 0) <= 64
                                  and row.get("rank", 0) <= 64]
     params["pretrain"]["use"] = {}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    params = load_params(tmp_path / "params.yaml")
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_params(folder / "params.yaml")
 
+
+@pytest.mark.parametrize("dataset, sizes", [("food101", dict(n_train=30, n_test=10)),
+                                            ("mosi", dict(n_train=24, n_valid=8, n_test=8))])
+def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
+    from harness.extract import extract_dataset
+    from harness.features import plan_data_hashes
+    from harness.run import prepare
+    from harness.settings import plan_run
+
+    params = stage_params(dataset, sizes, tmp_path)
     stale = tmp_path / "features" / dataset / "0123456789abcdef"  # another encoder's cache
     stale.mkdir(parents=True)
     (stale / "train.h5").write_bytes(b"old")
@@ -360,3 +367,36 @@ def test_extract_stage_prepares_what_a_run_reads(dataset, sizes, tmp_path):
     assert info["encoder_hash"] == stage["encoder_hash"]
     assert {s["status"] for s in info["splits"].values()} == {"reused"}
     assert {n: len(c) for n, c in cached.items()} == {n: len(s) for n, s in splits.items()}
+
+
+def test_the_extract_stage_output_does_not_depend_on_the_features_last_bits(tmp_path, monkeypatch):
+    """What DVC hashes (``<out>/<dataset>.json``) names the encoder and the data, not the fp16
+    features, whose last bits another CPU's kernels change: here, the same stage again with every
+    encoder output scaled by (1 + 2^-9), two fp16 steps, writes other cache bytes and the same
+    identity, byte for byte."""
+    import harness.features as features
+    from harness.extract import extract_dataset, identity_path
+
+    params = stage_params("mosi", dict(n_train=24, n_valid=8, n_test=8), tmp_path)
+    first = extract_dataset(params, "mosi", tmp_path / "a", progress=False)
+    encode = features._encode_with_masks
+
+    def other_rounding(backbone, batch):
+        states, masks = encode(backbone, batch)
+        return {m: s * (1 + 2 ** -9) for m, s in states.items()}, masks
+
+    monkeypatch.setattr(features, "_encode_with_masks", other_rounding)
+    extract_dataset(params, "mosi", tmp_path / "b", progress=False)
+    for split in ("train", "valid", "test"):
+        name = Path(first["folder"]).name
+        assert (tmp_path / "a/mosi" / name / f"{split}.h5").read_bytes() != \
+            (tmp_path / "b/mosi" / name / f"{split}.h5").read_bytes()
+    written = identity_path(tmp_path / "a", "mosi").read_bytes()
+    assert written == identity_path(tmp_path / "b", "mosi").read_bytes()
+    identity = json.loads(written)
+    assert identity["encoder_hash"] == first["encoder_hash"]
+    assert identity["folder"] == Path(first["folder"]).name
+    assert identity["splits"] == {name: {k: v for k, v in split.items() if k != "status"}
+                                  for name, split in first["splits"].items()}
+    assert set(identity["splits"]) == {"train", "valid", "test"}
+    assert {s["n"] for s in identity["splits"].values()} == {24, 8}
