@@ -237,6 +237,26 @@ def test_depth_backbone_file_is_a_checkpoint_of_the_study_backbone(generated, tm
     assert not (tmp_path / "long").exists() and not (tmp_path / "odd").exists()
 
 
+def test_depth_task_is_the_same_when_lapack_rounds_otherwise(generated, tmp_path, monkeypatch):
+    """The depth task's signal direction comes from an SVD, whose last bits differ between CPUs
+    (they did between the committing machine and an AMD EPYC); the data's hash is in every run
+    key, so every file written must be the same when they do: here the SVD's basis is perturbed by
+    about 2^-45 of its size, entry by entry."""
+    svd, noise = np.linalg.svd, np.random.default_rng(0)
+
+    def other_rounding(matrix, *args, **kwargs):
+        u, singular, basis = svd(matrix, *args, **kwargs)
+        return u, singular, basis * (1 + 2.0 ** -45 * noise.standard_normal(basis.shape))
+
+    monkeypatch.setattr(np.linalg, "svd", other_rounding)
+    again = Path(generate("planted_depth", tmp_path / "again", seed=0, **SIZES)["path"])
+    written = Path(generated["planted_depth"].path)
+    written = written if written.is_dir() else written.parent
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in written.iterdir())
+    for name in sorted(p.name for p in written.iterdir()):
+        assert (again / name).read_bytes() == (written / name).read_bytes(), name
+
+
 def generated_signal(dataset: str) -> dict:
     """{split: {modality: c_m per sample}}: the generator's latents, drawn again from its seed
     stream (harness.data.planted draws them first), split as the pickle is."""
