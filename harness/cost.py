@@ -42,7 +42,6 @@ Down projections (sum_m (D_m * d + d)).
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from harness.records import cpu_model
 from methods import count_parameters
 from methods.wander import Wander, WanderConfig
 
@@ -232,7 +232,7 @@ def table6(device: str = "cpu", progress: bool = False, **settings) -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 # --- (b) Sec. 4.4 ----------------------------------------------------------------------------
