@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harness.cli import main
@@ -79,11 +80,14 @@ def test_record_carries_provenance(params_file, tmp_path):
     record = execute(plan_run(load_params(params_file), "mosi", "lora", settings={"rank": 4}),
                      tmp_path, progress=False)
     for field in ("key", "row", "method_config", "train", "seed", "tunable", "wall_s", "device",
-                  "git_commit", "code_hash", "versions", "data_hash", "selected_epoch",
+                  "host", "git_commit", "code_hash", "versions", "data_hash", "selected_epoch",
                   "checkpoint_load_report"):
         assert field in record
     assert record["row"] == {"method": "lora", "rank": 4}
     assert record["method_config"]["rank"] == 4 and record["versions"]["torch"]
+    # the CPU it was computed on (another CPU rounds differently) and torch's vector instruction set
+    assert record["host"]["cpu"] and record["host"]["cpu_capability"] == \
+        torch.backends.cpu.get_cpu_capability()
 
 
 def test_run_leaves_the_study_alone_and_says_when_it_reuses(params_file, tmp_path, monkeypatch,
