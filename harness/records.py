@@ -287,8 +287,10 @@ def host() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
+@functools.cache
 def cpu_model() -> str:
-    """The CPU's model name: /proc/cpuinfo's on Linux, else what ``platform`` says."""
+    """The CPU's model name: /proc/cpuinfo's on Linux, else what ``platform`` says (read once per
+    process: every run record names it)."""
     try:
         with open("/proc/cpuinfo") as stream:
             for line in stream:

@@ -387,8 +387,8 @@ def test_the_extract_stage_output_does_not_depend_on_the_features_last_bits(tmp_
 
     monkeypatch.setattr(features, "_encode_with_masks", other_rounding)
     extract_dataset(params, "mosi", tmp_path / "b", progress=False)
+    name = Path(first["folder"]).name
     for split in ("train", "valid", "test"):
-        name = Path(first["folder"]).name
         assert (tmp_path / "a/mosi" / name / f"{split}.h5").read_bytes() != \
             (tmp_path / "b/mosi" / name / f"{split}.h5").read_bytes()
     written = identity_path(tmp_path / "a", "mosi").read_bytes()
