@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 17, for a machine with a CUDA GPU and the project installed with
-# the CUDA torch wheel (README "Run on a GPU", step 1). Two parts, a few minutes in all:
+# the CUDA torch wheel (README "Run on a GPU", step 1). Three parts, a few minutes in all:
 #
 # 1. A Food-101 paper-preset step with AMP: the paper two-tower (ViT-B/16 + BERT-base sizes,
 #    random weights: no download) with Wander, harness.train.fine_tune on random Food-101-shaped
@@ -13,11 +13,14 @@
 #    trials share one GPU), then the same grid with the sequential executor; prints the summary,
 #    each record's device and peak memory, and whether the metrics equal the sequential ones
 #    (on a GPU they may differ in the last digits: cuBLAS picks kernels per process).
+# 3. The same grid with the process executor (4 workers forked from a driver that has not
+#    initialised CUDA); prints each record's device and whether the metrics equal the sequential
+#    ones. Added after the H200 run, when no GPU was lent any more: not yet run on a GPU.
 #
 #     bash scripts/gpu_check.sh            # from the repository root; exit 1 without CUDA
 #     GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh   # a dry run of the script itself on CPU
 #
-# Its output on an H200 is quoted in docs/benchmarks.md ("GPU check").
+# The output of parts 1 and 2 on an H200 is quoted in docs/benchmarks.md ("GPU check").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0
@@ -146,4 +149,26 @@ for executor in ("ray", "sequential"):
                   f"wall {record['wall_s']:.1f} s")
 print(f"{len(found.get('ray', {}))} ray records; metrics identical to the sequential executor's: "
       f"{found.get('ray') == found.get('sequential')}")
+EOF
+
+echo "== 3. the process executor on the same grid (added after the H200 run; not yet run on a GPU)"
+started=$SECONDS
+(cd "$work" && python -m harness.cli sweep --executor process --workers 4 \
+   --params params.yaml --out runs-process --json > process.json)
+echo "process sweep: $((SECONDS - started)) s wall"
+python - "$work" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+found = {}
+for executor in ("process", "sequential"):
+    for path in sorted((folder / f"runs-{executor}" / "mosi").glob("*.json")):
+        record = json.loads(path.read_text())
+        found.setdefault(executor, {})[path.name] = record["metrics"]
+        if executor == "process":
+            print(f"  {path.name}: device {record['device']}, wall {record['wall_s']:.1f} s")
+print(f"{len(found.get('process', {}))} process records; metrics identical to the sequential "
+      f"executor's: {found.get('process') == found.get('sequential')}")
 EOF
