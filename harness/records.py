@@ -13,9 +13,9 @@ import math
 import os
 import platform
 import re
+import secrets
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -448,10 +448,15 @@ def atomic_path(path: str | Path):
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         remove_stale_temporaries(path.parent, prefix)
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}-",
-                                        suffix=".tmp")
-        os.close(handle)
-        temporary = Path(name)
+        # named before it is created (one os.open, where tempfile.mkstemp runs Python code between
+        # creating the file and returning its name): a stop signal raising at any point from here
+        # on leaves no temporary behind, the finally below removes it
+        temporary = path.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            temporary = None  # another writer's file of the same name: not ours to remove
+            raise
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())

@@ -462,6 +462,28 @@ def test_atomic_write_removes_a_killed_writers_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]
 
 
+def test_a_stop_signal_right_after_the_temporary_is_created_leaves_no_temporary(tmp_path, monkeypatch):
+    """A sweep's worker stopped by SIGTERM while it starts writing a record: the signal's handler
+    raises (``concurrency.Stopped``) at the first bytecode after the temporary file exists. Before,
+    the file was created inside tempfile.mkstemp, whose name was not yet known to the cleanup."""
+    from harness.concurrency import Stopped
+
+    real_open = os.open
+
+    def open_then_stopped(path, flags, *args, **kwargs):
+        descriptor = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_CREAT and str(path).endswith(".tmp"):
+            os.close(descriptor)
+            raise Stopped(signal.SIGTERM)
+        return descriptor
+
+    monkeypatch.setattr(os, "open", open_then_stopped)
+    with pytest.raises(Stopped):
+        records.write_json_atomic(tmp_path / "run.json", {"metrics": {}})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_data_killed_midway_is_cleaned_by_the_next_run(tmp_path):
     """A real SIGKILL during generation leaves its temporary folder; the next run removes it."""
