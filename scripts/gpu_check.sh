@@ -14,8 +14,9 @@
 #    each record's device and peak memory, and whether the metrics equal the sequential ones
 #    (on a GPU they may differ in the last digits: cuBLAS picks kernels per process).
 # 3. The same grid with the process executor (4 workers forked from a driver that has not
-#    initialised CUDA); prints each record's device and whether the metrics equal the sequential
-#    ones. Added after the H200 run, when no GPU was lent any more: not yet run on a GPU.
+#    initialised CUDA); prints each record's device, peak memory and loader, and whether the
+#    metrics equal the sequential ones. Added after the H200 run, when no GPU was lent any more:
+#    not yet run on a GPU.
 #
 #     bash scripts/gpu_check.sh            # from the repository root; exit 1 without CUDA
 #     GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh   # a dry run of the script itself on CPU
@@ -124,51 +125,39 @@ params["profiles"]["tiny"]["train"].update(device=os.environ["GPU_CHECK_DEVICE"]
 params["executor"].update(kind="ray", workers=4, gpus_per_trial=0.25, runs_per_trial=1)
 (folder / "params.yaml").write_text(yaml.safe_dump(params))
 EOF
-for executor in ray sequential; do
-  started=$SECONDS
-  (cd "$work" && python -m harness.cli sweep --executor "$executor" --workers 4 \
-     --params params.yaml --out "runs-$executor" --json > "$executor.json")
-  echo "$executor sweep: $((SECONDS - started)) s wall"
-done
-python - "$work" <<'EOF'
+sweep() {  # the grid in $work under executor $1, records into runs-$1; prints its wall time
+  local started=$SECONDS
+  (cd "$work" && python -m harness.cli sweep --executor "$1" --workers 4 \
+     --params params.yaml --out "runs-$1" --json > "$1.json")
+  echo "$1 sweep: $((SECONDS - started)) s wall"
+}
+compare() {  # executor $1's summary and records, and whether its metrics equal the sequential ones
+  python - "$work" "$1" <<'EOF'
 import json
 import sys
 from pathlib import Path
 
-folder = Path(sys.argv[1])
+folder, executor = Path(sys.argv[1]), sys.argv[2]
 mib = lambda mb: "n/a" if mb is None else f"{mb:.0f} MiB"
-print("ray summary:", json.loads((folder / "ray.json").read_text()).get("ray"))
-found = {}
-for executor in ("ray", "sequential"):
-    for path in sorted((folder / f"runs-{executor}" / "mosi").glob("*.json")):
-        record = json.loads(path.read_text())
-        found.setdefault(executor, {})[path.name] = record["metrics"]
-        if executor == "ray":
-            print(f"  {path.name}: device {record['device']}, peak GPU memory "
-                  f"{mib(record['peak_gpu_memory_mb'])}, loader {record['loader']}, "
-                  f"wall {record['wall_s']:.1f} s")
-print(f"{len(found.get('ray', {}))} ray records; metrics identical to the sequential executor's: "
-      f"{found.get('ray') == found.get('sequential')}")
+if executor == "ray":
+    print("ray summary:", json.loads((folder / "ray.json").read_text()).get("ray"))
+found = {name: {path.name: json.loads(path.read_text())
+                for path in sorted((folder / f"runs-{name}" / "mosi").glob("*.json"))}
+         for name in (executor, "sequential")}
+for name, record in found[executor].items():
+    print(f"  {name}: device {record['device']}, peak GPU memory "
+          f"{mib(record['peak_gpu_memory_mb'])}, loader {record['loader']}, "
+          f"wall {record['wall_s']:.1f} s")
+metrics = {name: {file: record["metrics"] for file, record in records.items()}
+           for name, records in found.items()}
+print(f"{len(found[executor])} {executor} records; metrics identical to the sequential executor's: "
+      f"{metrics[executor] == metrics['sequential']}")
 EOF
+}
+sweep ray
+sweep sequential
+compare ray
 
 echo "== 3. the process executor on the same grid (added after the H200 run; not yet run on a GPU)"
-started=$SECONDS
-(cd "$work" && python -m harness.cli sweep --executor process --workers 4 \
-   --params params.yaml --out runs-process --json > process.json)
-echo "process sweep: $((SECONDS - started)) s wall"
-python - "$work" <<'EOF'
-import json
-import sys
-from pathlib import Path
-
-folder = Path(sys.argv[1])
-found = {}
-for executor in ("process", "sequential"):
-    for path in sorted((folder / f"runs-{executor}" / "mosi").glob("*.json")):
-        record = json.loads(path.read_text())
-        found.setdefault(executor, {})[path.name] = record["metrics"]
-        if executor == "process":
-            print(f"  {path.name}: device {record['device']}, wall {record['wall_s']:.1f} s")
-print(f"{len(found.get('process', {}))} process records; metrics identical to the sequential "
-      f"executor's: {found.get('process') == found.get('sequential')}")
-EOF
+sweep process
+compare process
