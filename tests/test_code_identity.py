@@ -5,7 +5,6 @@ other code are set aside in <records>/.stale (listed, brought back, deleted only
 import json
 import shutil
 import sys
-import textwrap
 
 import pytest
 import yaml

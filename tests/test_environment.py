@@ -4,9 +4,7 @@ the lock, files written with the user's umask, and a params.yaml that `dvc exp r
 one line at a time."""
 import os
 import re
-import shutil
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate

@@ -1,6 +1,4 @@
 """Wander against the paper: Eq. 13 is an identity, the forms agree, the released init is dead."""
-import math
-import string
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ from tabulate import tabulate
 from harness import stats
 from harness.data import load_card
 from harness.tables.collect import Selection, row_key, seeds_text
-from harness.tables.io import csv_text, num, write_bytes_if_changed
+from harness.tables.io import csv_text, num
 
 BETTER, NOT_BETTER = "better", "not better"   # the predictions
 OUTCOMES = {stats.WANDER_BETTER: BETTER, stats.BASELINE_BETTER: "worse",
