@@ -13,11 +13,15 @@ metric, so the Pareto front is chosen without looking at test data. The test met
 record is reported beside it. Studies are named ``<dataset>-<method>-valid-<hash>``, the hash of
 what defines them (metric, space, sampler, and the run key of the first point: data, training
 settings, code, package versions), so a changed definition starts a new study.
+params.yaml's ``method`` (``dvc exp run -S method=lora``) picks which studies are asked for
+trials; the outputs report every study of the current definitions found in the journal, so a run
+for one method, or for a method without a search space, leaves the others' trials in them.
 Outputs: trials.csv (every trial: ``valid_<metric>``, ``test_<metric>``, #tunable, Pareto flag
 on validation), pareto.png (validation metric vs #tunable, with the profile banner).
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -38,6 +42,8 @@ from harness.settings import plan_run, section  # noqa: E402
 from harness.tasks.metrics import lower_is_better  # noqa: E402
 from harness.sweep import RAY_STORAGE, run_many, worker_pool  # noqa: E402
 from harness.tables.render import profile_banner  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
@@ -63,8 +69,8 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     metric = config["metric"]
     directions = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]
     chosen = params.get("method", "all")
-    spaces = {method: space for method, space in section(params, "search", "space").items()
-              if chosen in ("all", method)}
+    every_space = section(params, "search", "space")
+    spaces = {method: space for method, space in every_space.items() if chosen in ("all", method)}
     studies = {method: _open_study(params, config, storage, directions, method)
                for method in spaces}
     with worker_pool(executor, workers) as pool:
@@ -74,7 +80,16 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
                                                    spaces[method], studies[method], workers,
                                                    out_dir)
         _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool)
-    rows = [row for method in spaces
+    # ``method`` picks the studies that run; every study of the current definitions is reported,
+    # as the leaderboard ranks every row on record (`dvc exp run -S method=bias` keeps the front)
+    for method in [method for method in every_space if method not in spaces]:
+        study = _load_study(params, config, storage, method)
+        if study is None:
+            log.warning("search: no %s study under the current settings in %s: run it with "
+                        "method: all or method: %s", method, out_dir / "journal.log", method)
+        else:
+            studies[method] = study
+    rows = [row for method in every_space if method in studies
             for row in _trial_rows(params, config, method, studies[method], out_dir)]
     table = pd.DataFrame(rows)
     return _finish(table, config, metric, directions, out_dir, params["profile"])
@@ -103,19 +118,28 @@ def _plan_for(params: dict, config: dict, method: str, settings: dict):
     return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
 
 
+def _load_study(params, config, storage, method) -> optuna.Study | None:
+    """The method's study from the journal, None when it has none under the current definition.
+    (Loaded, not ``create_study(load_if_exists=True)``: that appends a create entry to the journal.)"""
+    sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
+    try:
+        return optuna.load_study(study_name=study_name_for(params, method), storage=storage,
+                                 sampler=sampler)
+    except KeyError:
+        return None
+
+
 def _open_study(params, config, storage, directions, method) -> optuna.Study:
     """The method's study, resumed from the journal or created."""
-    study_name = study_name_for(params, method)
-    sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
-    try:  # load first: create_study(load_if_exists=True) appends a create entry to the journal
-        return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
-    except KeyError:
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
+    study = _load_study(params, config, storage, method)
+    if study is None:
+        study = optuna.create_study(study_name=study_name_for(params, method), storage=storage,
+                                    sampler=SAMPLERS[config["sampler"]](seed=config["seed"]),
                                     directions=directions)
         with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([f"valid_{config['metric']}", "tunable"])
-        return study
+    return study
 
 
 def _search_with_ray(params, config, storage, directions, method, space, study, workers,
@@ -201,7 +225,10 @@ def pareto_figure(table: pd.DataFrame, metric: str, dataset: str, profile: str):
     axes.set_xlabel("#tunable (method + head)")
     axes.set_ylabel(f"validation {metric} (selected epoch)")
     axes.set_title(f"Rank search on {dataset}: validation {metric}, Pareto fronts", fontsize=10)
-    axes.legend()
+    if len(table):
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no trials yet", ha="center", va="center", transform=axes.transAxes)
     banner = profile_banner([profile])
     figure.text(0.5, 0.01, f"profile: {profile}" + (f". {banner}" if banner else ""),
                 ha="center", fontsize=7)

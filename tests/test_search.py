@@ -123,3 +123,29 @@ def test_pareto_plot_names_the_split_and_carries_the_banner():
     assert any(TINY_BANNER in t for t in texts)
     paper = pareto_figure(table, "mae", "mosi", "paper")
     assert not any(TINY_BANNER in t.get_text() for t in paper.texts)
+
+
+def test_a_method_choice_runs_its_study_and_reports_every_study(search_params, tmp_path, caplog):
+    """params.yaml ``method`` (``dvc exp run -S method=...``) picks the studies asked for trials;
+    the outputs keep reporting every study of the current definitions in the journal."""
+    params = json.loads(json.dumps(search_params))
+    params["search"].update(trials=1, batch=1)
+    everything = run_search(params, "sequential", 1, tmp_path)
+    outputs = {name: (tmp_path / name).read_bytes()
+               for name in ("trials.csv", "summary.json", "pareto.png", "journal.log")}
+    assert everything["trials"] == 2
+
+    params["method"] = "adapter"  # a method without a search space: nothing runs, nothing changes
+    assert run_search(params, "sequential", 1, tmp_path)["trials"] == 2
+    assert {name: (tmp_path / name).read_bytes() for name in outputs} == outputs
+
+    params.update(method="lora")
+    params["search"]["trials"] = 2  # only LoRA's study is asked for its second trial
+    summary = run_search(params, "sequential", 1, tmp_path)
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert summary["trials"] == 3 and table.groupby("method").size().to_dict() == {"lora": 2, "wander": 1}
+
+    fresh = tmp_path / "fresh"  # a study never run is named, not silently missing
+    with caplog.at_level("WARNING", logger="harness.search"):
+        assert run_search(params, "sequential", 1, fresh)["trials"] == 2
+    assert "no wander study under the current settings" in caplog.text
