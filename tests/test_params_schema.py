@@ -72,7 +72,7 @@ BAD_VALUES = [
     ("executor.workers", -1, "executor.workers", "greater than 0"),
     ("grid.mosi", None, "grid.mosi", "a list"),
     ("grid.mosi.1.rank", 0, "grid.mosi[1].rank", "an integer > 0"),
-    ("grid.mosi.2.down_dim", 1000, "grid.mosi[2].down_dim", "at most the smallest hidden size"),
+    ("grid.mosi.1.rank", 1000, "grid.mosi[1].rank", "at most the smallest hidden size"),
     ("seeds", [0, -1], "seeds[1]", "greater than or equal to 0"),
     ("seeds", [SEED_MAX + 1], "seeds[0]", f"less than or equal to {SEED_MAX}"),
     ("profiles.tiny.train.lr", float("nan"), "profiles.tiny.train.lr", "a finite number"),
@@ -270,3 +270,14 @@ def test_the_study_name_follows_what_defines_the_study(tmp_path):
         names[what] = study_name_for(load_params(write_params(tmp_path / what, edit)), "wander")
     assert all(other != name for other in names.values()), names
     assert len(set(names.values())) == len(names)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "paper"])
+def test_the_shipped_params_validate_under_each_profile(tmp_path, profile):
+    """Every grid row and the search space of the project's params.yaml fit the backbone of each
+    profile it ships (the paper's Adapter (d=64) rows on the width-40 paper backbone included)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profile"] = profile
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert load_params(path)["profile"] == profile
