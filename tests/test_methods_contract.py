@@ -154,11 +154,26 @@ def test_unknown_config_field_is_refused():
 
 @pytest.mark.parametrize("method, overrides, field", [
     ("lora", {"rank": 0}, "rank"), ("lora", {"dropout": -0.1}, "dropout"),
-    ("lora", {"target_roles": ("qq",)}, "target_roles"), ("adapter", {"down_dim": 33}, "down_dim"),
+    ("lora", {"target_roles": ("qq",)}, "target_roles"), ("lora", {"rank": 33}, "rank"),
+    ("adapter", {"down_dim": 0}, "down_dim"),
 ])
 def test_invalid_baseline_configs(method, overrides, field):
     with pytest.raises(ValueError, match=rf"{field} = "):
         apply_method(audit_backbone(2), method, **overrides)
+
+
+def test_adapter_wider_than_the_backbone_builds():
+    """The paper's Adapter (d=64) on a width-40 backbone: a down dimension above the width (32
+    here) is accepted, and the adapter still starts as the identity (its up projection is zero)."""
+    backbone = audit_backbone(2).eval()
+    batch = random_batch(backbone)
+    with torch.no_grad():
+        before = backbone(batch)
+        apply_method(backbone, "adapter", down_dim=33)
+        after = backbone.eval()(batch)
+    downs = [m for name, m in backbone.named_modules() if name.endswith(".down")]
+    assert downs and all(m.out_features == 33 for m in downs)
+    assert torch.equal(before, after)
 
 
 def test_methods_json_lists_every_method():
