@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from helpers import copy_project, sh
+from helpers import ROOT, copy_project, sh
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,41 @@ def test_exp_run_and_queue(repo):
                 if method and metrics:
                     methods.append(method)
     assert {"wander", "lora", "adapter"} <= set(methods), json.dumps(shown)[:3000]
+
+
+def stage_params(folder) -> dict:
+    """{stage name: {param key: value}} as DVC resolves dvc.yaml against params.yaml in ``folder``."""
+    from dvc.repo import Repo
+
+    with Repo(str(folder)) as dvc:
+        return {stage.name: {key: value for dep in stage.deps if hasattr(dep, "read_params")
+                             for key, value in dep.read_params().items()}
+                for stage in dvc.index.stages}
+
+
+def test_adding_a_dataset_leaves_the_other_stages_params_alone(tmp_path):
+    """The pre-training and feature-cache stages name the params their outputs depend on, not
+    whole sections: adding a dataset as docs/architecture.md says (its data, train, generate and
+    grid entries) must not make dvc rerun them, while its own data stage appears."""
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True)
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    before = stage_params(tmp_path)
+
+    params["datasets"].append("mosi2")
+    params["generate"]["mosi2"] = dict(params["generate"]["mosi"])
+    for profile in ("tiny", "paper"):
+        params["data"][profile]["mosi2"] = {"path": f"datasets/{profile}/mosi2"}
+    params["train"]["mosi2"] = dict(params["train"]["mosi"])
+    params["grid"]["mosi2"] = [{"method": "linear"}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    after = stage_params(tmp_path)
+
+    assert "data@mosi2" in after and "data@mosi2" not in before
+    unchanged = [name for name in before if name.startswith(("pretrain@", "extract@"))]
+    assert len(unchanged) == 9
+    assert {name: after[name] for name in unchanged} == {name: before[name] for name in unchanged}
+    assert after["finetune"] != before["finetune"]  # it computes the new dataset's runs
