@@ -17,7 +17,8 @@ params.yaml's ``method`` (``dvc exp run -S method=lora``) picks which studies ar
 trials; the outputs report every study of the current definitions found in the journal, so a run
 for one method, or for a method without a search space, leaves the others' trials in them.
 Outputs: trials.csv (every trial: ``valid_<metric>``, ``test_<metric>``, #tunable, Pareto flag
-on validation), pareto.png (validation metric vs #tunable, with the profile banner).
+on validation), pareto.png (validation metric vs #tunable, with the profile banner), summary.json
+(the Pareto front: one entry per setting, with the trials that reached it).
 """
 from __future__ import annotations
 
@@ -207,10 +208,23 @@ def _finish(table, config, metric, directions, out_dir, profile) -> dict:
     plt.close(figure)
     summary = {"dataset": config["dataset"], "metric": metric, "selected_on": "valid",
                "directions": directions, "sampler": config["sampler"], "seed": config["seed"],
-               "trials": len(table),
-               "pareto": table[table["pareto"]].to_dict("records") if len(table) else []}
+               "trials": len(table), "pareto": _front(table) if len(table) else []}
     records.write_json_atomic(out_dir / "summary.json", summary)
     return summary
+
+
+def _front(table: pd.DataFrame) -> list[dict]:
+    """The Pareto trials, one entry per distinct setting with the numbers of the trials that
+    reached it: the sampler proposes a setting again (8 trials in a space of 5 sizes), and each
+    repeat reads the same run record back."""
+    front = table[table["pareto"]]
+    setting = [column for column in front.columns if column not in ("trial", "tunable", "pareto")
+               and not column.startswith(("valid_", "test_"))]
+    entries = []
+    for _, group in front.groupby(setting, dropna=False, sort=False):
+        entry = group.iloc[0].drop("trial").to_dict()
+        entries.append({**entry, "trials": group["trial"].tolist()})
+    return entries
 
 
 def pareto_figure(table: pd.DataFrame, metric: str, dataset: str, profile: str):

@@ -58,6 +58,11 @@ def check_outputs(out, summary, trials: int) -> None:
     for method, group in table.groupby("method"):
         for row in group.itertuples():
             assert row.pareto == (not dominated(row, group)), (method, row)
+    front = {(p["method"], n) for p in summary["pareto"] for n in p["trials"]}
+    assert front == {(row.method, row.trial) for row in table.itertuples() if row.pareto}
+    settings = [tuple(None if pd.isna(p.get(f)) else p[f] for f in ("method", "down_dim", "rank"))
+                for p in summary["pareto"]]
+    assert len(settings) == len(set(settings))  # one entry per setting, with the trials that reached it
     assert (out / "pareto.png").stat().st_size > 0
     assert table["test_mae"].notna().all()  # every trial's record is found again
     storage = JournalStorage(JournalFileBackend(str(out / "journal.log")))
