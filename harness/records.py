@@ -460,7 +460,7 @@ def atomic_path(path: str | Path):
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600: follow the umask
+        os.chmod(temporary, 0o666 & ~current_umask())  # created 0600 above: follow the umask
         os.replace(temporary, path)
     except OSError as error:
         if not _about_writing(error, path, temporary):

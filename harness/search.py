@@ -84,7 +84,7 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     # ``method`` picks the studies that run; every study of the current definitions is reported,
     # as the leaderboard ranks every row on record (`dvc exp run -S method=bias` keeps the front)
     for method in [method for method in every_space if method not in spaces]:
-        study = _load_study(params, config, storage, method)
+        study = _load_study(study_name_for(params, method), storage, _sampler(config))
         if study is None:
             log.warning("search: no %s study under the current settings in %s: run it with "
                         "method: all or method: %s", method, out_dir / "journal.log", method)
@@ -119,23 +119,25 @@ def _plan_for(params: dict, config: dict, method: str, settings: dict):
     return plan_run(params, config["dataset"], method, seed=config["train_seed"], settings=settings)
 
 
-def _load_study(params, config, storage, method) -> optuna.Study | None:
-    """The method's study from the journal, None when it has none under the current definition.
-    (Loaded, not ``create_study(load_if_exists=True)``: that appends a create entry to the journal.)"""
-    sampler = SAMPLERS[config["sampler"]](seed=config["seed"])
+def _load_study(name: str, storage, sampler) -> optuna.Study | None:
+    """The study ``name`` from the journal, None when it has none. (Loaded, not
+    ``create_study(load_if_exists=True)``: that appends a create entry to the journal.)"""
     try:
-        return optuna.load_study(study_name=study_name_for(params, method), storage=storage,
-                                 sampler=sampler)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         return None
 
 
+def _sampler(config: dict) -> optuna.samplers.BaseSampler:
+    return SAMPLERS[config["sampler"]](seed=config["seed"])
+
+
 def _open_study(params, config, storage, directions, method) -> optuna.Study:
     """The method's study, resumed from the journal or created."""
-    study = _load_study(params, config, storage, method)
+    name, sampler = study_name_for(params, method), _sampler(config)
+    study = _load_study(name, storage, sampler)
     if study is None:
-        study = optuna.create_study(study_name=study_name_for(params, method), storage=storage,
-                                    sampler=SAMPLERS[config["sampler"]](seed=config["seed"]),
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                     directions=directions)
         with warnings.catch_warnings():  # set_metric_names is marked experimental since optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
