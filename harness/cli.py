@@ -59,7 +59,7 @@ def cmd_methods(args) -> int:
     def render(rows):
         for row in rows:
             origin = row["origin"]
-            where = "" if origin["source"] == "built-in" else (
+            where = "  [built-in]" if origin["source"] == "built-in" else (
                 f"  [{origin['source']}: {origin['module']}, {origin['file']}]")
             print(f"{row['name']:<11} variants: {', '.join(row['variants']):<12} {row['summary']}"
                   f"{where}")
@@ -221,7 +221,7 @@ def _ray_started_early(args):
 
     try:
         kind, cpus = _executor_choice(args, yaml.safe_load(Path(args.params).read_text()))
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not UTF-8
         return contextlib.nullcontext()
     cpus = cpus or os.cpu_count() or 1
     if (kind != "ray" or os.environ.get("RAY_ADDRESS") or importlib.util.find_spec("ray") is None
@@ -251,11 +251,22 @@ def _sweep_command(args) -> int:
     return 0
 
 
+def _require_existing(path: str, key: str, kind: str = "file") -> None:
+    """InputError unless the input ``path`` (of option ``key``) is an existing ``kind``: "file"
+    or "folder"."""
+    found = Path(path)
+    if not (found.is_dir() if kind == "folder" else found.is_file()):
+        raise InputError(f"{kind} not found", file=path, key=key, expected=f"an existing {kind}",
+                         found="missing" if not found.exists() else
+                         ("a file" if kind == "folder" else "a folder"))
+
+
 def cmd_records(args) -> int:
     """``records stale``: list the records a sweep set aside (other code or versions);
     ``records prune``: delete them."""
     from harness.sweep import prune_stale, stale_records
 
+    _require_existing(args.out, "--out", "folder")
     if args.what == "prune":
         removed = prune_stale(Path(args.out))
         _emit({"removed": removed}, args.json,
@@ -270,6 +281,9 @@ def cmd_records(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from harness.records import require_writable_folder
+
+    require_writable_folder(args.out)  # before Ray starts and any trial runs
     with _ray_started_early(args):
         return _search_command(args)
 
@@ -292,8 +306,16 @@ def _search_command(args) -> int:
 
 
 def cmd_cost(args) -> int:
-    from harness.cost import cost_markdown, write_cost
+    import torch
 
+    from harness.cost import cost_markdown, write_cost
+    from harness.records import require_writable_file
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("no CUDA device", key="--device", expected="cpu or auto (no CUDA device "
+                         "here)", found="cuda")
+    for name in ("cost.json", "cost.md"):
+        require_writable_file(Path(args.out) / name)
     _use_threads(None)
 
     report = write_cost(args.out, device=args.device, progress=True)
@@ -302,8 +324,10 @@ def cmd_cost(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from harness.checkpoints import provenance_path
     from harness.pretrain import plan_pretrain, pretrain
     from harness.params_schema import check_train
+    from harness.records import require_writable_file
     from harness.settings import load_params, parse_overrides
     from harness.train import TrainSettings
 
@@ -317,6 +341,9 @@ def cmd_pretrain(args) -> int:
         plan["seed"] = args.seed
     if args.out is not None:
         plan["out_path"] = args.out
+    key = "--out" if args.out is not None else f"pretrain.checkpoints.{args.source}"
+    for path in (plan["out_path"], provenance_path(plan["out_path"])):
+        require_writable_file(path, key)  # before training
     result = pretrain(**plan, progress=not args.json)
 
     def render(r):
@@ -330,9 +357,13 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
+    from harness.records import require_writable_file, require_writable_folder
     from harness.settings import load_params
     from harness.tables.leaderboard import write_leaderboards
 
+    require_writable_folder(args.out)  # every output, before the first is written
+    require_writable_file(args.metrics, "--metrics")
+    require_writable_file(args.detail, "--detail")
     summary = write_leaderboards(args.runs, args.out, load_params(args.params),
                                  headline_path=args.metrics, detail_path=args.detail,
                                  progress=not args.json)
@@ -345,9 +376,12 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_tables(args) -> int:
+    from harness.records import require_writable_folder
     from harness.settings import load_params
     from harness.tables.render import render_all
 
+    require_writable_folder(args.out)
+    _require_existing(args.cost, "--cost")  # index.md links to it
     summary = render_all(args.runs, args.out, load_params(args.params), cost_table=args.cost,
                          progress=not args.json)
     _emit(summary, args.json, lambda s: print(
@@ -364,9 +398,12 @@ def cmd_diff(args) -> int:
 
 def cmd_extract(args) -> int:
     """The extract@<dataset> stage: cache the frozen encoders' outputs."""
-    from harness.extract import extract_dataset
+    from harness.extract import extract_dataset, identity_path
+    from harness.records import require_writable_file, require_writable_folder
     from harness.settings import load_params
 
+    require_writable_folder(Path(args.out) / args.dataset)  # the cache, before extracting
+    require_writable_file(identity_path(args.out, args.dataset))
     params = load_params(args.params)
     _use_threads(params)
     summary = extract_dataset(params, args.dataset, Path(args.out),
@@ -402,9 +439,18 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from harness.data import check_data
+    """Check the data at --path with the loader options its runs would use: params.yaml's
+    data.<--profile>.<dataset> (a split scheme, a fold, ...) when the file is there."""
+    from harness.data import block_options, check_data
+    from harness.params_file import read_params
 
-    report = check_data(args.dataset, args.path, args.format)
+    options, source = {}, "the card's defaults (no params file)"
+    if Path(args.params).is_file() or args.params != "params.yaml":
+        block = (read_params(args.params).get("data") or {}).get(args.profile, {}).get(args.dataset) or {}
+        options = block_options(block)
+        source = f"{args.params} data.{args.profile}.{args.dataset}"
+    report = {**check_data(args.dataset, args.path, args.format, **options),
+              "loader_options": {"values": options, "from": source}}
     _emit(report, args.json, _check_summary)
     return 0
 
@@ -413,14 +459,19 @@ def _check_summary(r: dict) -> None:
     """check-data for a person: what was found, split sizes, labels, fixes and warnings."""
     print(f"{r.get('dataset')}: {'usable' if r.get('ok', True) else 'NOT usable'} "
           f"({r.get('format')} format at {r.get('path')})")
+    options = r["loader_options"]
+    print(f"  loader options: {options['values'] or 'none'} ({options['from']})")
     splits = r.get("splits") or {}
-    if isinstance(splits, dict) and splits:
-        print("  splits: " + ", ".join(f"{name} {s.get('n', '?') if isinstance(s, dict) else s}"
-                                       for name, s in splits.items()))
+    if isinstance(splits, dict) and splits:  # items per split (videos for MSR-VTT)
+        print("  splits: " + ", ".join(
+            f"{name} {s.get('n', s.get('n_videos', '?')) if isinstance(s, dict) else s}"
+            for name, s in splits.items()))
     modalities = r.get("modalities") or {}
+    present = r.get("experts") or {}  # MSR-VTT: the experts found in the files, of the card's
     if isinstance(modalities, dict) and modalities:
         print("  modalities: " + ", ".join(
-            f"{m} (dim {v.get('dim')})" if isinstance(v, dict) and "dim" in v else str(m)
+            (f"{m} (dim {v.get('dim')})" if isinstance(v, dict) and "dim" in v else str(m))
+            + (f": in {present[m].get('present')} videos" if isinstance(present.get(m), dict) else "")
             for m, v in modalities.items()))
     labels = r.get("labels")
     if isinstance(labels, dict) and labels:
@@ -436,7 +487,7 @@ def _check_summary(r: dict) -> None:
 def cmd_data(args) -> int:
     """The data@<dataset> stage: tiny generates the dataset in a real format; paper checks the
     real files and records the check report next to where the generated data would be."""
-    from harness.data import check_data, generate
+    from harness.data import block_options, check_data, generate
     from harness.params_file import read_params, section
     from harness.records import write_json_atomic
 
@@ -450,10 +501,19 @@ def cmd_data(args) -> int:
     target = Path("datasets/generated") / args.dataset
     if profile == "tiny":
         options = dict(section(params, "generate", args.dataset))
-        report = generate(args.dataset, target, seed=params.get("data_seed", 0), **options)
+        try:
+            report = generate(args.dataset, target, seed=params.get("data_seed", 0), **options)
+        except InputError as error:
+            if error.file is not None:
+                raise
+            # an argument of the generator: the params.yaml key it came from
+            key = "data_seed" if error.key == "seed" else f"generate.{args.dataset}.{error.key}"
+            raise InputError(str(error).split(" [")[0], file=params["_file"], key=key,
+                             expected=error.expected, found=error.found) from None
     else:
         location = section(params, "data", profile, args.dataset)
-        report = check_data(args.dataset, location["path"], location.get("format"))
+        report = check_data(args.dataset, location["path"], location.get("format"),
+                            **block_options(location))
         write_json_atomic(target / "check.json", report)
     _emit(report, args.json, lambda r: print(f"{args.dataset}: {profile} data ready at "
                                              f"{r.get('path', target)}"))
@@ -489,6 +549,24 @@ def _records_command(sub) -> None:
                  "versions): list them (stale) or delete them (prune)")
     p.add_argument("what", choices=["stale", "prune"])
     p.add_argument("--out", default="results/runs", help="the records folder")
+
+
+def _data_commands(sub) -> None:
+    """datasets, check-data and data."""
+    _command(sub, "datasets", cmd_datasets, "dataset cards and whether data is present")
+
+    p = _command(sub, "check-data", cmd_check_data, "validate a real dataset; exit 2 when unusable",
+                 params=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--path", required=True)
+    p.add_argument("--format")
+    p.add_argument("--profile", choices=["paper", "tiny"], default="paper",
+                   help="whose loader options to check with: params.yaml data.<profile>.<dataset> "
+                        "(default paper: the real data's)")
+
+    p = _command(sub, "data", cmd_data, "stage data@<dataset>: generate (tiny) or check (paper)",
+                 params=True)
+    p.add_argument("--dataset", required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -555,18 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_option, default=64)
     p.add_argument("--out", default="datasets/features")
 
-    _command(sub, "datasets", cmd_datasets, "dataset cards and whether data is present")
+    _data_commands(sub)
 
-    p = _command(sub, "check-data", cmd_check_data, "validate a real dataset; exit 2 when unusable")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--path", required=True)
-    p.add_argument("--format")
-
-    p = _command(sub, "data", cmd_data, "stage data@<dataset>: generate (tiny) or check (paper)",
-                 params=True)
-    p.add_argument("--dataset", required=True)
-
-    p = _command(sub, "audit", cmd_audit, "gradient-health and identity-at-init checks")
+    p = _command(sub, "audit", cmd_audit, "grads: gradient-health and identity-at-init checks; "
+                 "params: each method's parameter counts, ours beside the released code's")
     p.add_argument("what", choices=["grads", "params"])
     p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
     _document(parser)
@@ -578,6 +648,12 @@ def _dataset_help() -> str:
 
     return ("dataset: a card's name (mmpetl datasets describes them), one of: "
             + ", ".join(list_cards()))
+
+
+def _format_help() -> str:
+    from harness.data.cards import list_cards, load_card
+
+    return "; ".join(f"{name}: {', '.join(load_card(name).formats)}" for name in list_cards())
 
 
 # Help for the options that have none, and the choices of those whose values argparse does not
@@ -595,8 +671,7 @@ _OPTION_HELP = {
     "runs": "folder of run records (default: results/runs)",
     "batch_size": "items per extraction batch (default 64)",
     "path": "file or folder of the real dataset (the layouts: datasets/<name>.yaml, mmpetl datasets)",
-    "format": "force a loader format instead of auto-detecting (choices per dataset: "
-              "datasets/<name>.yaml; e.g. mult, mmsa, mmin, upmc, mmbt, cggm, mmt)",
+    "format": "force a loader format instead of auto-detecting: " + _format_help(),
     "what": "what to do",
 }
 
@@ -665,16 +740,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     try:
-        names = getattr(args, "method", None) or []
-        if names:
-            from methods import get_method
-
-            for name in [names] if isinstance(names, str) else names:
-                get_method(name)
+        _check_methods(args)
         return args.func(args)
     except _input_errors() as error:  # anything else is a bug: its traceback, exit 1
         print(f"mmpetl: error: {error}", file=sys.stderr)
         return 2
+
+
+def _check_methods(args) -> None:
+    """``--method`` (and ``--variant``): registered names, else an InputError naming the option."""
+    names = getattr(args, "method", None) or []
+    if not names:
+        return
+    from methods import get_method, method_names
+
+    for name in [names] if isinstance(names, str) else names:
+        if name not in method_names():
+            raise InputError(f"unknown method {name!r}", key="--method",
+                             expected=f"one of {method_names()}", found=repr(name))
+    variant = getattr(args, "variant", None)  # run's: of its one method
+    if variant is not None and variant not in get_method(names).variants:
+        raise InputError(f"method {names!r} has no variant {variant!r}", key="--variant",
+                         expected=f"one of {sorted(get_method(names).variants)}", found=repr(variant))
 
 
 def _input_errors() -> tuple[type, ...]:

@@ -55,7 +55,13 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict:
         raise InputError("parameters file not found (run from the project root or pass --params)",
                          file=str(path))
     try:
-        params = parse_yaml(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[:error.start].count(b"\n") + 1
+        raise InputError("not UTF-8 text", file=str(path), key=f"line {line}",
+                         expected="a UTF-8 YAML file", found=f"byte {error.object[error.start]:#04x}") from None
+    try:
+        params = parse_yaml(text)
     except yaml.YAMLError as error:
         raise InputError(f"malformed YAML: {error}", file=str(path)) from error
     if not isinstance(params, dict):

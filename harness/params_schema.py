@@ -25,7 +25,8 @@ from harness.backbones.late_fusion import LateFusionConfig
 from harness.backbones.mmt import MMTConfig
 from harness.backbones.two_tower import PRESETS, TwoTowerConfig
 from harness.data.cards import list_cards, load_card
-from harness.errors import InputError
+from harness.data.load import check_options, loader_options
+from harness.errors import InputError, refusal
 from harness.params_file import parse_yaml
 from harness.train import TrainSettings
 from methods import ConfigError, get_method, method_names
@@ -192,75 +193,11 @@ class Params(_Section):
 
 # --- errors ----------------------------------------------------------------------------------
 
-def key_path(parts) -> str:
-    """``("grid", "mosi", 3, "down_dim")`` -> ``grid.mosi[3].down_dim``."""
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-              "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
-              "model_type": "a mapping"}
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """The keys of the section at ``loc[:-1]`` under ``model`` (None where it is a free mapping)."""
-    node: Any = model
-    for part in loc[:-1]:
-        node = _unwrap(node)
-        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
-            node = node.model_fields[part].annotation
-        elif typing.get_origin(node) in (dict, list):
-            node = typing.get_args(node)[-1]
-        else:
-            return None
-    node = _unwrap(node)
-    return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else None
-
-
-def _unwrap(annotation):
-    """``X`` of ``Annotated[X, ...]`` and ``X | None``."""
-    while True:
-        if typing.get_origin(annotation) is Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
-            members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            if len(members) != 1:
-                return annotation
-            annotation = members[0]
-        else:
-            return annotation
-
-
-def _refusal(error: ValidationError, file: str, prefix: tuple = (), model=None) -> InputError:
-    """The first problem pydantic found, as an InputError (the count of the others in the
-    message)."""
-    problems = error.errors()
-    first = problems[0]
-    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-    key = key_path(prefix + tuple(first["loc"]))
-    if first["type"] == "extra_forbidden":
-        known = _known_keys(model, first["loc"])
-        return InputError(f"unknown key{more}", file=file, key=key,
-                          expected=f"one of {known}" if known else "a key this section has",
-                          found=repr(first["loc"][-1]))
-    if first["type"] == "missing":
-        return InputError(f"missing key{more}", file=file, key=key, expected="a value",
-                          found="nothing")
-    expected = TYPE_NAMES.get(first["type"]) or first["msg"].removeprefix("Input should be ")
-    if first["type"] == "too_short":
-        expected = "a non-empty list" if isinstance(first["input"], list) else "a non-empty mapping"
-    return InputError(f"bad value{more}", file=file, key=key, expected=expected,
-                      found=repr(first["input"]))
-
-
 def _validate(model: type[BaseModel], values, file: str, prefix: tuple = ()):
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        raise _refusal(error, file, prefix, model) from None
+        raise refusal(error, file, prefix, model) from None
 
 
 def _check_value(model: type[BaseModel], field: str, value, source: str, key: str) -> None:
@@ -268,7 +205,7 @@ def _check_value(model: type[BaseModel], field: str, value, source: str, key: st
     try:
         model.model_validate({field: value})
     except ValidationError as error:
-        problem = _refusal(error, source, model=model)
+        problem = refusal(error, source, model=model)
         raise InputError(str(problem).split(" [")[0], file=source, key=key,
                          expected=problem.expected, found=problem.found) from None
 
@@ -556,16 +493,20 @@ def _check_grid(params: dict, checked: Params, file: str, cards: Cards) -> None:
 
 
 def _check_data(checked: Params, file: str, cards: Cards) -> None:
-    """A ``fold`` only where the dataset has folds (a format of its card declares them)."""
+    """Each data block's other keys are options of its dataset's loader, of their types and
+    ranges (a split scheme or an expert the card names, a fold only where the card has folds)."""
     for profile, blocks in checked.data.items():
         for dataset, block in blocks.items():
             card = cards[dataset]
-            if "fold" in (block.model_extra or {}) and not any(
-                    isinstance(spec, dict) and "default_fold" in spec for spec in card.formats.values()):
-                raise InputError(f"{dataset} has no folds", file=file,
-                                 key=f"data.{profile}.{dataset}.fold",
-                                 expected="no fold (only a dataset whose card declares folds, e.g. "
-                                          "iemocap, takes one)", found=repr(block.model_extra["fold"]))
+            try:
+                check_options(card, block.model_extra or {})
+            except ValidationError as error:
+                problem = refusal(error, file, ("data", profile, dataset), loader_options(card))
+                if error.errors()[0]["type"] == "extra_forbidden":
+                    known = sorted(DataBlock.model_fields) + sorted(loader_options(card).model_fields)
+                    problem = InputError(f"unknown key for {dataset}'s loader", file=file,
+                                         key=problem.key, expected=f"one of {known}", found=problem.found)
+                raise problem from None
 
 
 def check_search(params: dict, file: str | None = None, cards: Cards | None = None) -> None:

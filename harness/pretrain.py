@@ -61,13 +61,13 @@ import torch
 
 from harness import records
 from harness.backbones import build_backbone, load_named, plan_encoders
-from harness.data import load_card, load_dataset
+from harness.data import load_block, load_card
 from harness.data._common import MANIFEST
 from harness.checkpoints import (FORMAT, FORMAT_VERSION, checkpoint_sha256, pretrain_source,
                                  provenance_path)
 from harness.errors import InputError
 from harness.records import atomic_file, canonical_hash, update_with_file
-from harness.settings import RUN_OPTIONS, checkpoint_path, section
+from harness.settings import checkpoint_path, section
 from harness.tasks.tasks import TASKS
 from harness.text import SPECIALS, PretrainedTokenizer, Tokenized, WordVocab, words
 from harness.train import TrainSettings, evaluate, run_loaders, seed_everything, train_and_select
@@ -93,9 +93,7 @@ def vocab_words(vocab: WordVocab) -> list[str]:
 def dataset_vocab(name: str, data: dict | None = None) -> list[str]:
     """The words of a text dataset as fine-tuning would see them: the generator's manifest
     vocabulary, else the training split's words (``data``: a params.yaml data block)."""
-    data = dict(data or {})
-    options = {k: v for k, v in data.items() if k not in RUN_OPTIONS}
-    loaded = load_dataset(name, data.get("path"), data.get("format"), **options)
+    loaded = load_block(name, dict(data or {}))
     if loaded.info.get("vocab"):
         return list(loaded.info["vocab"])
     field = load_card(name).text_field
@@ -168,9 +166,7 @@ def _load_source(source: str, data: dict, extra_vocab: Iterable[str] | None,
                  tokenizer: PretrainedTokenizer | None = None):
     """The loaded source, its {train, valid} splits (captions tokenised) and the vocabulary
     (``tokenizer``, the pretrained text tower's, when given: no word vocabulary then)."""
-    data = dict(data or {})
-    options = {k: v for k, v in data.items() if k not in RUN_OPTIONS}
-    loaded = load_dataset(source, data.get("path"), data.get("format"), **options)
+    loaded = load_block(source, dict(data or {}))
     splits = {name: loaded.split(name) for name in ("train", "valid")}
     field = load_card(source).text_field
     if field is None:  # no raw text to tokenise

@@ -242,9 +242,14 @@ def lock_warning(path: str | Path = None) -> str | None:
     if not differ:
         return None
     shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+    held = "/".join(COMPUTE_PACKAGES)
+    if any(line.split()[0] in COMPUTE_PACKAGES for line in differ):  # compute packages come first
+        consequence = (f"run keys hold {held} versions, so the committed study's records may not "
+                       "be reused")
+    else:
+        consequence = f"run keys hold only {held} versions, so the committed study's records are reused"
     return (f"mmpetl: warning: installed packages differ from {Path(path or LOCK_FILE).name}: "
-            f"{shown}; run keys hold torch/transformers/numpy versions, so the committed "
-            f"study's records may not be reused (python -m pip install -r requirements-lock.txt)")
+            f"{shown}; {consequence} (python -m pip install -r requirements-lock.txt)")
 
 
 def strict(document, _where: str = ""):
@@ -357,6 +362,19 @@ def read_run_record(path: str | Path) -> dict:
     if not record["metrics"]:
         raise InputError("a run record without metrics is not a done run", file=str(path),
                          key="metrics", expected=remedy, found="{}")
+    for name, value in record["metrics"].items():  # NaN is written as null with its reason
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            raise InputError("a run record's metric is not a number", file=str(path),
+                             key=f"metrics.{name}", expected=f"a finite number ({remedy})",
+                             found=repr(value))
+    # the name says which run it holds (run.record_path): a record copied, renamed or edited into
+    # another run's place would stand in for that run, or leave it missing without a word
+    named = f"{row_slug(record['row'])}-seed{record['seed']}-"
+    if path.parent.name != record["dataset"] or not path.stem.startswith(named):
+        raise InputError("a run record under another run's name", file=str(path),
+                         key="dataset, row, seed",
+                         expected=f"{record['dataset']}/{named}<key>.json for the run it holds "
+                                  f"({remedy})", found=f"{path.parent.name}/{path.name}")
     return record
 
 
@@ -430,6 +448,20 @@ def require_writable_folder(folder: str | Path, key: str = "--out") -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError("the output folder is not writable", file=str(folder), key=key,
                          expected="a writable folder", found=f"no write permission on {existing}")
+
+
+def require_writable_file(path: str | Path, key: str = "--out") -> None:
+    """InputError unless ``path`` can be written as a file (written atomically: no folder there,
+    its folder writable or creatable), checked before any work whose result would go there."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError("the output file is a folder", file=str(path), key=key,
+                         expected="a writable file", found="a folder")
+    try:
+        require_writable_folder(path.parent, key)
+    except InputError as error:
+        raise InputError("the output file's folder cannot be written", file=str(path), key=key,
+                         expected="a writable folder", found=f"{error.file}: {error.found}") from None
 
 
 @contextlib.contextmanager

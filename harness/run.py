@@ -1,6 +1,7 @@
 """Execute one planned fine-tuning run and write its record (atomically)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -12,11 +13,11 @@ from torch.utils.data import Dataset, default_collate
 from harness import records
 from harness.backbones import build_backbone, load_named
 from harness.checkpoints import adopt_vocab, load_pretrained, read_checkpoint
-from harness.data import LoadedDataset, load_card, load_dataset
+from harness.data import LoadedDataset, load_block, load_card
 from harness.errors import InputError
 from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes
 from harness.records import canonical_hash, tree_hash, write_json_atomic
-from harness.settings import RUN_OPTIONS, RunPlan, plan_from_dict
+from harness.settings import RunPlan, plan_from_dict
 from harness.tasks.tasks import TASKS
 from harness.text import PretrainedTokenizer, Tokenized, WordVocab
 from harness.train import fine_tune, seed_everything, use_threads
@@ -83,8 +84,7 @@ def text_vocab(plan: RunPlan) -> PretrainedTokenizer | None:
 def load_splits(plan: RunPlan):
     """The loaded dataset, its train/valid/test splits (raw text tokenised), and the vocabulary:
     the pretrained text tower's tokenizer where the backbone names one, else a word vocabulary."""
-    options = {k: v for k, v in plan.data.items() if k not in RUN_OPTIONS}
-    data = load_dataset(plan.dataset, plan.data["path"], plan.data.get("format"), **options)
+    data = load_block(plan.dataset, plan.data)
     splits = {name: data.split(name) for name in ("train", "valid", "test")}
     if plan.data.get("in_memory"):
         splits = {name: InMemory(split) for name, split in splits.items()}
@@ -197,6 +197,22 @@ def encoder_sources(plan: RunPlan) -> dict | None:
     return {m: {"source": e.source, "load_report": e.load_report} for m, e in loaded.items()}
 
 
+@contextlib.contextmanager
+def refuse_out_of_memory(plan: RunPlan):
+    """An allocation that fails (settings too large for this machine, e.g. a down_dim of 10^9)
+    becomes an InputError naming the run's settings instead of torch's traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "allocate" not in str(error):
+            raise  # another RuntimeError: a bug, not the settings
+        settings = {**plan.method_overrides, "batch_size": plan.train.batch_size}
+        raise InputError(f"{plan.dataset} / {plan.method}: out of memory on {plan.train.device}",
+                         key=records.row_slug(plan.row), expected="settings whose model and batches "
+                         "fit in this machine's memory", found=f"{settings} ({(str(error) or type(error).__name__).splitlines()[0][:160]})"
+                         ) from None
+
+
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
     """Run ``plan`` unless a record under its key exists (then it is read, and must be whole:
     ``read_done_record``); return the record. The records folder must be writable before anything
@@ -210,7 +226,8 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
     prepared = prepare(plan)
     data, splits, vocab, backbone = prepared.data, prepared.splits, prepared.vocab, prepared.backbone
     task_name, load_report = prepared.task_name, prepared.load_report
-    config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
+    with refuse_out_of_memory(plan):
+        config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
     model, fit_splits, features = backbone, splits, {"cached": False}
     if plan.train.feature_cache:  # encoders untouched by the method: read their cached outputs
         problems = cache_problems(backbone)
@@ -223,7 +240,8 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
                 batch_size=max(plan.train.batch_size, 64), progress=progress, checked=True)
             features = {"cached": True, **info}
     seed_everything(plan.seed)  # training draws the same numbers whether the cache was just built or not
-    result = fine_tune(model, TASKS[task_name], fit_splits, plan.train, plan.seed, progress=progress)
+    with refuse_out_of_memory(plan):
+        result = fine_tune(model, TASKS[task_name], fit_splits, plan.train, plan.seed, progress=progress)
     record = {
         "key": key,
         **plan.identity(),

@@ -22,6 +22,7 @@ on validation), pareto.png (validation metric vs #tunable, with the profile bann
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -31,12 +32,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.storages import JournalStorage  # noqa: E402
-from optuna.storages.journal import JournalFileBackend  # noqa: E402
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock  # noqa: E402
 
 from harness import records  # noqa: E402
+from harness.errors import InputError  # noqa: E402
 from harness.params_schema import check_search  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
@@ -66,7 +69,9 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(out_dir / "journal.log")))
+    journal = out_dir / "journal.log"
+    _check_journal(journal)  # here, in the driver: the trials' workers never open the journal
+    storage = JournalStorage(JournalFileBackend(str(journal)))
     metric = config["metric"]
     directions = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]
     chosen = params.get("method", "all")
@@ -94,6 +99,61 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
             for row in _trial_rows(params, config, method, studies[method], out_dir)]
     table = pd.DataFrame(rows)
     return _finish(table, config, metric, directions, out_dir, params["profile"])
+
+
+def _check_journal(path: Path) -> None:
+    """Check the journal before Optuna reads it, and repair an append cut short by a crash.
+
+    Optuna's JournalFileBackend writes one JSON object per line, each append ending with a
+    newline, and ignores a last line without one. Left there, a cut line takes Optuna's next
+    append onto its end, and the journal is damaged for good. Such a line is an operation that
+    never completed (no reader ever applied it), so it is dropped: the file is truncated to its
+    last complete line, with a warning, and the search resumes. Any other bad line is damage no
+    interrupted append leaves: an InputError naming it, and the file is left as it is."""
+    cut = _cut_tail(path)
+    if cut is None:
+        return
+    # Under Optuna's own lock (what its appends take): another search appending to this journal
+    # has finished its line once we hold it, so the tail is looked at again before truncating.
+    # (A lock left by the crashed append is broken after Optuna's 30 s grace period.)
+    lock = JournalFileSymlinkLock(str(path))  # the lock JournalFileBackend takes by default
+    lock.acquire()
+    try:
+        cut = _cut_tail(path)
+        if cut is not None:
+            number, keep = cut
+            dropped = path.stat().st_size - keep
+            os.truncate(path, keep)
+    finally:
+        lock.release()
+    if cut is not None:
+        log.warning("search: %s: line %d was cut short by an interrupted append (no newline); "
+                    "dropped its %d bytes, resuming from the line before", path, number, dropped)
+
+
+def _cut_tail(path: Path) -> tuple[int, int] | None:
+    """(line number, byte offset where it starts) of a last line without its newline, None when
+    there is none; InputError for any other line that is not one JSON object."""
+    if not path.is_file():
+        return None
+    offset = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):  # the last line only: an append cut short
+                return number, offset
+            try:
+                entry = json.loads(line.decode("utf-8"))
+            except ValueError:  # not UTF-8 (UnicodeDecodeError) or not JSON
+                entry = None
+            if not isinstance(entry, dict):
+                raise InputError(
+                    "the search journal has a damaged line: restore it (`git checkout -- "
+                    f"{path}`) or delete it to start the search over",
+                    file=str(path), key=f"line {number}",
+                    expected="one JSON object per line (Optuna's journal)",
+                    found=repr(line[:80]) + (" ..." if len(line) > 80 else ""))
+            offset += len(line)
+    return None
 
 
 def study_name_for(params: dict, method: str) -> str:
@@ -204,6 +264,7 @@ def _test_value(plan, runs_dir: Path, metric: str) -> float | None:
 
 
 def _finish(table, config, metric, directions, out_dir, profile) -> dict:
+    table = _whole_numbers(table)
     table.to_csv(out_dir / "trials.csv", index=False)
     figure = pareto_figure(table, metric, config["dataset"], profile)
     figure.savefig(out_dir / "pareto.png", dpi=120)
@@ -215,17 +276,30 @@ def _finish(table, config, metric, directions, out_dir, profile) -> dict:
     return summary
 
 
+def _setting_columns(table: pd.DataFrame) -> list[str]:
+    """The columns of the searched settings (each method's own: empty in the other methods' rows)."""
+    return [column for column in table.columns if column not in ("method", "trial", "tunable", "pareto")
+            and not column.startswith(("valid_", "test_"))]
+
+
+def _whole_numbers(table: pd.DataFrame) -> pd.DataFrame:
+    """The settings and #tunable as integers (a column empty in another method's rows would read
+    8.0), their empty cells as missing."""
+    columns = [c for c in [*_setting_columns(table), "tunable"] if c in table
+               and pd.api.types.is_float_dtype(table[c]) and (table[c].dropna() % 1 == 0).all()]
+    return table.astype({column: "Int64" for column in columns})
+
+
 def _front(table: pd.DataFrame) -> list[dict]:
     """The Pareto trials, one entry per distinct setting with the numbers of the trials that
     reached it: the sampler proposes a setting again (8 trials in a space of 5 sizes), and each
     repeat reads the same run record back."""
     front = table[table["pareto"]]
-    setting = [column for column in front.columns if column not in ("trial", "tunable", "pareto")
-               and not column.startswith(("valid_", "test_"))]
     entries = []
-    for _, group in front.groupby(setting, dropna=False, sort=False):
-        entry = group.iloc[0].drop("trial").to_dict()
-        entries.append({**entry, "trials": group["trial"].tolist()})
+    for _, group in front.groupby(["method", *_setting_columns(table)], dropna=False, sort=False):
+        entry = {name: value.item() if hasattr(value, "item") else value  # numpy -> JSON numbers
+                 for name, value in group.iloc[0].drop("trial").items() if not pd.isna(value)}
+        entries.append({**entry, "trials": [int(number) for number in group["trial"]]})
     return entries
 
 
@@ -238,6 +312,11 @@ def pareto_figure(table: pd.DataFrame, metric: str, dataset: str, profile: str):
         front = group[group["pareto"]].sort_values("tunable")
         axes.plot(front["tunable"], front[column], color=points.get_facecolor()[0], marker="o")
     axes.set_xscale("log")
+    if len(table) and table["tunable"].max() < 10 * table["tunable"].min():
+        # within one decade a log axis labels one power of ten, or none: round numbers instead
+        axes.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
+        axes.xaxis.set_minor_formatter(ticker.NullFormatter())
+    axes.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
     axes.set_xlabel("#tunable (method + head)")
     axes.set_ylabel(f"validation {metric} (selected epoch)")
     axes.set_title(f"Rank search on {dataset}: validation {metric}, Pareto fronts", fontsize=10)
@@ -245,9 +324,7 @@ def pareto_figure(table: pd.DataFrame, metric: str, dataset: str, profile: str):
         axes.legend()
     else:
         axes.text(0.5, 0.5, "no trials yet", ha="center", va="center", transform=axes.transAxes)
-    banner = profile_banner([profile])
-    figure.text(0.5, 0.01, f"profile: {profile}" + (f". {banner}" if banner else ""),
-                ha="center", fontsize=7)
+    figure.text(0.5, 0.01, profile_banner([profile]) or f"profile: {profile}", ha="center", fontsize=7)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     return figure
 

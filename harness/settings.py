@@ -14,11 +14,8 @@ from harness.errors import InputError
 from harness.params_file import PARAMS_FILE, read_params, section
 from harness.params_schema import (COMMAND_LINE, check_row, check_train, known_widths, parse_set_value,
                                    validate_params)
-from harness.train import LOADER_FIELDS, TrainSettings
+from harness.train import LOADER_FIELDS, SettingError, TrainSettings
 from methods import ConfigError, get_method, load_methods
-
-# Keys of a data block (params.yaml data.<profile>.<dataset>) that are not loader options.
-RUN_OPTIONS = ("path", "format", "max_text_len", "in_memory")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -151,8 +148,13 @@ def plan_run(params: dict, dataset: str, method: str, variant: str = "paper", se
     train = TrainSettings(**train_values)
     try:
         train.validate()
-    except ValueError as error:
-        raise InputError(str(error), file=file) from error
+    except SettingError as error:  # named where the value came from: --set, the profile, the dataset
+        source, key = next(((source, key.format(error.field)) for values, source, key in (
+            (set_train, COMMAND_LINE, "{}"), (profile_train, file, f"profiles.{profile}.train.{{}}"),
+            (dataset_train, file, f"train.{dataset}.{{}}")) if error.field in values),
+            (file, f"train.{dataset}.{error.field} (its default)"))
+        raise InputError("invalid train setting", file=source, key=key, expected=error.expected,
+                         found=repr(error.found)) from None
     data = dict(section(params, "data", profile, dataset))
     if "path" not in data:
         raise InputError("missing key", file=file, key=f"data.{profile}.{dataset}.path",

@@ -57,6 +57,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+class SettingError(ValueError):
+    """A train setting out of its range: which one, what it should be and what it is."""
+
+    def __init__(self, field: str, expected: str, found):
+        super().__init__(f"train setting {field} = {found!r} is invalid: expected {expected}")
+        self.field, self.expected, self.found = field, expected, found
+
+
 @dataclass
 class TrainSettings:
     optimizer: str = "adam"      # adam | adamw
@@ -88,10 +96,9 @@ class TrainSettings:
         ]
         for ok, field, rule in checks:
             if not ok:
-                raise ValueError(f"train setting {field} = {getattr(self, field)!r} is invalid: "
-                                 f"expected {rule}")
+                raise SettingError(field, rule, getattr(self, field))
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("train setting device = 'cuda' but no CUDA device is available")
+            raise SettingError("device", "'cpu' (no CUDA device is available here)", self.device)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

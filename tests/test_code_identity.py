@@ -123,7 +123,7 @@ def test_records_of_other_code_are_set_aside_listed_restored_and_pruned_on_reque
     (record_path,) = (out / "mosi").glob("*.json")
     old = json.loads(record_path.read_text())
     old.update(code_hash="0" * 64, key="0" * 64)  # a record of other code
-    other = out / "mosi" / "linear-paper-seed0-000000000000.json"
+    other = out / "mosi" / "linear-seed0-000000000000.json"  # run.record_path's name, other key
     other.write_text(json.dumps(old))
 
     second = sweep(one_run, out_dir=out)

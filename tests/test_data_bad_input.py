@@ -120,6 +120,27 @@ def test_empty_split(tmp_path):
     expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path), "mosi_data.pkl", "'valid'")
 
 
+def test_padded_lengths_differ_between_splits(tmp_path):
+    """Aligned data padded to 6 steps in train but 4 in test: one backbone cannot take both
+    (check-data said usable; a Wander run then failed in a matmul)."""
+    def m(d):
+        for key in ("text", "audio", "vision"):
+            d["test"][key] = d["test"][key][:, :4]
+    mult(tmp_path, mutate=m)
+    e = expect_error(tmp_path, lambda: check_data("mosi", tmp_path), "mosi_data.pkl", "'test.")
+    assert "padded lengths differ between splits" in str(e) and "as in train" in str(e)
+
+
+def test_constant_labels_are_usable_with_a_warning(tmp_path):
+    """Every test label the same: a run's correlation and binary accuracy would be NaN."""
+    def m(d):
+        d["test"]["labels"][:] = 1.0
+    mult(tmp_path, mutate=m)
+    warnings = check_data("mosi", tmp_path)["warnings"]
+    assert [w for w in warnings if w.startswith("test: every label is 1.0")], warnings
+    assert not [w for w in warnings if w.startswith(("train:", "valid:"))], warnings
+
+
 def test_sample_counts_differ(tmp_path):
     def m(d):
         d["train"]["labels"] = d["train"]["labels"][:4]
@@ -188,7 +209,24 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_loader_option(tmp_path):
     mult(tmp_path)
     expect_error(tmp_path, lambda: load_dataset("mosi", tmp_path, image_size=3), "mosi.yaml",
-                 "'options'")
+                 "'image_size'")
+
+
+@pytest.mark.parametrize("dataset,options,key", [
+    ("msrvtt", {"max_tokens": 0}, "max_tokens"),         # was silently the card's 30
+    ("msrvtt", {"max_tokens": 2.7}, "max_tokens"),       # was silently 2
+    ("msrvtt", {"split_scheme": "bogus"}, "split_scheme"),
+    ("msrvtt", {"experts": ["s3d", "nope"]}, "experts"),
+    ("msrvtt", {"captions": {"train": "bogus"}}, "captions"),
+    ("food101", {"image_size": -3}, "image_size"),       # was PIL's ValueError
+    ("food101", {"valid_fraction": 1.5}, "valid_fraction"),
+    ("food101", {"check_images_exist": "maybe"}, "check_images_exist"),  # was accepted
+    ("iemocap", {"max_len": {"text": 0}}, "max_len.text"),
+])
+def test_bad_loader_option_values_are_refused_before_reading(tmp_path, dataset, options, key):
+    """Each family's ``Options``: checked before any file is read (the folder is empty)."""
+    expect_error(tmp_path, lambda: load_dataset(dataset, tmp_path, **options), f"{dataset}.yaml",
+                 f"'{key}'")
 
 
 def test_mmin_name_missing_from_features(tmp_path):
@@ -234,6 +272,16 @@ def test_food_unreadable_image(tmp_path):
     ld = load_dataset("food101", tmp_path)             # lazy: loading does not open images
     expect_error(tmp_path, lambda: ld.splits["train"][1], "b_0.jpg", "id b_0")
     expect_error(tmp_path, lambda: check_data("food101", tmp_path), "b_0.jpg", "id b_0")
+
+
+def test_food_image_too_large_to_open(tmp_path, monkeypatch):
+    """More pixels than PIL opens (a decompression bomb): refused like an unreadable image. The
+    limit is lowered so that the 4 x 4 test images exceed it (twice the limit raises)."""
+    from PIL import Image
+    _raw_food(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 7)
+    e = expect_error(tmp_path, lambda: check_data("food101", tmp_path), ".jpg", "id ")
+    assert "DecompressionBombError" in str(e)
 
 
 def test_food_missing_image(tmp_path):
@@ -405,9 +453,11 @@ def test_card_missing_field_and_bad_yaml(tmp_path, card_dir):
     ({"audio": -1}, "audio"),
 ])
 def test_generate_bad_arguments_write_nothing(tmp_path, kwargs, key):
+    """The argument is named (``mmpetl data`` names the file: params.yaml's generate.<dataset>)."""
     out = tmp_path / "deep" / "out"
-    expect_error(tmp_path, lambda: generate("mosi", out, **kwargs), "harness.data.generate",
-                 f"'{key}'")
+    with pytest.raises(InputError) as error:
+        generate("mosi", out, **kwargs)
+    assert error.value.key == key and error.value.expected is not None, str(error.value)
     assert not (tmp_path / "deep").exists()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from harness.records import row_slug
 from harness.settings import load_params, seeds_for
 from harness.sweep import grid_plans
 from harness.tables.collect import collect
@@ -51,7 +52,7 @@ def write_planted_record(root: Path, dataset: str, row: dict, seed: int) -> Path
               "variant": row.get("variant", "paper"), "seed": seed, "row": row, "profile": "tiny",
               "metrics": {"corr": corr}, "valid_metrics": {"corr": corr},
               "tunable": {"method": 0, "head": 500}, "data_hash": f"hash-{dataset}"}
-    path = root / dataset / f"{row['method']}-seed{seed}-{record['key']}.json"
+    path = root / dataset / f"{row_slug(row)}-seed{seed}-{record['key']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, sort_keys=True))
     return path

@@ -70,6 +70,9 @@ def test_warning_names_the_packages_that_differ(tmp_path):
                                              "no-such-package missing (lock 1.0)"]
     warning = records.lock_warning(lock)
     assert "\n" not in warning and "numpy" in warning and "no-such-package" in warning
+    assert "records may not be reused" in warning  # numpy's version is in every run key
+    lock.write_text("no-such-package==1.0\n")  # none of the run key's packages: no consequence
+    assert "records are reused" in records.lock_warning(lock)
     assert records.lock_warning(tmp_path / "absent.txt") is None
 
 

@@ -206,7 +206,20 @@ DAMAGE = {
     "a dangling link": lambda p: (p.unlink(), p.symlink_to(p.parent / "gone.json")),
     "another run's record": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
                                                                "key": "0" * 64})),
+    # edited by hand: a metric that is not a number was left out of the tables (n - 1 seeds); a
+    # seed or row changed made its run look missing, and neither sweep nor tables said a word
+    "a metric not a number": lambda p: p.write_text(json.dumps(_edited_metric(p, "abc"))),
+    "an infinite metric": lambda p: p.write_text(json.dumps(_edited_metric(p, float("inf")))),
+    "another seed inside": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "seed": 7})),
+    "another row inside": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                             "row": {"method": "lora", "rank": 2}})),
 }
+
+
+def _edited_metric(path: Path, value) -> dict:
+    record = json.loads(path.read_text())
+    name = sorted(record["metrics"])[0]
+    return {**record, "metrics": {**record["metrics"], name: value}}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -223,7 +236,8 @@ def test_damaged_record_stops_the_sweep_naming_it(damage, study, tmp_path, capsy
     assert snapshot(runs) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no metrics", "a folder"])
+@pytest.mark.parametrize("damage", ["truncated", "no metrics", "a folder", "a metric not a number",
+                                    "another seed inside"])
 def test_damaged_record_stops_tables_and_run(damage, study, tmp_path, capsys, no_compute):
     params, runs = study
     runs = copy_of(runs, tmp_path)

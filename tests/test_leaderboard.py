@@ -120,6 +120,7 @@ def test_the_stage_commands_show_progress_unless_asked_for_json(tmp_path, capsys
     runs = tmp_path / "runs"
     write_all(runs, skip_methods=("pmf",))
     monkeypatch.setattr("harness.settings.load_params", lambda path: make_params())
+    (tmp_path / "cost.md").write_text("# Table 6\n")  # tables --cost: an existing file
     out = ["--out", str(tmp_path / "out")] + (
         ["--metrics", str(tmp_path / "m.json"), "--detail", str(tmp_path / "d.json")]
         if command == "leaderboard" else ["--cost", str(tmp_path / "cost.md")])

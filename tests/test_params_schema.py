@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harness.cli import main
@@ -87,6 +88,23 @@ BAD_VALUES = [
     ("profiles.tiny.late_fusion.widht", 64, "profiles.tiny.late_fusion.widht", "one of"),
     ("profiles.tiny.two_tower.image_hidden", "big", "profiles.tiny.two_tower.image_hidden",
      "an integer"),
+    # a union: one key, each way to be right (not the members' tags, threads.literal['auto'])
+    ("threads", 0, "threads", "'auto' or greater than 0"),
+    # loader options, each family's ``Options``: before any run (they failed late, or not at all)
+    ("data.tiny.food101.image_size", -3, "data.tiny.food101.image_size", "greater than 0"),
+    ("data.tiny.food101.check_images_exist", "maybe", "data.tiny.food101.check_images_exist",
+     "true or false"),
+    ("data.tiny.food101.valid_fraction", 1.5, "data.tiny.food101.valid_fraction", "less than 1"),
+    ("data.tiny.food101.imgae_size", 32, "data.tiny.food101.imgae_size", "one of ['format'"),
+    ("data.tiny.msrvtt.max_tokens", 0, "data.tiny.msrvtt.max_tokens", "greater than 0"),
+    ("data.tiny.msrvtt.max_tokens", 2.7, "data.tiny.msrvtt.max_tokens", "an integer"),
+    ("data.tiny.msrvtt.split_scheme", "bogus", "data.tiny.msrvtt.split_scheme",
+     "one of the card's split schemes ['full', 'jsfusion', 'miech']"),
+    ("data.tiny.msrvtt.experts", ["s3d", "nope"], "data.tiny.msrvtt.experts", "experts among"),
+    ("data.tiny.msrvtt.captions", {"train": "bogus"}, "data.tiny.msrvtt.captions",
+     "'first', 'random' or 'all'"),
+    ("data.tiny.iemocap.max_len", {"txt": 3}, "data.tiny.iemocap.max_len.txt",
+     "'text', 'audio' or 'vision'"),
 ]
 
 
@@ -119,6 +137,16 @@ def test_a_key_given_twice_exits_2_naming_both_lines(capsys, tmp_path):
             "found the key 'seeds' twice (first on line")
 
 
+def test_a_params_file_that_is_not_utf8_exits_2_naming_the_line(capsys, tmp_path):
+    params = write_params(tmp_path)
+    lines = params.read_text().count("\n")
+    params.write_bytes(params.read_bytes() + b"bad: \xff\n")
+    out = tmp_path / "runs"
+    for command in (["run", "--dataset", "mosi", "--method", "lora"], ["sweep"]):
+        refused(capsys, [*command, "--params", str(params), "--out", str(out)], out, f"file {params}",
+                f"key 'line {lines + 1}'", "not UTF-8", "byte 0xff")
+
+
 # --- the command line: its values and where they came from ----------------------------------
 
 COMMAND_LINE_CASES = [
@@ -130,13 +158,15 @@ COMMAND_LINE_CASES = [
     (["--set", "rank=0"], [COMMAND_LINE, "key 'rank'", "an integer > 0"]),
     (["--set", "rank=1000"], [COMMAND_LINE, "key 'rank'", "at most the smallest hidden size"]),
     (["--set", "target_roles=qv"], [COMMAND_LINE, "key 'target_roles'", "a list"]),
+    pytest.param(["--set", "device=cuda"], [COMMAND_LINE, "key 'device'", "no CUDA device"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     (["--seed", "-1"], ["--seed", "expected an integer in [0, "]),
     (["--seed", str(SEED_MAX + 1)], ["--seed", f"[0, {SEED_MAX}]"]),
 ]
 
 
 @pytest.mark.parametrize("extra, named", COMMAND_LINE_CASES,
-                         ids=[" ".join(case[0]) for case in COMMAND_LINE_CASES])
+                         ids=[" ".join(getattr(case, "values", case)[0]) for case in COMMAND_LINE_CASES])
 def test_a_bad_command_line_value_exits_2_naming_the_command_line(capsys, tmp_path, extra, named):
     params = write_params(tmp_path)
     out = tmp_path / "runs"
@@ -212,6 +242,27 @@ def test_a_row_checked_by_plan_run_too(tmp_path):
     params = load_params(write_params(tmp_path))
     with pytest.raises(InputError, match="down_dim"):
         plan_run(params, "mosi", "adapter", settings={"down_dim": "abc"})
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 256000000000 bytes"),  # torch's, for an adapter of d = 10^9
+    MemoryError()])
+def test_settings_too_large_for_memory_exit_2_naming_them(capsys, tmp_path, monkeypatch, failure):
+    """The allocation fails when the method is attached (simulated: a real one would need settings
+    no machine's memory holds, and a machine that overcommits memory would swap, not fail)."""
+    import harness.run
+
+    def attach(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(harness.run, "apply_method", attach)
+    params, out = write_params(tmp_path), tmp_path / "runs"
+    assert exit_code(["run", "--params", str(params), "--dataset", "mosi", "--method", "adapter",
+                      "--set", "down_dim=1000000000", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    for text in ("out of memory on cpu", "'down_dim': 1000000000", "fit in this machine's memory"):
+        assert text in message, (text, message)
+    assert not [path for path in out.rglob("*") if path.is_file()]  # no record (the lock's folder stays)
 
 
 # --- the ray executor without Ray ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from harness.errors import InputError
 from harness.search import pareto_figure, run_search
 from harness.settings import load_params
 from harness.tables.render import TINY_BANNER
@@ -154,3 +155,64 @@ def test_a_method_choice_runs_its_study_and_reports_every_study(search_params, t
     with caplog.at_level("WARNING", logger="harness.search"):
         assert run_search(params, "sequential", 1, fresh)["trials"] == 2
     assert "no wander study under the current settings" in caplog.text
+
+
+def test_a_journal_cut_by_a_crash_mid_append_resumes(search_params, tmp_path, caplog):
+    """A search killed while appending leaves the journal's last line without its newline: that
+    line is dropped (a warning names the file, the line, the bytes), and the search resumes
+    instead of Optuna appending onto the cut line and damaging the journal for good."""
+    params = json.loads(json.dumps(search_params))
+    params["search"].update(trials=2, batch=1)
+    run_search(params, "sequential", 1, tmp_path)
+    journal = tmp_path / "journal.log"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[:-40])  # as a process killed mid-append leaves it
+    kept = whole[:whole.rstrip(b"\n").rfind(b"\n") + 1]  # up to the end of the last whole line
+    lines = whole.count(b"\n")
+
+    def complete() -> dict:
+        storage = JournalStorage(JournalFileBackend(str(journal)))  # reads only
+        return {(name, t.number): (t.params, t.values)
+                for name in optuna.get_all_study_names(storage)
+                for t in optuna.load_study(study_name=name, storage=storage).get_trials(
+                    states=[optuna.trial.TrialState.COMPLETE])}
+
+    earlier = complete()
+    with caplog.at_level("WARNING", logger="harness.search"):
+        summary = run_search(params, "sequential", 1, tmp_path)
+    assert f"{journal}: line {lines} was cut short" in caplog.text
+    assert f"dropped its {len(whole) - 40 - len(kept)} bytes" in caplog.text
+    after = journal.read_bytes()
+    assert after.startswith(kept) and after.endswith(b"\n")  # nothing committed is lost
+    assert all(isinstance(json.loads(line), dict) for line in after.splitlines())
+    now = complete()
+    assert earlier.items() <= now.items() and len(earlier) == 3  # the earlier trials, kept
+    assert summary["trials"] == len(now) == 4  # 2 per method: the cut trial run again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="harness.search"):
+        run_search(params, "sequential", 1, tmp_path)  # resumed again: nothing to repair or add
+    assert journal.read_bytes() == after and "cut short" not in caplog.text
+
+
+@pytest.mark.parametrize("bad", [b'{"op_code": 4, "worker_id": "a\n', b"[1, 2]\n",
+                                 b'{"op_code": 4, "\xff": 1}\n'],
+                         ids=["not-json", "not-an-object", "not-utf8"])
+@pytest.mark.parametrize("where", [1, -1], ids=["middle", "last"])
+def test_a_damaged_journal_line_is_an_input_error(search_params, tmp_path, bad, where):
+    """A bad line a crash cannot leave (inside the journal, or whole with its newline) names the
+    file and the line, and nothing is changed or written."""
+    journal = tmp_path / "journal.log"
+    study = optuna.create_study(study_name="other", storage=JournalStorage(
+        JournalFileBackend(str(journal))))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines.insert(where if where >= 0 else len(lines), bad)
+    journal.write_bytes(b"".join(lines))
+    damaged = journal.read_bytes()
+    number = lines.index(bad) + 1
+    with pytest.raises(InputError) as error:
+        run_search(search_params, "sequential", 1, tmp_path)
+    assert error.value.file == str(journal) and error.value.key == f"line {number}"
+    assert f"'line {number}'" in str(error.value) and "git checkout" in str(error.value)
+    assert journal.read_bytes() == damaged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]  # no partial results

@@ -12,6 +12,7 @@ import yaml
 from scipy import stats as sps
 
 from harness.errors import InputError
+from harness.records import row_slug
 from harness.tables import specs
 from harness.tables.collect import collect, row_key
 from harness.tables.diff import diff_tables
@@ -73,7 +74,7 @@ def write_record(root: Path, dataset: str, row: dict, seed: int, profile="tiny",
         "tunable": {"method": 1000 * (1 + len(row)), "head": 500},
         "data_hash": f"hash-{dataset}", "git_commit": "abc1234", **extra,
     }
-    path = root / dataset / f"{row['method']}-{seed}-{record['key']}.json"
+    path = root / dataset / f"{row_slug(row)}-seed{seed}-{record['key']}.json"  # as run.record_path names it
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, sort_keys=True))
     return path

@@ -10,12 +10,15 @@ describe_datasets() -> list[dict]
     One row per card: name, title, task, modalities, path, present (bool), format (detected
     or None), generated_path, generated_present. For `mmpetl datasets [--json]`.
 load_dataset(name, path=None, format=None, **options) -> LoadedDataset
+load_block(name, block) -> LoadedDataset
+    The same, from a params.yaml data block (path, format and the loader options among its keys).
     Reads `path` (default: the card's `path:`); the format is detected unless `format=`
     forces one (forcing a wrong one raises InputError). Options:
       mosi / mosei / iemocap: fold=1, max_len={modality: n}, feature_types={modality: name}
                               (the last three for IEMOCAP mmin)
-      food101: image_size=None (resize to a square), transform=None (callable on a PIL
-               image), valid_fraction=0.0 (carve a stratified valid split from train)
+      food101: image_size=None (resize to a square), valid_fraction=0.0 (carve a stratified
+               valid split from train), check_images_exist=True
+    (each family's ``Options``: the types and ranges, checked before any data is read)
       msrvtt / howto100m: split_scheme (jsfusion | miech | full; howto100m: default),
                max_tokens=30, captions ("first" | "random" | "all", or {split: mode};
                default random for train, first otherwise), experts=[subset]
@@ -60,10 +63,10 @@ from ._common import LoadedDataset
 from .cards import Card, cards_dir, list_cards, load_card
 from .check import check_data
 from .generate import generate
-from .load import detect_format, load_dataset, resolve_path
+from .load import block_options, detect_format, load_block, load_dataset, resolve_path
 
-__all__ = ["Card", "LoadedDataset", "cards_dir", "check_data", "describe_datasets",
-           "detect_format", "generate", "list_cards", "load_card", "load_dataset",
+__all__ = ["Card", "LoadedDataset", "block_options", "cards_dir", "check_data", "describe_datasets",
+           "detect_format", "generate", "list_cards", "load_block", "load_card", "load_dataset",
            "resolve_path"]
 
 

@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from harness.errors import InputError
 from harness.records import remove_stale_temporaries, sha256_file, write_error
 
 MANIFEST = "generated.json"   # written by the generators next to the data they write
+
+
+class LoaderOptions(BaseModel):
+    """A family's loader options: the keys of a params.yaml data block (``data.<profile>.<dataset>``)
+    besides path / format / max_text_len / in_memory, checked before any data is read (by
+    ``params_schema`` for params.yaml, by ``load.load_dataset`` for a direct call). Validators
+    that need the dataset's card get it as ``info.context["card"]``."""
+    model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
 
 
 @dataclass
@@ -218,10 +227,6 @@ def check_finite(a: np.ndarray, *, file: str, key: str) -> None:
         raise InputError("non-finite feature values", file=file, key=key,
                          expected="finite values",
                          found=f"{n_nan} NaN, {n_pinf} +inf, {n_ninf} -inf")
-
-
-def lengths_to_mask(lengths: np.ndarray, max_len: int) -> np.ndarray:
-    return np.arange(max_len)[None, :] < np.asarray(lengths)[:, None]
 
 
 def length_stats(lengths: Iterable[int]) -> dict:

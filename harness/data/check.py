@@ -47,5 +47,19 @@ def check_data(dataset: str, path=None, format: str | None = None, **options) ->
     else:
         report["checksums"] = "none listed in the card"
     report["info"] = ld.info
+    report["warnings"] = [*report.get("warnings", []), *_constant_labels(ld)]
     report["ok"] = True
     return _jsonable(report)
+
+
+def _constant_labels(ld) -> list[str]:
+    """Splits whose labels are all one value (usable, but a correlation, a binary accuracy or an
+    F1 on them is undefined: a run records NaN) as warnings. Splits that hold no labels (a
+    retrieval task's) are not looked at."""
+    found = []
+    for name, split in ld.splits.items():
+        labels = getattr(split, "labels", None)
+        if labels is not None and len(labels) > 1 and (np.asarray(labels) == np.asarray(labels)[0]).all():
+            found.append(f"{name}: every label is {np.asarray(labels)[0].tolist()}: the metrics that "
+                         "compare labels (correlation, binary accuracy, F1) are undefined on it (NaN)")
+    return found

@@ -10,22 +10,24 @@ Formats (names used by `format=`):
 Items (dicts): image (float32 3 x H x W in [0, 1], opened lazily in __getitem__, resized
 to image_size x image_size when image_size is set), text (str), label (int64 class index
 into info["classes"], the sorted class names of the train split), id (str), index (int64).
-Without a ``transform`` the decoded pixels are kept for the process while the file is unchanged
-(``_common.FILE_READS``): a sweep worker's later runs on the same images read memory.
+The decoded pixels are kept for the process while the file is unchanged (``_common.FILE_READS``):
+a sweep worker's later runs on the same images read memory.
 """
 from __future__ import annotations
 
 import csv
 import math
 from pathlib import Path
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import (FILE_READS, LoadedDataset, load_json, pick_format, read_manifest,
+from ._common import (FILE_READS, LoadedDataset, LoaderOptions, load_json, pick_format, read_manifest,
                       require_path, split_index)
 from .cards import Card
 
@@ -33,14 +35,16 @@ from .cards import Card
 class ImageTextDataset(Dataset):
     """Records (image path, text, label, id); the image is opened only in __getitem__."""
 
-    def __init__(self, records: list[tuple[str, str, int, str]], image_size: int | None = None,
-                 transform=None):
+    def __init__(self, records: list[tuple[str, str, int, str]], image_size: int | None = None):
         self.records = records
         self.image_size = image_size
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, _, label, _ in self.records], dtype=np.int64)
 
     def open_image(self, i: int):
         from PIL import Image, UnidentifiedImageError
@@ -49,7 +53,8 @@ class ImageTextDataset(Dataset):
             with Image.open(path) as im:
                 im.load()
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as e:  # a bomb: more pixels than PIL opens (Image.MAX_IMAGE_PIXELS x 2)
             raise InputError("unreadable image", file=path, key=f"id {rid}",
                              expected="a readable JPEG/PNG image",
                              found=f"{type(e).__name__}: {str(e)[:120]}") from None
@@ -65,11 +70,9 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         i = split_index(i, len(self.records), "samples")
         path, text, label, rid = self.records[i]
-        if self.transform is not None:
-            image = self.transform(self.open_image(i))
-        else:  # decoded once per process while the file is unchanged; a copy of the kept one
-            image = FILE_READS.read(Path(path), ("image", self.image_size), lambda: self.pixels(i),
-                                    lambda pixels: pixels.nbytes).clone()
+        # decoded once per process while the file is unchanged; a copy of the kept one
+        image = FILE_READS.read(Path(path), ("image", self.image_size), lambda: self.pixels(i),
+                                lambda pixels: pixels.nbytes).clone()
         return {"image": image, "text": text, "label": torch.tensor(label, dtype=torch.int64),
                 "id": rid, "index": torch.tensor(i, dtype=torch.int64)}
 
@@ -181,9 +184,16 @@ def _read_cggm(root: Path, split: str, skey: str, stats: dict):
 _READERS = {"raw": _read_raw, "mmbt": _read_mmbt, "cggm": _read_cggm}
 
 
+class Options(LoaderOptions):
+    """The keyword options of ``load``."""
+    image_size: Optional[Annotated[int, Field(gt=0)]] = None  # resize to a square (pixels a side)
+    # a stratified valid split carved from train when the format has none (0: none)
+    valid_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    check_images_exist: bool = True
+
+
 def load(card: Card, path: Path, format: str | None = None, *, image_size: int | None = None,
-         transform=None, valid_fraction: float = 0.0, check_images_exist: bool = True
-         ) -> LoadedDataset:
+         valid_fraction: float = 0.0, check_images_exist: bool = True) -> LoadedDataset:
     fmt, root = locate(card, Path(path), format)
     spec = card.formats[fmt]
     stats = {"unquoted_comma_rows": 0, "warnings": []}
@@ -202,7 +212,6 @@ def load(card: Card, path: Path, format: str | None = None, *, image_size: int |
     else:
         classes = sorted({r[2] for r in raw_splits["train"]})
     index = {c: k for k, c in enumerate(classes)}
-    missing_images = 0
     splits_rec: dict[str, list] = {}
     for split, rows in raw_splits.items():
         recs = []
@@ -212,15 +221,11 @@ def load(card: Card, path: Path, format: str | None = None, *, image_size: int |
                                  key=where, expected=f"one of the {len(classes)} train classes",
                                  found=label)
             if check_images_exist and not Path(img).is_file():
-                missing_images += 1
                 raise InputError("image file missing", file=img, key=where,
                                  expected="an image file", found="missing")
             recs.append((img, text, index[label], rid))
         splits_rec[split] = recs
     if valid_fraction and "valid" not in splits_rec:
-        if not 0 < valid_fraction < 1:
-            raise InputError("valid_fraction out of range", file=str(root), key="valid_fraction",
-                             expected="0 < fraction < 1", found=valid_fraction)
         train, valid = [], []
         by_class: dict[int, list] = {}
         for r in splits_rec["train"]:
@@ -236,7 +241,7 @@ def load(card: Card, path: Path, format: str | None = None, *, image_size: int |
     expected_classes = (card.get("label") or {}).get("num_classes")
     if manifest is None and expected_classes and len(classes) != expected_classes:
         stats["warnings"].append(f"{len(classes)} classes in train, card says {expected_classes}")
-    splits = {s: ImageTextDataset(r, image_size, transform) for s, r in splits_rec.items()}
+    splits = {s: ImageTextDataset(r, image_size) for s, r in splits_rec.items()}
     counts = {}
     for s, r in splits_rec.items():
         bc = np.bincount([x[2] for x in r], minlength=len(classes))

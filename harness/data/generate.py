@@ -110,7 +110,8 @@ class World:
 # ----------------------------------------------------------------------------- validation
 
 def _bad(key, expected, found, msg="invalid generator argument"):
-    return InputError(msg, file="harness.data.generate", key=key, expected=expected, found=found)
+    """A bad argument of ``generate``: no file (``mmpetl data`` names params.yaml's generate.<dataset>)."""
+    return InputError(msg, key=key, expected=expected, found=found)
 
 
 def _int(key, v, lo, hi=None):
@@ -175,7 +176,9 @@ def generate(dataset: str, out_dir=None, seed: int = 0, n_train: int | None = No
                 del opts[e]
     for k in options:
         if k not in opts:
-            raise _bad(k, sorted(opts), k, f"unknown option for the {dataset} generator")
+            named = ["n_train", "n_valid", "n_test", "seq_len", "interaction_order", "noise", "format"]
+            raise _bad(k, f"one of {sorted([*named, *opts])}", repr(k),
+                       f"unknown option for the {dataset} generator")
     opts.update(options)
     opts["latent_dim"] = _int("latent_dim", opts["latent_dim"], 1, 256)
     opts["world_seed"] = seed if opts["world_seed"] is None else _int("world_seed", opts["world_seed"], 0)

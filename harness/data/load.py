@@ -1,13 +1,13 @@
 """Dispatch from a dataset name to its family's loader."""
 from __future__ import annotations
 
-import inspect
-
 from pathlib import Path
 
-from harness.errors import InputError
+from pydantic import ValidationError
 
-from ._common import LoadedDataset
+from harness.errors import InputError, refusal
+
+from ._common import LoadedDataset, LoaderOptions
 from .cards import Card, load_card, project_root
 
 
@@ -32,19 +32,40 @@ def resolve_path(card: Card, path=None, generated: bool = False) -> Path:
     return card.resolve_path(None)
 
 
+# The keys of a params.yaml data block (data.<profile>.<dataset>) that are not loader options
+BLOCK_KEYS = ("path", "format", "max_text_len", "in_memory")
+
+
+def block_options(block: dict) -> dict:
+    """The loader options of a params.yaml data block."""
+    return {key: value for key, value in block.items() if key not in BLOCK_KEYS}
+
+
+def load_block(name: str, block: dict) -> LoadedDataset:
+    """Dataset ``name`` as its params.yaml data block says: path, format and loader options."""
+    return load_dataset(name, block.get("path"), block.get("format"), **block_options(block))
+
+
+def loader_options(card: Card) -> type[LoaderOptions]:
+    """The options the loader of ``card``'s family takes (its ``Options``)."""
+    return _module(card).Options
+
+
+def check_options(card: Card, options: dict) -> None:
+    """Raise pydantic's ValidationError unless ``options`` are options of ``card``'s loader, each
+    of its type and range (``params_schema`` names the params.yaml key of the first problem)."""
+    loader_options(card).model_validate(options, context={"card": card})
+
+
 def load_dataset(name: str, path=None, format: str | None = None, **options) -> LoadedDataset:
     """Load dataset `name` from `path` (default: the card's `path:`), detecting the format
-    unless `format=` forces one. Options are family-specific (see harness.data docs)."""
+    unless `format=` forces one. Options are family-specific (each family's ``Options``)."""
     card = load_card(name)
-    mod = _module(card)
-    p = resolve_path(card, path)
-    params = inspect.signature(mod.load).parameters
-    allowed = [k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise InputError(f"unknown loader option for {name}", file=card.file, key="options",
-                         expected=allowed, found=unknown)
-    return mod.load(card, p, format, **options)
+    try:
+        check_options(card, options)
+    except ValidationError as error:  # named as the card's: its family's loader takes the options
+        raise refusal(error, card.file, model=loader_options(card)) from None
+    return _module(card).load(card, resolve_path(card, path), format, **options)
 
 
 def detect_format(name: str, path=None) -> str:

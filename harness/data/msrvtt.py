@@ -29,14 +29,16 @@ same videos read memory; the random train caption is still drawn per item, in th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import (FILE_READS, LoadedDataset, decode, length_stats, load_pickle, pick_format,
+from ._common import (FILE_READS, LoadedDataset, LoaderOptions, decode, length_stats, load_pickle, pick_format,
                       read_manifest, require_path, split_index)
 from .cards import Card
 
@@ -227,6 +229,36 @@ def expected_dims(card: Card, manifest: dict | None) -> dict[str, int]:
     return dims
 
 
+CaptionMode = Literal["first", "random", "all"]
+
+
+class Options(LoaderOptions):
+    """The keyword options of ``load``."""
+    split_scheme: Optional[str] = None  # one of the card's formats' split_schemes
+    max_tokens: Optional[Annotated[int, Field(gt=0)]] = None  # temporal tokens kept per expert
+    # for every split, or {split: mode}; default: random for train, first otherwise
+    captions: Optional[Union[CaptionMode, dict[Literal["train", "valid", "test"], CaptionMode]]] = None
+    experts: Optional[Annotated[list[str], Field(min_length=1)]] = None  # a subset of the card's
+
+    @field_validator("split_scheme")
+    @classmethod
+    def _scheme_of_the_card(cls, scheme, info: ValidationInfo):
+        card = info.context["card"]
+        known = sorted({name for spec in card.formats.values() for name in spec.get("split_schemes", {})})
+        if scheme is not None and scheme not in known:
+            raise ValueError(f"one of the card's split schemes {known}")
+        return scheme
+
+    @field_validator("experts")
+    @classmethod
+    def _experts_of_the_card(cls, experts, info: ValidationInfo):
+        known = list(info.context["card"].get("experts"))
+        unknown = [e for e in experts or () if e not in known]
+        if unknown:
+            raise ValueError(f"experts among {known}, not {unknown}")
+        return experts
+
+
 def load(card: Card, path: Path, format: str | None = None, *, split_scheme: str | None = None,
          max_tokens: int | None = None, captions=None, experts: list[str] | None = None
          ) -> LoadedDataset:
@@ -240,12 +272,7 @@ def load(card: Card, path: Path, format: str | None = None, *, split_scheme: str
     if scheme not in schemes:
         raise InputError("unknown split scheme", file=card.file, key="split_scheme",
                          expected=list(schemes), found=scheme)
-    all_experts = list(card.get("experts"))
-    experts = list(experts or all_experts)
-    for e in experts:
-        if e not in all_experts:
-            raise InputError("unknown expert", file=card.file, key="experts",
-                             expected=all_experts, found=e)
+    experts = list(experts or card.get("experts"))
     required = {e for e, s in card.get("experts").items() if s.get("required") and e in experts}
     manifest = read_manifest(root)
     dims = expected_dims(card, manifest)
@@ -294,9 +321,6 @@ def load(card: Card, path: Path, format: str | None = None, *, split_scheme: str
                              expected="at least one video id", found="0 ids")
         mode = captions if isinstance(captions, str) else modes.get(
             split, "random" if split == "train" else "first")
-        if mode not in ("first", "random", "all"):
-            raise InputError("unknown caption mode", file=str(lf), key="captions",
-                             expected=["first", "random", "all"], found=mode)
         pairs = None
         if mode == "all":
             import h5py

@@ -19,20 +19,39 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch.utils.data import Dataset
 
 from harness.errors import InputError
 
-from ._common import (LoadedDataset, check_finite, decode, float_array, length_stats,
+from ._common import (LoadedDataset, LoaderOptions, check_finite, decode, float_array, length_stats,
                       list_dir, load_npy, load_pickle, pick_format, read_manifest, require_path,
                       split_index)
 from .cards import Card
 
 MODALITIES = ("text", "audio", "vision")
-PICKLE_FORMATS = ("mult", "mult_noalign", "mmsa_aligned", "mmsa_unaligned")
+Modality = Literal["text", "audio", "vision"]
+
+
+class Options(LoaderOptions):
+    """The keyword options of ``load`` (all three for IEMOCAP's mmin layout)."""
+    fold: Optional[Union[int, str]] = None  # the cross-validation fold (a card that declares folds)
+    max_len: Optional[dict[Modality, Annotated[int, Field(gt=0)]]] = None  # steps kept per modality
+    feature_types: Optional[dict[Modality, str]] = None  # the feature file per modality
+
+    @field_validator("fold")
+    @classmethod
+    def _card_with_folds(cls, fold, info: ValidationInfo):
+        card = info.context["card"]
+        if fold is not None and not any(isinstance(spec, dict) and "default_fold" in spec
+                                        for spec in card.formats.values()):
+            raise ValueError(f"no fold: {card.name} has none (only a dataset whose card declares "
+                             "folds, e.g. iemocap, takes one)")
+        return fold
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -43,6 +62,10 @@ class ArrayDataset(Dataset):
     def __init__(self, arrays: dict[str, np.ndarray], ids: list[str]):
         self.arrays = arrays
         self.ids = ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.arrays["label"]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -347,6 +370,11 @@ def _load_pickle_format(card: Card, file: Path, fmt: str | None) -> LoadedDatase
                                  key=f"{skey}.{m}", expected=f"dim {dims[m]} (as in train)",
                                  found=f"dim {D} (shape {feats[m].shape})")
             dims.setdefault(m, D)
+            first = next(iter(padded.get(m, {}).items()), None)
+            if first is not None and first[1] != L:  # the backbone is built for one length per modality
+                raise InputError("padded lengths differ between splits", file=fs, key=f"{skey}.{m}",
+                                 expected=f"length {first[1]} (as in {first[0]})",
+                                 found=f"length {L} (shape {feats[m].shape})")
             padded.setdefault(m, {})[split] = L
         if aligned:
             Ls = {m: feats[m].shape[1] for m in MODALITIES}

@@ -55,7 +55,3 @@ def csv_text(fields: list[str], rows: list[dict]) -> str:
     for row in rows:
         writer.writerow({k: num(row.get(k)) for k in fields})
     return buffer.getvalue()
-
-
-def write_csv_if_changed(path, fields: list[str], rows: list[dict]) -> bool:
-    return write_text_if_changed(path, csv_text(fields, rows))
