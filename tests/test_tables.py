@@ -371,6 +371,21 @@ def _git(repo, *args):
                    cwd=repo, check=True, capture_output=True)
 
 
+def test_diff_tells_apart_columns_of_one_name_by_their_metric():
+    """MSR-VTT's R@5 is a column of text-to-video and of video-to-text: a change of the one is
+    reported under its metric key (keyed by column alone, one line hid the other)."""
+    from harness.tables.diff import _table_diff
+
+    def line(metric, mean):
+        return {"table": "Table 4", "section": "msrvtt", "row": "Wander", "column": "R@5",
+                "metric_key": metric, "status": "ok", "mean": str(mean), "n": "3"}
+    old = [line("t2v_R5", 9.8), line("v2t_R5", 11.0)]
+    new = [line("t2v_R5", 9.8), line("v2t_R5", 12.5)]
+    report = "\n".join(_table_diff("table4_msrvtt", old, new))
+    assert "1 cell(s) changed, 0 added, 0 removed" in report, report
+    assert "| R@5 (v2t_R5) |" in report and "t2v_R5" not in report, report
+
+
 def test_diff_between_two_commits(tmp_path):
     repo = tmp_path / "repo"
     runs, tables = repo / "results" / "runs", repo / "results" / "tables"
@@ -383,7 +398,7 @@ def test_diff_between_two_commits(tmp_path):
     render_all(runs, tables, make_params(), names=["table3_mosi"])
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "first")
-    for path in (runs / "mosi").glob("wander-*.json"):
+    for path in (runs / "mosi").glob("wander_d16-*.json"):
         path.unlink()
     for seed in SEEDS:
         write_record(runs, "mosi", row, seed, shift=0.2)

@@ -6,7 +6,8 @@ REV_A defaults to HEAD, REV_B to the workspace.
 Reads every ``results/tables/*.csv`` and ``results/leaderboards/*.csv`` (the long layout written
 by ``harness.tables.render``) at both revisions (``git show REV:path``, or the file on disk for
 the workspace) and reports, as Markdown, per table and cell by cell
-(key: section, row, column): our value (mean ± std, n), the paper's value, the significance
+(key: section, row, column and its metric key: MSR-VTT's R@5 is a column of text-to-video and
+of video-to-text): our value (mean ± std, n), the paper's value, the significance
 verdict, the Holm-adjusted p and every other field that changed; rows added or removed; tables
 added or removed. An unknown revision (or a folder that is not a git repository) raises
 ``InputError`` (the CLI exits non-zero).
@@ -20,11 +21,11 @@ from pathlib import Path
 
 from harness.errors import InputError
 
-KEY = ("section", "row", "column")
+KEY = ("section", "row", "column", "metric_key")
 #: fields compared, in report order (the first ones get their own columns)
 WATCHED = ("status", "mean", "std", "n", "t_ci_low", "t_ci_high", "paper", "diff_vs_paper",
            "tunable_ours", "tunable_paper", "compared_to", "n_paired", "improvement", "p_t",
-           "p_holm", "p_wilcoxon", "wilcoxon_min_p", "p_better", "verdict", "metric_key",
+           "p_holm", "p_wilcoxon", "wilcoxon_min_p", "p_better", "verdict",
            "convention")
 OWN_COLUMNS = ("status", "mean", "std", "n", "verdict", "p_holm")
 
@@ -163,11 +164,11 @@ def _table_diff(name: str, old: list[dict], new: list[dict]) -> list[str]:
         lines += ["| Section | Row | Column | ours before | ours after | Δ ours | verdict | "
                   "p (Holm) | other changes |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for (section, row, column), a, b, fields in changed:
+        for (section, row, column, metric), a, b, fields in changed:
             others = "; ".join(f"{f}: {_short(a.get(f, ''))} → {_short(b.get(f, ''))}"
                                for f in fields if f not in OWN_COLUMNS)
             lines.append(" | ".join([
-                f"| {section}", row, column, _ours(a), _ours(b),
+                f"| {section}", row, _column(column, metric), _ours(a), _ours(b),
                 _delta(a, b) if a.get("status") == b.get("status") == "ok" else "—",
                 _arrow(a.get("verdict", ""), b.get("verdict", "")),
                 _arrow(a.get("p_holm", ""), b.get("p_holm", "")),
@@ -176,10 +177,16 @@ def _table_diff(name: str, old: list[dict], new: list[dict]) -> list[str]:
     for label, keys, source in (("Added", added, after), ("Removed", removed, before)):
         if keys:
             lines += [f"{label} cells:", ""]
-            lines += [f"- {section} / {row} / {column}: {_ours(source[(section, row, column)])}"
-                      for section, row, column in keys]
+            lines += [f"- {section} / {row} / {_column(column, metric)}: "
+                      f"{_ours(source[(section, row, column, metric)])}"
+                      for section, row, column, metric in keys]
             lines.append("")
     return lines
+
+
+def _column(column: str, metric: str) -> str:
+    """A column with the metric it shows (``R@5 (t2v_R5)``)."""
+    return f"{column} ({metric})" if metric and metric != column else column
 
 
 def _label(rev: str, commit: str) -> str:
