@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -88,6 +89,13 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
     return document
 
 
+@functools.lru_cache(maxsize=None)  # once per checkpoint and process
+def _warn_unverified(path: Path, beside: Path) -> None:
+    print(f"mmpetl: warning: {path} has no {beside.name} beside it, so its bytes are not checked "
+          "against the sha256 pre-training recorded (an altered checkpoint would be used as it is)",
+          file=sys.stderr)
+
+
 def verify_checkpoint_bytes(checkpoint_path: str | Path) -> dict | None:
     """The checkpoint's provenance document (None when it has none), after checking that the
     file's sha256 equals the ``sha256`` recorded there when ``mmpetl pretrain`` wrote it: a
@@ -95,6 +103,7 @@ def verify_checkpoint_bytes(checkpoint_path: str | Path) -> dict | None:
     path = Path(checkpoint_path)
     beside = provenance_path(path)
     if not beside.is_file():
+        _warn_unverified(path, beside)
         return None
     try:
         provenance = read_json(beside)

@@ -44,15 +44,21 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
     """The keys of the section at ``loc[:-1]`` under ``model`` (None where it is a free mapping)."""
     node: Any = model
     for part in loc[:-1]:
-        node = _unwrap(node)
-        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
-            node = node.model_fields[part].annotation
-        elif typing.get_origin(node) in (dict, list):
-            node = typing.get_args(node)[-1]
-        else:
+        node = _child(_unwrap(node), part)
+        if node is None:
             return None
     node = _unwrap(node)
     return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _child(annotation, part):
+    """The annotation of ``part`` under ``annotation``: a model's field, a mapping's value or a
+    list's item; None where there is none."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
+        return annotation.model_fields[part].annotation
+    if typing.get_origin(annotation) in (dict, list):
+        return typing.get_args(annotation)[-1]
+    return None
 
 
 def _unwrap(annotation):
@@ -116,10 +122,7 @@ def _union_tag_index(model, loc: tuple) -> int | None:
         node = _unwrap(node)
         if typing.get_origin(node) in (typing.Union, types.UnionType):
             return index
-        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
-            node = node.model_fields[part].annotation
-        elif typing.get_origin(node) in (dict, list):
-            node = typing.get_args(node)[-1]
-        else:
+        node = _child(node, part)
+        if node is None:
             return None
     return None

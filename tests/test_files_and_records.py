@@ -368,6 +368,18 @@ def test_committed_checkpoints_match_their_recorded_hash():
         assert verify_checkpoint_bytes(path)["sha256"] == records.sha256_file(path)
 
 
+def test_a_checkpoint_without_provenance_is_used_with_a_warning(tmp_path, capsys):
+    """A checkpoint with no provenance file (one not written by ``mmpetl pretrain``, or whose file
+    was deleted) cannot be checked: said once, on stderr."""
+    from harness.checkpoints import verify_checkpoint_bytes
+
+    checkpoint = tmp_path / "tiny-late_fusion.pt"
+    shutil.copy(ROOT / "datasets" / "checkpoints" / "mosei" / checkpoint.name, checkpoint)
+    assert verify_checkpoint_bytes(checkpoint) is None and verify_checkpoint_bytes(checkpoint) is None
+    warned = capsys.readouterr().err
+    assert warned.count("warning") == 1 and str(checkpoint) in warned and "not checked" in warned, warned
+
+
 @pytest.mark.parametrize("command", ["sweep", "run"])
 def test_altered_checkpoint_exits_2_with_both_hashes(command, study, tmp_path, capsys, no_compute):
     params_path, _ = study

@@ -256,7 +256,11 @@ def test_settings_too_large_for_memory_exit_2_naming_them(capsys, tmp_path, monk
     def attach(*args, **kwargs):
         raise failure
     monkeypatch.setattr(harness.run, "apply_method", attach)
-    params, out = write_params(tmp_path), tmp_path / "runs"
+    from harness.data import generate
+
+    generate("mosi", tmp_path / "mosi", n_train=8, n_valid=4, n_test=4)  # a clean checkout has none
+    params = write_params(tmp_path, setter("data.tiny.mosi.path", str(tmp_path / "mosi")))
+    out = tmp_path / "runs"
     assert exit_code(["run", "--params", str(params), "--dataset", "mosi", "--method", "adapter",
                       "--set", "down_dim=1000000000", "--out", str(out)]) == 2
     message = capsys.readouterr().err
