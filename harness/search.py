@@ -44,7 +44,7 @@ from harness.params_schema import check_search  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
 from harness.tasks.metrics import lower_is_better  # noqa: E402
-from harness.sweep import RAY_STORAGE, run_many, worker_pool  # noqa: E402
+from harness.sweep import RAY_STORAGE, run_many, set_aside, worker_pool  # noqa: E402
 from harness.tables.render import profile_banner  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     journal = out_dir / "journal.log"
     _check_journal(journal)  # here, in the driver: the trials' workers never open the journal
+    if (out_dir / "runs").is_dir():  # trials of other code (its studies are others): runs/.stale
+        set_aside(out_dir / "runs")
     storage = JournalStorage(JournalFileBackend(str(journal)))
     metric = config["metric"]
     directions = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]

@@ -90,6 +90,20 @@ def test_search_writes_pareto_and_resumes(search_params, tmp_path):
     assert run_search(search_params, "sequential", 1, tmp_path)["trials"] == 8
 
 
+def test_trials_of_other_code_are_set_aside(search_params, tmp_path):
+    """After a change of run code every study is a new one: the old trials' records leave
+    runs/ for runs/.stale/ (they piled up in results/search/runs, one set per change)."""
+    run_search(search_params, "sequential", 1, tmp_path)
+    kept = sorted(p.name for p in (tmp_path / "runs").rglob("*.json"))
+    old = next((tmp_path / "runs").glob("*/*.json"))
+    record = json.loads(old.read_text())
+    other = old.with_name(old.name.rsplit("-", 1)[0] + "-000000000000.json")
+    other.write_text(json.dumps({**record, "key": "0" * 64, "code_hash": "0" * 64}))
+    run_search(search_params, "sequential", 1, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*/*.json")) == kept
+    assert (tmp_path / "runs" / ".stale" / other.parent.name / other.name).is_file()
+
+
 def test_a_changed_definition_starts_a_new_study(search_params, tmp_path):
     """Training settings, metric and space name the study: old trials are never reported under
     a changed definition (their records would not even be found under the new run keys)."""
