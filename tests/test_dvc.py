@@ -235,3 +235,20 @@ def test_dvc_plots_output_is_ignored():
     ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "dvc_plots/index.html"],
                              cwd=ROOT)
     assert ignored.returncode == 0
+
+
+def test_records_set_aside_are_outside_the_hashes_dvc_records():
+    """A sweep and the search move records of other code to <records>/.stale (ignored by git): DVC
+    must not hash them into the finetune and search outputs, or a fresh clone (which has none)
+    finds those stages changed and reruns them (the search did, rewriting dvc.lock)."""
+    from dvc.repo import Repo
+
+    from harness.sweep import STALE
+
+    repo = Repo(str(ROOT))
+    try:
+        for records in ("results/runs", "results/search/runs"):
+            assert repo.dvcignore.is_ignored_dir(repo.fs.join(repo.root_dir, records, STALE)), records
+            assert not repo.dvcignore.is_ignored_dir(repo.fs.join(repo.root_dir, records)), records
+    finally:
+        repo.close()
