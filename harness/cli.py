@@ -128,7 +128,8 @@ def _run_defaults(params: dict, dataset: str, method: str) -> dict | None:
 
 def cmd_run(args) -> int:
     from harness import concurrency
-    from harness.run import RUNS_DIR, execute, read_done_record, record_path, run_key
+    from harness.records import read_run_record
+    from harness.run import RUNS_DIR, execute, record_path, run_key
     from harness.settings import load_params, plan_run
     from harness.sweep import check_can_compute
 
@@ -148,7 +149,7 @@ def cmd_run(args) -> int:
             else:
                 record = execute(plan, out, progress=not args.json)
     if found is not None:  # the same key: the same run, already recorded
-        record = read_done_record(plan, found)
+        record = read_run_record(found)
     where = found or record_path(plan, key, out)
     status = {"reused": found is not None, "record": str(where)}
 
@@ -439,20 +440,43 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    """Check the data at --path with the loader options its runs would use: params.yaml's
-    data.<--profile>.<dataset> (a split scheme, a fold, ...) when the file is there."""
-    from harness.data import block_options, check_data
+    """Check the data at --path with the format and loader options its runs would use: params.yaml's
+    data.<--profile>.<dataset> (a split scheme, a fold, ...) when the file and the block are there."""
+    from harness.data import check_data
     from harness.params_file import read_params
 
-    options, source = {}, "the card's defaults (no params file)"
+    options, fmt, source = {}, args.format, "the card's defaults (no params file)"
     if Path(args.params).is_file() or args.params != "params.yaml":
-        block = (read_params(args.params).get("data") or {}).get(args.profile, {}).get(args.dataset) or {}
-        options = block_options(block)
-        source = f"{args.params} data.{args.profile}.{args.dataset}"
-    report = {**check_data(args.dataset, args.path, args.format, **options),
+        params = read_params(args.params)
+        where = ("data", args.profile, args.dataset)
+        block = _data_block(params, *where[1:])
+        source = (f"{params['_file']} {'.'.join(where)}" if block is not None else
+                  f"the card's defaults: {params['_file']} has no {'.'.join(where)}")
+        if block is not None:
+            options = dict(block)
+            fmt = args.format or options.pop("format", None)
+    report = {**check_data(args.dataset, args.path, fmt, **options),
               "loader_options": {"values": options, "from": source}}
     _emit(report, args.json, _check_summary)
     return 0
+
+
+def _data_block(params: dict, profile: str, dataset: str) -> dict | None:
+    """The loader options of params.yaml's data.<profile>.<dataset> (None when there is no such
+    block), checked as every command checks them (format and options)."""
+    from harness.data import block_options, load_card
+    from harness.params_schema import check_data_block
+
+    block = ((params.get("data") or {}).get(profile) or {}).get(dataset)
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise InputError("expected a mapping", file=params["_file"], key=f"data.{profile}.{dataset}",
+                         expected="a mapping", found=repr(block))
+    options = block_options(block)
+    check_data_block(load_card(dataset), block.get("format"), options, params["_file"],
+                     ("data", profile, dataset))
+    return {**options, **({"format": block["format"]} if block.get("format") else {})}
 
 
 def _check_summary(r: dict) -> None:
@@ -487,7 +511,7 @@ def _check_summary(r: dict) -> None:
 def cmd_data(args) -> int:
     """The data@<dataset> stage: tiny generates the dataset in a real format; paper checks the
     real files and records the check report next to where the generated data would be."""
-    from harness.data import block_options, check_data, generate
+    from harness.data import check_data, generate
     from harness.params_file import read_params, section
     from harness.records import write_json_atomic
 
@@ -512,8 +536,8 @@ def cmd_data(args) -> int:
                              expected=error.expected, found=error.found) from None
     else:
         location = section(params, "data", profile, args.dataset)
-        report = check_data(args.dataset, location["path"], location.get("format"),
-                            **block_options(location))
+        options = _data_block(params, profile, args.dataset)
+        report = check_data(args.dataset, location["path"], options.pop("format", None), **options)
         write_json_atomic(target / "check.json", report)
     _emit(report, args.json, lambda r: print(f"{args.dataset}: {profile} data ready at "
                                              f"{r.get('path', target)}"))
@@ -522,7 +546,7 @@ def cmd_data(args) -> int:
 
 def _command(sub, name: str, func, text: str, params: bool = False, json: bool = True):
     """A subcommand; ``params``: it reads params.yaml (--params), ``json``: it can print JSON."""
-    p = sub.add_parser(name, help=text)
+    p = sub.add_parser(name, help=text, description=text)
     if params:
         p.add_argument("--params", default="params.yaml")
     if json:

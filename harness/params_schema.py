@@ -26,7 +26,7 @@ from harness.backbones.mmt import MMTConfig
 from harness.backbones.two_tower import PRESETS, TwoTowerConfig
 from harness.data.cards import list_cards, load_card
 from harness.data.load import check_options, loader_options
-from harness.errors import InputError, refusal
+from harness.errors import InputError, key_path, refusal
 from harness.params_file import parse_yaml
 from harness.train import TrainSettings
 from methods import ConfigError, get_method, method_names
@@ -493,20 +493,28 @@ def _check_grid(params: dict, checked: Params, file: str, cards: Cards) -> None:
 
 
 def _check_data(checked: Params, file: str, cards: Cards) -> None:
-    """Each data block's other keys are options of its dataset's loader, of their types and
-    ranges (a split scheme or an expert the card names, a fold only where the card has folds)."""
     for profile, blocks in checked.data.items():
         for dataset, block in blocks.items():
-            card = cards[dataset]
-            try:
-                check_options(card, block.model_extra or {})
-            except ValidationError as error:
-                problem = refusal(error, file, ("data", profile, dataset), loader_options(card))
-                if error.errors()[0]["type"] == "extra_forbidden":
-                    known = sorted(DataBlock.model_fields) + sorted(loader_options(card).model_fields)
-                    problem = InputError(f"unknown key for {dataset}'s loader", file=file,
-                                         key=problem.key, expected=f"one of {known}", found=problem.found)
-                raise problem from None
+            check_data_block(cards[dataset], block.format, block.model_extra or {}, file,
+                             ("data", profile, dataset))
+
+
+def check_data_block(card, format: str | None, options: dict, file: str, where: tuple) -> None:
+    """A data block (``where``: ``("data", profile, dataset)``): its ``format`` one of the card's,
+    its other keys options of the dataset's loader, of their types and ranges (a split scheme or
+    an expert the card names, a fold only where the card has folds)."""
+    if format is not None and format not in card.formats:
+        raise InputError(f"unknown format for {card.name}", file=file, key=key_path(where + ("format",)),
+                         expected=f"one of {list(card.formats)}", found=repr(format))
+    try:
+        check_options(card, options)
+    except ValidationError as error:
+        problem = refusal(error, file, where, loader_options(card))
+        if error.errors()[0]["type"] == "extra_forbidden":
+            known = sorted(DataBlock.model_fields) + sorted(loader_options(card).model_fields)
+            problem = InputError(f"unknown key for {card.name}'s loader", file=file,
+                                 key=problem.key, expected=f"one of {known}", found=problem.found)
+        raise problem from None
 
 
 def check_search(params: dict, file: str | None = None, cards: Cards | None = None) -> None:

@@ -367,13 +367,16 @@ def read_run_record(path: str | Path) -> dict:
             raise InputError("a run record's metric is not a number", file=str(path),
                              key=f"metrics.{name}", expected=f"a finite number ({remedy})",
                              found=repr(value))
-    # the name says which run it holds (run.record_path): a record copied, renamed or edited into
-    # another run's place would stand in for that run, or leave it missing without a word
+    # the name says which run it holds (run.record_path: the start of its key last): a record
+    # copied, renamed or edited into another run's place would stand in for that run, or leave it
+    # missing without a word
     named = f"{row_slug(record['row'])}-seed{record['seed']}-"
-    if path.parent.name != record["dataset"] or not path.stem.startswith(named):
+    key = str(record.get("key"))
+    if path.parent.name != record["dataset"] or not path.stem.startswith(named) \
+            or not key.startswith(path.stem[len(named):] or "-"):
         raise InputError("a run record under another run's name", file=str(path),
-                         key="dataset, row, seed",
-                         expected=f"{record['dataset']}/{named}<key>.json for the run it holds "
+                         key="dataset, row, seed, key",
+                         expected=f"{record['dataset']}/{named}{key[:12]}.json for the run it holds "
                                   f"({remedy})", found=f"{path.parent.name}/{path.name}")
     return record
 

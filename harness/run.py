@@ -121,18 +121,6 @@ def record_path(plan: RunPlan, key: str, out_dir: Path = RUNS_DIR) -> Path:
     return Path(out_dir) / plan.dataset / f"{records.row_slug(plan.row)}-seed{plan.seed}-{key[:12]}.json"
 
 
-def read_done_record(plan: RunPlan, path: Path) -> dict:
-    """The record of ``plan`` at ``path``, whole (``records.read_run_record``). A record whose own
-    key is not the one its file name holds (copied or renamed from another run's) is refused."""
-    record = records.read_run_record(path)
-    named = path.stem.rsplit("-", 1)[-1]
-    if str(record.get("key"))[:12] != named:
-        raise InputError("run record of another run (its key is not the one in its file name; "
-                         "delete the file to recompute its run)",
-                         file=str(path), key="key", expected=f"{named}...", found=record.get("key"))
-    return record
-
-
 # The frozen encoders are drawn once, the same for every seed, as a pre-trained model would be;
 # the run's seed draws the task head, the method's modules, the data order and dropout.
 BACKBONE_SEED = 0
@@ -215,12 +203,12 @@ def refuse_out_of_memory(plan: RunPlan):
 
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
     """Run ``plan`` unless a record under its key exists (then it is read, and must be whole:
-    ``read_done_record``); return the record. The records folder must be writable before anything
+    ``records.read_run_record``); return the record. The records folder must be writable before anything
     is computed."""
     key = run_key(plan)
     path = record_path(plan, key, out_dir)
     if path.exists() or path.is_symlink():
-        return read_done_record(plan, path)
+        return records.read_run_record(path)
     records.require_writable_folder(path.parent)
     started = time.perf_counter()
     prepared = prepare(plan)

@@ -72,8 +72,11 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     journal = out_dir / "journal.log"
     _check_journal(journal)  # here, in the driver: the trials' workers never open the journal
     if (out_dir / "runs").is_dir():  # trials of other code (its studies are others): runs/.stale
-        set_aside(out_dir / "runs")
-    storage = JournalStorage(JournalFileBackend(str(journal)))
+        moved = set_aside(out_dir / "runs")
+        if moved:
+            log.warning("search: %d trial records of other code set aside in %s (mmpetl records "
+                        "stale --out %s)", moved, out_dir / "runs" / ".stale", out_dir / "runs")
+    storage = _replayed(journal)
     metric = config["metric"]
     directions = ["minimize" if lower_is_better(metric) else "maximize", "minimize"]
     chosen = params.get("method", "all")
@@ -131,6 +134,22 @@ def _check_journal(path: Path) -> None:
     if cut is not None:
         log.warning("search: %s: line %d was cut short by an interrupted append (no newline); "
                     "dropped its %d bytes, resuming from the line before", path, number, dropped)
+
+
+def _replayed(journal: Path) -> JournalStorage:
+    """The journal's storage, every operation applied (Optuna replays the journal as it opens it):
+    a line that is JSON but no operation Optuna wrote (no op_code, an unknown one, a trial that is
+    not there) is refused here, naming the journal, instead of failing inside optuna."""
+    try:
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        storage.get_all_studies()
+    except (AssertionError, KeyError, IndexError, TypeError, ValueError) as error:
+        raise InputError("the search journal holds an operation Optuna cannot replay: restore it "
+                         f"(`git checkout -- {journal}`) or delete it to start the search over",
+                         file=str(journal), key="(its operations)",
+                         expected="operations written by Optuna",
+                         found=f"{type(error).__name__}: {error}") from None
+    return storage
 
 
 def _cut_tail(path: Path) -> tuple[int, int] | None:

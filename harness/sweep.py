@@ -31,7 +31,7 @@ from harness import concurrency, records
 from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
 from harness.ray_executor import RayOptions, ray_session, run_with_ray
-from harness.run import RUNS_DIR, read_done_record, record_path, run_code_hash, run_key, run_trial
+from harness.run import RUNS_DIR, record_path, run_code_hash, run_key, run_trial
 from harness.settings import RunPlan, plan_run, plan_to_dict, section, seeds_for
 from methods import method_names
 
@@ -76,13 +76,13 @@ def grid_plans(params: dict) -> list[RunPlan]:
 
 
 def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
-    """The plans without a record; a record that is there must be whole (``run.read_done_record``:
+    """The plans without a record; a record that is there must be whole (``records.read_run_record``:
     InputError naming a corrupt, empty, metric-less or another run's one)."""
     todo = []
     for plan in plans:
         path = record_path(plan, run_key(plan), out_dir)
         if path.exists() or path.is_symlink():
-            read_done_record(plan, path)
+            records.read_run_record(path)
         else:
             todo.append(plan)
     return todo

@@ -176,3 +176,18 @@ def test_check_data_reads_with_the_loader_options_of_params(capsys, tmp_path):
     code, err = mmpetl(capsys, "check-data", "--dataset", "msrvtt", "--path", data, "--params",
                        tmp_path / "none.yaml")  # a params file named but absent: refused
     assert code == 2 and "none.yaml" in err, err
+
+
+@pytest.mark.parametrize("key, value", [("image_size", "big"), ("format", "zip")])
+def test_check_data_names_the_params_key_of_a_bad_loader_option(capsys, tmp_path, key, value):
+    """check-data reads the data block of --params: a bad option there is named in that file (it
+    named the dataset's card)."""
+    import yaml
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["tiny"]["food101"][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    code, err = mmpetl(capsys, "check-data", "--dataset", "food101", "--path", tmp_path, "--params",
+                       path, "--profile", "tiny")
+    assert code == 2 and f"file {path}, key 'data.tiny.food101.{key}'" in err, err
+    only(tmp_path, "params.yaml")

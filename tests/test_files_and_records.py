@@ -237,7 +237,7 @@ def test_damaged_record_stops_the_sweep_naming_it(damage, study, tmp_path, capsy
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no metrics", "a folder", "a metric not a number",
-                                    "another seed inside"])
+                                    "another seed inside", "another run's record"])
 def test_damaged_record_stops_tables_and_run(damage, study, tmp_path, capsys, no_compute):
     params, runs = study
     runs = copy_of(runs, tmp_path)

@@ -96,6 +96,7 @@ BAD_VALUES = [
      "true or false"),
     ("data.tiny.food101.valid_fraction", 1.5, "data.tiny.food101.valid_fraction", "less than 1"),
     ("data.tiny.food101.imgae_size", 32, "data.tiny.food101.imgae_size", "one of ['format'"),
+    ("data.tiny.food101.format", "zip", "data.tiny.food101.format", "one of ['raw', 'mmbt', 'cggm']"),
     ("data.tiny.msrvtt.max_tokens", 0, "data.tiny.msrvtt.max_tokens", "greater than 0"),
     ("data.tiny.msrvtt.max_tokens", 2.7, "data.tiny.msrvtt.max_tokens", "an integer"),
     ("data.tiny.msrvtt.split_scheme", "bogus", "data.tiny.msrvtt.split_scheme",

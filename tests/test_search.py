@@ -230,3 +230,22 @@ def test_a_damaged_journal_line_is_an_input_error(search_params, tmp_path, bad, 
     assert f"'line {number}'" in str(error.value) and "git checkout" in str(error.value)
     assert journal.read_bytes() == damaged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]  # no partial results
+
+
+@pytest.mark.parametrize("bad", [b"{}\n", b'{"op_code": 99}\n', b'{"op_code": 6, "worker_id": "x"}\n'],
+                         ids=["no-op-code", "unknown-op-code", "no-trial-id"])
+def test_a_journal_line_optuna_cannot_replay_is_an_input_error(search_params, tmp_path, bad):
+    """JSON objects, but no operation Optuna wrote: named with the journal (they were a KeyError or
+    an AssertionError from inside optuna), nothing changed or written."""
+    journal = tmp_path / "journal.log"
+    study = optuna.create_study(study_name="other", storage=JournalStorage(
+        JournalFileBackend(str(journal))))
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join([*lines[:1], bad, *lines[1:]]))
+    damaged = journal.read_bytes()
+    with pytest.raises(InputError) as error:
+        run_search(search_params, "sequential", 1, tmp_path)
+    assert error.value.file == str(journal) and "cannot replay" in str(error.value), str(error.value)
+    assert journal.read_bytes() == damaged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]
