@@ -453,17 +453,16 @@ def cmd_check_data(args) -> int:
         source = (f"{params['_file']} {'.'.join(where)}" if block is not None else
                   f"the card's defaults: {params['_file']} has no {'.'.join(where)}")
         if block is not None:
-            options = dict(block)
-            fmt = args.format or options.pop("format", None)
+            fmt, options = args.format or block[0], block[1]
     report = {**check_data(args.dataset, args.path, fmt, **options),
               "loader_options": {"values": options, "from": source}}
     _emit(report, args.json, _check_summary)
     return 0
 
 
-def _data_block(params: dict, profile: str, dataset: str) -> dict | None:
-    """The loader options of params.yaml's data.<profile>.<dataset> (None when there is no such
-    block), checked as every command checks them (format and options)."""
+def _data_block(params: dict, profile: str, dataset: str) -> tuple[str | None, dict] | None:
+    """(format, loader options) of params.yaml's data.<profile>.<dataset> (None when there is no
+    such block), checked as every command checks them."""
     from harness.data import block_options, load_card
     from harness.params_schema import check_data_block
 
@@ -476,7 +475,7 @@ def _data_block(params: dict, profile: str, dataset: str) -> dict | None:
     options = block_options(block)
     check_data_block(load_card(dataset), block.get("format"), options, params["_file"],
                      ("data", profile, dataset))
-    return {**options, **({"format": block["format"]} if block.get("format") else {})}
+    return block.get("format"), options
 
 
 def _check_summary(r: dict) -> None:
@@ -536,8 +535,8 @@ def cmd_data(args) -> int:
                              expected=error.expected, found=error.found) from None
     else:
         location = section(params, "data", profile, args.dataset)
-        options = _data_block(params, profile, args.dataset)
-        report = check_data(args.dataset, location["path"], options.pop("format", None), **options)
+        fmt, options = _data_block(params, profile, args.dataset)
+        report = check_data(args.dataset, location["path"], fmt, **options)
         write_json_atomic(target / "check.json", report)
     _emit(report, args.json, lambda r: print(f"{args.dataset}: {profile} data ready at "
                                              f"{r.get('path', target)}"))

@@ -89,3 +89,12 @@ def copy_project(base: Path, folder: Path, **params_update) -> Path:
     sh("git", "add", "-A", cwd=folder)
     sh("git", "commit", "-qm", "a small study", cwd=folder)
     return folder
+
+
+def mmpetl(capsys, *argv) -> tuple[int, str]:
+    """Run the command line in-process: (exit code, stderr)."""
+    from harness.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err

@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from harness.cli import main
-from helpers import ROOT
+from helpers import ROOT, mmpetl
 
 PARAMS = str(ROOT / "params.yaml")
-
-
-def mmpetl(capsys, *argv) -> tuple[int, str]:
-    """Run the command line in-process: (exit code, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture

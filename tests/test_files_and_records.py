@@ -25,7 +25,7 @@ from harness import records
 from harness.cli import main
 from harness.errors import InputError
 from harness.features import CacheError, content_hash
-from helpers import ROOT, small_mosi_params
+from helpers import ROOT, mmpetl, small_mosi_params
 from test_extract import extract, late_fusion_items
 from test_tables import write_record
 
@@ -72,13 +72,6 @@ def copy_of(runs: Path, tmp_path: Path) -> Path:
 def the_record(runs: Path) -> Path:
     (path,) = sorted((runs / "mosi").glob("*-seed*-*.json"))
     return path
-
-
-def mmpetl(capsys, *argv) -> tuple[int, str]:
-    """Run the command line in-process: (exit code, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture
