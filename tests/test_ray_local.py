@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -73,10 +74,12 @@ def test_the_instance_stops_when_its_driver_is_killed():
     driver = subprocess.Popen(
         [sys.executable, "-c", "import json, time\nfrom harness.ray_local import LocalRay\n"
          "head = LocalRay(1)\nhead.address()\n"
-         "print(json.dumps([head.process.pid, head.port]), flush=True)\ntime.sleep(600)"],
+         "print(json.dumps([head.process.pid, head.port, str(head.log)]), flush=True)\n"
+         "time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    log = None
     try:
-        head_pid, port = json.loads(driver.stdout.readline())
+        head_pid, port, log = json.loads(driver.stdout.readline())
         assert port_open(port)  # the head's GCS answers
         driver.send_signal(signal.SIGKILL)  # no finally block runs in the driver
         driver.wait()
@@ -88,6 +91,8 @@ def test_the_instance_stops_when_its_driver_is_killed():
     finally:
         driver.kill()
         driver.wait()
+        if log:  # the killed driver could not remove its head's log
+            Path(log).unlink(missing_ok=True)
 
 
 def raylets() -> set[int]:
