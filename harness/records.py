@@ -98,8 +98,26 @@ def tree_hash(path: str | Path) -> str:
     return _fixed(("tree", str(root.resolve())), lambda: _tree_hash(root))
 
 
+def data_files(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, following symlinked folders (data are often linked in
+    from another disk) except into a folder that holds itself (a symlink loop)."""
+    found = []
+
+    def walk(folder: Path, ancestors: frozenset) -> None:
+        for entry in os.scandir(folder):
+            if entry.is_dir():  # a symlinked folder too
+                real = os.path.realpath(entry.path)
+                if real not in ancestors:
+                    walk(Path(entry.path), ancestors | {real})
+            elif entry.is_file():
+                found.append(Path(entry.path))
+
+    walk(root, frozenset({os.path.realpath(root)}))
+    return sorted(found)
+
+
 def _tree_hash(root: Path) -> str:
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    files = data_files(root) if root.is_dir() else [root]
     signature = (str(root.resolve()),) + tuple(
         (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if signature not in _TREE_MEMO:

@@ -522,3 +522,21 @@ def test_data_killed_midway_is_cleaned_by_the_next_run(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(command, cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert sorted(p.name for p in generated.iterdir()) == ["mosi"]
+
+
+def test_data_behind_a_symlinked_folder_is_hashed(tmp_path):
+    """Data linked in from another disk (a symlinked folder) counts in the data hash, so a changed
+    image behind the link is a new run key; a link back to a folder above it (a loop) is not
+    followed."""
+    store, data = tmp_path / "store", tmp_path / "data"
+    (store / "images").mkdir(parents=True)
+    (store / "images" / "a.jpg").write_bytes(b"one")
+    data.mkdir()
+    (data / "labels.txt").write_text("x")
+    (data / "images").symlink_to(store / "images", target_is_directory=True)
+    (data / "images_loop").symlink_to(data, target_is_directory=True)
+    assert [p.relative_to(data).as_posix() for p in records.data_files(data)] == [
+        "images/a.jpg", "labels.txt"]
+    before = records.tree_hash(data)
+    (store / "images" / "a.jpg").write_bytes(b"two")
+    assert records.tree_hash(data) != before
