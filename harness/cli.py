@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -73,10 +74,11 @@ def cmd_audit(args) -> int:
 
     _use_threads(None)
 
+    _load_params_methods(args)
     if args.what == "params":
-        from harness.audit_params import audit_params, audit_params_markdown
+        from harness.audit_params import PAPER_ROWS, audit_params, audit_params_markdown
 
-        rows = audit_params()
+        rows = audit_params(rows=tuple(r for r in PAPER_ROWS if not args.method or r.method in args.method))
         _emit(rows, args.json, lambda r: print(audit_params_markdown(r)))
         return 0
     if args.what == "grads":
@@ -106,6 +108,9 @@ def _parse_sets(pairs: list[str] | None) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InputError("bad --set", key=pair, expected="key=value", found=pair)
+        if key.strip() in overrides:
+            raise InputError("--set gives a key twice", key=key.strip(), expected="each key once",
+                             found=f"{overrides[key.strip()]!r} and {value.strip()!r}")
         overrides[key.strip()] = value.strip()
     return overrides
 
@@ -301,9 +306,14 @@ def _search_command(args) -> int:
         f"{s['trials']} trials on {s['dataset']} (selected on validation {s['metric']}); "
         "Pareto front: "
         + "; ".join(f"{p['method']} {p['tunable']:.0f} params -> validation "
-                    f"{p['valid_' + s['metric']]:.4f} (test {p['test_' + s['metric']]:.4f})"
+                    f"{p['valid_' + s['metric']]:.4f} (test {_number(p.get('test_' + s['metric']))})"
                     for p in s["pareto"])))
     return 0
+
+
+def _number(value) -> str:
+    """``value`` to 4 decimals; a dash when there is none (a trial whose run record was pruned)."""
+    return "—" if value is None else f"{value:.4f}"
 
 
 def cmd_cost(args) -> int:
@@ -662,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "params: each method's parameter counts, ours beside the released code's")
     p.add_argument("what", choices=["grads", "params"])
     p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
+    p.add_argument("--params", help="its `methods` (your own method modules) are audited too "
+                                     "(default: params.yaml, when there is one)")
     _document(parser)
     return parser
 
@@ -741,6 +753,9 @@ def command() -> int:
     gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
     try:
         return main()
+    except BrokenPipeError:  # the reader went away (``mmpetl diff | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a program a closed pipe stopped
     finally:
         gc.freeze()
 
@@ -770,13 +785,28 @@ def _dispatch(args) -> int:
         return 2
 
 
+def _load_params_methods(args) -> None:
+    """Register the method modules the parameters file lists (``methods``): a user's methods are
+    known to every command, not to the sweep alone. Without ``--params``: params.yaml, when here."""
+    path = getattr(args, "params", None) or "params.yaml"
+    if getattr(args, "params", None) is None and not Path(path).is_file():
+        return
+    from harness.params_file import read_params
+    from harness.settings import load_params_methods
+
+    load_params_methods(read_params(path))
+
+
 def _check_methods(args) -> None:
-    """``--method`` (and ``--variant``): registered names, else an InputError naming the option."""
+    """``--method`` (and ``--variant``): registered names, else an InputError naming the option.
+    A name not registered yet may be one of the parameters file's own methods: those are loaded."""
     names = getattr(args, "method", None) or []
     if not names:
         return
     from methods import get_method, method_names
 
+    if any(name not in method_names() for name in ([names] if isinstance(names, str) else names)):
+        _load_params_methods(args)
     for name in [names] if isinstance(names, str) else names:
         if name not in method_names():
             raise InputError(f"unknown method {name!r}", key="--method",

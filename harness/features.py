@@ -452,9 +452,14 @@ def _write_cache(backbone, dataset_split, path: Path, encoder_hash_: str, data_h
                     for m in backbone.modalities:
                         half = states[m].to(STORAGE_DTYPE)
                         if not torch.isfinite(half).all():
-                            raise InputError("non-finite encoder states (NaN, or beyond the fp16 range)",
-                                             file=str(path), key=f"{FEATURE_PREFIX}{m}",
-                                             expected="finite values", found=f"batch at item {done}")
+                            bad = int((~torch.isfinite(half)).flatten(1).any(1).nonzero()[0])
+                            sample = batch["id"][bad] if "id" in batch else f"item {done + bad}"
+                            raise InputError(
+                                f"the frozen encoders' {m} outputs on the data's sample {sample!r} "
+                                "are NaN or beyond float16's range (the cache's dtype): check the "
+                                "inputs' scale (mmpetl check-data warns of values beyond float16)",
+                                file=str(path), key=f"{FEATURE_PREFIX}{m}",
+                                expected="finite values", found=f"non-finite at item {done + bad}")
                         rows[f"{FEATURE_PREFIX}{m}"] = half
                     rows.update({f"{MASK_PREFIX}{m}": mask.bool() for m, mask in masks.items()})
                     rows.update({k: batch[k] for k in KEEP_FIELDS if isinstance(batch.get(k), torch.Tensor)})

@@ -15,9 +15,11 @@ PARAMS_FILE = "params.yaml"
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2's floats: ``1e-3`` is a number (YAML 1.1, PyYAML's default, needs a
-    dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string); a key given twice in
-    one mapping is an error (PyYAML keeps the last one silently)."""
+    """YAML with YAML 1.2's floats and booleans: ``1e-3`` is a number (YAML 1.1, PyYAML's default,
+    needs a dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string), and only
+    true / false are booleans (YAML 1.1's yes / no / on / off are strings, which a boolean setting
+    then refuses); a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently)."""
 
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)
@@ -33,6 +35,11 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_Loader.yaml_implicit_resolvers = {  # a copy without YAML 1.1's booleans: SafeLoader's stays
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

@@ -19,9 +19,15 @@ for one method, or for a method without a search space, leaves the others' trial
 Outputs: trials.csv (every trial: ``valid_<metric>``, ``test_<metric>``, #tunable, Pareto flag
 on validation), pareto.png (validation metric vs #tunable, with the profile banner), summary.json
 (the Pareto front: one entry per setting, with the trials that reached it).
+
+A trial's setting is a function of its number and the trials before it, never of when it was asked
+(``NumberSeeded``), and a search interrupted (killed, SIGTERM) leaves its asked-but-untold trials
+RUNNING in the journal, which the next start runs under the same numbers: a resumed or extended
+search ends with the trials, outputs and Pareto front of one uninterrupted search.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +43,7 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.storages import JournalStorage  # noqa: E402
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
 from harness import records  # noqa: E402
 from harness.errors import InputError  # noqa: E402
@@ -44,12 +51,50 @@ from harness.params_schema import check_search  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
 from harness.tasks.metrics import lower_is_better  # noqa: E402
-from harness.sweep import RAY_STORAGE, run_many, set_aside, worker_pool  # noqa: E402
+from harness.sweep import RAY_STORAGE, restore, run_many, set_aside, worker_pool  # noqa: E402
 from harness.tables.render import profile_banner  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+PROPOSALS = "number-seeded"  # how trials are proposed (NumberSeeded): part of a study's identity
+
+
+class NumberSeeded(optuna.samplers.BaseSampler):
+    """``sampler`` (tpe, random) made a pure function of the trial's number: trial n's value for
+    a parameter is what a fresh sampler seeded from (seed, n, parameter name) proposes from a
+    fresh in-memory study holding exactly the trials before n that batch b = n // batch would
+    see in one uninterrupted search: every COMPLETE trial of the earlier batches (numbers below
+    b * batch, with their results), and batch b's earlier trials as RUNNING (their settings
+    only: TPE's constant liar). Nothing else reaches it: not the sampler's RNG position (which
+    a restart resets), not when the trial was asked, not a later or a still-running trial. So a
+    restarted search, one resumed mid-batch, or one extended from 8 to 10 trials proposes trial
+    n's setting as an uninterrupted search does. (The seed is per parameter too, so a trial cut
+    between two suggestions gets the second one as before.)"""
+
+    def __init__(self, sampler: str, seed: int, batch: int):
+        self.sampler, self.seed, self.batch = sampler, seed, batch
+
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return {}  # every parameter is sampled by sample_independent
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        start = trial.number - trial.number % self.batch
+        key = f"{self.seed}/{trial.number}/{param_name}".encode()
+        seed = int(hashlib.sha256(key).hexdigest()[:8], 16)
+        seen = optuna.create_study(directions=study.directions,
+                                   sampler=SAMPLERS[self.sampler](seed=seed))
+        for before in study.get_trials(deepcopy=False):
+            if before.number < start and before.state == TrialState.COMPLETE:
+                seen.add_trial(before)
+            elif start <= before.number < trial.number:  # batch b's earlier trials, in flight
+                seen.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING,
+                                                         params=before.params,
+                                                         distributions=before.distributions))
+        return seen.ask({param_name: param_distribution}).params[param_name]
 
 
 def _settings(params: dict) -> dict:
@@ -84,6 +129,12 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     spaces = {method: space for method, space in every_space.items() if chosen in ("all", method)}
     studies = {method: _open_study(params, config, storage, directions, method)
                for method in spaces}
+    back = restore([_plan_for(params, config, method, trial.params) for method, study in studies.items()
+                    for trial in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])],
+                   out_dir / "runs")  # the records of its told trials, set aside by an edit since undone
+    if back:
+        log.warning("search: %d trial records moved back from %s (their code is current again)",
+                    back, out_dir / "runs" / ".stale")
     with worker_pool(executor, workers) as pool:
         if executor == "ray":  # Ray's OptunaSearch asks each study as workers free up
             for method in spaces:
@@ -179,21 +230,17 @@ def _cut_tail(path: Path) -> tuple[int, int] | None:
 
 def study_name_for(params: dict, method: str) -> str:
     """``<dataset>-<method>-valid-<hash>``: a study is named by everything that defines it: the
-    metric, the space, the sampler and its seed, and the run key of its first point (the data,
-    training settings, code and package versions), so a change to any of them starts a new study
-    instead of reporting old trials under it."""
+    metric, the space, the sampler, its seed and how it proposes (``PROPOSALS``), and the run key
+    of its first point (the data, training settings, code and package versions), so a change to
+    any of them starts a new study instead of reporting old trials under it."""
     config = section(params, "search")
     space = section(params, "search", "space", method)
     first = plan_run(params, config["dataset"], method, seed=config["train_seed"],
                      settings={name: choices[0] for name, choices in space.items()})
     identity = records.canonical_hash({"metric": config["metric"], "space": space,
                                        "sampler": config["sampler"], "seed": config["seed"],
-                                       "run": run_key(first)})[:12]
+                                       "proposals": PROPOSALS, "run": run_key(first)})[:12]
     return f"{config['dataset']}-{method}-valid-{identity}"
-
-
-def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.trials if t.state.is_finished()]
 
 
 def _plan_for(params: dict, config: dict, method: str, settings: dict):
@@ -210,7 +257,7 @@ def _load_study(name: str, storage, sampler) -> optuna.Study | None:
 
 
 def _sampler(config: dict) -> optuna.samplers.BaseSampler:
-    return SAMPLERS[config["sampler"]](seed=config["seed"])
+    return NumberSeeded(config["sampler"], config["seed"], config["batch"])
 
 
 def _open_study(params, config, storage, directions, method) -> optuna.Study:
@@ -228,8 +275,9 @@ def _open_study(params, config, storage, directions, method) -> optuna.Study:
 
 def _search_with_ray(params, config, storage, directions, method, space, study, workers,
                      out_dir) -> optuna.Study:
-    """Run the study's missing trials through Ray Tune's OptunaSearch; the study reloaded."""
-    todo = config["trials"] - len(_finished(study))
+    """Run the study's missing trials through Ray Tune's OptunaSearch; the study reloaded. (Trials
+    an interrupted search left RUNNING count: ``_search_batches`` runs them after.)"""
+    todo = config["trials"] - len(study.trials)
     if todo <= 0:
         return study
     from harness.ray_executor import RayOptions, search_with_ray
@@ -242,30 +290,44 @@ def _search_with_ray(params, config, storage, directions, method, space, study, 
 
 
 def _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool) -> None:
-    """Until every study has ``trials`` finished trials: ask each unfinished study for a batch,
-    run every study's batch together (the workers stay busy while one method's runs are longer
-    than another's), tell each study its results. A study's asks and tells are the ones it would
-    get alone: its trials do not depend on the other studies'."""
+    """Until every study has ``trials`` trials, all told: take each study's next batch
+    (``_next_batch``), run every study's batch together (the workers stay busy while one method's
+    runs are longer than another's), tell each study its results. A study's asks and tells are the
+    ones it would get alone: its trials do not depend on the other studies'."""
     metric = config["metric"]
     while True:
-        asked = {method: [study.ask() for _ in range(min(config["batch"], config["trials"]
-                                                          - len(_finished(study))))]
-                 for method, study in studies.items()}
-        plans = {method: [_plan_for(params, config, method,
-                                    {name: trial.suggest_categorical(name, choices)
-                                     for name, choices in spaces[method].items()})
-                          for trial in trials]
-                 for method, trials in asked.items()}
+        batches = {method: _next_batch(study, spaces[method], config)
+                   for method, study in studies.items()}
+        plans = {method: [_plan_for(params, config, method, trial.params) for trial in trials]
+                 for method, trials in batches.items()}
         todo = [plan for method_plans in plans.values() for plan in method_plans]
         if not todo:
             return
         run_many(todo, executor, workers, out_dir / "runs",
                  desc="search " + ", ".join(m for m, p in plans.items() if p), pool=pool)
-        for method, trials in asked.items():
+        for method, trials in batches.items():
             for trial, plan in zip(trials, plans[method]):
                 record = execute(plan, out_dir / "runs", progress=False)  # reads the record back
                 tunable = record["tunable"]["method"] + record["tunable"]["head"]
                 studies[method].tell(trial, [record["valid_metrics"][metric], tunable])
+
+
+def _next_batch(study: optuna.Study, space: dict, config: dict) -> list[optuna.trial.Trial]:
+    """The study's next trials, their settings suggested in number order: first those an
+    interrupted search asked and never told (still RUNNING: run again under their numbers, a
+    setting already suggested kept), then new ones up to the end of their batch (batch b holds
+    trials b * batch .. b * batch + batch - 1, as in an uninterrupted search) within ``trials``.
+    Their records are read back where the interrupted search had finished them."""
+    size, trials = config["batch"], study.get_trials(deepcopy=False)
+    batch = [optuna.trial.Trial(study, t._trial_id)  # (Trial: what ask returns for a new one)
+             for t in trials if t.state == TrialState.RUNNING]
+    first = batch[0].number if batch else len(trials)
+    for _ in range(max(0, min(config["trials"], first - first % size + size) - len(trials))):
+        batch.append(study.ask())
+    for trial in batch:
+        for name, choices in space.items():
+            trial.suggest_categorical(name, choices)
+    return batch
 
 
 def _trial_rows(params, config, method, study, out_dir) -> list[dict]:

@@ -19,6 +19,9 @@ Rounding
     are equal: such a paired difference is zero (a tie), and paired differences whose spread
     is within it have zero variance (t-test untestable). Float rounding (0.1 + 0.2 - 0.3 =
     5.6e-17, or accuracies scaled x100) therefore cannot turn "untestable" into p = 1e-31.
+    ``merge_ties`` applies the rule within one list of values (sorted values each within the
+    tolerance of the previous one are one tie): the Wilcoxon test's |differences| (mid-ranks)
+    and the leaderboards' means (shared ranks).
 
 Summary of one cell (``summarize``)
     mean, std (ddof=1), n and the seeds; the 95% Student-t interval of the mean
@@ -100,6 +103,17 @@ def tolerance(*arrays: np.ndarray) -> float:
     return RELATIVE_TOLERANCE * scale
 
 
+def merge_ties(values) -> np.ndarray:
+    """``values`` with each tie made exact: sorted values each within the rounding ``tolerance``
+    of the previous one take the smallest one's value."""
+    x = _finite(values)
+    merged, order, tol = x.copy(), np.argsort(x, kind="stable"), tolerance(x)
+    for previous, current in zip(order, order[1:]):
+        if x[current] - x[previous] <= tol:
+            merged[current] = merged[previous]
+    return merged
+
+
 def improvements(wander: np.ndarray, baseline: np.ndarray, metric: str) -> np.ndarray:
     """Direction-signed differences (> 0: Wander better), broadcasting; differences within the
     rounding ``tolerance`` of the values are exactly 0 (ties)."""
@@ -171,8 +185,11 @@ def wilcoxon_exact(differences: Sequence[float], alpha: float = ALPHA) -> dict:
     if n == 0:
         notes.append("no non-zero difference: test undefined")
         return {"p": None, "n": 0, "min_p": min_p, "method": None, "note": "; ".join(notes)}
-    ties = np.unique(np.abs(nonzero)).size < n
-    if ties:
+    # |differences| equal within the rounding tolerance are one tie (mid-ranks), never ranked
+    # by float noise
+    magnitude = merge_ties(np.abs(nonzero))
+    nonzero = np.sign(nonzero) * magnitude
+    if np.unique(magnitude).size < n:
         method = sps.PermutationMethod(n_resamples=max(2 ** n, 9999),
                                        rng=np.random.default_rng(SEED))
         method_name = "exact (sign-flip enumeration, mid-ranks for tied |differences|)"

@@ -257,8 +257,7 @@ def _sweep(params: dict, executor: str, workers: int | None, out_dir: Path) -> d
     computed = came_home.get("computed", len(todo))
     return {"runs": len(plans), "computed": computed, "reused": len(plans) - computed,
             "restored": restored, "set_aside": moved_aside, "executor": executor, "workers": workers,
-            "records": sorted(str(record_path(p, run_key(p), out_dir).relative_to(out_dir))
-                              for p in plans),
+            "records": [str(path.relative_to(out_dir)) for path in folder_records(out_dir)],
             **({"ray": came_home} if executor == "ray" and came_home else {})}
 
 
@@ -281,13 +280,18 @@ def stale_reason(record: dict, hashes: dict | None = None) -> str | None:
     return None
 
 
+def folder_records(out_dir: Path) -> list[Path]:
+    """Every run record of ``out_dir`` (``<dataset>/<row>-seed<k>-<key>.json``), sorted; not Ray's
+    storage, temporaries or the set-aside ones (names starting with a dot)."""
+    return [path for path in sorted(Path(out_dir).glob("*/*-seed*-*.json"))
+            if not (path.parent.name.startswith(".") or path.name.startswith("."))]
+
+
 def set_aside(out_dir: Path) -> int:
     """Move every record of ``out_dir`` with a ``stale_reason`` to ``out_dir/.stale/<dataset>/``
     (never deleted here); how many."""
     moved, hashes = 0, {}
-    for path in sorted(Path(out_dir).glob("*/*-seed*-*.json")):
-        if path.parent.name.startswith(".") or path.name.startswith("."):
-            continue  # Ray's storage, temporaries
+    for path in folder_records(out_dir):
         if stale_reason(records.read_run_record(path), hashes):
             _move(path, Path(out_dir) / STALE / path.relative_to(out_dir))
             moved += 1

@@ -33,9 +33,15 @@ Deviations: MaPLe initialises the first-layer language prompts from the embeddin
 "a photo of a" (CLIP); our backbones have no text template, so every language prompt is
 N(0, ``init_std``) = N(0, 0.02) as MaPLe's deeper prompts are. MaPLe's first-layer text prompts
 replace template tokens inside the sequence; here all prompts are prepended.
+
+Init of the couplings, as released (``trainers/maple.py``): the depth-0 coupling is a Linear of
+its own; the deeper ones (depths 1 .. J-1) start as copies of one Linear (``_get_clones``, a deep
+copy per depth), so they begin identical and part as they train. Each link of the cascade has
+its own such pair.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -80,9 +86,11 @@ class CoupledPrompts(PromptProvider):
         shape = (config.num_prompts, widths[order[0]])
         self.source = nn.ParameterDict({
             str(i): nn.Parameter(torch.randn(shape) * config.init_std) for i in range(prompt_depth)})
+        links = list(zip(order, order[1:]))
+        first = {dst: nn.Linear(widths[src], widths[dst]) for src, dst in links}
+        deep = {dst: nn.Linear(widths[src], widths[dst]) for src, dst in links}  # cloned per depth
         self.couplings = nn.ModuleDict({
-            str(i): nn.ModuleDict({dst: nn.Linear(widths[src], widths[dst])
-                                   for src, dst in zip(order, order[1:])})
+            str(i): nn.ModuleDict(first if i == 0 else copy.deepcopy(deep))
             for i in range(prompt_depth)})
 
     def coupled(self, depth: int) -> dict[str, torch.Tensor]:

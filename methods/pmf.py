@@ -12,7 +12,8 @@ has three kinds of learnable prompts:
 - fusion-context prompts C^F (``num_fusion_context``, 4): context for the fusion with the
   translated queries of the other modality;
 
-and a non-linear translator (a 2-layer MLP, D_src -> hidden -> D_dst, GELU) maps a modality's
+and a non-linear translator (a 2-layer MLP, D_src -> hidden -> D_dst, ReLU as in the released
+``MLP_adapter``) maps a modality's
 query outputs into the other modality's space, where they are fed to that modality's layer.
 
 Our reading, in the ``PromptProvider`` contract (one pass per layer; the provider sees the
@@ -34,9 +35,9 @@ num_fusion_context and h_{nm} the translator width of the pair:
 
     F * n * sum_m D_m + (F - 1) * sum_{n != m} (D_n * h_{nm} + h_{nm} + h_{nm} * D_m + D_m)
 
-Translator width: ``translator_hidden`` None (default) = PMF's 384, clipped to half the wider
-width of the pair for narrow backbones: h = min(384, max(D_n, D_m) // 2) (PMF's 384 is half of
-768; width 40 gives 20, the audit's width 32 gives 16). An explicit integer is used as given.
+Translator width: ``translator_hidden`` None (default) = half the wider width of the pair,
+h = max(D_n, D_m) // 2, as the released ``check_args`` sets it (384 for ViT-B / BERT-base; width 40
+gives 20, the audit's width 32 gives 16). An explicit integer is used as given.
 
 Deviations from PMF (stated for the tables):
 
@@ -66,7 +67,6 @@ from torch import nn
 from methods.base import MethodConfig, PromptProvider, Variant, positive, require
 from methods.registry import register
 
-PMF_HIDDEN = 384
 PROMPT_KINDS = ("query", "query_context", "fusion_context")
 
 
@@ -76,7 +76,7 @@ class PMFConfig(MethodConfig):
     num_query: int = 4                     # query prompts per fusion layer per modality
     num_query_context: int = 4             # query-context prompts
     num_fusion_context: int = 4            # fusion-context prompts
-    translator_hidden: int | None = None   # None = min(384, max(D_src, D_dst) // 2)
+    translator_hidden: int | None = None   # None = max(D_src, D_dst) // 2
     reduce: str = "mean"                   # how the translated queries of all others combine
     init_std: float = 0.02                 # N(0, init_std) init of every prompt
     train_fusion_context: bool = True      # False = released PMF (code variant)
@@ -102,14 +102,14 @@ class PMFConfig(MethodConfig):
 def translator_width(config: PMFConfig, d_src: int, d_dst: int) -> int:
     if config.translator_hidden is not None:
         return config.translator_hidden
-    return max(1, min(PMF_HIDDEN, max(d_src, d_dst) // 2))
+    return max(1, max(d_src, d_dst) // 2)
 
 
 class Translator(nn.Sequential):
     """PMF's non-linear query translator: D_src -> hidden -> D_dst."""
 
     def __init__(self, d_src: int, hidden: int, d_dst: int):
-        super().__init__(nn.Linear(d_src, hidden), nn.GELU(), nn.Linear(hidden, d_dst))
+        super().__init__(nn.Linear(d_src, hidden), nn.ReLU(), nn.Linear(hidden, d_dst))
 
 
 class InteractivePrompts(PromptProvider):
@@ -175,7 +175,7 @@ class InteractivePrompts(PromptProvider):
             "layers, MLP translators carrying each modality's query outputs to the others",
     variants={
         "paper": Variant("PMF: last 2 layers, 4 + 4 + 4 prompts, 2-layer MLP translators "
-                         "(hidden 384, clipped to half the width for narrow backbones), mean of "
+                         "(ReLU, hidden half the wider width), mean of "
                          "the translated queries of all other modalities, every prompt trained",
                          starts_as_identity=False),
         "code": Variant("released PMF: as paper, but the fusion-context prompts are never "

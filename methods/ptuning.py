@@ -25,9 +25,14 @@ Deviations (stated for the tables):
   ``W_k LN(p) + b_k`` and ``W_v LN(p) + b_v`` (the VPT-deep form). Same number of tokens and
   depth; half the parameters per token (D instead of 2 * D), and the keys / values are
   constrained to the frozen projections' range.
-- Init: N(0, ``init_std``) with ``init_std`` = 0.02 (small Gaussian; P-tuning v2's prefix
-  embedding uses the torch default N(0, 1)). In a pre-LayerNorm encoder the scale only matters
-  through the LayerNorm epsilon and the gradient magnitude.
+- Init: N(0, ``init_std``) with ``init_std`` = 0.02. The released P-tuning v2 builds its model
+  with transformers' ``from_pretrained`` (transformers 4.11.3), which initialises the modules
+  missing from the checkpoint, its prefix embedding among them, with BERT's ``_init_weights``:
+  N(0, initializer_range = 0.02) as well, by our reading (not run here).
+- Dropout: as released (``get_prompt``: ``self.dropout(past_key_values)``, the encoder's
+  ``hidden_dropout_prob``, 0.1 for BERT), each sample's copy of the prompts goes through dropout
+  (``dropout``, default 0.1) in training; the released code drops the key / value prefixes,
+  here the prompt tokens.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.base import MethodConfig, PromptProvider, Variant, positive, require
+from methods.base import MethodConfig, PromptProvider, Variant, positive, probability, require
 from methods.registry import register
 
 
@@ -44,10 +49,12 @@ from methods.registry import register
 class PTuningConfig(MethodConfig):
     num_prompts: int = 10    # P, tokens per layer per modality
     init_std: float = 0.02   # N(0, init_std) init of every prompt
+    dropout: float = 0.1     # on each sample's prompts in training (P-tuning v2's prefix dropout)
 
     def validate(self) -> None:
         positive(self, "num_prompts")
         require(self.init_std > 0, self, "init_std", "a standard deviation > 0")
+        probability(self, "dropout")
 
 
 class DeepPrompts(PromptProvider):
@@ -60,11 +67,13 @@ class DeepPrompts(PromptProvider):
                 m: nn.Parameter(torch.randn(config.num_prompts, width) * config.init_std)
                 for m, width in widths.items() if d < depths[m]})
             for d in range(max(depths.values()))})
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, depth: int, states: dict[str, torch.Tensor],
                 previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         layer = self.prompts[str(depth)]
-        return {m: layer[m].expand(x.shape[0], -1, -1) for m, x in states.items() if m in layer}
+        return {m: self.dropout(layer[m].expand(x.shape[0], -1, -1))
+                for m, x in states.items() if m in layer}
 
 
 @register(
@@ -74,7 +83,7 @@ class DeepPrompts(PromptProvider):
             "every modality encoder",
     variants={
         "paper": Variant("deep prompts at every layer of every encoder, 10 tokens each, "
-                         "N(0, 0.02) init, no reparameterisation",
+                         "N(0, 0.02) init, prompt dropout 0.1, no reparameterisation",
                          starts_as_identity=False),
     },
 )

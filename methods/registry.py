@@ -6,6 +6,7 @@ import ast
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +20,9 @@ from methods.base import (ConfigError, MethodConfig, MethodSpec, UnknownName, Va
 _REGISTRY: dict[str, MethodSpec] = {}
 # Where each method from outside the package came from: {name: {"source": ..., "module": ...}}
 _ORIGINS: dict[str, dict] = {}
+# Method and variant names: they make up record file names and the leaderboards' row names as
+# they are (``harness.records.row_slug``)
+NAME = re.compile(r"[a-z][a-z0-9_]*")
 ENTRY_POINTS = "mmpetl.methods"  # the entry-point group of methods in other distributions
 # The modules loaded from params.yaml ``methods``, for worker processes that start afresh
 ENV_MODULES = "MMPETL_METHODS"
@@ -32,6 +36,10 @@ def register(name: str, *, config: type, variants: dict[str, Variant], summary: 
     ``apply`` receives a fully frozen backbone, adds its modules (their parameters trainable) and
     may unfreeze backbone parameters it trains; the head is made trainable afterwards.
     """
+    for what, text in [("method", name)] + [("variant", v) for v in variants]:
+        if not isinstance(text, str) or not NAME.fullmatch(text):
+            raise ConfigError(f"{what} name {text!r}: use lowercase letters, digits and "
+                              "underscores, a letter first (e.g. my_method2)")
 
     def decorate(apply_fn: Callable) -> Callable:
         if name in _REGISTRY:

@@ -100,7 +100,8 @@ def test_lora_and_adapter_on_late_fusion(rows):
     assert r["ours_method"] == matrices * 2 * 16 * D  # A (r x D) + B (D x r), no bias
     r = find(rows, "Wander Table 3", "Adapter (d=16)")
     d = 16
-    assert r["ours_method"] == LAYERS * M * 2 * (D * d + d + d * D + D)
+    layer_norms = (LAYERS * M * 2 + M) * 2 * D  # two per layer and a final one per modality (Houlsby)
+    assert r["ours_method"] == LAYERS * M * 2 * (D * d + d + d * D + D) + layer_norms
     r = find(rows, "Wander Table 3", "P-tuning")
     assert r["ours_method"] == 10 * LAYERS * M * D
 
@@ -129,11 +130,12 @@ def test_two_tower_and_mmt_rows(rows):
 
 def test_adapter_wider_than_the_backbone_is_counted(rows):
     """The paper's "Adapter (d=64)" rows on the width-40 backbone: two adapters in each of the
-    3 x 32 layers, 40 -> 64 -> 40, no bottleneck but buildable."""
+    3 x 32 layers, 40 -> 64 -> 40, no bottleneck but buildable; with the LayerNorms (Houlsby)."""
+    layer_norms = (LAYERS * M * 2 + M) * 2 * D
     for table, out in (("Wander Table 2", 8), ("Wander Table 3", 1)):
         r = find(rows, table, "Adapter (d=64)")
         assert r["status"] == "ok"
-        assert r["ours_method"] == 2 * LAYERS * M * (2 * D * 64 + 64 + D) == 1_003_008
+        assert r["ours_method"] == 2 * LAYERS * M * (2 * D * 64 + 64 + D) + layer_norms == 1_018_608
         assert r["ours_head"] == late_fusion_head(out=out)
 
 
@@ -226,3 +228,14 @@ def test_printed_numbers():
     assert rounds_to(4_784_640, "4.8M") and not rounds_to(18_945_024, "19.0M")
     with pytest.raises(ValueError):
         parse_count("7.1 / 4.8M")
+
+
+def test_the_method_option_restricts_the_rows(capsys):
+    import json
+
+    from harness.cli import main
+
+    capsys.readouterr()
+    assert main(["audit", "params", "--method", "lora", "--method", "pmf", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {r["method"] for r in rows} == {"lora", "pmf"}

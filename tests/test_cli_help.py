@@ -89,3 +89,12 @@ def test_the_mmpetl_program_collects_in_full_rarely_and_freezes_its_objects_befo
                           "--params", "no-such-params.yaml"],
                          capture_output=True, text=True)
     assert bad.stdout.splitlines()[-1] == "2 True 100", bad.stderr[-2000:]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``mmpetl diff | head``: the closed pipe stops the command with the shell's 141, no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", "datasets"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command writes its first line
+    err = process.stderr.read()
+    assert process.wait() == 141 and b"Traceback" not in err, err.decode()

@@ -3,8 +3,10 @@ only its own method (its modules, what they import, the shared contract). Editin
 method changes that method's keys only; editing shared harness code changes every key. Records of
 other code are set aside in <records>/.stale (listed, brought back, deleted only on request)."""
 import json
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,3 +146,23 @@ def test_records_of_other_code_are_set_aside_listed_restored_and_pruned_on_reque
     assert main(["records", "prune", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"removed": 1}
     assert stale_records(out) == [] and record_path.is_file()
+
+
+def test_every_command_knows_the_params_files_methods(user_method, tmp_path, capsys, monkeypatch):
+    """A method listed under ``methods`` in the parameters file: ``mmpetl audit`` and ``mmpetl run``
+    know it (the sweep did; ``run --method`` and ``audit grads --method`` called it unknown)."""
+    # loading it names it for workers: restored after (delenv of an unset name would not be)
+    monkeypatch.setenv(registry.ENV_MODULES, os.environ.get(registry.ENV_MODULES, ""))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    params = yaml.safe_load((Path(records.PROJECT_ROOT) / "params.yaml").read_text())
+    params["methods"] = ["usermeths.bitfit"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    capsys.readouterr()
+    code = main(["audit", "grads", "--params", str(path), "--method", "bitfit_test", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert {row["method"] for row in json.loads(out)} == {"bitfit_test"}
+    code = main(["run", "--params", str(path), "--dataset", "nosuch", "--method", "bitfit_test"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'--method'" not in err and "nosuch" in err, err  # past the method check

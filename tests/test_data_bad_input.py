@@ -475,3 +475,26 @@ def test_generate_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(g, "_save_pickle", boom)
     expect_error(tmp_path, lambda: generate("mosi", tmp_path / "a" / "b"), "x", "'y'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repeated_and_shared_ids_are_usable_with_a_warning(tmp_path):
+    """Test samples that are training samples (leakage), and ids repeated within a split."""
+    def m(d):
+        d["train"]["id"] = np.array([[b"t", b"1", b"0"]] * 5)
+        d["test"]["id"] = np.array([[b"t", b"1", b"0"], [b"x", b"1", b"1"], [b"y", b"1", b"2"]])
+        d["valid"]["id"] = np.array([[f"u{i}".encode(), b"1", b"0"] for i in range(3)])
+    mult(tmp_path, mutate=m)
+    warnings = check_data("mosi", tmp_path)["warnings"]
+    assert [w for w in warnings if w.startswith("train: 4 repeated sample id(s)")], warnings
+    assert [w for w in warnings if w.startswith("train and test share 1 sample id(s)")], warnings
+    assert not [w for w in warnings if w.startswith("train and valid")], warnings
+
+
+def test_features_beyond_float16_are_usable_with_a_warning(tmp_path):
+    """1e38 in a feature: the encoder outputs overflow the feature cache's float16 (check-data said
+    usable; the run stopped naming the cache file)."""
+    def m(d):
+        d["train"]["text"][0, 0, 0] = 1e38
+    mult(tmp_path, mutate=m)
+    warnings = check_data("mosi", tmp_path)["warnings"]
+    assert [w for w in warnings if w.startswith("train: text reaches |x| = 1e+38")], warnings

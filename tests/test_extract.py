@@ -272,7 +272,11 @@ def test_non_finite_states_are_refused(late, tmp_path):
     backbone, items = setup("late_fusion", None, late, "wander")
     bad = copy.deepcopy(items.items)
     bad[5]["audio"][0, 0] = float("nan")
-    with pytest.raises(InputError, match="non-finite"):
+    with pytest.raises(InputError, match="non-finite at item 5"):
+        extract(backbone, Items(bad), tmp_path / "train.h5")
+    for i, item in enumerate(bad):  # the data's own sample ids, when the items carry them
+        item["id"] = f"clip{i}"
+    with pytest.raises(InputError, match="audio outputs on the data's sample 'clip5'"):
         extract(backbone, Items(bad), tmp_path / "train.h5")
     assert list(tmp_path.iterdir()) == []
 

@@ -420,22 +420,31 @@ def test_tables_out_writes_only_there(tmp_path, capsys):
 
 
 # --- 6. statistics never pool records of different inputs ------------------------------------------
-@pytest.mark.parametrize("field, differing", [
-    ("data_hash", {"data_hash": "hash-of-regenerated-data"}),
-    ("checkpoint sha256", {"pretrained": {"source": "mosei", "sha256": "another-checkpoint"}}),
+PACKAGES = {"numpy": "1.26.4", "torch": "2.3.0", "transformers": "4.44.0"}
+
+
+@pytest.mark.parametrize("field, differing, shown", [
+    ("data_hash", {"data_hash": "hash-of-regenerated-data"}, "hash-of-regenera"),
+    ("checkpoint sha256", {"pretrained": {"source": "mosei", "sha256": "another-checkpoint"}},
+     "another-checkpoi"),
+    ("code_hash", {"code_hash": "the-new-code"}, "the-new-code"),
+    ("packages", {"packages": {**PACKAGES, "torch": "2.4.0"}}, "torch 2.4.0"),
 ])
-def test_a_cell_mixing_inputs_is_an_error(field, differing, tmp_path, capsys):
+def test_a_cell_mixing_inputs_is_an_error(field, differing, shown, tmp_path, capsys):
     """Decision: error (naming both files and the field), not a split cell: a cell is one grid
-    row of the study, and records of two data or checkpoint versions mean the study is mid-way
-    between them."""
+    row of the study, and records of two data, checkpoint, code or package versions mean the
+    study is mid-way between them (a sweep computes every seed under one code and sets other
+    code's records aside; a Ray node of other code or packages refuses)."""
     runs = tmp_path / "runs"
     row = {"method": "wander", "down_dim": 16}
-    same = {"pretrained": {"source": "mosei", "sha256": "the-checkpoint"}}
+    same = {"pretrained": {"source": "mosei", "sha256": "the-checkpoint"},
+            "code_hash": "the-old-code", "packages": PACKAGES}
     for seed in (0, 1):
         write_record(runs, "mosi", row, seed, **same)
     odd = write_record(runs, "mosi", row, 2, **{**same, **differing})
     code, err = mmpetl(capsys, "tables", "--params", ROOT / "params.yaml", "--runs", runs, "--out", tmp_path / "t")
     assert code == 2 and str(odd) in err and repr(field) in err and "different inputs" in err
+    assert f"found {shown}" in err and "(as wander_d16-seed0-" in err
     assert not (tmp_path / "t").exists()
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from harness import stats
 from harness.data.cards import load_card
+from harness.errors import InputError
 from harness.records import row_slug
 from harness.run import record_path
 from harness.tables.leaderboard import write_leaderboards
-from test_tables import make_params, read_csv, write_all, write_record
+from test_tables import make_params, metric_values, read_csv, write_all, write_record
 
 NEW = {"method": "bitfit"}   # a method no table spec names
 
@@ -89,6 +90,48 @@ def test_missing_wander_reference_says_why(tmp_path):
     md = (tmp_path / "lb" / "mosi.md").read_text()
     assert "- Wander reference: `wander_d16` (the main Wander row of the paper's table); no test " \
            "against it: not run: no records" in md
+
+
+def test_tied_means_share_a_rank_and_every_choice_names_its_ties(tmp_path):
+    """Means equal but for float noise share a rank (=1, =1, =1, 4); the best baseline and the
+    headline row, chosen among tied rows by name, name the rows tied with them."""
+    runs = tmp_path / "runs"
+    rows = {"wander_d16": ({"method": "wander", "down_dim": 16}, 0.7),
+            "lora_r16": ({"method": "lora", "rank": 16}, 0.8),
+            "lora_r8": ({"method": "lora", "rank": 8}, 0.8000000000000002),
+            "adapter_d16": ({"method": "adapter", "down_dim": 16}, 0.8)}
+    for row, value in rows.values():
+        for seed in (0, 1, 2):
+            write_record(runs, "mosi", row, seed,
+                         metrics={**metric_values("mosi", row, seed), "acc2_non0": value + seed / 100},
+                         valid_metrics={"acc2_non0": value})
+    write_leaderboards(runs, tmp_path / "lb", make_params(),
+                       headline_path=tmp_path / "metrics.json", detail_path=None)
+    md = (tmp_path / "lb" / "mosi.md").read_text()
+    ranks = [line.split("|")[1:3] for line in md.splitlines() if line.startswith("| ")][1:5]
+    assert [(r.strip(), n.split()[0]) for r, n in ranks] == [
+        ("=1", "adapter_d16"), ("=1", "lora_r16"), ("=1", "lora_r8"), ("4", "wander_d16")]
+    assert "they share a rank" in md
+    assert "- best baseline: `adapter_d16` (the non-Wander row with the best mean validation " \
+           "acc2_non0); tied with `lora_r16`, `lora_r8`, the first by name is chosen" in md
+    assert "`lora`: `lora_r16`; tied with `lora_r8`, the first by name is chosen" in md
+    headline = json.loads((tmp_path / "metrics.json").read_text())
+    assert headline["mosi"]["lora"]["acc2_non0"] == pytest.approx(0.81)
+
+
+@pytest.mark.parametrize("user_row", [{"method": "wander_code", "down_dim": 8},    # headline key
+                                      {"method": "wander_code", "down_dim": 16}])  # row slug too
+def test_a_method_named_like_another_rows_key_is_an_error(tmp_path, user_row):
+    """A method registered as ``wander_code`` would take Wander's ``code`` variant's headline key
+    (metrics.json ``mosi.wander_code``) or row name: an error naming both rows, not an overwrite."""
+    runs = tmp_path / "runs"
+    for row in ({"method": "wander", "variant": "code", "down_dim": 16}, user_row):
+        for seed in (0, 1, 2):
+            write_record(runs, "mosi", row, seed)
+    with pytest.raises(InputError, match="have one name") as error:
+        write_leaderboards(runs, tmp_path / "lb", make_params(),
+                           headline_path=tmp_path / "metrics.json", detail_path=None)
+    assert '"method": "wander_code"' in str(error.value) and '"variant": "code"' in str(error.value)
 
 
 def test_rerun_writes_nothing(tmp_path):

@@ -219,6 +219,21 @@ def broken_method():
     registry._REGISTRY.pop("broken_for_test")
 
 
+@pytest.mark.parametrize("name", ["bi|as/x", "Bias", "2bias", "bi-as"])
+def test_register_refuses_a_name_that_is_not_a_plain_identifier(name):
+    """Names make up record file names and leaderboard rows as they are: no silent sanitising."""
+    from methods import registry
+    from methods.base import ConfigError, MethodConfig, Variant
+
+    with pytest.raises(ConfigError, match="lowercase letters, digits and underscores"):
+        registry.register(name, config=MethodConfig, summary="test only",
+                          variants={"paper": Variant("never used")})
+    with pytest.raises(ConfigError, match="variant name 'Code'"):
+        registry.register("fine_name", config=MethodConfig, summary="test only",
+                          variants={"Code": Variant("never used")})
+    assert name not in registry.method_names() and "fine_name" not in registry.method_names()
+
+
 def test_audit_fails_on_a_dead_tensor(broken_method, capsys):
     row = audit_one(broken_method, "paper", 2)
     assert row["dead_tensors"] == ["unused.bias", "unused.weight"] and not row["ok"]

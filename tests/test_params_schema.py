@@ -159,6 +159,8 @@ COMMAND_LINE_CASES = [
     (["--set", "rank=0"], [COMMAND_LINE, "key 'rank'", "an integer > 0"]),
     (["--set", "rank=1000"], [COMMAND_LINE, "key 'rank'", "at most the smallest hidden size"]),
     (["--set", "target_roles=qv"], [COMMAND_LINE, "key 'target_roles'", "a list"]),
+    (["--set", "amp=yes"], [COMMAND_LINE, "key 'amp'", "true or false"]),  # YAML 1.1's yes: a string
+    (["--set", "lr=1e-3", "--set", "lr=2e-3"], ["key 'lr'", "each key once", "'1e-3' and '2e-3'"]),
     pytest.param(["--set", "device=cuda"], [COMMAND_LINE, "key 'device'", "no CUDA device"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     (["--seed", "-1"], ["--seed", "expected an integer in [0, "]),

@@ -92,7 +92,7 @@ def pmf_count(widths, fusion=2, tokens=(4, 4, 4), hidden=None, train_fusion_cont
         for j, d_dst in enumerate(widths):
             if i != j:
                 h = hidden if hidden is not None else min(384, max(d_src, d_dst) // 2)
-                translators += d_src * h + h + h * d_dst + d_dst  # Linear, GELU, Linear
+                translators += d_src * h + h + h * d_dst + d_dst  # Linear, ReLU, Linear
     return fusion * per_layer + (fusion - 1) * translators
 
 
@@ -127,13 +127,19 @@ def test_pmf_count(n):
         2 * 12 * 32 * n + n * (n - 1) * (32 * 16 + 16 + 16 * 32 + 32)
 
 
-def test_pmf_default_translator_width_is_384_on_wide_encoders():
-    # PMF's 384 for 768-wide encoders; clipped to half the wider width below that
+def test_pmf_default_translator_width_is_half_the_wider_width_as_released():
+    # the released check_args: max(D_vit / 2, D_bert / 2), 384 for ViT-B / BERT-base
     from methods.pmf import PMFConfig, translator_width
     assert translator_width(PMFConfig(), 768, 768) == 384
-    assert translator_width(PMFConfig(), 1024, 768) == 384
+    assert translator_width(PMFConfig(), 1024, 768) == 512
     assert translator_width(PMFConfig(), 40, 40) == 20
     assert translator_width(PMFConfig(translator_hidden=64), 32, 32) == 64
+
+
+def test_pmf_translator_is_linear_relu_linear_as_released():
+    from methods.pmf import Translator
+    layers = [type(layer) for layer in Translator(8, 4, 6)]
+    assert layers == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +170,7 @@ def test_prompts_change_output_and_removal_restores(name, variant, n):
 def test_ptuning_prompts_are_fresh_at_every_depth():
     backbone = mixed(3)
     apply_method(backbone, "ptuning")
-    provider = backbone.prompts
+    provider = backbone.prompts.eval()
     states = {m: torch.zeros(2, backbone.seq_len(m), backbone.hidden_size(m)) for m in backbone.modalities}
     for depth in range(3):
         garbage = {m: torch.full((2, 10, backbone.hidden_size(m)), 7.0) for m in backbone.modalities}
@@ -172,6 +178,21 @@ def test_ptuning_prompts_are_fresh_at_every_depth():
         for m in backbone.modalities:
             assert out[m].shape == (2, 10, backbone.hidden_size(m))
             assert torch.equal(out[m][0], provider.prompts[str(depth)][m])  # not `previous`
+
+
+def test_ptuning_drops_each_samples_prompts_in_training_as_released():
+    backbone = mixed(2)
+    apply_method(backbone, "ptuning", dropout=0.5)
+    provider = backbone.prompts.train()
+    states = {m: torch.zeros(4, backbone.seq_len(m), backbone.hidden_size(m)) for m in backbone.modalities}
+    torch.manual_seed(0)
+    out = provider(0, states, {})
+    for m in backbone.modalities:
+        prompts = provider.prompts["0"][m]
+        kept = out[m] != 0
+        assert 0 < kept.float().mean() < 1
+        assert torch.allclose(out[m][kept], (2 * prompts.expand(4, -1, -1))[kept])  # scaled by 1/(1-p)
+        assert not torch.equal(kept[0], kept[1])  # a mask per sample
 
 
 def test_maple_cascade_and_carry_over():
@@ -367,3 +388,15 @@ def test_pmf_sum_reduce_scales_with_other_modalities():
         summed, averaged = backbone.prompts(1, states, previous), mean(1, states, previous)
         for m in backbone.modalities:
             assert torch.allclose(summed[m][:, 12:], 2 * averaged[m][:, 12:], atol=1e-6)
+
+
+def test_maple_deep_couplings_start_as_clones_of_one_linear_as_released():
+    # released trainers/maple.py: the depth-0 projection of its own, then _get_clones of one Linear
+    from methods.maple import CoupledPrompts, MaPLeConfig
+    provider = CoupledPrompts({"t": 8, "a": 6, "v": 4}, ("t", "a", "v"), 4, MaPLeConfig())
+    for dst in ("a", "v"):
+        layers = [provider.couplings[str(i)][dst] for i in range(4)]
+        assert not torch.equal(layers[0].weight, layers[1].weight)
+        for layer in layers[2:]:
+            assert torch.equal(layer.weight, layers[1].weight) and torch.equal(layer.bias, layers[1].bias)
+            assert layer.weight is not layers[1].weight  # copies: each depth trains its own

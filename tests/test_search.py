@@ -1,6 +1,7 @@
 """Optuna rank search: two objectives on the validation split, a resumable journal, a Pareto
 front, and Ray's OptunaSearch."""
 import json
+import signal
 
 import optuna
 import pandas as pd
@@ -9,6 +10,8 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from harness import search
+from harness.concurrency import Stopped
 from harness.errors import InputError
 from harness.search import pareto_figure, run_search
 from harness.settings import load_params
@@ -104,6 +107,21 @@ def test_trials_of_other_code_are_set_aside(search_params, tmp_path):
     assert (tmp_path / "runs" / ".stale" / other.parent.name / other.name).is_file()
 
 
+def test_an_undone_edit_brings_the_trial_records_back(search_params, tmp_path):
+    """An edit sets the trials' records aside; undone, its studies are the old ones again, told and
+    complete: their records come back from runs/.stale, nothing is computed (the search found
+    none, reported its front without test metrics and the command died on a KeyError)."""
+    first = run_search(search_params, "sequential", 1, tmp_path)
+    runs = tmp_path / "runs"
+    kept = {p.relative_to(runs): p.read_bytes() for p in runs.glob("*/*.json")}
+    for path in kept:  # what the sweep of an edited method does with them
+        (runs / ".stale" / path).parent.mkdir(parents=True, exist_ok=True)
+        (runs / path).rename(runs / ".stale" / path)
+    again = run_search(search_params, "sequential", 1, tmp_path)
+    assert again == first and all(p["test_mae"] is not None for p in again["pareto"])
+    assert {p.relative_to(runs): p.read_bytes() for p in runs.glob("*/*.json")} == kept
+
+
 def test_a_changed_definition_starts_a_new_study(search_params, tmp_path):
     """Training settings, metric and space name the study: old trials are never reported under
     a changed definition (their records would not even be found under the new run keys)."""
@@ -120,6 +138,110 @@ def test_a_changed_definition_starts_a_new_study(search_params, tmp_path):
     params["search"]["metric"] = "acc2_non0"
     run_search(params, "sequential", 1, tmp_path)
     assert len(set(optuna.get_all_study_names(storage())) - first - second) == 1
+
+
+@pytest.fixture(scope="module")
+def long_params(search_params):
+    """12 trials per study in batches of 2 (past TPE's 10 random start-up trials, so its proposals
+    depend on the results before them), wander over two parameters, four LoRA ranks."""
+    params = json.loads(json.dumps(search_params))
+    params["search"].update(trials=12, batch=2, space={"wander": {"down_dim": [4, 8, 16, 32],
+                                                                   "rank_h": [1, 2]},
+                                                        "lora": {"rank": [1, 2, 4, 8]}})
+    return params
+
+
+def outcome_trials(out) -> dict:
+    """Every study's trials: (number, state, setting, results)."""
+    storage = JournalStorage(JournalFileBackend(str(out / "journal.log")))
+    return {name: [(t.number, t.state.name, t.params, t.values)
+                   for t in optuna.load_study(study_name=name, storage=storage).trials]
+            for name in optuna.get_all_study_names(storage)}
+
+
+def outcome(out) -> dict:
+    """Every study's trials and the output files (summary.json holds the Pareto fronts)."""
+    return {"trials": outcome_trials(out), **{name: (out / name).read_bytes()
+                                              for name in ("trials.csv", "summary.json")}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(long_params, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_search(long_params, "sequential", 1, out)
+    return outcome(out)
+
+
+def stop_at(monkeypatch, owner, name: str, call: int) -> None:
+    """``owner.name`` raises Stopped (what SIGTERM raises) at its ``call``-th call, as a search
+    killed there: the trials asked by then stay RUNNING in the journal, untold."""
+    original, calls = getattr(owner, name), []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Stopped(signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, stopping)
+
+
+@pytest.mark.parametrize("where, call", [
+    ("run_many", 3),  # the third batch asked, never run
+    ("execute", 7),  # told in part (LoRA's study first): LoRA's trials 2-3 told, wander's not
+    ("sample_independent", 16),  # wander's trial 4 has its down_dim, not its rank_h; 5 neither
+    ("execute", 24)])  # wander's last trial never told
+def test_an_interrupted_search_resumes_as_if_uninterrupted(long_params, uninterrupted, tmp_path,
+                                                           monkeypatch, where, call):
+    """Stopped at any point and run again, a search ends with the trials (numbers, settings,
+    states, results), trials.csv, summary.json and Pareto front of an uninterrupted one: the
+    trials left RUNNING run again under their numbers, and the sampler's proposals do not
+    restart with the process (they re-proposed trials 0.. settings: 4 distinct settings of 8)."""
+    owner = search.NumberSeeded if where == "sample_independent" else search
+    with monkeypatch.context() as patch:
+        stop_at(patch, owner, where, call)
+        with pytest.raises(Stopped):
+            run_search(long_params, "sequential", 1, tmp_path)
+    stopped = outcome_trials(tmp_path)
+    assert any(state == "RUNNING" for trials in stopped.values() for _, state, _, _ in trials)
+    records = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
+    run_search(long_params, "sequential", 1, tmp_path)
+    assert outcome(tmp_path) == uninterrupted
+    assert records == {p: p.stat().st_mtime_ns for p in records}  # no finished run is redone
+
+
+def test_no_trial_stays_running_after_a_resume(long_params, tmp_path):
+    """Trials a killed search asked and never told (another process's, in the journal) are run
+    and told by the next start: none stays RUNNING, and the budget counts them."""
+    params = json.loads(json.dumps(long_params))
+    params["search"]["trials"] = 4
+    run_search(params, "sequential", 1, tmp_path)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "journal.log")))
+    for name in optuna.get_all_study_names(storage):  # as a search killed after its asks
+        study = optuna.load_study(study_name=name, storage=storage, sampler=search._sampler(
+            params["search"]))
+        for _ in range(2):
+            trial = study.ask()
+            for parameter, choices in params["search"]["space"][name.split("-")[1]].items():
+                trial.suggest_categorical(parameter, choices)
+    params["search"]["trials"] = 6
+    run_search(params, "sequential", 1, tmp_path)
+    trials = outcome_trials(tmp_path)
+    assert len(trials) == 2
+    for study in trials.values():
+        assert [(number, state) for number, state, _, _ in study] == [
+            (number, "COMPLETE") for number in range(6)]
+
+
+@pytest.mark.parametrize("first", [8, 11], ids=["8-to-12", "11-to-12"])
+def test_an_extended_search_equals_a_fresh_one(long_params, uninterrupted, tmp_path, first):
+    """Raising ``trials`` adds the trials a fresh search of the new count has (they repeated
+    trials 0-1 when the sampler's random stream restarted), also from a batch left half full."""
+    params = json.loads(json.dumps(long_params))
+    params["search"]["trials"] = first
+    run_search(params, "sequential", 1, tmp_path)
+    run_search(long_params, "sequential", 1, tmp_path)
+    assert outcome(tmp_path) == uninterrupted
 
 
 @pytest.mark.slow

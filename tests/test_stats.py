@@ -155,6 +155,15 @@ def test_wilcoxon_zero_and_tied_differences():
     assert stats.wilcoxon_exact([0.0, 0.0, 0.0])["p"] is None
 
 
+def test_wilcoxon_ties_within_rounding_get_mid_ranks():
+    """|d| equal but for float noise (accuracies k/250 x 100) are one tie, as the exact values."""
+    d = [-0.3999999999999986, 0.4000000000000057, 4.0]
+    w = stats.wilcoxon_exact(d)
+    assert w["p"] == pytest.approx(0.75) and "mid-ranks" in w["method"]
+    exact = sps.wilcoxon(np.round(d, 9), method=sps.PermutationMethod()).pvalue
+    assert w["p"] == pytest.approx(exact)
+
+
 def test_compare_reports_wilcoxon_min_p_note():
     w = {s: 1.0 + s for s in range(3)}
     b = {s: 0.5 + s * 0.9 for s in range(3)}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from harness.settings import load_params
-from harness.sweep import grid_plans, sweep
+from harness.sweep import grid_plans, sweep, write_index
 from helpers import ROOT, small_mosi_params
 
 
@@ -96,3 +96,22 @@ def test_sweep_killed_with_sigkill_resumes_without_loss(small_params, tmp_path):
     assert summary["computed"] == 8 - len(finished) and summary["reused"] == len(finished)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # none recomputed
     assert not list(out.glob("mosi/.*.tmp"))  # the resumed sweep removed the killed write's temporary
+
+
+def test_a_sweep_of_one_method_keeps_the_index_of_the_whole_folder(tmp_path):
+    """index.json lists every record of the folder: a sweep restricted to one method (as
+    `dvc exp run -S method=...` runs it) with nothing to compute leaves the index as it was (it
+    rewrote it to list that method's records only)."""
+    params = small_mosi_params(tmp_path)
+    params["datasets"], params["seeds"] = ["mosi"], [0]
+    params["grid"] = {"mosi": [{"method": "linear"}, {"method": "wander", "down_dim": 8}]}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    params = load_params(path)
+    out = tmp_path / "runs"
+    whole = sweep(params, out_dir=out, executor="sequential")
+    assert write_index(out, whole)
+    one = sweep({**params, "method": "wander"}, out_dir=out, executor="sequential")
+    assert one["computed"] == 0 and one["runs"] < whole["runs"]
+    assert one["records"] == whole["records"] and len(whole["records"]) == whole["runs"]
+    assert not write_index(out, one)

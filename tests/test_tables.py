@@ -16,7 +16,6 @@ from harness.records import row_slug
 from harness.tables import specs
 from harness.tables.collect import collect, row_key
 from harness.tables.diff import diff_tables
-from harness.records import row_slug
 from harness.tables.leaderboard import write_leaderboards
 from harness.tables.render import TINY_BANNER, render_all
 
@@ -340,6 +339,23 @@ def test_a_duplicate_made_by_the_current_code_wins(tmp_path):
     assert "(current code hash)" in selection.duplicates[0]
 
 
+def test_a_row_of_other_code_is_named_in_the_header(tmp_path):
+    """Decision: a whole row made by other code than the current (no sweep since the code
+    changed) is compared as it is, and the header names it."""
+    from harness.run import run_code_hash
+
+    runs = tmp_path / "runs"
+    for seed in SEEDS:
+        write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, seed,
+                     code_hash=run_code_hash("wander"))
+        write_record(runs, "mosi", {"method": "lora", "rank": 16}, seed, code_hash="older-code")
+    write_leaderboards(runs, tmp_path / "lb", make_params(), headline_path=None, detail_path=None)
+    md = (tmp_path / "lb" / "mosi.md").read_text()
+    assert "- other code: 1 of 2 rows were computed by code or compute packages other than this " \
+           "checkout's (record `code_hash` / `packages`; `mmpetl sweep` recomputes them) and are " \
+           "shown and compared as they are: mosi/lora_r16\n" in md
+
+
 def test_corrupt_record_names_the_file(tmp_path):
     runs = tmp_path / "runs"
     write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, 0)
@@ -384,6 +400,23 @@ def test_diff_tells_apart_columns_of_one_name_by_their_metric():
     report = "\n".join(_table_diff("table4_msrvtt", old, new))
     assert "1 cell(s) changed, 0 added, 0 removed" in report, report
     assert "| R@5 (v2t_R5) |" in report and "t2v_R5" not in report, report
+
+
+def test_diff_tells_apart_the_planted_tasks_rows_of_one_name():
+    """The planted tasks' table has one "Wander (d=16)" line per task: keyed by row alone they
+    collapsed into one, and the cross-modal task's change went unreported."""
+    from harness.tables.diff import _table_diff
+
+    def line(task, mean, p_holm):
+        return {"task": task, "dataset": f"planted_{task}", "row": "Wander (d=16)", "n_paired": "12",
+                "metric": "corr", "row_mean": str(mean), "p_holm": str(p_holm), "verdict": "-"}
+    old = [line("cross", 0.302, 0.054), line("null", 0.95, 0.55), line("depth", 0.4, 0.45)]
+    new = [line("cross", 0.343, 0.064), line("null", 0.95, 0.55), line("depth", 0.4, 1.0)]
+    report = "\n".join(_table_diff("planted_effects", old, new))
+    assert "2 cell(s) changed, 0 added, 0 removed" in report, report
+    assert "| cross | Wander (d=16) | corr | 0.302 (n=12) | 0.343 (n=12) | +0.041 |" in report, report
+    with pytest.raises(InputError, match="share a key"):
+        _table_diff("planted_effects", old + old[:1], new)
 
 
 def test_diff_between_two_commits(tmp_path):

@@ -1,6 +1,7 @@
 """check_data: validate a dataset on disk and report what was found (writes nothing)."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ def check_data(dataset: str, path=None, format: str | None = None, **options) ->
     else:
         report["checksums"] = "none listed in the card"
     report["info"] = ld.info
-    report["warnings"] = [*report.get("warnings", []), *_constant_labels(ld)]
+    report["warnings"] = [*report.get("warnings", []), *_constant_labels(ld), *_shared_ids(ld),
+                          *_beyond_fp16(ld)]
     report["ok"] = True
     return _jsonable(report)
 
@@ -62,4 +64,41 @@ def _constant_labels(ld) -> list[str]:
         if labels is not None and len(labels) > 1 and (np.asarray(labels) == np.asarray(labels)[0]).all():
             found.append(f"{name}: every label is {np.asarray(labels)[0].tolist()}: the metrics that "
                          "compare labels (correlation, binary accuracy, F1) are undefined on it (NaN)")
+    return found
+
+
+def _shared_ids(ld) -> list[str]:
+    """Sample ids repeated within a split, and ids of the training split found again in the
+    validation or test split (leakage), as warnings; splits that name no ids are not looked at."""
+    ids = {name: [str(i) for i in split.ids] for name, split in ld.splits.items()
+           if getattr(split, "ids", None) is not None}
+    found = []
+    for name, names in ids.items():
+        repeated = sorted(i for i, count in Counter(names).items() if count > 1)
+        if repeated:
+            found.append(f"{name}: {len(names) - len(set(names))} repeated sample id(s), e.g. "
+                         f"{repeated[:3]}")
+    for other in ("valid", "test"):
+        shared = sorted(set(ids.get("train", ())) & set(ids.get(other, ())))
+        if shared:
+            found.append(f"train and {other} share {len(shared)} sample id(s), e.g. {shared[:3]}: "
+                         f"{other} metrics would measure samples the model trained on")
+    return found
+
+
+FP16_MAX = 65504.0  # the feature cache stores encoder outputs in float16
+
+
+def _beyond_fp16(ld) -> list[str]:
+    """Input features beyond float16's range, as warnings: encoder outputs of such inputs usually
+    overflow the feature cache's float16 and a cached run then stops."""
+    found = []
+    for name, split in ld.splits.items():
+        for key, values in (getattr(split, "arrays", None) or {}).items():
+            if key == "label" or not np.issubdtype(np.asarray(values).dtype, np.floating):
+                continue
+            finite = np.abs(values[np.isfinite(values)])
+            if finite.size and finite.max() > FP16_MAX:
+                found.append(f"{name}: {key} reaches |x| = {finite.max():.3g}, beyond float16's "
+                             f"{FP16_MAX:g}: a run's feature cache would overflow")
     return found

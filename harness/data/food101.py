@@ -46,6 +46,10 @@ class ImageTextDataset(Dataset):
     def labels(self) -> np.ndarray:
         return np.array([label for _, _, label, _ in self.records], dtype=np.int64)
 
+    @property
+    def ids(self) -> list[str]:
+        return [rid for _, _, _, rid in self.records]
+
     def open_image(self, i: int):
         from PIL import Image, UnidentifiedImageError
         path, _, _, rid = self.records[i]

@@ -14,9 +14,15 @@ Selection rules (``collect``):
   was recomputed under a new key): the one whose ``code_hash`` equals the current code's is
   used, otherwise the one with the smallest key; the table header lists each such case.
   (Records carry no timestamp, so "the newest" cannot be told apart from file contents.)
-- the records a cell pools (one per seed) must share their inputs, the data's tree hash and the
-  pre-training checkpoint's sha256 (``require_same_inputs``): a cell mixing records computed
-  from other data or another checkpoint is an error naming both files, not a statistic.
+- the records a cell pools (one per seed) must share their inputs, the data's tree hash, the
+  pre-training checkpoint's sha256, the code (``code_hash``) and the compute packages
+  (``packages``) (``require_same_inputs``): a cell mixing records computed from other data,
+  another checkpoint or other code is an error naming both files, not a statistic. (A sweep
+  computes every seed of a row under one code and sets the records of other code aside, and a
+  Ray node of other code refuses: no legitimate cell mixes them.)
+- a whole row made by other code or compute packages than the current ones (record
+  ``code_hash`` / ``packages`` vs what this checkout gives) is used as it is, next to current
+  rows; the table header names such rows (``Selection.other_code``).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.records import read_run_record
+from harness.records import compute_versions, read_run_record
 from harness.settings import seeds_for
 from methods.base import ConfigError
 
@@ -120,6 +126,7 @@ class Selection:
     stale: dict = field(default_factory=dict)          # (dataset, key) -> [(record, reasons)]
     ignored: Counter = field(default_factory=Counter)  # why records were left out -> count
     duplicates: list = field(default_factory=list)     # notes on resolved duplicates
+    other_code: set = field(default_factory=set)       # (dataset, key) made by non-current code
 
     def cells(self) -> dict:
         return self.current
@@ -200,23 +207,40 @@ def collect(records_dir, params: Mapping | None = None) -> Selection:
                 + (" (current code hash)" if chosen.get("code_hash") == current_code
                    else " (smallest key; none has the current code hash)"))
         selection.current.setdefault(cell, {})[seed] = chosen
+    packages = compute_versions()
     for cell, by_seed in selection.current.items():
         require_same_inputs(cell, list(by_seed.values()))
+        record = next(iter(by_seed.values()))
+        current = {"code_hash": current_codes[record["method"]], "packages": packages}
+        if any(record.get(key, value) != value for key, value in current.items()):
+            selection.other_code.add(cell)  # a record without the field: not known to differ
     return selection
 
 
 def inputs_of(record: Mapping) -> dict:
     """What a record was computed from beyond its settings: the data's tree hash, the
-    pre-training checkpoint's sha256 and the pretrained towers' identities."""
+    pre-training checkpoint's sha256, the pretrained towers' identities, the code and the compute
+    packages' versions."""
     return {"data_hash": record.get("data_hash"),
             "checkpoint sha256": _get(record, "pretrained", "sha256"),
-            "encoders": record.get("encoders")}
+            "encoders": record.get("encoders"),
+            "code_hash": record.get("code_hash"),
+            "packages": record.get("packages")}
+
+
+def _shown(value, other) -> str:
+    """``value`` in an error message: a mapping's entries that differ from ``other``'s, else its
+    first 16 characters."""
+    if isinstance(value, Mapping) and isinstance(other, Mapping):
+        return ", ".join(f"{k} {value.get(k)}" for k in sorted({*value, *other})
+                         if value.get(k) != other.get(k))
+    return str(value)[:16]
 
 
 def require_same_inputs(cell: tuple, records: list) -> None:
     """A cell's statistics pool its seeds' records, so they must share their inputs
-    (``inputs_of``): records of other data or another checkpoint in one cell are an error naming
-    both files, never averaged together and never silently dropped."""
+    (``inputs_of``): records of other data, another checkpoint or other code in one cell are an
+    error naming both files, never averaged together and never silently dropped."""
     first = records[0]
     for other in records[1:]:
         for name, value in inputs_of(first).items():
@@ -226,5 +250,5 @@ def require_same_inputs(cell: tuple, records: list) -> None:
                     f"run records of one cell ({cell[0]}, {cell[1]}) were computed from different "
                     f"inputs; keep one version's records (move the others out of the records "
                     f"folder) or rerun the sweep on one", file=other["_path"], key=name,
-                    expected=f"{str(value)[:16]} (as {Path(first['_path']).name})",
-                    found=str(found)[:16])
+                    expected=f"{_shown(value, found)} (as {Path(first['_path']).name})",
+                    found=_shown(found, value))

@@ -26,7 +26,7 @@ KEY = ("section", "row", "column", "metric_key")
 WATCHED = ("status", "mean", "std", "n", "t_ci_low", "t_ci_high", "paper", "diff_vs_paper",
            "tunable_ours", "tunable_paper", "compared_to", "n_paired", "improvement", "p_t",
            "p_holm", "p_wilcoxon", "wilcoxon_min_p", "p_better", "verdict",
-           "convention")
+           "convention", "outcome", "holds")
 OWN_COLUMNS = ("status", "mean", "std", "n", "verdict", "p_holm")
 
 
@@ -102,6 +102,27 @@ def _key(line: dict) -> tuple:
     return tuple(line.get(k, "") for k in KEY)
 
 
+def _in_long_layout(line: dict) -> dict:
+    """A line of the planted tasks' table (one per task, row and metric: ``row_mean`` against the
+    probe) in the long layout's terms: the task as section, the metric as column."""
+    if "section" in line or "task" not in line:
+        return line
+    return {**line, "section": line["task"], "column": line.get("metric", ""),
+            "metric_key": line.get("metric", ""), "mean": line.get("row_mean", ""),
+            "n": line.get("n_paired", "?"), "status": "ok"}
+
+
+def _by_key(name: str, lines: list[dict]) -> dict[tuple, dict]:
+    found = {}
+    for line in map(_in_long_layout, lines):
+        if _key(line) in found:  # two lines the report could not tell apart
+            raise InputError("two lines of a results table share a key", file=name,
+                             key=" / ".join(_key(line)), expected=f"one line per {KEY}",
+                             found="two")
+        found[_key(line)] = line
+    return found
+
+
 def _same(a: str, b: str) -> bool:
     if a == b:
         return True
@@ -145,8 +166,7 @@ def _arrow(a: str, b: str) -> str:
 
 
 def _table_diff(name: str, old: list[dict], new: list[dict]) -> list[str]:
-    before = {_key(line): line for line in old}
-    after = {_key(line): line for line in new}
+    before, after = _by_key(name, old), _by_key(name, new)
     added = [k for k in after if k not in before]
     removed = [k for k in before if k not in after]
     changed = []

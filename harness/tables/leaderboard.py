@@ -5,9 +5,13 @@ method or a grid row is added.
 Per dataset with records (``results/leaderboards/<dataset>.md`` and ``.csv``):
 - the main metric is the dataset card's ``main_metric`` (``datasets/<name>.yaml``); every other
   column of the dataset's paper tables (``harness.tables.specs``) is shown with its interval;
+- rows are ranked by the test mean of the main metric (``ranking``): means equal within the
+  rounding tolerance (``stats.merge_ties``) share a rank (competition ranking: =1, =1, 3),
+  listed by row slug; the same rule for every "best" choice below, whose ties the file names;
 - the Wander reference is the main Wander row of the dataset's paper table (``Section.main``);
   the best baseline is the non-Wander row with the best mean VALIDATION main metric (records'
-  ``valid_metrics``: chosen without looking at test, like every selection here);
+  ``valid_metrics``: chosen without looking at test, like every selection here; among tied
+  rows, the first by slug);
 - every row is tested against both on the main metric (paired by seed, ``harness.stats``:
   t-test, exact Wilcoxon, P(better)); Holm runs over all the tests of the leaderboard;
 - the CSV is the long layout of ``harness.tables.render`` (sections ``leaderboard``,
@@ -17,9 +21,11 @@ Per dataset with records (``results/leaderboards/<dataset>.md`` and ``.csv``):
 ``results/metrics.json`` (the DVC metrics file: ``dvc exp show`` / ``dvc metrics diff``): one
 entry per dataset and method (method, or ``method_variant`` for a non-paper variant): the test
 main metric (mean over seeds, record units) of the method's grid row with the best mean
-validation main metric and its ``tunable`` (the leaderboard marks that row ``headline``; numbers
-only, so ``dvc metrics diff`` gives every change a delta). ``results/metrics_detail.json``:
-every grid row, every numeric record metric's mean / std / n and the #tunable.
+validation main metric and its ``tunable`` (the leaderboard marks that row ``headline``, and
+names the rows tied with it, the first by slug being chosen; numbers only, so ``dvc metrics
+diff`` gives every change a delta). ``results/metrics_detail.json``: every grid row, every numeric
+record metric's mean / std / n and the #tunable. Row slugs and method keys must name one grid row
+each (``unique_names``): a method registered as another's ``method_variant`` is an error.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from harness.errors import InputError
 from harness.records import row_slug
 from harness.tables import render
 from harness.tables import specs as specs_module
-from harness.tables.collect import Selection, collect
+from harness.tables.collect import Selection, collect, row_key
 from harness.tables.io import csv_text, write_json_if_changed, write_text_if_changed
 from harness.tables.specs import Column, Row, Section, Spec
 
@@ -93,6 +99,49 @@ def _better(metric: str):
     return lambda item: (item[1] is None, sign * (item[1] or 0.0), item[0])
 
 
+def ranking(means: Mapping[str, float | None], metric: str) -> list[tuple[str, int | None]]:
+    """[(name, rank)] best first for ``metric``: means equal within the rounding tolerance
+    (``stats.merge_ties``) share the rank of the first (=1, =1, 3) and are listed by name;
+    names without a value last, rank None."""
+    valued = [name for name, value in means.items() if value is not None]
+    merged = dict(zip(valued, stats.merge_ties([means[name] for name in valued]))) if valued else {}
+    order = sorted(means, key=lambda name: _better(metric)((name, merged.get(name))))
+    ranks = []
+    for position, name in enumerate(order):
+        if name not in merged:
+            ranks.append((name, None))
+        elif position and merged[name] == merged[order[position - 1]]:
+            ranks.append((name, ranks[-1][1]))
+        else:
+            ranks.append((name, position + 1))
+    return ranks
+
+
+def best_of(means: Mapping[str, float | None], metric: str) -> list[str]:
+    """The names with the best value of ``metric`` (several when tied, first by name); [] when no
+    name has a value."""
+    return [name for name, rank in ranking(means, metric) if rank == 1]
+
+
+def unique_names(dataset: str, rows, name=row_slug) -> dict[str, dict]:
+    """{``name(row)``: row}; two different grid rows of one name (a method registered as
+    ``wander_code`` next to Wander's ``code`` variant) are an error naming both."""
+    named: dict[str, dict] = {}
+    for row in rows:
+        other = named.setdefault(name(row), dict(row))
+        if other != dict(row):
+            raise InputError(f"grid rows {row_key(other)} and {row_key(row)} of {dataset} have one "
+                             "name in the leaderboard and results/metrics*.json; rename a method",
+                             key=name(row), expected="one grid row per name", found="two")
+    return named
+
+
+def dataset_rows(selection: Selection, dataset: str) -> dict[str, dict]:
+    """{row slug: grid row} of ``dataset``'s cells (``unique_names``)."""
+    return unique_names(dataset, (next(iter(by_seed.values()))["row"]
+                                  for (d, _), by_seed in selection.cells().items() if d == dataset))
+
+
 def valid_mean(by_seed: Mapping, metric: str) -> float | None:
     return _mean((r.get("valid_metrics") or {}).get(metric) for r in by_seed.values())
 
@@ -101,29 +150,26 @@ def mean_test(by_seed: Mapping, metric: str) -> float | None:
     return _mean(r["metrics"].get(metric) for r in by_seed.values())
 
 
-def best_baseline(cells: Mapping, metric: str) -> dict | None:
-    """The non-Wander grid row with the best mean validation ``metric`` (None: no candidate)."""
-    candidates = [(key, valid_mean(by_seed, metric), by_seed) for key, by_seed in cells.items()
-                  if next(iter(by_seed.values()))["row"]["method"] != "wander"]
-    ranked = sorted(((k, v) for k, v, _ in candidates if v is not None), key=_better(metric))
-    if not ranked:
-        return None
-    return dict(next(iter(cells[ranked[0][0]].values()))["row"])
-
-
 def leaderboard_spec(dataset: str, selection: Selection) -> tuple[Spec, dict]:
     """The leaderboard of ``dataset`` as a ``Spec`` that ``render.build`` computes; and what it
     chose (main column, Wander reference row, best baseline row)."""
-    cells = {key: by_seed for (d, key), by_seed in selection.cells().items() if d == dataset}
     columns = dataset_columns(dataset)
     main = main_column(dataset, columns)
     columns = [main] + [c for c in columns if c.key != main.key]
-    grids = {key: dict(next(iter(by_seed.values()))["row"]) for key, by_seed in cells.items()}
-    order = sorted(((k, mean_test(cells[k], main.key)) for k in grids), key=_better(main.key))
-    wander, best = wander_reference(dataset), best_baseline(cells, main.key)
-    rows = [grids[k] for k, _ in order]
+    grids = dataset_rows(selection, dataset)
+    ranks = dict(ranking({slug: mean_test(selection.get(dataset, row), main.key)
+                          for slug, row in grids.items()}, main.key))
+    # the best baseline: the non-Wander row with the best mean validation main metric; when
+    # tied, the first by slug is tested against and the others are named
+    best = best_of({slug: valid_mean(selection.get(dataset, row), main.key)
+                    for slug, row in grids.items() if row["method"] != "wander"}, main.key)
+    wander = wander_reference(dataset)
+    rows = [grids[slug] for slug in ranks]
     if wander is not None and wander not in rows:
         rows.append(wander)  # shown, "not run", so the reader sees why no test was made
+        ranks[row_slug(wander)] = None
+
+    best_row = grids[best[0]] if best else None
 
     def section(title, cols, reference, compared=True):
         return Section(dataset, tuple(cols), tuple(
@@ -134,9 +180,10 @@ def leaderboard_spec(dataset: str, selection: Selection) -> tuple[Spec, dict]:
     card = load_card(dataset)
     spec = Spec(f"leaderboard_{dataset}", f"Leaderboard: {card.title} ({dataset})", dataset,
                 "leaderboard", (section(SECTIONS[0], [main], wander),
-                                section(SECTIONS[1], [main], best),
+                                section(SECTIONS[1], [main], best_row),
                                 section(SECTIONS[2], columns, None, compared=False)))
-    return spec, {"main": main, "wander": wander, "best": best, "card": card,
+    return spec, {"main": main, "wander": wander, "best": best_row, "card": card,
+                  "best_tied": best[1:], "ranks": ranks,
                   "headline": headline_rows(selection, dataset, main.key)}
 
 
@@ -160,21 +207,27 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
     lines += [f"Main metric: {main.label} (`{main.key}`, {main.convention}"
               + (f", ×{main.scale:g}" if main.scale != 1 else "") + f"; {direction} is better), "
               f"the card's `main_metric` (datasets/{chose['card'].name}.yaml). Rows are ranked "
-              "by its test mean over seeds.", "",
+              f"by its test mean over seeds; means equal within {stats.RELATIVE_TOLERANCE:g} of the "
+              "largest |mean| are tied: they share a rank, marked `=` (=1, =1, 3), and are listed "
+              "by row name.", "",
               "- Wander reference: " + (f"`{wander}` (the main Wander row of the paper's table)"
                                         if wander else "none (no paper table for this dataset)")
               + _no_values(by_title[SECTIONS[0]], wander, main),
               "- best baseline: " + (f"`{best}` (the non-Wander row with the best mean "
                                      f"validation {main.key})" if best else
-                                     "none (no non-Wander row has validation values)"), ""]
+                                     "none (no non-Wander row has validation values)")
+              + _tied(chose["best_tied"]), ""]
     d = main.digits + 1
     vs_best = {r.row.label: r.cells[main.id] for r in by_title[SECTIONS[1]]}
-    marked = {slug: group for group, (slug, _) in chose["headline"].items()}
+    marked = {slug: group for group, (slug, _, _) in chose["headline"].items()}
+    ranks = list(chose["ranks"].values())
     body = []
-    for rank, row_result in enumerate(by_title[SECTIONS[0]], 1):
+    for row_result in by_title[SECTIONS[0]]:
         cell = row_result.cells[main.id]
         label = row_result.row.label
-        body.append([str(rank), label + (f" (headline `{marked[label]}`)" if label in marked else ""),
+        rank = chose["ranks"][label]
+        shown = "—" if rank is None else ("=" if ranks.count(rank) > 1 else "") + str(rank)
+        body.append([shown, label + (f" (headline `{marked[label]}`)" if label in marked else ""),
                      row_result.tunable["text"] if row_result.tunable else "—",
                      render._ours(cell), _vs(cell, d), _vs(vs_best[row_result.row.label], d)])
     lines += [tabulate(body, ["#", "Row", "#Tunable", f"{main.label} ours",
@@ -185,7 +238,9 @@ def render_leaderboard(result: render.SpecResult, chose: dict) -> str:
               f"the row, > 0 when the reference is better ({direction} is better for "
               f"{main.key}); paired by seed.",
               "- headline `<method>`: the method's row in results/metrics.json (its best mean "
-              f"validation {main.key}).",
+              f"validation {main.key}; among tied rows, the first by name)."
+              + "".join(f" `{group}`: `{slug}`{_tied(tied)}."
+                        for group, (slug, _, tied) in chose["headline"].items() if tied),
               f"- p (Holm): paired t-test, Holm-adjusted over all {len(result.comparisons)} tests "
               "of this leaderboard; a verdict needs p <= 0.05 (n.s.: not significant). "
               "The CSV has the exact Wilcoxon p, its smallest attainable p and P(better).", ""]
@@ -224,6 +279,12 @@ def _fitting(columns: list[Column], table) -> list[list[Column]]:
     return groups
 
 
+def _tied(slugs: list[str]) -> str:
+    """'' or the note naming the rows tied with a chosen one."""
+    return (f"; tied with {', '.join(f'`{s}`' for s in slugs)}, the first by name is chosen"
+            if slugs else "")
+
+
 def _no_values(rows: list, slug: str | None, main: Column) -> str:
     """Why no row is tested against the reference ``slug``: '' when it has values."""
     cell = next((r.cells[main.id] for r in rows if r.row.label == slug), None)
@@ -243,18 +304,24 @@ def leaderboard_csv_rows(result: render.SpecResult) -> list[dict]:
     return out
 
 
+def _method_variant(row: Mapping) -> dict:
+    return {"method": row["method"], "variant": row.get("variant", "paper")}
+
+
 def headline_rows(selection: Selection, dataset: str, metric: str) -> dict:
-    """{method[_variant]: (row slug, records by seed)}: per method, its grid row with the best mean
-    validation ``metric`` (ties: the smaller slug)."""
-    groups: dict = {}
-    for (d, _), by_seed in selection.cells().items():
-        if d != dataset:
-            continue
-        row = next(iter(by_seed.values()))["row"]
-        group = row_slug({k: v for k, v in row.items() if k in ("method", "variant")})
-        groups.setdefault(group, []).append((row_slug(row), valid_mean(by_seed, metric), by_seed))
-    return {group: min(rows, key=lambda item: _better(metric)(item[:2]))[::2]
-            for group, rows in sorted(groups.items())}
+    """{method[_variant]: (row slug, records by seed, slugs of the rows tied with it)}: per method,
+    its grid row with the best mean validation ``metric`` (tied within the rounding tolerance: the
+    first by slug)."""
+    rows = list(dataset_rows(selection, dataset).values())
+    unique_names(dataset, map(_method_variant, rows))
+    out = {}
+    for group in sorted({row_slug(_method_variant(row)) for row in rows}):
+        mine = {row_slug(row): selection.get(dataset, row) for row in rows
+                if row_slug(_method_variant(row)) == group}
+        best = best_of({slug: valid_mean(by_seed, metric) for slug, by_seed in mine.items()},
+                       metric) or sorted(mine)[:1]
+        out[group] = (best[0], mine[best[0]], best[1:])
+    return out
 
 
 def headline(selection: Selection, datasets) -> dict:
@@ -263,7 +330,7 @@ def headline(selection: Selection, datasets) -> dict:
     out: dict = {}
     for dataset in datasets:
         metric = main_column(dataset, []).key
-        for group, (_, by_seed) in headline_rows(selection, dataset, metric).items():
+        for group, (_, by_seed, _) in headline_rows(selection, dataset, metric).items():
             entry = {metric: mean_test(by_seed, metric)}
             tunable = render._tunable(list(by_seed.values()))
             if tunable and tunable["total"] is not None:
@@ -275,6 +342,8 @@ def headline(selection: Selection, datasets) -> dict:
 def detail(selection: Selection) -> dict:
     """{dataset: {row slug: {<key>_mean, <key>_std, <key>_n, tunable}}}, every numeric metric."""
     out: dict = {}
+    for dataset in sorted({d for d, _ in selection.cells()}):
+        dataset_rows(selection, dataset)  # refuses two rows of one slug
     for (dataset, _), by_seed in sorted(selection.cells().items()):
         records = [r for _, r in sorted(by_seed.items())]
         entry = out.setdefault(dataset, {}).setdefault(row_slug(records[0]["row"]), {})

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from harness import stats
 from harness.errors import InputError
+from harness.records import row_slug
 from harness.tables import planted, specs as specs_module
 from harness.tables.collect import Selection, collect, row_key, seeds_text
 from harness.tables.io import (csv_text, write_bytes_if_changed,
@@ -287,6 +288,9 @@ def _provenance(spec: Spec, rows: list, selection: Selection, params: Mapping | 
         "n_records": len(records),
         "ignored": dict(sorted(selection.ignored.items())),
         "duplicates": duplicates,
+        "rows": len(cells),
+        "other_code": sorted({f"{r['dataset']}/{row_slug(r['row'])}" for r in records
+                              if (r["dataset"], row_key(r["row"])) in selection.other_code}),
     }
 
 
@@ -359,6 +363,12 @@ def _header(result: SpecResult) -> list[str]:
                      + "; ".join(f"{why}: {n}" for why, n in prov["ignored"].items()))
     for note in prov["duplicates"]:
         lines.append(f"- duplicate records: {note}")
+    other, every = prov["other_code"], len(prov["other_code"]) == prov["rows"]
+    if other:
+        lines.append(f"- other code: {'all ' if every else f'{len(other)} of '}{prov['rows']} rows "
+                     "were computed by code or compute packages other than this checkout's (record "
+                     "`code_hash` / `packages`; `mmpetl sweep` recomputes them) and are shown and "
+                     "compared as they are" + ("" if every else ": " + ", ".join(other)))
     return lines + [""]
 
 
@@ -592,12 +602,13 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _plot_points(ax, points: list, label: str | None) -> bool:
-    """points: [(x, Cell)]; draws mean with CI bars where a CI exists. True if anything drawn."""
+def _plot_points(ax, points: list, label: str | None, shift: float = 1.0) -> bool:
+    """points: [(x, Cell)]; draws mean with CI bars where a CI exists, at x * ``shift`` (series
+    side by side on the log axis). True if anything drawn."""
     ok = sorted((x, cell) for x, cell in points if cell.ok)
     if not ok:
         return False
-    xs = [x for x, _ in ok]
+    xs = [x * shift for x, _ in ok]
     ys = [cell.summary["mean"] for _, cell in ok]
     lo = [(cell.summary["mean"] - cell.summary["t_ci_low"])
           if cell.summary["t_ci_low"] is not None else 0.0 for _, cell in ok]
@@ -618,17 +629,15 @@ def render_figure(result: SpecResult) -> bytes:
         section_rows = [r for r in result.rows if r.section is section]
         drawn = False
         if spec.figure == "rank":
-            for series in ("R_h", "R_t"):
+            for series, shift in (("R_h", 0.94), ("R_t", 1.06)):  # side by side: bars apart
                 points = [(r.row.x, r.cells[column.id]) for r in section_rows
                           if series in r.row.series]
-                drawn |= _plot_points(ax, points, series)
-            ax.set_xlabel("rank")
-            if drawn:
-                ax.legend(fontsize=8)
+                drawn |= _plot_points(ax, points, series, shift)
+            ax.set_xlabel("rank (log scale)")
         else:
             points = [(r.row.x, r.cells[column.id]) for r in section_rows]
             drawn = _plot_points(ax, points, None)
-            ax.set_xlabel("d (down-projection dimension)")
+            ax.set_xlabel("d (down-projection dimension, log scale)")
         xs = sorted({r.row.x for r in section_rows if r.row.x is not None})
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs)
@@ -646,6 +655,10 @@ def render_figure(result: SpecResult) -> bytes:
     if banner:
         caption = banner + ". " + caption
     fig.suptitle(spec.title, fontsize=10)
+    handles, labels = next((found for found in map(lambda ax: ax.get_legend_handles_labels(), axes)
+                            if found[0]), ([], []))
+    if handles:  # one legend for every panel, above them: none covers a panel's bars
+        fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8)
     fig.text(0.5, 0.01, caption, ha="center", fontsize=7)
     fig.subplots_adjust(bottom=0.2, top=0.85, wspace=0.35)
     return _png(fig)

@@ -154,21 +154,19 @@ def _same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None
 # ---------------------------------------------------------------------------------------------
 
 def _per_class_f1(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(f1, support) for every class present in y_true or y_pred."""
-    classes = np.union1d(np.unique(y_true), np.unique(y_pred))
-    f1 = np.zeros(len(classes))
-    support = np.zeros(len(classes))
-    for i, c in enumerate(classes):
-        t = y_true == c
-        p = y_pred == c
-        tp = float(np.sum(t & p))
-        n_pred = float(p.sum())
-        n_true = float(t.sum())
-        precision = tp / n_pred if n_pred > 0 else 0.0
-        recall = tp / n_true if n_true > 0 else 0.0
-        f1[i] = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-        support[i] = n_true
-    return f1, support
+    """(f1, support) for every class present in y_true or y_pred, from counts per class (the
+    same divisions, class by class, as precision = tp / predicted, recall = tp / true)."""
+    classes, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    true_codes, pred_codes = codes[:len(y_true)], codes[len(y_true):]
+    k = len(classes)
+    tp = np.bincount(true_codes[true_codes == pred_codes], minlength=k).astype(np.float64)
+    n_true = np.bincount(true_codes, minlength=k).astype(np.float64)
+    n_pred = np.bincount(pred_codes, minlength=k).astype(np.float64)
+    precision = np.divide(tp, n_pred, out=np.zeros(k), where=n_pred > 0)
+    recall = np.divide(tp, n_true, out=np.zeros(k), where=n_true > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(k), where=both > 0)
+    return f1, n_true
 
 
 def weighted_f1(y_true: Any, y_pred: Any) -> float:
