@@ -568,3 +568,18 @@ def test_no_table_wider_than_a_reader_follows(rendered):
         assert widest <= 200, (path.name, widest)
     table8 = (out / "table8_pretraining.md").read_text()
     assert "| not run [1] |" in table8 and "\n1. HowTo100M pre-training is not available" in table8
+
+
+def test_comparison_notes_name_their_row_metric_and_test(rendered):
+    """Each comparison note says which comparison it is about ("1 zero difference(s) dropped" and
+    "cannot reach significance" named no row and read as the whole table's)."""
+    _, _, out, _ = rendered
+    found = []
+    for md in out.glob("*.md"):
+        lines = md.read_text().splitlines()
+        if "Comparison notes:" in lines:
+            notes = lines[lines.index("Comparison notes:") + 2:]
+            found += notes[:next((i for i, line in enumerate(notes) if not line.startswith("- ")),
+                                 len(notes))]
+    assert found and all(" vs " in note and ": " in note for note in found), found
+    assert any(", Wilcoxon: n=3: smallest attainable" in note for note in found), found

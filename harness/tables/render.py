@@ -499,9 +499,10 @@ def _comparison_table(result: SpecResult) -> list[str]:
             [row_result.row.name, f"{column.group} {column.label}" if column.group
              else column.label, n, _signed(c["improvement"], d) + ci, _p(c["p_t"]),
              _p(c["p_holm"]), _p(c["p_wilcoxon"]), _f(c["p_better"], 2), c["verdict"]])
-        for note in (c["note"], c["wilcoxon_note"]):
+        metric = f"{column.group} {column.label}" if column.group else column.label
+        for test, note in (("", c["note"]), (", Wilcoxon", c["wilcoxon_note"])):
             if note:
-                notes.add(note)
+                notes.add(f"{row_result.row.name} vs {reference.row.name}, {metric}{test}: {note}")
     lines = ["## Paired comparisons with Wander (by seed)", ""]
     for reference, body in by_reference.items():
         lines += [f"**vs {reference}**", "",
@@ -517,7 +518,7 @@ def _comparison_table(result: SpecResult) -> list[str]:
         "0.05 and is not evidence either way).",
         "- P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5.", ""]
     if notes:
-        lines += ["Notes:", ""] + [f"- {note}" for note in sorted(notes)] + [""]
+        lines += ["Comparison notes:", ""] + [f"- {note}" for note in sorted(notes)] + [""]
     if result.skipped:
         lines += ["Not compared:", ""] + _skipped_lines(result) + [""]
     return lines
