@@ -488,7 +488,7 @@ def _comparison_table(result: SpecResult) -> list[str]:
                  "lack runs.", ""] + _skipped_lines(result) + ([""] if result.skipped else []))
     headers = ["Row", "Metric", "n", "Δ [95% t CI]", "p (t)", "p (Holm)", "p (Wilcoxon)",
                "P(Wander > row)", "verdict"]
-    by_reference, notes = {}, set()
+    by_reference, notes = {}, {}
     for row_result, column, c, reference in result.comparisons:
         d = column.digits + 1
         ci = (f" [{_f(c['improvement_t_ci_low'], d)}, {_f(c['improvement_t_ci_high'], d)}]"
@@ -500,9 +500,10 @@ def _comparison_table(result: SpecResult) -> list[str]:
              else column.label, n, _signed(c["improvement"], d) + ci, _p(c["p_t"]),
              _p(c["p_holm"]), _p(c["p_wilcoxon"]), _f(c["p_better"], 2), c["verdict"]])
         metric = f"{column.group} {column.label}" if column.group else column.label
-        for test, note in (("", c["note"]), (", Wilcoxon", c["wilcoxon_note"])):
-            if note:
-                notes.add(f"{row_result.row.name} vs {reference.row.name}, {metric}{test}: {note}")
+        for test, note in (("", c["note"]), ("Wilcoxon: ", c["wilcoxon_note"])):
+            if note:  # {note: the comparisons it is about}
+                notes.setdefault(test + note, []).append(
+                    f"{row_result.row.name} vs {reference.row.name}, {metric}")
     lines = ["## Paired comparisons with Wander (by seed)", ""]
     for reference, body in by_reference.items():
         lines += [f"**vs {reference}**", "",
@@ -518,10 +519,22 @@ def _comparison_table(result: SpecResult) -> list[str]:
         "0.05 and is not evidence either way).",
         "- P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5.", ""]
     if notes:
-        lines += ["Comparison notes:", ""] + [f"- {note}" for note in sorted(notes)] + [""]
+        every = [f"{r.row.name} vs {ref.row.name}, {f'{col.group} {col.label}' if col.group else col.label}"
+                 for r, col, _, ref in result.comparisons]
+        lines += ["Comparison notes:", ""] + [
+            f"- {note} ({_which(about, every)})" for note, about in sorted(notes.items())] + [""]
     if result.skipped:
         lines += ["Not compared:", ""] + _skipped_lines(result) + [""]
     return lines
+
+
+def _which(about: list[str], every: list[str]) -> str:
+    """The comparisons a note is about, named the short way: all, all but a few, or each."""
+    if len(about) == len(every):
+        return "every comparison"
+    if len(about) > len(every) / 2:
+        return "every comparison but " + "; ".join(c for c in every if c not in about)
+    return "; ".join(about)
 
 
 def render_markdown(result: SpecResult, figure_file: str | None = None) -> str:
