@@ -394,13 +394,17 @@ def pareto_figure(table: pd.DataFrame, metric: str, dataset: str, profile: str):
         points = axes.scatter(group["tunable"], group[column], label=method, alpha=0.6)
         front = group[group["pareto"]].sort_values("tunable")
         axes.plot(front["tunable"], front[column], color=points.get_facecolor()[0], marker="o")
+        for (x, y), repeats in group.groupby(["tunable", column]).size().items():
+            if repeats > 1:  # a setting proposed again: one point, so many trials
+                axes.annotate(f"×{repeats}", (x, y), textcoords="offset points", xytext=(4, 4),
+                              fontsize=7)
     axes.set_xscale("log")
     if len(table) and table["tunable"].max() < 10 * table["tunable"].min():
         # within one decade a log axis labels one power of ten, or none: round numbers instead
         axes.xaxis.set_major_locator(ticker.MaxNLocator(nbins=6))
         axes.xaxis.set_minor_formatter(ticker.NullFormatter())
     axes.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
-    axes.set_xlabel("#tunable (method + head)")
+    axes.set_xlabel("#tunable (method + head, log scale)")
     axes.set_ylabel(f"validation {metric} (selected epoch)")
     axes.set_title(f"Rank search on {dataset}: validation {metric}, Pareto fronts", fontsize=10)
     if len(table):
