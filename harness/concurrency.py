@@ -121,6 +121,24 @@ def exit_when_stopped(function: Callable, *args):
         os._exit(stopped.code)
 
 
+@contextlib.contextmanager
+def one_at_a_time(path: Path, what: str):
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block: a second
+    process says so on stderr (``what`` it waits for) and waits. The lock goes with the process
+    (``flock``): a killed holder leaves no lock behind, and no lock file beside ``path``."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"mmpetl: {path} is locked by another process; waiting for {what}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def lock_path(out_dir: Path, record: Path) -> Path:
     """``<out_dir>/.locks/<dataset>/<record name>.lock`` for ``record`` under ``out_dir``."""
     return Path(out_dir) / LOCKS / Path(record).relative_to(out_dir).with_suffix(".lock")

@@ -46,6 +46,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock  
 from optuna.trial import TrialState  # noqa: E402
 
 from harness import records  # noqa: E402
+from harness.concurrency import one_at_a_time  # noqa: E402
 from harness.errors import InputError  # noqa: E402
 from harness.params_schema import check_search  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
@@ -113,6 +114,13 @@ def _run_search(params: dict, executor: str, workers: int, out_dir: Path) -> dic
     config = _settings(params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # one search at a time on a folder: another would take this one's in-flight trials for an
+    # interrupted search's; the second waits, then resumes what the first left (nothing, or the rest)
+    with one_at_a_time(out_dir / "journal.log", "the search running on this folder to end"):
+        return _search_locked(params, config, executor, workers, out_dir)
+
+
+def _search_locked(params: dict, config: dict, executor: str, workers: int, out_dir: Path) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     journal = out_dir / "journal.log"
     _check_journal(journal)  # here, in the driver: the trials' workers never open the journal

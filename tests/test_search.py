@@ -1,6 +1,7 @@
 """Optuna rank search: two objectives on the validation split, a resumable journal, a Pareto
 front, and Ray's OptunaSearch."""
 import json
+import time
 import signal
 
 import optuna
@@ -371,3 +372,29 @@ def test_a_journal_line_optuna_cannot_replay_is_an_input_error(search_params, tm
     assert error.value.file == str(journal) and "cannot replay" in str(error.value), str(error.value)
     assert journal.read_bytes() == damaged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.log"]
+
+
+def test_a_second_search_on_the_folder_waits_for_the_first(search_params, tmp_path, capfd):
+    """One search at a time on a folder (the other would take this one's in-flight trials for an
+    interrupted search's): the second says so, waits, then finds the first's trials done."""
+    import threading
+
+    from harness.concurrency import one_at_a_time
+
+    first = run_search(search_params, "sequential", 1, tmp_path)
+    held, release = threading.Event(), threading.Event()
+
+    def other_search():  # holds the folder's search lock as a running search does
+        with one_at_a_time(tmp_path / "journal.log", "the test's holder"):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=other_search)
+    holder.start()
+    held.wait(10)
+    threading.Timer(1.0, release.set).start()
+    started = time.monotonic()
+    again = run_search(search_params, "sequential", 1, tmp_path)
+    holder.join()
+    assert time.monotonic() - started >= 0.9 and again == first
+    assert "journal.log is locked by another process; waiting for the search" in capfd.readouterr().err
