@@ -17,13 +17,12 @@ from torch import nn
 
 from harness.data.cards import list_cards, load_card
 from harness.errors import InputError
-from harness.records import read_json, sha256_file
+from harness.records import provenance_path, read_json, sha256_file
 from harness.text import Tokenized, WordVocab
 
 log = logging.getLogger(__name__)
 
 FORMAT, FORMAT_VERSION = "mmpetl.pretrained_backbone", 1
-PROVENANCE_SUFFIX = ".provenance.json"  # beside the checkpoint; .dvcignore leaves it out of DVC's hash
 # a pre-training task -> the output size of the head it trains (the source's card names the task
 # and the backbone); classification: the number of classes of the source's data (None here)
 PRETRAIN_OUTPUT = {"regression": 1, "retrieval": 0, "classification": None}
@@ -197,12 +196,6 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
     return report
 
 
-def provenance_path(checkpoint_path: str | Path) -> Path:
-    """``<checkpoint>.provenance.json``: how and where the checkpoint was made (not its inputs)."""
-    path = Path(checkpoint_path)
-    return path.with_name(path.name + PROVENANCE_SUFFIX)
-
-
 def checkpoint_vocab(checkpoint) -> WordVocab | None:
     document, _ = _as_document(checkpoint)
     return WordVocab(document["vocab"]) if document.get("vocab") else None
@@ -244,5 +237,5 @@ def checkpoint_sha256(checkpoint_path: str | Path) -> str | None:
 
 
 __all__ = ["DEFAULT_SKIP", "FORMAT", "FORMAT_VERSION", "PRETRAIN_OUTPUT", "adopt_vocab", "backbone_kind",
-           "checkpoint_sha256", "checkpoint_vocab", "load_pretrained", "provenance_path",
+           "checkpoint_sha256", "checkpoint_vocab", "load_pretrained",
            "read_checkpoint", "verify_checkpoint_bytes"]

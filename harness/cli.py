@@ -335,7 +335,7 @@ def cmd_cost(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from harness.checkpoints import provenance_path
+    from harness.records import provenance_path
     from harness.pretrain import plan_pretrain, pretrain
     from harness.params_schema import check_train
     from harness.records import require_writable_file

@@ -16,10 +16,10 @@ PARAMS_FILE = "params.yaml"
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2's floats and booleans: ``1e-3`` is a number (YAML 1.1, PyYAML's default,
-    needs a dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string), and only
-    true / false are booleans (YAML 1.1's yes / no / on / off are strings, which a boolean setting
-    then refuses); a key given twice in one mapping is an error (PyYAML keeps the last one
-    silently)."""
+    needs a dot and a signed exponent, ``1.0e-3``, and reads ``1e-3`` as a string), only true /
+    false are booleans and only plain decimal, 0o and 0x numbers integers (YAML 1.1's yes / no /
+    on / off and 1_000 are strings, which a boolean or integer setting then refuses); a key given
+    twice in one mapping is an error (PyYAML keeps the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)
@@ -35,11 +35,25 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_Loader.yaml_implicit_resolvers = {  # a copy without YAML 1.1's booleans: SafeLoader's stays
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+_YAML_1_1 = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")
+_Loader.yaml_implicit_resolvers = {  # a copy without YAML 1.1's booleans and integers
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
                               re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2's integers: decimal (010 is ten), 0o octal, 0x hex; no 1_000, 0b1 or 1:30 (YAML 1.1)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int",
+                              re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+
+
+def _yaml_1_2_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2])
+    return int(text[2:], base) if base else int(text)  # PyYAML's own reads 010 as octal 8
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _yaml_1_2_int)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

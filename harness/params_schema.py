@@ -535,7 +535,15 @@ def check_search(params: dict, file: str | None = None, cards: Cards | None = No
             raise InputError("unknown method in the search space", file=file,
                              key=f"search.space.{method}", expected=f"one of {method_names()}",
                              found=repr(method))
+        if not space:  # every trial would be the same run: a front of one point, 8 times
+            raise InputError("a search space with no field", file=file, key=f"search.space.{method}",
+                             expected="at least one config field and its choices, e.g. {rank: [4, 8]}",
+                             found="{}")
         for field, choices in space.items():
+            repeated = sorted({repr(c) for c in choices if choices.count(c) > 1})
+            if repeated:
+                raise InputError("a choice given twice", file=file, key=f"search.space.{method}.{field}",
+                                 expected="each choice once", found=f"{', '.join(repeated)} twice")
             for index, choice in enumerate(choices):
                 check_row({"method": method, field: choice}, file, f"search.space.{method}", widths)
 

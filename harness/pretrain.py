@@ -43,7 +43,7 @@ The file is a function of its inputs alone (same data, settings, seed and code: 
 so DVC and the run keys (which hold its sha256) see the same checkpoint from every clone, commit
 and environment. Provenance that does not change the numbers (device name, code hash, package
 versions, host, git commit, wall time) is written BESIDE it, in ``<checkpoint>.provenance.json``
-(``harness.checkpoints.provenance_path``; .dvcignore keeps it out of DVC's hash of the
+(``harness.records.provenance_path``; .dvcignore keeps it out of DVC's hash of the
 checkpoint folder).
 """
 from __future__ import annotations
@@ -63,10 +63,9 @@ from harness import records
 from harness.backbones import build_backbone, load_named, plan_encoders
 from harness.data import load_block, load_card
 from harness.data._common import MANIFEST
-from harness.checkpoints import (FORMAT, FORMAT_VERSION, checkpoint_sha256, pretrain_source,
-                                 provenance_path)
+from harness.checkpoints import FORMAT, FORMAT_VERSION, checkpoint_sha256, pretrain_source
 from harness.errors import InputError
-from harness.records import atomic_file, canonical_hash, update_with_file
+from harness.records import atomic_file, canonical_hash, provenance_path, update_with_file
 from harness.settings import checkpoint_path, section
 from harness.tasks.tasks import TASKS
 from harness.text import SPECIALS, PretrainedTokenizer, Tokenized, WordVocab, words

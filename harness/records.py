@@ -98,6 +98,15 @@ def tree_hash(path: str | Path) -> str:
     return _fixed(("tree", str(root.resolve())), lambda: _tree_hash(root))
 
 
+PROVENANCE_SUFFIX = ".provenance.json"  # beside a checkpoint; .dvcignore leaves it out of DVC's hash
+
+
+def provenance_path(checkpoint_path: str | Path) -> Path:
+    """``<checkpoint>.provenance.json``: how and where the checkpoint was made (not its inputs)."""
+    path = Path(checkpoint_path)
+    return path.with_name(path.name + PROVENANCE_SUFFIX)
+
+
 def data_files(root: Path) -> list[Path]:
     """Every file under ``root``, sorted, following symlinked folders (data are often linked in
     from another disk) except into a folder that holds itself (a symlink loop)."""

@@ -160,6 +160,7 @@ COMMAND_LINE_CASES = [
     (["--set", "rank=1000"], [COMMAND_LINE, "key 'rank'", "at most the smallest hidden size"]),
     (["--set", "target_roles=qv"], [COMMAND_LINE, "key 'target_roles'", "a list"]),
     (["--set", "amp=yes"], [COMMAND_LINE, "key 'amp'", "true or false"]),  # YAML 1.1's yes: a string
+    (["--set", "rank=1_6"], [COMMAND_LINE, "key 'rank'", "an integer"]),  # YAML 1.1's 16: a string
     (["--set", "lr=1e-3", "--set", "lr=2e-3"], ["key 'lr'", "each key once", "'1e-3' and '2e-3'"]),
     pytest.param(["--set", "device=cuda"], [COMMAND_LINE, "key 'device'", "no CUDA device"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
@@ -302,6 +303,10 @@ SEARCH_CASES = [
     ("unknown space method", setter("search.space", {"lorax": {"rank": [2]}}), "search.space.lorax",
      "one of"),
     ("unknown sampler", setter("search.sampler", "grid"), "search.sampler", "'tpe' or 'random'"),
+    ("space with no field", setter("search.space.lora", {}), "search.space.lora",
+     "at least one config field"),
+    ("choice twice", setter("search.space.lora", {"rank": [4, 8, 4]}), "search.space.lora.rank",
+     "found 4 twice"),
 ]
 
 

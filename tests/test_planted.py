@@ -230,6 +230,9 @@ def test_depth_backbone_file_is_a_checkpoint_of_the_study_backbone(generated, tm
     assert document["backbone"] == "late_fusion" and document["config"]["width"] == tiny["width"]
     again = generate("planted_depth", tmp_path / "again", seed=0, **SIZES)
     assert (Path(again["path"]) / planted.BACKBONE_FILE).read_bytes() == written.read_bytes()
+    # its sha256 beside it, as pre-training writes: a run verifies the bytes (no warning that it
+    # cannot, as on every fresh clone's `dvc repro` before)
+    assert checkpoints.verify_checkpoint_bytes(written)["sha256"] == checkpoints.checkpoint_sha256(written)
     with pytest.raises(InputError, match="seq_len"):
         generate("planted_depth", tmp_path / "long", seed=0, seq_len=40, **SIZES)
     with pytest.raises(InputError, match="heads"):

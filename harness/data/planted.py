@@ -38,6 +38,7 @@ import torch
 from harness.backbones.late_fusion import LateFusionBackbone, LateFusionConfig
 from harness.backbones.layers import fairseq_sinusoidal_table
 from harness.errors import InputError
+from harness.records import provenance_path, sha256_file
 
 from ._common import MANIFEST, AtomicDir, check_replaceable
 
@@ -107,6 +108,14 @@ def lost_subspace(width: int, seq_len: int) -> tuple[list[int], np.ndarray]:
     # rounded to float32, the backbone's precision: LAPACK's last bits differ between CPUs, and
     # the manifest that records u is part of the data's hash (every run key)
     return channels, (direction / np.linalg.norm(direction)).astype(np.float32)
+
+
+def _write_provenance(path: Path) -> None:
+    """The backbone's sha256 beside it, as pre-training records a checkpoint's: a run checks the
+    bytes it loads (and does not warn that it cannot). Nothing else: the data stay deterministic."""
+    document = {"checkpoint": path.name, "sha256": sha256_file(path),
+                "made_by": "harness.data.planted: the depth task's drawn backbone, not pre-trained"}
+    provenance_path(path).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
 
 
 def planted_backbone(name: str, dims: dict, seq_len: int, seed: int, options: dict) -> dict:
@@ -218,5 +227,6 @@ def generate_planted(card, out_dir: Path, seed: int, sizes: dict, seq_len: int, 
             pickle.dump(data, f, protocol=4)
         if backbone is not None:
             torch.save(backbone, tmp / BACKBONE_FILE)
+            _write_provenance(tmp / BACKBONE_FILE)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return {**manifest, "path": str(out_dir)}
