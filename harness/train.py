@@ -224,8 +224,13 @@ def train_and_select(model: nn.Module, task: Task, loaders: dict[str, DataLoader
             with _autocast(settings):
                 loss = task.loss(model(batch).float(), batch["label"])
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"{desc}: non-finite loss at epoch {epoch}")
+            if not math.isfinite(loss_value):  # the data's scale or the settings, not a bug
+                samples = list(batch.get("id", ()))[:3] or batch["index"][:3].tolist()
+                raise InputError(f"{desc}: the loss is not finite at epoch {epoch}, on a batch "
+                                 f"with samples {samples}: inputs too large for the model "
+                                 "(mmpetl check-data warns of values beyond float16) or a too "
+                                 "large learning rate", key="lr", expected="a finite loss",
+                                 found=f"{loss_value} at lr {settings.lr}")
             optimizer.zero_grad()
             loss.backward()
             if settings.grad_clip > 0:

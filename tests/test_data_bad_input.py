@@ -497,4 +497,4 @@ def test_features_beyond_float16_are_usable_with_a_warning(tmp_path):
         d["train"]["text"][0, 0, 0] = 1e38
     mult(tmp_path, mutate=m)
     warnings = check_data("mosi", tmp_path)["warnings"]
-    assert [w for w in warnings if w.startswith("train: text reaches |x| = 1e+38")], warnings
+    assert [w for w in warnings if w.startswith("train: text reaches |x| = 1e+38 (first at sample v0")], warnings

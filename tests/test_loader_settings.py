@@ -145,3 +145,36 @@ def test_pinned_memory_is_not_in_the_run_key_workers_and_amp_are_and_mosi_metric
     assert with_workers["metrics"] == alone["metrics"]
     assert with_workers["loader"] == {"workers": 2, "pin_memory": False}
     assert alone["loader"] == {"workers": 0, "pin_memory": False}
+
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, batch):
+        return batch["x"] * self.scale  # 3e38 x 10 overflows float32
+
+
+class NamedItems(Dataset):
+    """Items with ids; with ``overflow``, item 2's input overflows the loss."""
+
+    def __init__(self, overflow: bool = False):
+        self.overflow = overflow
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x = 3e38 if self.overflow and i == 2 else float(i)
+        return {"x": torch.tensor([x]), "label": torch.tensor(0.0), "index": torch.tensor(i),
+                "id": f"clip{i}"}
+
+
+def test_a_non_finite_loss_is_an_input_error_naming_the_samples():
+    """Data too large for the model (1e38 in an input) made lora / full / adapter runs crash with a
+    RuntimeError traceback; now exit 2 naming the batch's samples and the learning rate."""
+    settings = TrainSettings(batch_size=8, epochs=1)
+    splits = {"train": NamedItems(overflow=True), "valid": NamedItems(), "test": NamedItems()}
+    with pytest.raises(InputError, match=r"not finite at epoch 0, on a batch with samples \['clip"):
+        fine_tune(Scale(), TASKS["regression"], splits, settings, seed=0, progress=False)

@@ -99,6 +99,9 @@ def _beyond_fp16(ld) -> list[str]:
                 continue
             finite = np.abs(values[np.isfinite(values)])
             if finite.size and finite.max() > FP16_MAX:
-                found.append(f"{name}: {key} reaches |x| = {finite.max():.3g}, beyond float16's "
-                             f"{FP16_MAX:g}: a run's feature cache would overflow")
+                row = int(np.argwhere(np.isfinite(values) & (np.abs(values) > FP16_MAX))[0][0])
+                sample = split.ids[row] if getattr(split, "ids", None) is not None else f"item {row}"
+                found.append(f"{name}: {key} reaches |x| = {finite.max():.3g} (first at sample "
+                             f"{sample}), beyond float16's {FP16_MAX:g}: a run's feature cache "
+                             "would overflow")
     return found
