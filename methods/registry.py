@@ -41,6 +41,13 @@ def register(name: str, *, config: type, variants: dict[str, Variant], summary: 
             raise ConfigError(f"{what} name {text!r}: use lowercase letters, digits and "
                               "underscores, a letter first (e.g. my_method2)")
 
+    taken = {key: other for other, spec in _REGISTRY.items() if other != name
+             for key in result_names(other, spec.variants)}
+    clash = sorted(result_names(name, variants) & set(taken))
+    if clash:  # e.g. a method "wander_code": the name of Wander's released-code results
+        raise ConfigError(f"method {name!r}: its results would be named {clash[0]!r}, as those "
+                          f"of method {taken[clash[0]]!r} already are; choose another name")
+
     def decorate(apply_fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
@@ -48,6 +55,12 @@ def register(name: str, *, config: type, variants: dict[str, Variant], summary: 
         return apply_fn
 
     return decorate
+
+
+def result_names(name: str, variants) -> set[str]:
+    """The names a method's results go under (``results/metrics.json``, row slugs): the method's,
+    and ``<method>_<variant>`` for each variant but ``paper``."""
+    return {name} | {f"{name}_{variant}" for variant in variants if variant != "paper"}
 
 
 def method_names() -> list[str]:

@@ -234,6 +234,25 @@ def test_register_refuses_a_name_that_is_not_a_plain_identifier(name):
     assert name not in registry.method_names() and "fine_name" not in registry.method_names()
 
 
+def test_register_refuses_a_name_that_another_methods_results_have(monkeypatch):
+    """A method "wander_code" would put its results under the name of Wander's released-code
+    variant (it was accepted, and refused only by the leaderboard once both were grid rows), and
+    a method with a variant "code" named "x" clashes with a method "x_code" registered before."""
+    from methods import registry
+    from methods.base import ConfigError, MethodConfig, Variant
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    paper = {"paper": Variant("never used")}
+    with pytest.raises(ConfigError, match="'wander_code', as those of method 'wander'"):
+        registry.register("wander_code", config=MethodConfig, summary="test only", variants=paper)
+    registry.register("mine_code", config=MethodConfig, summary="test only", variants=paper)(
+        lambda backbone, config: None)
+    with pytest.raises(ConfigError, match="'mine_code', as those of method 'mine_code'"):
+        registry.register("mine", config=MethodConfig, summary="test only",
+                          variants={**paper, "code": Variant("never used")})
+    assert "wander_code" not in registry.method_names() and "mine" not in registry.method_names()
+
+
 def test_audit_fails_on_a_dead_tensor(broken_method, capsys):
     row = audit_one(broken_method, "paper", 2)
     assert row["dead_tensors"] == ["unused.bias", "unused.weight"] and not row["ok"]
