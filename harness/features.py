@@ -44,8 +44,9 @@ FromCache(backbone)
 cached_splits(backbone, splits, cache_dir, data_hashes, batch_size=64, progress=True)
     -> (FromCache, {split: CachedFeatures}, info)
     Everything fine-tuning needs to train from the cache: files at
-    ``cache_dir/<encoder_hash[:16]>/<split>.h5`` (one folder per encoder state, so seeds with
-    different random towers do not overwrite each other's caches).
+    ``cache_dir/<encoder_hash[:16]>-<data[:8]>/<split>.h5`` (``data``: the hash of the splits'
+    data hashes; one folder per encoder state and data, so seeds with different random towers,
+    and a run on another data folder of the dataset, do not overwrite each other's caches).
 plan_data_hashes(plan, data, vocab) -> dict
     The per-split data hashes a run plan's caches are keyed on.
 split_hash(data, split, **options) -> str
@@ -599,7 +600,7 @@ def cached_splits(backbone: nn.Module, splits: dict[str, Dataset], cache_dir: st
     if not checked:
         require_cacheable(backbone)
     current = encoder_hash(backbone)
-    folder = Path(cache_dir) / current[:16]
+    folder = Path(cache_dir) / f"{current[:16]}-{canonical_hash(data_hashes)[:8]}"
     cached, info = {}, {"encoder_hash": current, "folder": str(folder), "splits": {},
                         "extract_s": 0.0}
     for name, split in splits.items():

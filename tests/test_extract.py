@@ -153,7 +153,7 @@ def test_fine_tune_runs_on_the_cache(towers, tmp_path):
     model, cached, info = cached_splits(backbone, splits, tmp_path, hashes, batch_size=8,
                                         progress=False)
     assert {s["status"] for s in info["splits"].values()} == {"computed: missing"}
-    assert info["folder"].endswith(info["encoder_hash"][:16])
+    assert Path(info["folder"]).name.startswith(info["encoder_hash"][:16] + "-")
     before = {n: p.clone() for n, p in backbone.named_parameters()}
     settings = TrainSettings(optimizer="adamw", lr=1e-3, batch_size=8, epochs=1)
     result = fine_tune(model, TASKS["classification"], cached, settings, seed=0, progress=False)
@@ -163,6 +163,13 @@ def test_fine_tune_runs_on_the_cache(towers, tmp_path):
     # Training the head and the hook leaves the encoder hash (and so the cache) valid.
     _, _, again = cached_splits(backbone, splits, tmp_path, hashes, batch_size=8, progress=False)
     assert {s["status"] for s in again["splits"].values()} == {"reused"}
+    # Another data folder of the dataset (a scratch run's): a cache of its own, not the first
+    # one rewritten in place (concurrent experiments on two data folders recomputed each other's)
+    other = {name: f"other-{name}" for name in splits}
+    _, _, elsewhere = cached_splits(backbone, splits, tmp_path, other, batch_size=8, progress=False)
+    assert elsewhere["folder"] != info["folder"]
+    _, _, back = cached_splits(backbone, splits, tmp_path, hashes, batch_size=8, progress=False)
+    assert {s["status"] for s in back["splits"].values()} == {"reused"}
 
 
 # --- what is refused ---------------------------------------------------------------------------
