@@ -105,13 +105,13 @@ def cmd_audit(args) -> int:
 def _parse_sets(pairs: list[str] | None) -> dict[str, str]:
     overrides = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
+        key, sep, value = (part.strip() for part in pair.partition("="))
         if not sep or not key:
             raise InputError("bad --set", key=pair, expected="key=value", found=pair)
-        if key.strip() in overrides:
-            raise InputError("--set gives a key twice", key=key.strip(), expected="each key once",
-                             found=f"{overrides[key.strip()]!r} and {value.strip()!r}")
-        overrides[key.strip()] = value.strip()
+        if key in overrides:
+            raise InputError("--set gives a key twice", key=key, expected="each key once",
+                             found=f"{overrides[key]!r} and {value!r}")
+        overrides[key] = value
     return overrides
 
 
@@ -788,13 +788,13 @@ def _dispatch(args) -> int:
 def _load_params_methods(args) -> None:
     """Register the method modules the parameters file lists (``methods``): a user's methods are
     known to every command, not to the sweep alone. Without ``--params``: params.yaml, when here."""
-    path = getattr(args, "params", None) or "params.yaml"
-    if getattr(args, "params", None) is None and not Path(path).is_file():
+    given = getattr(args, "params", None)
+    if given is None and not Path("params.yaml").is_file():
         return
     from harness.params_file import read_params
     from harness.settings import load_params_methods
 
-    load_params_methods(read_params(path))
+    load_params_methods(read_params(given or "params.yaml"))
 
 
 def _check_methods(args) -> None:
@@ -805,9 +805,10 @@ def _check_methods(args) -> None:
         return
     from methods import get_method, method_names
 
-    if any(name not in method_names() for name in ([names] if isinstance(names, str) else names)):
+    asked = [names] if isinstance(names, str) else names  # run's one method, audit's list
+    if any(name not in method_names() for name in asked):
         _load_params_methods(args)
-    for name in [names] if isinstance(names, str) else names:
+    for name in asked:
         if name not in method_names():
             raise InputError(f"unknown method {name!r}", key="--method",
                              expected=f"one of {method_names()}", found=repr(name))

@@ -488,22 +488,21 @@ def _comparison_table(result: SpecResult) -> list[str]:
                  "lack runs.", ""] + _skipped_lines(result) + ([""] if result.skipped else []))
     headers = ["Row", "Metric", "n", "Δ [95% t CI]", "p (t)", "p (Holm)", "p (Wilcoxon)",
                "P(Wander > row)", "verdict"]
-    by_reference, notes = {}, {}
+    by_reference, notes, every = {}, {}, []
     for row_result, column, c, reference in result.comparisons:
         d = column.digits + 1
         ci = (f" [{_f(c['improvement_t_ci_low'], d)}, {_f(c['improvement_t_ci_high'], d)}]"
               if c["improvement_t_ci_low"] is not None else "")
         missing = c["missing_in_wander"] + c["missing_in_baseline"]
         n = str(c["n"]) + (f" (unpaired seeds {sorted(set(missing))})" if missing else "")
-        by_reference.setdefault(reference.row.name, []).append(
-            [row_result.row.name, f"{column.group} {column.label}" if column.group
-             else column.label, n, _signed(c["improvement"], d) + ci, _p(c["p_t"]),
-             _p(c["p_holm"]), _p(c["p_wilcoxon"]), _f(c["p_better"], 2), c["verdict"]])
         metric = f"{column.group} {column.label}" if column.group else column.label
+        by_reference.setdefault(reference.row.name, []).append(
+            [row_result.row.name, metric, n, _signed(c["improvement"], d) + ci, _p(c["p_t"]),
+             _p(c["p_holm"]), _p(c["p_wilcoxon"]), _f(c["p_better"], 2), c["verdict"]])
+        every.append(f"{row_result.row.name} vs {reference.row.name}, {metric}")
         for test, note in (("", c["note"]), ("Wilcoxon: ", c["wilcoxon_note"])):
             if note:  # {note: the comparisons it is about}
-                notes.setdefault(test + note, []).append(
-                    f"{row_result.row.name} vs {reference.row.name}, {metric}")
+                notes.setdefault(test + note, []).append(every[-1])
     lines = ["## Paired comparisons with Wander (by seed)", ""]
     for reference, body in by_reference.items():
         lines += [f"**vs {reference}**", "",
@@ -519,8 +518,6 @@ def _comparison_table(result: SpecResult) -> list[str]:
         "0.05 and is not evidence either way).",
         "- P(Wander > row): fraction of paired seeds where Wander is better, ties 0.5.", ""]
     if notes:
-        every = [f"{r.row.name} vs {ref.row.name}, {f'{col.group} {col.label}' if col.group else col.label}"
-                 for r, col, _, ref in result.comparisons]
         lines += ["Comparison notes:", ""] + [
             f"- {note} ({_which(about, every)})" for note, about in sorted(notes.items())] + [""]
     if result.skipped:
@@ -669,7 +666,7 @@ def render_figure(result: SpecResult) -> bytes:
     if banner:
         caption = banner + ". " + caption
     fig.suptitle(spec.title, fontsize=10)
-    handles, labels = next((found for found in map(lambda ax: ax.get_legend_handles_labels(), axes)
+    handles, labels = next((found for found in (ax.get_legend_handles_labels() for ax in axes)
                             if found[0]), ([], []))
     if handles:  # one legend for every panel, above them: none covers a panel's bars
         fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8)
