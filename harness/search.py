@@ -137,7 +137,18 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
     spaces = {method: space for method, space in every_space.items() if chosen in ("all", method)}
     studies = {method: _open_study(params, config, storage, directions, method)
                for method in spaces}
-    back = restore([_plan_for(params, config, method, trial.params) for method, study in studies.items()
+    # ``method`` picks the studies that run; every study of the current definitions is reported,
+    # as the leaderboard ranks every row on record (`dvc exp run -S method=bias` keeps the front)
+    others = {}
+    for method in [method for method in every_space if method not in spaces]:
+        study = _load_study(study_name_for(params, method), storage, _sampler(config))
+        if study is None:
+            log.warning("search: no %s study under the current settings in %s: run it with "
+                        "method: all or method: %s", method, out_dir / "journal.log", method)
+        else:
+            others[method] = study
+    back = restore([_plan_for(params, config, method, trial.params)
+                    for method, study in {**studies, **others}.items()
                     for trial in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])],
                    out_dir / "runs")  # the records of its told trials, set aside by an edit since undone
     if back:
@@ -150,15 +161,7 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
                                                    spaces[method], studies[method], workers,
                                                    out_dir)
         _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool)
-    # ``method`` picks the studies that run; every study of the current definitions is reported,
-    # as the leaderboard ranks every row on record (`dvc exp run -S method=bias` keeps the front)
-    for method in [method for method in every_space if method not in spaces]:
-        study = _load_study(study_name_for(params, method), storage, _sampler(config))
-        if study is None:
-            log.warning("search: no %s study under the current settings in %s: run it with "
-                        "method: all or method: %s", method, out_dir / "journal.log", method)
-        else:
-            studies[method] = study
+    studies.update(others)
     rows = [row for method in every_space if method in studies
             for row in _trial_rows(params, config, method, studies[method], out_dir)]
     table = pd.DataFrame(rows)

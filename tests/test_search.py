@@ -123,6 +123,21 @@ def test_an_undone_edit_brings_the_trial_records_back(search_params, tmp_path):
     assert {p.relative_to(runs): p.read_bytes() for p in runs.glob("*/*.json")} == kept
 
 
+def test_an_undone_edit_brings_back_the_studies_that_do_not_run(search_params, tmp_path):
+    """With ``method: wander`` only Wander's study runs, but LoRA's is reported too: its told
+    trials' records come back from runs/.stale as well, so its front keeps its test metrics."""
+    first = run_search(search_params, "sequential", 1, tmp_path)
+    runs = tmp_path / "runs"
+    kept = {p.relative_to(runs): p.read_bytes() for p in runs.glob("*/*.json")}
+    for path in kept:
+        (runs / ".stale" / path).parent.mkdir(parents=True, exist_ok=True)
+        (runs / path).rename(runs / ".stale" / path)
+    again = run_search({**search_params, "method": "wander"}, "sequential", 1, tmp_path)
+    assert {p["method"] for p in again["pareto"]} == {"wander", "lora"}
+    assert again["pareto"] == first["pareto"] and all(p["test_mae"] is not None for p in again["pareto"])
+    assert {p.relative_to(runs): p.read_bytes() for p in runs.glob("*/*.json")} == kept
+
+
 def test_a_changed_definition_starts_a_new_study(search_params, tmp_path):
     """Training settings, metric and space name the study: old trials are never reported under
     a changed definition (their records would not even be found under the new run keys)."""
