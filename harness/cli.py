@@ -252,8 +252,10 @@ def _sweep_command(args) -> int:
     summary = sweep(params, *_executor(args, params), Path(args.out))
     write_index(Path(args.out), summary)
     _emit(summary, args.json, lambda s: print(
-        f"{s['runs']} runs: {s['computed']} computed, {s['reused']} already recorded "
-        f"(executor {s['executor']}, {s['workers']} workers)"))
+        f"{s['runs']} runs: {s['computed']} computed, {s['reused']} already recorded"
+        + (f" ({s['restored']} moved back from .stale)" if s["restored"] else "")
+        + (f"; {s['set_aside']} records of other code set aside in .stale" if s["set_aside"] else "")
+        + f" (executor {s['executor']}, {s['workers']} workers)"))
     return 0
 
 

@@ -98,18 +98,19 @@ def check_can_compute(plans: list[RunPlan], out_dir: Path) -> None:
 
 
 def write_index(out_dir: Path, summary: dict) -> bool:
-    """Write ``<out_dir>/index.json`` (the sweep's summary) when the sweep changed the folder or
-    the index lists other records; a sweep that found every record in place writes nothing (it
-    runs on a read-only results folder). Returns whether it wrote."""
+    """Write ``<out_dir>/index.json``: every record of the folder (``summary["records"]``), its
+    state, not what the sweep did (the command prints that), so a code edit and its undo leave it
+    as it was. A sweep that leaves the list as it was writes nothing (it runs on a read-only
+    results folder). Returns whether it wrote."""
     path = Path(out_dir) / "index.json"
-    changed = summary["computed"] or summary["restored"] or summary["set_aside"]
-    if not changed and path.is_file():
+    index = {"records": summary["records"]}
+    if path.is_file():
         try:
-            if records.read_json(path).get("records") == summary["records"]:
+            if records.read_json(path) == index:
                 return False
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             pass  # an unreadable index is rewritten
-    records.write_json_atomic(path, summary)
+    records.write_json_atomic(path, index)
     return True
 
 

@@ -9,6 +9,7 @@ A small study (MOSI, rows linear and lora, seed 0, 1 epoch) is reproduced and co
 """
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,13 @@ def record_names(repo: Path) -> set[str]:
     return {str(p.relative_to(repo / RUNS)) for p in (repo / RUNS).glob("*/*.json")}
 
 
-def sweep_summary(repo: Path) -> dict:
-    return json.loads((repo / RUNS / "index.json").read_text())
+def sweep_counts(output: str) -> dict:
+    """What the sweep said it did, from ``mmpetl sweep``'s line in the pipeline's output: runs,
+    computed, already recorded, set aside (0 when not said)."""
+    line = re.search(r"(\d+) runs: (\d+) computed, (\d+) already recorded(?: \(\d+ moved back from "
+                     r"\.stale\))?(?:; (\d+) records of other code set aside)?", output)
+    assert line, output[-2000:]
+    return dict(zip(("runs", "computed", "reused", "set_aside"), (int(g or 0) for g in line.groups())))
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +65,7 @@ def repo(reproduced_inputs, tmp_path_factory):
     folder = copy_project(reproduced_inputs, tmp_path_factory.mktemp("repo"), datasets=["mosi"],
                           seeds=[0], method="all",
                           grid={"mosi": [{"method": "linear"}, {"method": "lora", "rank": 4}]})
-    sh("dvc", "repro", "finetune", cwd=folder)
-    assert sweep_summary(folder)["computed"] == 2
+    assert sweep_counts(sh("dvc", "repro", "finetune", cwd=folder).stdout)["computed"] == 2
     sh("git", "add", "-A", cwd=folder)
     sh("git", "commit", "-qm", "a 2-run study", cwd=folder)
     return folder
@@ -74,11 +79,8 @@ def test_a_new_method_file_computes_its_runs_only(repo):
     params["grid"]["mosi"].append({"method": "bitfit"})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    sh("dvc", "repro", cwd=repo)
-
-    summary = sweep_summary(repo)
-    assert (summary["runs"], summary["computed"], summary["reused"]) == (3, 1, 2)
-    assert summary["set_aside"] == 0
+    summary = sweep_counts(sh("dvc", "repro", cwd=repo).stdout)
+    assert summary == {"runs": 3, "computed": 1, "reused": 2, "set_aside": 0}
     after = record_names(repo)
     assert before <= after, f"records removed: {sorted(before - after)}"
     (new,) = after - before
@@ -116,9 +118,7 @@ def test_editing_one_method_recomputes_its_runs_only(repo):
     lora = repo / "methods/lora.py"
     lora.write_text(lora.read_text() + "\n# an edit of LoRA's file only\n")
 
-    sh("dvc", "repro", "finetune", cwd=repo)
-
-    summary = sweep_summary(repo)
+    summary = sweep_counts(sh("dvc", "repro", "finetune", cwd=repo).stdout)
     assert (summary["computed"], summary["reused"], summary["set_aside"]) == (1, len(before) - 1, 1)
     after = record_names(repo)
     assert before - after == {lora_record}

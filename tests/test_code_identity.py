@@ -14,7 +14,7 @@ import yaml
 from harness import records
 from harness.cli import main
 from harness.run import run_code_hash
-from harness.sweep import STALE, stale_records, sweep
+from harness.sweep import STALE, stale_records, sweep, write_index
 from harness.settings import load_params
 from helpers import small_mosi_params
 from methods import method_names, registry
@@ -122,6 +122,8 @@ def test_records_of_other_code_are_set_aside_listed_restored_and_pruned_on_reque
     out = tmp_path / "runs"
     first = sweep(one_run, out_dir=out)
     assert (first["computed"], first["set_aside"]) == (1, 0)
+    assert write_index(out, first)
+    index = (out / "index.json").read_bytes()
     (record_path,) = (out / "mosi").glob("*.json")
     old = json.loads(record_path.read_text())
     old.update(code_hash="0" * 64, key="0" * 64)  # a record of other code
@@ -142,6 +144,8 @@ def test_records_of_other_code_are_set_aside_listed_restored_and_pruned_on_reque
     third = sweep(one_run, out_dir=out)
     assert (third["computed"], third["restored"], third["set_aside"]) == (0, 1, 0)
     assert record_path.is_file()
+    write_index(out, third)  # the folder's state is the first sweep's again: so is its index
+    assert (out / "index.json").read_bytes() == index
 
     assert main(["records", "prune", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"removed": 1}
