@@ -285,9 +285,22 @@ def test_food_image_too_large_to_open(tmp_path, monkeypatch):
 
 
 def test_food_missing_image(tmp_path):
+    """The error names the list file and its line, and the image path that row gives."""
     _raw_food(tmp_path)
     (tmp_path / "images/test/apple_pie/a_1.jpg").unlink()
-    expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "a_1.jpg", "line 1")
+    e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "test_titles.csv",
+                     "line 1")
+    assert e.file.endswith("test_titles.csv") and "a_1.jpg" in str(e) and str(e).endswith("found missing")
+
+
+def test_food_image_path_is_a_folder(tmp_path):
+    _raw_food(tmp_path)
+    image = tmp_path / "images/test/apple_pie/a_1.jpg"
+    image.unlink()
+    image.mkdir()
+    e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "test_titles.csv",
+                     "line 1")
+    assert str(e).endswith("found a folder")
 
 
 def test_food_label_not_in_train(tmp_path):

@@ -61,9 +61,12 @@ def _constant_labels(ld) -> list[str]:
     found = []
     for name, split in ld.splits.items():
         labels = getattr(split, "labels", None)
-        if labels is not None and len(labels) > 1 and (np.asarray(labels) == np.asarray(labels)[0]).all():
-            found.append(f"{name}: every label is {np.asarray(labels)[0].tolist()}: the metrics that "
-                         "compare labels (correlation, binary accuracy, F1) are undefined on it (NaN)")
+        if labels is None:
+            continue
+        labels = np.asarray(labels)
+        if len(labels) > 1 and (labels == labels[0]).all():
+            found.append(f"{name}: every label is {labels[0].tolist()}: the metrics that compare "
+                         "labels (correlation, binary accuracy, F1) are undefined on it (NaN)")
     return found
 
 
@@ -86,7 +89,7 @@ def _shared_ids(ld) -> list[str]:
     return found
 
 
-FP16_MAX = 65504.0  # the feature cache stores encoder outputs in float16
+FP16_MAX = float(np.finfo(np.float16).max)  # the feature cache stores encoder outputs in float16
 
 
 def _beyond_fp16(ld) -> list[str]:
@@ -97,11 +100,12 @@ def _beyond_fp16(ld) -> list[str]:
         for key, values in (getattr(split, "arrays", None) or {}).items():
             if key == "label" or not np.issubdtype(np.asarray(values).dtype, np.floating):
                 continue
-            finite = np.abs(values[np.isfinite(values)])
-            if finite.size and finite.max() > FP16_MAX:
-                row = int(np.argwhere(np.isfinite(values) & (np.abs(values) > FP16_MAX))[0][0])
+            magnitude = np.abs(np.asarray(values))
+            magnitude[~np.isfinite(magnitude)] = 0  # non-finite values: the report's "nonfinite"
+            if magnitude.size and magnitude.max() > FP16_MAX:
+                row = int(np.nonzero(magnitude > FP16_MAX)[0][0])
                 sample = split.ids[row] if getattr(split, "ids", None) is not None else f"item {row}"
-                found.append(f"{name}: {key} reaches |x| = {finite.max():.3g} (first at sample "
+                found.append(f"{name}: {key} reaches |x| = {magnitude.max():.3g} (first at sample "
                              f"{sample}), beyond float16's {FP16_MAX:g}: a run's feature cache "
                              "would overflow")
     return found

@@ -224,9 +224,10 @@ def load(card: Card, path: Path, format: str | None = None, *, image_size: int |
                 raise InputError("label out of range (class not in train split)", file=str(f),
                                  key=where, expected=f"one of the {len(classes)} train classes",
                                  found=label)
-            if check_images_exist and not Path(img).is_file():
-                raise InputError("image file missing", file=img, key=where,
-                                 expected="an image file", found="missing")
+            if check_images_exist and not Path(img).is_file():  # the list's row names it
+                raise InputError("image file missing", file=str(f), key=where,
+                                 expected=f"an image file at {img}",
+                                 found="a folder" if Path(img).is_dir() else "missing")
             recs.append((img, text, index[label], rid))
         splits_rec[split] = recs
     if valid_fraction and "valid" not in splits_rec:
