@@ -79,6 +79,10 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise InputError("not an mmpetl pre-trained backbone checkpoint", file=str(path),
                          key="format", expected=FORMAT, found=found)
+    if document.get("format_version") != FORMAT_VERSION:
+        raise InputError("pre-trained checkpoint of another format version", file=str(path),
+                         key="format_version", expected=FORMAT_VERSION,
+                         found=document.get("format_version"))
     state = document.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
@@ -143,10 +147,11 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
     and return the load report (for the run record's ``checkpoint_load_report``).
 
     ``skip_prefixes`` (default per kind, ``DEFAULT_SKIP``): checkpoint keys starting with one of
-    them are not loaded. Every other checkpoint tensor that the backbone has must fit its shape
-    (InputError naming the tensor and both shapes); the backbone's keys the checkpoint lacks
-    keep their fresh initialisation (``missing``); checkpoint keys the backbone lacks are left
-    out (``unexpected``). ``checkpoint_path`` may also be a document from ``read_checkpoint``."""
+    them are not loaded, and each must match some checkpoint tensor. Every other checkpoint tensor
+    must have a place of the same shape and dtype in the backbone, and every backbone tensor must
+    load (InputError naming the tensor), except an expert's that only one side has (MMT): the
+    backbone's keep their fresh initialisation (``missing``), the checkpoint's are left out
+    (``unexpected``). ``checkpoint_path`` may also be a document from ``read_checkpoint``."""
     document, where = _as_document(checkpoint_path)
     kind = backbone_kind(backbone)
     if document.get("backbone") != kind:
@@ -162,18 +167,22 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
     state = document["state_dict"]
     own = backbone.state_dict()
     skipped = sorted(k for k in state if k.startswith(prefixes)) if prefixes else []
+    unmatched = [p for p in prefixes if not any(k.startswith(p) for k in state)]
+    if skip_prefixes is not None and unmatched:  # a typo would load what it meant to leave out
+        raise InputError("a skip prefix matches no tensor of the checkpoint", file=where,
+                         key=f"pretrain.skip ({kind})", expected="prefixes of checkpoint tensor "
+                         f"names, e.g. {sorted(state)[-1]!r}", found=unmatched[0])
     considered = [k for k in state if k not in set(skipped)]
     unexpected = sorted(k for k in considered if k not in own)
     loaded = sorted(k for k in considered if k in own)
     missing = sorted(k for k in own if k not in state)
-    misfits = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in loaded
-               if state[k].shape != own[k].shape]
+    _require_whole(document, backbone, where, loaded, missing, unexpected, prefixes)
+    misfits = [(k, _kind(state[k]), _kind(own[k])) for k in loaded if _kind(state[k]) != _kind(own[k])]
     if misfits:
         name, theirs, mine = misfits[0]
         more = f" (and {len(misfits) - 1} more tensor(s))" if len(misfits) > 1 else ""
         raise InputError(f"checkpoint tensor {name!r} does not fit the backbone{more}", file=where,
-                         key=name, expected=f"shape {mine} (backbone)",
-                         found=f"shape {theirs} (checkpoint)")
+                         key=name, expected=f"{mine} (backbone)", found=f"{theirs} (checkpoint)")
     result = backbone.load_state_dict({k: state[k] for k in loaded}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     report = {
@@ -194,6 +203,36 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
         log.warning("checkpoint %s: loaded %d tensors; %d missing (fresh), %d unexpected, "
                     "%d skipped", where, len(loaded), len(missing), len(unexpected), len(skipped))
     return report
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def _names(key: str, experts: set) -> bool:
+    """Whether state-dict ``key`` belongs to one of ``experts`` (a dotted part names it)."""
+    return bool(set(key.split(".")) & experts)
+
+
+def _require_whole(document: dict, backbone: nn.Module, where: str, loaded: list, missing: list,
+                   unexpected: list, prefixes: tuple) -> None:
+    """The checkpoint must fill the backbone: every tensor loads except those ``skip`` names and
+    those of an expert only one side has (MMT: HowTo100M's 2 experts into MSR-VTT's 7). Anything
+    else left fresh or left out means a checkpoint of another model or with renamed tensors."""
+    experts = set((document.get("config") or {}).get("experts") or ())
+    own_experts = set(getattr(backbone.config, "experts", None) or ())
+    fresh = [k for k in missing if not k.startswith(prefixes) and not _names(k, own_experts - experts)]
+    extra = [k for k in unexpected if not _names(k, experts - own_experts)]
+    if not loaded or fresh or extra:
+        own = next(iter(backbone.state_dict()))
+        raise InputError(
+            f"the checkpoint does not fit the backbone: {len(loaded)} tensors load, {len(fresh)} of "
+            f"the backbone's would stay fresh, {len(extra)} of the checkpoint's have no place "
+            "(skip prefixes: pretrain.skip)", file=where,
+            key=(extra or fresh or ["state_dict"])[0],
+            expected=f"the backbone's tensor names (e.g. {own!r})",
+            found=f"checkpoint tensor {extra[0]!r}" if extra else
+            f"no checkpoint tensor {fresh[0]!r}" if fresh else f"e.g. {next(iter(document['state_dict']), None)!r}")
 
 
 def checkpoint_vocab(checkpoint) -> WordVocab | None:

@@ -31,7 +31,7 @@ from harness import concurrency, records
 from harness.checkpoints import verify_checkpoint_bytes
 from harness.errors import InputError
 from harness.ray_executor import RayOptions, ray_session, run_with_ray
-from harness.run import RUNS_DIR, record_path, run_code_hash, run_key, run_trial
+from harness.run import RUNS_DIR, prepare, record_path, run_code_hash, run_key, run_trial
 from harness.settings import RunPlan, plan_run, plan_to_dict, section, seeds_for
 from methods import method_names
 
@@ -89,12 +89,18 @@ def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
 
 
 def check_can_compute(plans: list[RunPlan], out_dir: Path) -> None:
-    """Before the first of ``plans`` runs: the folders their records go to can be written and
-    every pre-training checkpoint they start from has the bytes recorded for it (InputError)."""
+    """Before the first of ``plans`` runs: the folders their records go to can be written, every
+    pre-training checkpoint they start from has the bytes recorded for it, and one run of each
+    dataset prepares (its data load and tokenise, its checkpoint fills its backbone), so bad
+    input stops the sweep (InputError) before any record is written, not after other datasets'."""
     for folder in sorted({record_path(p, run_key(p), out_dir).parent for p in plans}):
         records.require_writable_folder(folder)
     for path in sorted({p.pretrained["path"] for p in plans if p.pretrained}):
         verify_checkpoint_bytes(path)
+    inputs = {records.canonical_hash([p.dataset, p.data, p.backbone_kind, p.backbone, p.pretrained]): p
+              for p in plans}
+    for plan in tqdm(inputs.values(), desc="check inputs", unit="dataset", disable=len(inputs) < 2):
+        prepare(plan)
 
 
 def write_index(out_dir: Path, summary: dict) -> bool:

@@ -218,6 +218,44 @@ def test_wrong_shape_names_tensor_and_both_shapes(late_checkpoint, tmp_path):
     assert key in message and "(16, 16)" in message and "(16, 12)" in message and str(bad) in message
 
 
+def _edited(path, tmp_path, edit) -> Path:
+    """A copy of the checkpoint at ``path`` with ``edit(document)`` applied (no provenance beside it)."""
+    document = read_checkpoint(path)
+    edit(document)
+    copy = tmp_path / "edited.pt"
+    torch.save({k: v for k, v in document.items() if k not in ("path", "provenance")}, copy)
+    return copy
+
+
+@pytest.mark.parametrize("edit, key_part", [
+    # every tensor renamed (a DataParallel "module." prefix): nothing would load
+    (lambda d: d.update(state_dict={"module." + k: v for k, v in d["state_dict"].items()}), "module."),
+    # the text encoder's tensors left out: it would stay at its random start
+    (lambda d: d.update(state_dict={k: v for k, v in d["state_dict"].items()
+                                    if not k.startswith("encoders.text.")}), "no checkpoint tensor"),
+    # a tensor the backbone lacks
+    (lambda d: d["state_dict"].update({"encoders.text.extra.weight": torch.zeros(2)}), "encoders.text.extra"),
+    # integer weights where the backbone holds floats
+    (lambda d: d["state_dict"].update({"encoders.audio.0.attn.q.weight":
+                                       d["state_dict"]["encoders.audio.0.attn.q.weight"].long()}), "int64"),
+    (lambda d: d.update(format_version=99), "format_version"),
+])
+def test_a_checkpoint_that_does_not_fill_the_backbone_is_refused(late_checkpoint, tmp_path, edit, key_part):
+    """Before, each of these loaded what it could with a warning and the run was recorded as
+    pre-trained (a checkpoint whose keys were all renamed left the whole backbone random)."""
+    path, _ = late_checkpoint
+    bad = _edited(path, tmp_path, edit)
+    with pytest.raises(InputError) as error:
+        load_pretrained(late_fusion(MOSI_DIMS), bad, skip_prefixes=["projections.", "head.out."])
+    assert str(bad) in str(error.value) and key_part in str(error.value)
+
+
+def test_a_skip_prefix_that_matches_nothing_is_refused(late_checkpoint):
+    path, _ = late_checkpoint
+    with pytest.raises(InputError, match="head.outt."):
+        load_pretrained(late_fusion(MOSI_DIMS), path, skip_prefixes=["projections.", "head.outt."])
+
+
 def test_wrong_width_fails(late_checkpoint):
     path, _ = late_checkpoint
     with pytest.raises(InputError, match=r"shape \(24,.*shape \(16,"):

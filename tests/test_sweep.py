@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.errors import InputError
 from harness.settings import load_params
 from harness.sweep import grid_plans, sweep, write_index
 from helpers import ROOT, small_mosi_params
@@ -115,3 +116,18 @@ def test_a_sweep_of_one_method_keeps_the_index_of_the_whole_folder(tmp_path):
     assert one["computed"] == 0 and one["runs"] < whole["runs"]
     assert one["records"] == whole["records"] and len(whole["records"]) == whole["runs"]
     assert not write_index(out, one)
+
+
+def test_bad_input_of_a_later_dataset_stops_the_sweep_before_any_record(tmp_path):
+    """Every dataset's inputs are prepared before the first run: a missing data folder of the
+    second dataset stopped the sweep only after the first dataset's records were written."""
+    params = small_mosi_params(tmp_path)
+    params["datasets"], params["seeds"] = ["mosi", "planted_null"], [0]
+    params["grid"] = {"mosi": [{"method": "linear"}], "planted_null": [{"method": "linear"}]}
+    params["data"]["tiny"]["planted_null"]["path"] = str(tmp_path / "not_generated")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    out = tmp_path / "runs"
+    with pytest.raises(InputError, match="not_generated"):
+        sweep(load_params(path), out_dir=out, executor="sequential")
+    assert not list(out.rglob("*.json"))
