@@ -11,7 +11,11 @@ import pkgutil as _pkgutil
 BUILT_IN = tuple(sorted(m.name for m in _pkgutil.iter_modules(__path__)
                         if m.name not in ("base", "registry") and not m.name.startswith("_")))
 for _name in BUILT_IN:
-    _importlib.import_module(f"methods.{_name}")
+    try:
+        _importlib.import_module(f"methods.{_name}")
+    except Exception as _error:  # every command imports this package: name the file that broke it
+        raise ConfigError(f"method module methods.{_name} (in {__path__[0]}) could not be "
+                          f"imported: {type(_error).__name__}: {_error}") from _error
 # Methods of other installed distributions (entry-point group ``mmpetl.methods``); a user's own
 # modules are imported from params.yaml ``methods`` (``load_methods``, by harness.settings)
 load_entry_points()

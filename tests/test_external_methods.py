@@ -2,6 +2,9 @@
 module beside params.yaml imports) or an entry point of group ``mmpetl.methods``; `mmpetl methods`
 says where each came from, a bad entry exits 2 naming it, and a sweep runs the method."""
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +13,7 @@ import yaml
 from harness.cli import main
 from harness.settings import load_params
 from harness.sweep import sweep
-from helpers import small_mosi_params
+from helpers import ROOT, small_mosi_params
 from methods import registry
 
 METHOD = '''
@@ -106,3 +109,23 @@ def test_an_entry_point_registers_its_method(isolated, tmp_path):
                       "file": str(site / "epmeths/__init__.py")}
     assert sorted(registry.method_sources("bias_ep")) == ["epmeths", "methods.base",
                                                           "methods.registry"]
+
+
+@pytest.mark.parametrize("broken, said", [
+    ("def apply(:\n", "SyntaxError"),
+    ("from methods.base import Variant\nfrom methods.lora import LoraConfig\n"
+     "from methods.registry import register\n"
+     "register('lora', config=LoraConfig, summary='x', variants={'paper': Variant('x')})"
+     "(lambda backbone, config: None)\n", "registered twice"),
+])
+def test_a_broken_file_in_methods_exits_2_naming_it(tmp_path, broken, said):
+    """A file added to ``methods/`` (README, Add your method) that does not import: every command
+    exits 2 naming it, not with a traceback. Run on a copy of the package."""
+    shutil.copytree(ROOT / "methods", tmp_path / "methods",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "methods" / "mine.py").write_text(broken)
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "methods"], cwd=tmp_path,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "methods.mine" in done.stderr and said in done.stderr and "Traceback" not in done.stderr
