@@ -14,7 +14,7 @@ class InputError(Exception):
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
                  expected: object = None, found: object = None):
-        self.file, self.key, self.expected, self.found = file, key, expected, found
+        self.message, self.file, self.key, self.expected, self.found = message, file, key, expected, found
         parts = []
         if file is not None:
             parts.append(f"file {file}")

@@ -21,7 +21,7 @@ from harness.settings import RunPlan, plan_from_dict
 from harness.tasks.tasks import TASKS
 from harness.text import PretrainedTokenizer, Tokenized, WordVocab
 from harness.train import fine_tune, seed_everything, use_threads
-from methods import apply_method, count_parameters, get_method, method_sources
+from methods import apply_method, count_parameters, get_method, method_origin, method_sources
 from methods.registry import load_env_methods
 
 RUNS_DIR = Path("results/runs")
@@ -201,6 +201,25 @@ def refuse_out_of_memory(plan: RunPlan):
                          ) from None
 
 
+@contextlib.contextmanager
+def naming_the_run(plan: RunPlan):
+    """What goes wrong inside a run names it: an input error that names no file (a method whose
+    outputs are NaN) says which run, any other error (a user method's bug keeps its traceback)
+    gets a note naming the run and the method's module."""
+    run = f"{plan.dataset} / {records.row_slug(plan.row)} / seed {plan.seed}"
+    try:
+        yield
+    except InputError as error:
+        if error.file is not None:
+            raise
+        raise InputError(f"{run}: {error.message}", key=error.key, expected=error.expected,
+                         found=error.found) from None
+    except Exception as error:
+        error.add_note(f"in the run {run} (method {plan.method!r}, module "
+                       f"{method_origin(plan.method)['module']})")
+        raise
+
+
 def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> dict:
     """Run ``plan`` unless a record under its key exists (then it is read, and must be whole:
     ``records.read_run_record``); return the record. The records folder must be writable before anything
@@ -214,7 +233,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
     prepared = prepare(plan)
     data, splits, vocab, backbone = prepared.data, prepared.splits, prepared.vocab, prepared.backbone
     task_name, load_report = prepared.task_name, prepared.load_report
-    with refuse_out_of_memory(plan):
+    with naming_the_run(plan), refuse_out_of_memory(plan):
         config = apply_method(backbone, plan.method, plan.variant, **plan.method_overrides)
     model, fit_splits, features = backbone, splits, {"cached": False}
     if plan.train.feature_cache:  # encoders untouched by the method: read their cached outputs
@@ -228,7 +247,7 @@ def execute(plan: RunPlan, out_dir: Path = RUNS_DIR, progress: bool = True) -> d
                 batch_size=max(plan.train.batch_size, 64), progress=progress, checked=True)
             features = {"cached": True, **info}
     seed_everything(plan.seed)  # training draws the same numbers whether the cache was just built or not
-    with refuse_out_of_memory(plan):
+    with naming_the_run(plan), refuse_out_of_memory(plan):
         result = fine_tune(model, TASKS[task_name], fit_splits, plan.train, plan.seed, progress=progress)
     record = {
         "key": key,

@@ -9,6 +9,8 @@ import yaml
 
 from harness.cli import main
 from harness.data import generate
+from harness import run
+from harness.errors import InputError
 from harness.run import execute
 from harness.settings import load_params, plan_run
 from methods import get_method, method_names
@@ -111,6 +113,26 @@ def test_run_leaves_the_study_alone_and_says_when_it_reuses(params_file, tmp_pat
     again = json.loads(capsys.readouterr().out)
     assert again["run_status"] == {"reused": True, "record": f"results/runs/mosi/{written.name}"}
     assert again["metrics"] == first["metrics"] and not list((tmp_path / ".mmpetl").rglob("*.json"))
+
+
+@pytest.mark.parametrize("raised, said", [
+    (InputError("pred contains non-finite values", key="pred", expected="only finite values",
+                found="64 NaN and 0 inf of 64"), "mosi / lora_r4 / seed 0: pred contains non-finite"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "in the run mosi / lora_r4 / seed 0 "
+                                                                "(method 'lora', module methods.lora)"),
+])
+def test_what_goes_wrong_inside_a_run_names_it(params_file, tmp_path, monkeypatch, raised, said):
+    """An error of a method's outputs (NaN predictions) or a bug in a method (a shape it breaks)
+    said neither which run nor which method."""
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(run, "fine_tune", broken)
+    plan = plan_run(load_params(params_file), "mosi", "lora", settings={"rank": 4})
+    with pytest.raises(type(raised)) as error:
+        execute(plan, tmp_path, progress=False)
+    assert said in "\n".join([str(error.value), *getattr(error.value, "__notes__", [])])
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_wander_run_uses_the_papers_main_setting(params_file, tmp_path, capsys):
