@@ -131,6 +131,27 @@ def test_padded_lengths_differ_between_splits(tmp_path):
     assert "padded lengths differ between splits" in str(e) and "as in train" in str(e)
 
 
+def _cut(keys, steps=None, features=None):
+    def m(d):
+        for split in d.values():
+            for key in keys:
+                split[key] = split[key][:, :steps, :features]
+    return m
+
+
+@pytest.mark.parametrize("name,mutate,key,shape", [
+    ("mosi_data_noalign.pkl", _cut(["audio"], steps=0), "'train.audio'", "(5, 0, 4)"),
+    ("mosi_data.pkl", _cut(["vision"], features=0), "'train.vision'", "(5, 6, 0)"),
+    ("mosi_data.pkl", _cut(["text", "audio", "vision"], steps=0), "'train.text'", "(5, 0, 5)"),
+])
+def test_modality_without_steps_or_features(tmp_path, name, mutate, key, shape):
+    """A modality of padded length 0 or of dim 0: check-data stopped on an IndexError, or said
+    usable and the run crashed."""
+    mult(tmp_path, name=name, mutate=mutate)
+    e = expect_error(tmp_path, lambda: check_data("mosi", tmp_path), name, key)
+    assert "at least 1 time step and 1 feature" in str(e) and f"shape {shape}" in str(e)
+
+
 def test_constant_labels_are_usable_with_a_warning(tmp_path):
     """Every test label the same: a run's correlation and binary accuracy would be NaN."""
     def m(d):
@@ -222,6 +243,8 @@ def test_unknown_loader_option(tmp_path):
     ("food101", {"valid_fraction": 1.5}, "valid_fraction"),
     ("food101", {"check_images_exist": "maybe"}, "check_images_exist"),  # was accepted
     ("iemocap", {"max_len": {"text": 0}}, "max_len.text"),
+    ("mosi", {"max_len": {"text": 4}}, "max_len"),       # no mosi format reads it: was ignored
+    ("mosei", {"feature_types": {"text": "bert"}}, "feature_types"),
 ])
 def test_bad_loader_option_values_are_refused_before_reading(tmp_path, dataset, options, key):
     """Each family's ``Options``: checked before any file is read (the folder is empty)."""
@@ -241,6 +264,56 @@ def test_mmin_missing_fold(tmp_path):
     generate("iemocap", tmp_path / "g", format="mmin", n_train=4, n_valid=2, n_test=2, seq_len=4)
     expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path / "g", fold=7), "target",
                  "'fold'")
+
+
+def test_mmin_options_refused_for_a_format_that_ignores_them(tmp_path):
+    """fold / max_len / feature_types are read by the mmin layout only: on a pickle they changed
+    the run key, not the data."""
+    generate("iemocap", tmp_path / "g", n_train=4, n_valid=2, n_test=2, seq_len=4)
+    e = expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path / "g", format="mult", fold=2),
+                     "iemocap.yaml", "'fold'")           # forced: refused before reading
+    assert "only for format(s) ['mmin']" in str(e) and str(e).endswith("found 2")
+    e = expect_error(tmp_path, lambda: load_dataset("iemocap", tmp_path / "g", max_len={"text": 3}),
+                     "iemocap_data.pkl", "'max_len'")    # detected: refused once located
+    assert "only for format(s) ['mmin']" in str(e) and "{'text': 3}" in str(e)
+
+
+def test_mmin_options_refused_in_params_for_a_dataset_without_mmin():
+    from harness.params_schema import check_data_block
+    with pytest.raises(InputError) as error:
+        check_data_block(load_card("mosi"), None, {"feature_types": {"text": "bert"}}, "params.yaml",
+                         ("data", "tiny", "mosi"))
+    assert error.value.key == "data.tiny.mosi.feature_types", str(error.value)
+    assert "only for format(s) ['mmin']" in str(error.value), str(error.value)
+
+
+def test_mmin_label_rows_not_one_hot(tmp_path):
+    """One-hot rows with several 1s (or none) were read as class 0 (argmax)."""
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=8, n_valid=2, n_test=2, seq_len=4)
+    p = tmp_path / "g/target/1/trn_label.npy"
+    labels = np.load(p)
+    labels[2:5] = 1
+    labels[6] = 0
+    np.save(p, labels)
+    e = expect_error(tmp_path, lambda: check_data("iemocap", tmp_path / "g"), "trn_label.npy",
+                     "'trn'")
+    assert "exactly one 1 per row" in str(e), str(e)
+    assert "3 rows with 4 ones, 1 row with 0 ones (first at row 2)" in str(e), str(e)
+
+
+@pytest.mark.parametrize("cut,key,found", [
+    (np.s_[:, :0], "'Ses01F_gen_00000'", ", 0)"),         # dim 0: the first utterance named
+    (np.s_[:0], "'features.vision'", "0 steps in every utterance"),
+])
+def test_mmin_modality_without_steps_or_features(tmp_path, cut, key, found):
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=4, n_valid=2, n_test=2, seq_len=4)
+    with h5py.File(tmp_path / "g/V/denseface.h5", "a") as f:
+        for name in list(f):
+            a = f[name][()]
+            del f[name]
+            f[name] = a[cut]
+    e = expect_error(tmp_path, lambda: check_data("iemocap", tmp_path / "g"), "denseface.h5", key)
+    assert found in str(e)
 
 
 def test_mmin_labels_out_of_range(tmp_path):
@@ -317,6 +390,33 @@ def test_food_malformed_row(tmp_path):
     expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "train_titles.csv", "line 3")
 
 
+def test_food_valid_fraction_carves_nothing(tmp_path):
+    """One train row per class: each stays in train, the valid split was empty (a run then
+    crashed in torch.cat)."""
+    _raw_food(tmp_path)
+    e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path, valid_fraction=0.2),
+                     "train_titles.csv", "'valid_fraction'")
+    assert "at least 1 sample" in str(e) and "found 0 samples" in str(e)
+    assert "one train sample" in str(e), str(e)
+
+
+def test_food_csv_with_bom_is_read(tmp_path):
+    """A UTF-8 byte order mark was read into the first file name (an invisible character)."""
+    _raw_food(tmp_path)
+    f = tmp_path / "texts/train_titles.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    assert load_dataset("food101", tmp_path).splits["train"].ids == ["a_0", "b_0"]
+
+
+def test_food_csv_in_utf16(tmp_path):
+    _raw_food(tmp_path)
+    f = tmp_path / "texts/test_titles.csv"
+    f.write_text(f.read_text(), encoding="utf-16")
+    e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "test_titles.csv",
+                     "(whole file)")
+    assert "not UTF-8 text (UTF-16?)" in str(e)
+
+
 def test_food_missing_test_split(tmp_path):
     _raw_food(tmp_path)
     (tmp_path / "texts/test_titles.csv").unlink()
@@ -364,6 +464,22 @@ def test_msrvtt_required_expert_missing(tmp_path):
     with h5py.File(_vpath(tmp_path, "video1"), "a") as f:
         del f["features.s3d"]
     expect_error(tmp_path, lambda: check_data("msrvtt", tmp_path), "video1.h5", "'features.s3d'")
+
+
+@pytest.mark.parametrize("how", ["nan_first", "no_rows"])
+def test_msrvtt_required_expert_absent(tmp_path, how):
+    """A required expert NaN-filled or without rows (absent by MMT's rule) passed as absent."""
+    _tree(tmp_path)
+    with h5py.File(_vpath(tmp_path, "video1"), "a") as f:
+        a = f["features.s3d"][()]
+        a[0, 0] = np.nan
+        del f["features.s3d"]
+        f["features.s3d"] = a if how == "nan_first" else a[:0]
+    e = expect_error(tmp_path, lambda: check_data("msrvtt", tmp_path), "video1.h5",
+                     "'features.s3d'")
+    assert "required" in str(e) and ("NaN" if how == "nan_first" else "0 rows") in str(e)
+    ld = load_dataset("msrvtt", tmp_path)               # lazy: the item names it too
+    expect_error(tmp_path, lambda: ld.splits["test"][0], "video1.h5", "'features.s3d'")
 
 
 def test_msrvtt_split_list_names_missing_video(tmp_path):
@@ -511,3 +627,32 @@ def test_features_beyond_float16_are_usable_with_a_warning(tmp_path):
     mult(tmp_path, mutate=m)
     warnings = check_data("mosi", tmp_path)["warnings"]
     assert [w for w in warnings if w.startswith("train: text reaches |x| = 1e+38 (first at sample v0")], warnings
+
+
+def test_valid_and_test_sharing_ids_is_usable_with_a_warning(tmp_path):
+    def m(d):
+        d["valid"]["id"] = d["test"]["id"].copy()
+        d["train"]["id"] = np.array([[f"u{i}".encode(), b"1", b"0"] for i in range(5)])
+    mult(tmp_path, mutate=m)
+    warnings = check_data("mosi", tmp_path)["warnings"]
+    assert [w for w in warnings if w.startswith("valid and test share 3 sample id(s)")], warnings
+    assert not [w for w in warnings if w.startswith("train and")], warnings
+
+
+def test_msrvtt_videos_in_two_splits_are_usable_with_a_warning(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "val_list_jsfusion.txt").write_text("video1\nvideo0\nvideo1\n")
+    warnings = check_data("msrvtt", tmp_path)["warnings"]
+    assert [w for w in warnings if w.startswith("test: 1 repeated sample id(s), e.g. ['video1']")], warnings
+    assert [w for w in warnings if w.startswith("train and test share 1 sample id(s), e.g. ['video0']")], warnings
+
+
+def test_mmin_utterances_in_two_splits_are_usable_with_a_warning(tmp_path):
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=6, n_valid=2, n_test=2, seq_len=4)
+    fold = tmp_path / "g/target/1"
+    train_names = np.load(fold / "trn_int2name.npy")
+    np.save(fold / "tst_int2name.npy", train_names[:2])
+    np.save(fold / "val_int2name.npy", train_names[:2])
+    warnings = check_data("iemocap", tmp_path / "g")["warnings"]
+    for pair in ("train and valid", "train and test", "valid and test"):
+        assert [w for w in warnings if w.startswith(f"{pair} share 2 sample id(s)")], warnings

@@ -223,6 +223,27 @@ def test_iemocap_mmin_folds_and_padding(tmp_path):
     assert rep["items_read"] == 19 and m["dims"]["audio"] == 8
 
 
+def test_iemocap_mmin_labels_one_hot_or_class_ids(tmp_path):
+    """The card's two forms of {set}_label.npy, N x 4 one-hot and N class ids, read alike."""
+    generate("iemocap", tmp_path / "g", format="mmin", n_train=10, n_valid=4, n_test=5, seq_len=4)
+    one_hot = load_dataset("iemocap", tmp_path / "g").splits["train"].labels
+    p = tmp_path / "g/target/1/trn_label.npy"
+    np.save(p, np.load(p).argmax(1))
+    assert load_dataset("iemocap", tmp_path / "g").splits["train"].labels.tolist() == one_hot.tolist()
+
+
+@pytest.mark.parametrize("dataset,fmt,kw", [
+    ("iemocap", "mmin", {}), ("msrvtt", None, {"split_scheme": "full"}),
+    ("msrvtt", None, {"split_scheme": "jsfusion"}), ("food101", "mmbt", {}),
+    ("food101", "raw", {"valid_fraction": 0.2}), ("mosi", "mult", {}),
+])
+def test_generated_splits_share_no_ids(tmp_path, dataset, fmt, kw):
+    """Every pair of splits of the generated data is disjoint: check-data warns of none."""
+    generate(dataset, tmp_path / "g", format=fmt, n_train=12, n_valid=4, n_test=4, seq_len=4)
+    warnings = check_data(dataset, tmp_path / "g", **kw)["warnings"]
+    assert not [w for w in warnings if "sample id(s)" in w], warnings
+
+
 @pytest.mark.parametrize("fmt", ["mult", "mult_noalign", "mmsa_aligned", "mmsa_unaligned"])
 def test_generated_mosi_every_format(tmp_path, fmt):
     m = generate("mosi", tmp_path / fmt, format=fmt, n_train=12, n_valid=4, n_test=4, seq_len=6)
@@ -365,6 +386,14 @@ def test_msrvtt_missing_and_nan_experts(tmp_path):
     allc = load_dataset("msrvtt", tmp_path, captions="all")
     assert len(allc.splits["train"]) == 3
     assert allc.splits["train"][2]["caption"] == "the dog barks"
+
+
+def test_msrvtt_split_list_with_bom(tmp_path):
+    """A UTF-8 byte order mark is not part of the first video id."""
+    _msrvtt_tree(tmp_path)
+    lst = tmp_path / "train_list_jsfusion.txt"
+    lst.write_bytes(b"\xef\xbb\xbf" + lst.read_bytes())
+    assert load_dataset("msrvtt", tmp_path).splits["train"].ids == ["video0", "video1"]
 
 
 def test_msrvtt_generated_split_schemes(tmp_path):

@@ -15,7 +15,7 @@ load_block(name, block) -> LoadedDataset
     Reads `path` (default: the card's `path:`); the format is detected unless `format=`
     forces one (forcing a wrong one raises InputError). Options:
       mosi / mosei / iemocap: fold=1, max_len={modality: n}, feature_types={modality: name}
-                              (the last three for IEMOCAP mmin)
+                              (IEMOCAP mmin only; refused for any other format)
       food101: image_size=None (resize to a square), valid_fraction=0.0 (carve a stratified
                valid split from train), check_images_exist=True
     (each family's ``Options``: the types and ranges, checked before any data is read)

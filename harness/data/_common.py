@@ -25,7 +25,8 @@ class LoaderOptions(BaseModel):
     """A family's loader options: the keys of a params.yaml data block (``data.<profile>.<dataset>``)
     besides path / format / max_text_len / in_memory, checked before any data is read (by
     ``params_schema`` for params.yaml, by ``load.load_dataset`` for a direct call). Validators
-    that need the dataset's card get it as ``info.context["card"]``."""
+    that need the dataset's card get it as ``info.context["card"]``, and the format forced by
+    ``load_dataset`` (or None) as ``info.context.get("format")``."""
     model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
 
 

@@ -70,9 +70,14 @@ def _constant_labels(ld) -> list[str]:
     return found
 
 
+SPLIT_PAIRS = {("train", "valid"): "valid metrics would measure samples the model trained on",
+               ("train", "test"): "test metrics would measure samples the model trained on",
+               ("valid", "test"): "test metrics would measure samples the model was selected on"}
+
+
 def _shared_ids(ld) -> list[str]:
-    """Sample ids repeated within a split, and ids of the training split found again in the
-    validation or test split (leakage), as warnings; splits that name no ids are not looked at."""
+    """Sample ids repeated within a split, and ids found in two splits (leakage), as warnings;
+    splits that name no ids are not looked at."""
     ids = {name: [str(i) for i in split.ids] for name, split in ld.splits.items()
            if getattr(split, "ids", None) is not None}
     found = []
@@ -81,11 +86,11 @@ def _shared_ids(ld) -> list[str]:
         if repeated:
             found.append(f"{name}: {len(names) - len(set(names))} repeated sample id(s), e.g. "
                          f"{repeated[:3]}")
-    for other in ("valid", "test"):
-        shared = sorted(set(ids.get("train", ())) & set(ids.get(other, ())))
+    for (one, other), effect in SPLIT_PAIRS.items():
+        shared = sorted(set(ids.get(one, ())) & set(ids.get(other, ())))
         if shared:
-            found.append(f"train and {other} share {len(shared)} sample id(s), e.g. {shared[:3]}: "
-                         f"{other} metrics would measure samples the model trained on")
+            found.append(f"{one} and {other} share {len(shared)} sample id(s), e.g. {shared[:3]}: "
+                         f"{effect}")
     return found
 
 

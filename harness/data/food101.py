@@ -15,7 +15,9 @@ a sweep worker's later runs on the same images read memory.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Annotated, Optional
@@ -114,8 +116,14 @@ def _read_raw(root: Path, split: str, skey: str, stats: dict):
     f = _require(root / "texts" / f"{skey}_titles.csv", split)
     rows = []
     try:
-        with open(f, newline="", encoding="utf-8", errors="replace") as fh:
-            table = list(csv.reader(fh))
+        raw = f.read_bytes()
+        utf16 = raw[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        if utf16 or b"\0" in raw:
+            raise InputError("not UTF-8 text (UTF-16?)", file=str(f), key="(whole file)",
+                             expected="UTF-8 CSV rows filename,title,label",
+                             found="a UTF-16 byte order mark" if utf16 else "NUL bytes")
+        # utf-8-sig: a byte order mark is not part of the first file name
+        table = list(csv.reader(io.StringIO(raw.decode("utf-8-sig", errors="replace"), newline="")))
     except (OSError, csv.Error) as e:
         raise InputError("cannot read CSV", file=str(f), key="(whole file)",
                          expected="CSV rows filename,title,label", found=str(e)) from None
@@ -240,6 +248,12 @@ def load(card: Card, path: Path, format: str | None = None, *, image_size: int |
             k = int(math.ceil(valid_fraction * len(rs))) if len(rs) > 1 else 0
             train += rs[:len(rs) - k]
             valid += rs[len(rs) - k:]
+        if not valid:
+            raise InputError("valid_fraction carves an empty valid split",
+                             file=str(raw_splits["train"][0][4]),
+                             key="valid_fraction", expected="a valid split of at least 1 sample",
+                             found=f"0 samples: each of the {len(by_class)} classes has one train "
+                                   "sample, and a class with one train sample keeps it in train")
         splits_rec["train"], splits_rec["valid"] = train, valid
         stats["warnings"].append(f"valid split carved from train: last {valid_fraction:.0%} "
                                  f"of each class ({len(valid)} samples)")

@@ -51,10 +51,11 @@ def loader_options(card: Card) -> type[LoaderOptions]:
     return _module(card).Options
 
 
-def check_options(card: Card, options: dict) -> None:
+def check_options(card: Card, options: dict, format: str | None = None) -> None:
     """Raise pydantic's ValidationError unless ``options`` are options of ``card``'s loader, each
-    of its type and range (``params_schema`` names the params.yaml key of the first problem)."""
-    loader_options(card).model_validate(options, context={"card": card})
+    of its type and range, and read by the ``format`` forced (if any) (``params_schema`` names the
+    params.yaml key of the first problem)."""
+    loader_options(card).model_validate(options, context={"card": card, "format": format})
 
 
 def load_dataset(name: str, path=None, format: str | None = None, **options) -> LoadedDataset:
@@ -62,7 +63,7 @@ def load_dataset(name: str, path=None, format: str | None = None, **options) -> 
     unless `format=` forces one. Options are family-specific (each family's ``Options``)."""
     card = load_card(name)
     try:
-        check_options(card, options)
+        check_options(card, options, format)
     except ValidationError as error:  # named as the card's: its family's loader takes the options
         raise refusal(error, card.file, model=loader_options(card)) from None
     return _module(card).load(card, resolve_path(card, path), format, **options)

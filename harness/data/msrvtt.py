@@ -10,7 +10,7 @@ howto100m default (train / valid).
 
 An expert is absent when its dataset is missing, has no rows, or its first value is NaN
 (MMT's rule): it is zero-filled and masked, never fed. A required expert (card) that is
-missing, a dim that differs from the expected one, or NaN anywhere else in a present expert
+absent, a dim that differs from the expected one, or NaN anywhere else in a present expert
 is an InputError.
 
 Items (dicts), for each expert e:
@@ -85,6 +85,12 @@ def read_video(path: Path, experts: list[str], dims: dict[str, int], required: s
                 raise InputError("expert dims differ from the expected dims", file=fs, key=key,
                                  expected=f"n x {dims[e]}", found=f"shape {a.shape}")
             if a.shape[0] == 0 or np.isnan(a.flat[0]):
+                if e in required:
+                    raise InputError("required expert absent", file=fs, key=key,
+                                     expected=f"{key} present (n x {dims[e]}, n >= 1, a finite first "
+                                              f"value) in every video: the card lists {e} as "
+                                              "required (only optional experts may be absent)",
+                                     found="a NaN first value" if a.shape[0] else "0 rows")
                 out["experts"][e] = None
                 (out["nan_first"] if a.shape[0] else out["absent"]).append(e)
                 continue
@@ -139,6 +145,11 @@ class VideoTextDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs) if self.pairs is not None else len(self.videos)
+
+    @property
+    def ids(self) -> list[str]:
+        """The split's video ids, one per video (with captions "all" a video has several items)."""
+        return self.videos
 
     def __getitem__(self, i: int) -> dict:
         i = split_index(i, len(self), "items")
@@ -303,7 +314,7 @@ def load(card: Card, path: Path, format: str | None = None, *, split_scheme: str
                              found="missing")
         files.append(str(lf))
         vids = []
-        for lineno, line in enumerate(lf.read_text(encoding="utf-8", errors="replace")
+        for lineno, line in enumerate(lf.read_text(encoding="utf-8-sig", errors="replace")
                                       .splitlines(), 1):
             vid = line.strip()
             if not vid:

@@ -18,6 +18,7 @@ value is an InputError.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -37,21 +38,26 @@ MODALITIES = ("text", "audio", "vision")
 Modality = Literal["text", "audio", "vision"]
 
 
+MMIN_OPTIONS = ("fold", "max_len", "feature_types")  # the options only the mmin layout reads
+
+
 class Options(LoaderOptions):
     """The keyword options of ``load`` (all three for IEMOCAP's mmin layout)."""
-    fold: Optional[Union[int, str]] = None  # the cross-validation fold (a card that declares folds)
+    fold: Optional[Union[int, str]] = None  # the cross-validation fold
     max_len: Optional[dict[Modality, Annotated[int, Field(gt=0)]]] = None  # steps kept per modality
     feature_types: Optional[dict[Modality, str]] = None  # the feature file per modality
 
-    @field_validator("fold")
+    @field_validator(*MMIN_OPTIONS)
     @classmethod
-    def _card_with_folds(cls, fold, info: ValidationInfo):
-        card = info.context["card"]
-        if fold is not None and not any(isinstance(spec, dict) and "default_fold" in spec
-                                        for spec in card.formats.values()):
-            raise ValueError(f"no fold: {card.name} has none (only a dataset whose card declares "
-                             "folds, e.g. iemocap, takes one)")
-        return fold
+    def _mmin_only(cls, value, info: ValidationInfo):
+        """Refused where no format the dataset can be read in (the forced one, if any) reads it."""
+        card, forced = info.context["card"], info.context.get("format")
+        if value is not None and "mmin" not in card.formats:
+            raise ValueError(f"no {info.field_name}: only for format(s) ['mmin'] ({card.name} has none)")
+        if value is not None and forced in card.formats and forced != "mmin":
+            raise ValueError(f"no {info.field_name}: only for format(s) ['mmin'] (format {forced!r} "
+                             "is forced)")
+        return value
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -119,6 +125,11 @@ class MminDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def ids(self) -> list[str]:
+        """The utterance names (int2name)."""
+        return self.names
 
     def read(self, i: int, m: str) -> np.ndarray:
         name = self.names[i]
@@ -365,6 +376,10 @@ def _load_pickle_format(card: Card, file: Path, fmt: str | None) -> LoadedDatase
                                  key=f"{skey}.{m}", expected=f"{N} samples (as {skey}.text)",
                                  found=f"shape {feats[m].shape}")
             D, L = feats[m].shape[2], feats[m].shape[1]
+            if L == 0 or D == 0:
+                raise InputError("modality without time steps or features", file=fs,
+                                 key=f"{skey}.{m}", expected="N x L x D with at least 1 time step "
+                                 "and 1 feature (L, D >= 1)", found=f"shape {feats[m].shape}")
             if m in dims and dims[m] != D:
                 raise InputError("feature dims differ between splits", file=fs,
                                  key=f"{skey}.{m}", expected=f"dim {dims[m]} (as in train)",
@@ -523,6 +538,15 @@ def _load_npy_any(p: Path) -> np.ndarray:
         raise
 
 
+def _not_one_hot(ones: np.ndarray) -> str:
+    """``ones`` (the count of 1s per label row), as the rows that are not one-hot:
+    "3 rows with 4 ones, 1 row with 0 ones (first at row 2)"."""
+    bad = np.flatnonzero(ones != 1)
+    parts = [f"{n} row{'s' if n > 1 else ''} with {k} ones"
+             for k, n in Counter(ones[bad].tolist()).most_common()]
+    return f"{', '.join(parts)} (first at row {bad[0]})"
+
+
 def _load_mmin(card: Card, root: Path, fold=None, max_len=None, feature_types=None) -> LoadedDataset:
     """Load the MMIN h5 + folds layout of IEMOCAP. Long because it validates each modality's h5
     file, the fold lists and the labels in one pass that builds the report as it goes (each
@@ -588,6 +612,10 @@ def _load_mmin(card: Card, root: Path, fold=None, max_len=None, feature_types=No
             if not np.isfinite(lab).all() or not np.isin(lab, (0, 1)).all():
                 raise InputError("labels out of range", file=str(lp), key=sname,
                                  expected="one-hot rows of 0/1", found=f"values {np.unique(lab)[:6].tolist()}")
+            ones = lab.sum(1).astype(np.int64)
+            if (ones != 1).any():  # argmax would read such a row as class 0
+                raise InputError("label rows are not one-hot", file=str(lp), key=sname,
+                                 expected="exactly one 1 per row", found=_not_one_hot(ones))
             y = lab.argmax(1).astype(np.int64)
         elif lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1):
             y = lab.reshape(-1).astype(np.int64)
@@ -624,9 +652,9 @@ def _load_mmin(card: Card, root: Path, fold=None, max_len=None, feature_types=No
                 shp = ds.shape
                 if len(shp) == 1:
                     shp = (1, shp[0])
-                if len(shp) != 2:
-                    raise InputError("wrong feature rank", file=files[m], key=name,
-                                     expected="len x dim", found=f"shape {ds.shape}")
+                if len(shp) != 2 or shp[1] == 0:
+                    raise InputError("wrong feature shape", file=files[m], key=name,
+                                     expected="len x dim with dim >= 1", found=f"shape {ds.shape}")
                 if m in dims and shp[1] != dims[m]:
                     raise InputError("feature dims differ between utterances/splits",
                                      file=files[m], key=name,
@@ -641,6 +669,11 @@ def _load_mmin(card: Card, root: Path, fold=None, max_len=None, feature_types=No
         split_data[split] = (names, y)
     max_len = dict(max_len or {})
     L = {m: int(min(max(all_lengths[m]), max_len.get(m, 10 ** 9))) for m in MODALITIES}
+    for m in MODALITIES:
+        if L[m] == 0:
+            raise InputError("modality without time steps", file=files[m], key=f"features.{m}",
+                             expected="at least 1 time step in some utterance",
+                             found="0 steps in every utterance")
     truncated = {m: int(sum(n > L[m] for n in all_lengths[m])) for m in MODALITIES}
     for split, (names, y) in split_data.items():
         splits[split] = MminDataset(handles, names, y, L, dims)
@@ -672,6 +705,11 @@ def load(card: Card, path: Path, format: str | None = None, *, fold=None, max_le
     fmt, target = locate(card, Path(path), format)
     if fmt == "mmin":
         return _load_mmin(card, Path(target), fold, max_len, feature_types)
+    for key, value in zip(MMIN_OPTIONS, (fold, max_len, feature_types)):
+        if value is not None:  # a pickle was found: it would change the run key, not the data
+            raise InputError(f"option {key} is not read by the {fmt or 'pickle'} format found",
+                             file=str(target), key=key, expected="only for format(s) ['mmin']",
+                             found=repr(value))
     return _load_pickle_format(card, Path(target), fmt)
 
 
