@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import string
 import types
 import typing
 from typing import Annotated, Any, Literal, Optional, Union
@@ -28,7 +30,7 @@ from harness.data.cards import list_cards, load_card
 from harness.data.load import check_options, loader_options
 from harness.errors import InputError, key_path, refusal
 from harness.params_file import parse_yaml
-from harness.train import TrainSettings
+from harness.train import MAX_THREADS, TrainSettings
 from methods import ConfigError, get_method, method_names
 
 COMMAND_LINE = "command line --set"  # the origin of a --set value
@@ -181,7 +183,8 @@ class Params(_Section):
     grid: Annotated[dict[StrictStr, Annotated[list[Row], Field(min_length=1)]], Field(min_length=1)]
     executor: Executor = Executor()
     data_seed: Seed = 0
-    threads: Union[Literal["auto"], PositiveInt] = "auto"  # harness.train.thread_count
+    # harness.train.thread_count: at most MAX_THREADS
+    threads: Union[Literal["auto"], Annotated[StrictInt, Field(gt=0, le=MAX_THREADS)]] = "auto"
     generate: dict[StrictStr, Optional[dict[StrictStr, Any]]] = {}
     search: Optional[Search] = None
     pretrain: Optional[Pretrain] = None
@@ -398,6 +401,43 @@ def _backbone_config(kind: str, block: dict):
     return (MMTConfig.paper if preset == "paper" else MMTConfig.tiny)(**settings)
 
 
+def _layer_weights(layers: int, width: int, ffn: int) -> int:
+    """The weight matrices of ``layers`` transformer layers: q, k, v, o and fc1, fc2."""
+    return layers * (4 * width * width + 2 * width * ffn)
+
+
+def _parameter_floor(kind: str, config) -> tuple[int, str]:
+    """A lower bound on the parameters of the backbone ``config`` makes (its transformer
+    layers' weight matrices; no bias, norm or projection from the data's inputs), and what it
+    counted."""
+    c = config
+    if kind == "late_fusion":
+        return (2 * _layer_weights(c.depth, c.width, 4 * c.width),
+                f"at least 2 modalities x {c.depth} layers of width {c.width}")
+    if kind == "two_tower":
+        return (_layer_weights(c.image_layers, c.image_hidden, c.image_intermediate or 4 * c.image_hidden)
+                + _layer_weights(c.text_layers, c.text_hidden, c.text_intermediate or 4 * c.text_hidden)
+                + _layer_weights(c.fusion_layers, c.fusion_dim, 4 * c.fusion_dim),
+                f"{c.image_layers} image layers of width {c.image_hidden}, {c.text_layers} text "
+                f"layers of width {c.text_hidden}, {c.fusion_layers} fusion layers of width {c.fusion_dim}")
+    return (_layer_weights(c.depth, c.width, c.ffn_multiplier * c.width),
+            f"{c.depth} video layers of width {c.width}, the text tower not counted")
+
+
+def _fits_memory(kind: str, config) -> None:
+    """Raise ValueError where the backbone's parameters alone (float32) exceed this machine's
+    memory: a settings mistake (a width of 10^6) that the allocator would otherwise report."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+        return
+    count, counted = _parameter_floor(kind, config)
+    if 4 * count > memory:
+        raise ValueError(f"the backbone's parameters alone exceed this machine's memory: expected "
+                         f"at most {memory / 2**30:,.1f} GiB (its memory), found an estimated "
+                         f"{count:,} parameters ({counted}) = {4 * count / 2**30:,.0f} GiB as float32")
+
+
 @functools.lru_cache(maxsize=None)
 def _backbone_model(kind: str) -> type[BaseModel]:
     config, fixed, presets = BACKBONE_BLOCKS[kind]
@@ -419,7 +459,7 @@ def _check_backbones(checked: Params, file: str) -> None:
             if named_encoders(kind, block):
                 continue
             preset = {"preset": block["preset"]} if "preset" in block else {}
-            _blame(lambda values: _backbone_config(kind, {**preset, **values}),
+            _blame(lambda values: _fits_memory(kind, _backbone_config(kind, {**preset, **values})),
                    {k: v for k, v in block.items() if k != "preset"},
                    lambda name: (file, where if name is None else f"{where}.{name}"),
                    (ValueError, KeyError))
@@ -452,11 +492,27 @@ def _check_datasets(checked: Params, file: str, cards: Cards) -> None:
                                  key=f"pretrain.use.{dataset}",
                                  expected=f"one of pretrain.checkpoints {sorted(checked.pretrain.checkpoints)}",
                                  found=repr(source))
+        for source, path in checked.pretrain.checkpoints.items():
+            _check_checkpoint_path(path, file, f"pretrain.checkpoints.{source}")
     for method in checked.profiles[profile].method_defaults:
         if method not in method_names():
             raise InputError("unknown method", file=file,
                              key=f"profiles.{profile}.method_defaults.{method}",
                              expected=f"one of {method_names()}", found=repr(method))
+
+
+def _check_checkpoint_path(path: str, file: str, key: str) -> None:
+    """A checkpoint path's only placeholder is ``{profile}`` (``settings.checkpoint_path``
+    formats it with the profile's name alone)."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(path) if name is not None}
+        path.format(profile="tiny")
+    except (ValueError, KeyError, IndexError, AttributeError):
+        fields = None
+    if fields is None or fields - {"profile"}:
+        raise InputError("a checkpoint path with a placeholder other than {profile}", file=file,
+                         key=key, expected="a path whose only placeholder is {profile} (the "
+                         "profile's name; {{ and }} for literal braces)", found=repr(path))
 
 
 def _no_duplicates(values: list, file: str, key: str) -> None:
@@ -497,17 +553,63 @@ def _check_data(checked: Params, file: str, cards: Cards) -> None:
         for dataset, block in blocks.items():
             check_data_block(cards[dataset], block.format, block.model_extra or {}, file,
                              ("data", profile, dataset))
+            if profile in checked.profiles:
+                _check_data_fits_backbone(checked, profile, dataset, block, cards[dataset], file)
+
+
+DEFAULT_MAX_TEXT_LEN = 16  # a data block's text length when it gives none (harness.run.load_splits)
+
+
+def _check_data_fits_backbone(checked: Params, profile: str, dataset: str, block: DataBlock, card,
+                              file: str) -> None:
+    """The data block's image size and text length against the backbone block of the same
+    profile that the dataset's runs build: two_tower takes images of its ``image_size`` and at
+    most ``max_text_len`` tokens, mmt's text BERT at most ``max_position_embeddings`` (sizes a
+    pretrained tower named there brings are checked when it is loaded)."""
+    where, backbone = f"data.{profile}.{dataset}", f"profiles.{profile}.{card.backbone}"
+    settings = getattr(checked.profiles[profile], card.backbone, {})
+    named = named_encoders(card.backbone, settings)
+    preset = settings.get("preset", "tiny")
+    text_len = block.max_text_len or DEFAULT_MAX_TEXT_LEN
+    text_key = f"{where}.max_text_len" + ("" if block.max_text_len else " (its default)")
+
+    def origin(name: str, value, given: bool) -> str:
+        return f"{backbone}.{name} = {value}" + ("" if given else f" (preset {preset})")
+
+    if card.backbone == "two_tower":
+        merged = {**PRESETS[preset], **settings}
+        size, image_size = merged["image_size"], (block.model_extra or {}).get("image_size")
+        if "image" not in named and image_size is not None and image_size != size:
+            raise InputError("images of another size than the backbone's", file=file,
+                             key=f"{where}.image_size", found=image_size,
+                             expected=origin("image_size", size, "image_size" in settings))
+        limit, given = merged["max_text_len"], "max_text_len" in settings
+        if text_len > limit:
+            raise InputError("a text length beyond the backbone's", file=file, key=text_key,
+                             expected=f"at most {origin('max_text_len', limit, given)}", found=text_len)
+    elif card.backbone == "mmt" and "text" not in named and card.text_field is not None:
+        factory = MMTConfig.paper if preset == "paper" else MMTConfig.tiny
+        given = settings.get("text") or {}
+        limit = {**factory().text, **given}.get("max_position_embeddings")
+        if limit is None:  # BertConfig's default
+            from transformers import BertConfig
+            limit = BertConfig().max_position_embeddings
+        if isinstance(limit, int) and text_len > limit:
+            given = "max_position_embeddings" in given
+            raise InputError("a text length beyond the text tower's positions", file=file,
+                             key=text_key, found=text_len,
+                             expected=f"at most {origin('text.max_position_embeddings', limit, given)}")
 
 
 def check_data_block(card, format: str | None, options: dict, file: str, where: tuple) -> None:
     """A data block (``where``: ``("data", profile, dataset)``): its ``format`` one of the card's,
     its other keys options of the dataset's loader, of their types and ranges (a split scheme or
-    an expert the card names, a fold only where the card has folds)."""
+    an expert the card names, the mmin-only options only where that format is read)."""
     if format is not None and format not in card.formats:
         raise InputError(f"unknown format for {card.name}", file=file, key=key_path(where + ("format",)),
                          expected=f"one of {list(card.formats)}", found=repr(format))
     try:
-        check_options(card, options)
+        check_options(card, options, format)
     except ValidationError as error:
         problem = refusal(error, file, where, loader_options(card))
         if error.errors()[0]["type"] == "extra_forbidden":
@@ -515,6 +617,8 @@ def check_data_block(card, format: str | None, options: dict, file: str, where: 
             problem = InputError(f"unknown key for {card.name}'s loader", file=file,
                                  key=problem.key, expected=f"one of {known}", found=problem.found)
         raise problem from None
+    if isinstance(options.get("experts"), list):  # MMTConfig takes each expert once
+        _no_duplicates(options["experts"], file, key_path(where + ("experts",)))
 
 
 def check_search(params: dict, file: str | None = None, cards: Cards | None = None) -> None:

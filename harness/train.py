@@ -22,25 +22,32 @@ from harness.tasks.tasks import Task
 
 THREADS_ENV = "OMP_NUM_THREADS"
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (one per core), read at import
+# The most intra-op threads a command accepts, the same on every machine (a params.yaml written for
+# a larger one still runs): above any CPU's hardware threads, far below the counts that exhaust the
+# OpenMP runtime (100000 segfaulted in the first op)
+MAX_THREADS = 1024
 
 
 def thread_count(setting: int | str = "auto", profile: str = "tiny", file: str | None = None) -> int:
-    """Intra-op threads for a command: ``OMP_NUM_THREADS`` when set (the user's choice wins);
-    else the params ``threads`` key: a positive integer, or ``auto``: 1 for the tiny profile's
+    """Intra-op threads for a command, at most ``MAX_THREADS``: ``OMP_NUM_THREADS`` when set and
+    not empty (the user's choice wins; OpenMP ignores an empty one too); else the params
+    ``threads`` key: a positive integer, or ``auto``: 1 for the tiny profile's
     models (too small to gain from a second thread; on a shared machine every parallel region
     waits for a preempted thread: 2 threads ran 3-5x slower than 1 with one other busy process),
     torch's default (one per core) for the paper profile."""
     env = os.environ.get(THREADS_ENV)
     if env:
-        if not env.strip().isdigit() or int(env) < 1:
+        if not env.strip().isdigit() or not 1 <= int(env) <= MAX_THREADS:
             raise InputError("bad thread count in the environment", key=THREADS_ENV,
-                             expected="a positive integer", found=repr(env))
+                             expected=f"a positive integer, at most {MAX_THREADS}",
+                             found=repr(env))
         return int(env)
     if setting == "auto":
         return 1 if profile == "tiny" else DEFAULT_THREADS
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+    if isinstance(setting, bool) or not isinstance(setting, int) or not 1 <= setting <= MAX_THREADS:
         raise InputError("bad thread count", file=file, key="threads",
-                         expected="'auto' or a positive integer", found=repr(setting))
+                         expected=f"'auto' or a positive integer, at most {MAX_THREADS}",
+                         found=repr(setting))
     return setting
 
 

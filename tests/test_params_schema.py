@@ -106,6 +106,32 @@ BAD_VALUES = [
      "'first', 'random' or 'all'"),
     ("data.tiny.iemocap.max_len", {"txt": 3}, "data.tiny.iemocap.max_len.txt",
      "'text', 'audio' or 'vision'"),
+    # a checkpoint path is formatted with {profile} alone (harness.settings.checkpoint_path)
+    ("pretrain.checkpoints.mosei", "datasets/checkpoints/mosei/{profil}-late_fusion.pt",
+     "pretrain.checkpoints.mosei", "{profile}"),
+    ("pretrain.checkpoints.mosei", "datasets/checkpoints/{0}.pt", "pretrain.checkpoints.mosei",
+     "{profile}"),
+    # every backbone's dropouts in [0, 1) (torch refuses > 1 only when the run builds the model)
+    ("profiles.tiny.late_fusion.attn_dropout", 1.5, "profiles.tiny.late_fusion.attn_dropout", "[0, 1)"),
+    ("profiles.tiny.late_fusion.relu_dropout", -0.1, "profiles.tiny.late_fusion.relu_dropout", "[0, 1)"),
+    ("profiles.tiny.late_fusion.out_dropout", 1.0, "profiles.tiny.late_fusion.out_dropout", "[0, 1)"),
+    ("profiles.tiny.mmt.text", {"hidden_dropout_prob": 1.5}, "profiles.tiny.mmt.text", "[0, 1)"),
+    # a data block's sizes against the backbone block its dataset's runs build
+    ("data.tiny.food101.image_size", 33, "data.tiny.food101.image_size",
+     "profiles.tiny.two_tower.image_size = 32"),
+    ("data.tiny.food101.max_text_len", 5000, "data.tiny.food101.max_text_len",
+     "profiles.tiny.two_tower.max_text_len = 16"),
+    ("data.tiny.recipes.max_text_len", 17, "data.tiny.recipes.max_text_len",
+     "profiles.tiny.two_tower.max_text_len = 16"),
+    ("data.tiny.msrvtt.max_text_len", 5000, "data.tiny.msrvtt.max_text_len",
+     "profiles.tiny.mmt.text.max_position_embeddings = 32"),
+    ("data.tiny.msrvtt.experts", ["s3d", "s3d", "rgb"], "data.tiny.msrvtt.experts[1]",
+     "each value once"),
+    # a backbone whose parameters alone exceed this machine's memory (4 TB at this width)
+    ("profiles.tiny.late_fusion.width", 1048576, "profiles.tiny.late_fusion.width",
+     "parameters alone exceed this machine's memory"),
+    # more intra-op threads than MAX_THREADS (1024); 100000 crashed the OpenMP runtime
+    ("threads", 100000, "threads", "less than or equal to"),
 ]
 
 
@@ -234,6 +260,31 @@ def test_a_bad_grid_exits_2_naming_the_row(capsys, tmp_path, edit, key, named):
 
 def test_a_fold_is_accepted_where_the_dataset_has_folds(tmp_path):
     load_params(write_params(tmp_path, setter("data.tiny.iemocap.fold", 2)))
+
+
+def test_a_thread_count_beyond_the_bound_is_refused(monkeypatch):
+    """``threads`` and OMP_NUM_THREADS: at most MAX_THREADS (1024); 100000 segfaulted in
+    the first torch op."""
+    from harness.train import MAX_THREADS, THREADS_ENV, thread_count
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert thread_count(MAX_THREADS, "tiny") == MAX_THREADS
+    with pytest.raises(InputError, match="threads") as error:
+        thread_count(100000, "tiny", "params.yaml")
+    assert "params.yaml" in str(error.value) and f"at most {MAX_THREADS}" in str(error.value)
+    monkeypatch.setenv(THREADS_ENV, "100000")
+    with pytest.raises(InputError, match=THREADS_ENV) as error:
+        thread_count("auto", "tiny")
+    assert f"at most {MAX_THREADS}" in str(error.value) and "'100000'" in str(error.value)
+
+
+def test_a_bad_thread_environment_exits_2_before_any_run(capsys, tmp_path, monkeypatch):
+    params = write_params(tmp_path)
+    out = tmp_path / "runs"
+    for value in ("0", "-1", "abc", "100000"):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        refused(capsys, ["sweep", "--params", str(params), "--out", str(out), "--executor",
+                         "sequential"], out, "key 'OMP_NUM_THREADS'", repr(value))
 
 
 def test_the_committed_params_validate():

@@ -71,6 +71,10 @@ class LateFusionConfig:
                 raise ValueError(f"LateFusionConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.width % self.heads:
             raise ValueError(f"LateFusionConfig.width {self.width} is not divisible by heads {self.heads}")
+        for name in ("attn_dropout", "relu_dropout", "embed_dropout", "res_dropout", "out_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"LateFusionConfig.{name} must be a dropout rate in [0, 1), "
+                                 f"got {getattr(self, name)}")
 
 
 # The backbone as released with the Wander code (its MOSI run settings): 32 layers, width 40, on

@@ -168,6 +168,12 @@ class MMTConfig:
                              f"got {self.time_embeddings}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MMTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.text, dict):
+            raise ValueError(f"MMTConfig.text must be a mapping of BertConfig arguments, got {self.text!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):  # BERT's dropouts
+            rate = self.text.get(name, 0.0)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"MMTConfig.text.{name} must be in [0, 1), got {rate!r}")
 
 
 class GatedEmbeddingUnit(nn.Module):
