@@ -87,6 +87,11 @@ def read_checkpoint(checkpoint_path: str | Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError("checkpoint has no state dict of tensors", file=str(path), key="state_dict",
                          expected="{name: tensor}", found=type(state).__name__)
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken is not None:  # else the first run blames its data for NaN encoder outputs
+        raise InputError("the pre-trained checkpoint holds non-finite values", file=str(path),
+                         key=f"state_dict.{broken}", expected="finite weights",
+                         found=f"{int((~state[broken].isfinite()).sum())} NaN or inf values")
     document["path"] = str(path)  # where it was read from (not stored in the file)
     document["provenance"] = provenance
     return document

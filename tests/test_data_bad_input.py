@@ -162,6 +162,12 @@ def test_constant_labels_are_usable_with_a_warning(tmp_path):
     assert not [w for w in warnings if w.startswith(("train:", "valid:"))], warnings
 
 
+def test_a_one_sample_split_is_usable_with_a_warning(tmp_path):
+    mult(tmp_path, n=(5, 3, 1))
+    warnings = check_data("mosi", tmp_path)["warnings"]
+    assert [w for w in warnings if w.startswith("test: one sample only")], warnings
+
+
 def test_sample_counts_differ(tmp_path):
     def m(d):
         d["train"]["labels"] = d["train"]["labels"][:4]
@@ -374,6 +380,14 @@ def test_food_image_path_is_a_folder(tmp_path):
     e = expect_error(tmp_path, lambda: load_dataset("food101", tmp_path), "test_titles.csv",
                      "line 1")
     assert str(e).endswith("found a folder")
+
+
+def test_food_16_bit_image_is_refused(tmp_path):
+    """A 16-bit PNG: PIL's convert("RGB") clipped it to near white; refused instead."""
+    _raw_food(tmp_path)
+    image = tmp_path / "images/train/baklava/b_0.jpg"
+    Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16)).save(image, format="PNG")
+    expect_error(tmp_path, lambda: check_data("food101", tmp_path), "b_0.jpg", "id b_0")
 
 
 def test_food_label_not_in_train(tmp_path):

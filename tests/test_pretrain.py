@@ -250,6 +250,15 @@ def test_a_checkpoint_that_does_not_fill_the_backbone_is_refused(late_checkpoint
     assert str(bad) in str(error.value) and key_part in str(error.value)
 
 
+def test_a_checkpoint_with_non_finite_weights_is_refused(late_checkpoint, tmp_path):
+    """Refused when read, naming the tensor (the first run blamed its data for NaN outputs)."""
+    path, _ = late_checkpoint
+    key = "encoders.text.0.attn.q.weight"
+    bad = _edited(path, tmp_path, lambda d: d["state_dict"][key].view(-1)[0].fill_(float("nan")))
+    with pytest.raises(InputError, match=key):
+        read_checkpoint(bad)
+
+
 def test_a_skip_prefix_that_matches_nothing_is_refused(late_checkpoint):
     path, _ = late_checkpoint
     with pytest.raises(InputError, match="head.outt."):

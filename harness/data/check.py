@@ -55,18 +55,19 @@ def check_data(dataset: str, path=None, format: str | None = None, **options) ->
 
 
 def _constant_labels(ld) -> list[str]:
-    """Splits whose labels are all one value (usable, but a correlation, a binary accuracy or an
-    F1 on them is undefined: a run records NaN) as warnings. Splits that hold no labels (a
-    retrieval task's) are not looked at."""
+    """Splits whose labels are all one value, or of one sample (usable, but a correlation, a
+    binary accuracy or an F1 on them is undefined: a run records NaN), as warnings. Splits that
+    hold no labels (a retrieval task's) are not looked at."""
     found = []
     for name, split in ld.splits.items():
         labels = getattr(split, "labels", None)
         if labels is None:
             continue
         labels = np.asarray(labels)
-        if len(labels) > 1 and (labels == labels[0]).all():
-            found.append(f"{name}: every label is {labels[0].tolist()}: the metrics that compare "
-                         "labels (correlation, binary accuracy, F1) are undefined on it (NaN)")
+        if len(labels) and (labels == labels[0]).all():
+            what = "one sample only" if len(labels) == 1 else f"every label is {labels[0].tolist()}"
+            found.append(f"{name}: {what}: the metrics that compare labels (correlation, binary "
+                         "accuracy, F1) are undefined on it (NaN)")
     return found
 
 

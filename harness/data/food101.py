@@ -34,6 +34,10 @@ from ._common import (FILE_READS, LoadedDataset, LoaderOptions, load_json, pick_
 from .cards import Card
 
 
+# PIL modes of 16-bit or float pixels: Image.convert("RGB") clips them to 0..255 (a 16-bit PNG turns white)
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 class ImageTextDataset(Dataset):
     """Records (image path, text, label, id); the image is opened only in __getitem__."""
 
@@ -58,6 +62,10 @@ class ImageTextDataset(Dataset):
         try:
             with Image.open(path) as im:
                 im.load()
+                if im.mode in WIDE_MODES:  # convert("RGB") would clip them, not rescale
+                    raise InputError("image of more than 8 bits per channel", file=path,
+                                     key=f"id {rid}", expected="8 bits per channel (JPEG, 8-bit PNG)",
+                                     found=f"PIL mode {im.mode}")
                 return im.convert("RGB")
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
                 SyntaxError) as e:  # a bomb: more pixels than PIL opens (Image.MAX_IMAGE_PIXELS x 2)
