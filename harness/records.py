@@ -336,8 +336,8 @@ def cpu_model() -> str:
 def restore_nan(document):
     """Inverse of ``strict`` for reading: each path listed in ``null_reasons`` becomes NaN again
     (statistics leave undefined values out with a note, as they did before JSON was strict)."""
-    if not isinstance(document, dict) or not document.get("null_reasons"):
-        return document
+    if not isinstance(document, dict) or not isinstance(document.get("null_reasons"), dict):
+        return document  # ``read_run_record`` refuses null_reasons that are not a mapping
     for where, why in document["null_reasons"].items():
         parts = re.findall(r"([^.\[\]]+)|\[(\d+)\]", where)
         node = document
@@ -353,19 +353,78 @@ def restore_nan(document):
     return document
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object giving one key twice: which of its values counts is not said."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the key {key!r} twice in one object")
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` of ``read_json``: an object's pairs as a dict, each key once."""
+    document = {}
+    for key, value in pairs:
+        if key in document:
+            raise DuplicateKeyError(key)
+        document[key] = value
+    return document
+
+
 def read_json(path: str | Path):
-    return restore_nan(json.loads(Path(path).read_text()))
+    """The JSON document of ``path``, NaN restored (``restore_nan``); an object giving one key
+    twice raises DuplicateKeyError (a ValueError, as malformed JSON does)."""
+    return restore_nan(json.loads(Path(path).read_text(), object_pairs_hook=_unique_keys))
 
 
 # What a run record must hold to count as done (``read_run_record``); the rest is provenance
-RECORD_FIELDS = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict}
+RECORD_FIELDS = {"dataset": str, "method": str, "seed": int, "row": dict, "metrics": dict,
+                 "tunable": dict}
+TUNABLE_PARTS = ("method", "head")  # the counts of ``tunable`` (``methods.base.count_parameters``)
+
+
+def metric_range(name: str) -> tuple[float, float] | None:
+    """(lowest, highest) value of the metric ``name`` where ``harness.tasks`` fixes it, else None:
+    accuracies and F1s are fractions, ``corr`` a correlation, MAE >= 0, the retrieval recalls
+    R@K percentages (``rsum`` the sum of six), the ranks MdR / MnR 1-based."""
+    if name == "corr":
+        return -1.0, 1.0
+    if name == "mae":
+        return 0.0, math.inf
+    if name == "rsum":
+        return 0.0, 600.0
+    if name.endswith(("_mdr", "_mnr")):
+        return 1.0, math.inf
+    if re.fullmatch(r"(t2v|v2t)_r\d+", name):
+        return 0.0, 100.0
+    if any(re.fullmatch(r"acc\d*|f1", part) for part in name.split("_")):
+        return 0.0, 1.0
+    return None
+
+
+def _check_metrics(metrics: dict, field: str, path: Path, remedy: str) -> None:
+    """Each value of ``metrics`` (a record's ``field``) a finite number within its
+    ``metric_range``, or NaN (null in the file, its reason under ``null_reasons``)."""
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            raise InputError("a run record's metric is not a number", file=str(path),
+                             key=f"{field}.{name}", expected=f"a finite number ({remedy})",
+                             found=repr(value))
+        low, high = metric_range(name) or (-math.inf, math.inf)
+        if not (math.isnan(value) or low <= value <= high):
+            span = f"in [{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+            raise InputError("a run record's metric is out of its range", file=str(path),
+                             key=f"{field}.{name}", expected=f"a number {span} ({remedy})",
+                             found=repr(value))
 
 
 def read_run_record(path: str | Path) -> dict:
-    """A run record, checked: a JSON object with ``RECORD_FIELDS`` of their types and at least one
-    metric. Anything else (a folder, unreadable bytes, truncated or non-object JSON, no metrics)
-    raises InputError naming the file: a record that cannot be read is never taken as a done run,
-    nor silently recomputed over (delete it to recompute that run)."""
+    """A run record, checked: a JSON object, each key once, with ``RECORD_FIELDS`` of their types,
+    at least one metric, metrics and validation metrics that are numbers within their range
+    (``metric_range``), ``tunable`` counts and ``null_reasons`` a mapping. Anything else (a folder,
+    unreadable bytes, truncated or non-object JSON, no metrics) raises InputError naming the file:
+    a record that cannot be read is never taken as a done run, nor silently recomputed over
+    (delete it to recompute that run)."""
     path = Path(path)
     remedy = "a run record written by mmpetl (delete the file to recompute its run)"
     if path.is_dir():
@@ -373,6 +432,9 @@ def read_run_record(path: str | Path) -> dict:
                          expected=remedy, found="a folder")
     try:
         record = read_json(path)
+    except DuplicateKeyError as error:
+        raise InputError("a run record gives a key twice", file=str(path), key=error.key,
+                         expected=f"each key once ({remedy})", found="twice") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         found = "an empty file" if path.is_file() and path.stat().st_size == 0 else \
             f"{type(error).__name__}: {error}"
@@ -389,11 +451,18 @@ def read_run_record(path: str | Path) -> dict:
     if not record["metrics"]:
         raise InputError("a run record without metrics is not a done run", file=str(path),
                          key="metrics", expected=remedy, found="{}")
-    for name, value in record["metrics"].items():  # NaN is written as null with its reason
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
-            raise InputError("a run record's metric is not a number", file=str(path),
-                             key=f"metrics.{name}", expected=f"a finite number ({remedy})",
-                             found=repr(value))
+    for field in ("null_reasons", "valid_metrics"):
+        if not isinstance(record.get(field, {}), dict):
+            raise InputError("incomplete run record", file=str(path), key=field,
+                             expected=f"a mapping ({remedy})", found=repr(record[field]))
+    for field in ("metrics", "valid_metrics"):
+        _check_metrics(record.get(field, {}), field, path, remedy)
+    for part in sorted({*TUNABLE_PARTS, *record["tunable"]}):
+        count = record["tunable"].get(part)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InputError("a run record's #tunable is not a count", file=str(path),
+                             key=f"tunable.{part}", expected=f"a count >= 0 ({remedy})",
+                             found=repr(count))
     # the name says which run it holds (run.record_path: the start of its key last): a record
     # copied, renamed or edited into another run's place would stand in for that run, or leave it
     # missing without a word

@@ -206,12 +206,31 @@ DAMAGE = {
     "another seed inside": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "seed": 7})),
     "another row inside": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
                                                              "row": {"method": "lora", "rank": 2}})),
+    # impossible values were averaged and ranked (an accuracy of 7.5 ranked first), a #tunable
+    # that is not a count was left out, and of a key given twice the last silently counted
+    "a metric out of its range": lambda p: p.write_text(json.dumps(_edited_metric(p, 7.5,
+                                                                                  "acc2_non0"))),
+    "a key given twice": lambda p: p.write_text('{"metrics": {"acc2_non0": 0.5},'
+                                                + p.read_text()[1:]),
+    "tunable missing": lambda p: p.write_text(json.dumps(_without(p, "tunable"))),
+    "tunable not a mapping": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                                "tunable": "74305"})),
+    "tunable negative": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                           "tunable": {"method": -5, "head": 10}})),
+    "valid_metrics not a mapping": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                                      "valid_metrics": "x"})),
+    "null_reasons not a mapping": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                                     "null_reasons": "x"})),
 }
 
 
-def _edited_metric(path: Path, value) -> dict:
+def _without(path: Path, key: str) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != key}
+
+
+def _edited_metric(path: Path, value, name: str | None = None) -> dict:
     record = json.loads(path.read_text())
-    name = sorted(record["metrics"])[0]
+    name = name or sorted(record["metrics"])[0]
     return {**record, "metrics": {**record["metrics"], name: value}}
 
 
@@ -230,18 +249,51 @@ def test_damaged_record_stops_the_sweep_naming_it(damage, study, tmp_path, capsy
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no metrics", "a folder", "a metric not a number",
-                                    "another seed inside", "another run's record"])
-def test_damaged_record_stops_tables_and_run(damage, study, tmp_path, capsys, no_compute):
+                                    "another seed inside", "another run's record",
+                                    "a metric out of its range", "a key given twice",
+                                    "tunable missing", "valid_metrics not a mapping",
+                                    "null_reasons not a mapping"])
+def test_damaged_record_stops_tables_leaderboard_and_run(damage, study, tmp_path, capsys,
+                                                         no_compute):
     params, runs = study
     runs = copy_of(runs, tmp_path)
     record = the_record(runs)
     DAMAGE[damage](record)
     code, err = mmpetl(capsys, "tables", "--params", params, "--runs", runs, "--out", tmp_path / "t")
     assert code == 2 and str(record) in err
-    assert not (tmp_path / "t").exists()
+    code, err = mmpetl(capsys, "leaderboard", "--params", params, "--runs", runs,
+                       "--out", tmp_path / "lb", "--metrics", tmp_path / "m.json",
+                       "--detail", tmp_path / "d.json")
+    assert code == 2 and str(record) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     code, err = mmpetl(capsys, "run", "--params", params, "--dataset", "mosi", "--method", "linear",
                        "--out", runs)
     assert code == 2 and str(record) in err
+
+
+@pytest.mark.parametrize("damage, key, expected", [
+    ("a metric out of its range", "metrics.acc2_non0", "a number in [0, 1]"),
+    ("a key given twice", "metrics", "each key once"),
+    ("tunable missing", "tunable", "dict"),
+    ("tunable not a mapping", "tunable", "dict"),
+    ("tunable negative", "tunable.method", "a count >= 0"),
+    ("valid_metrics not a mapping", "valid_metrics", "a mapping"),
+    ("null_reasons not a mapping", "null_reasons", "a mapping")])
+def test_a_record_of_impossible_values_names_the_key_and_what_it_should_hold(damage, key, expected,
+                                                                            study, tmp_path):
+    record = the_record(copy_of(study[1], tmp_path))
+    DAMAGE[damage](record)
+    with pytest.raises(InputError) as caught:
+        records.read_run_record(record)
+    assert caught.value.file == str(record) and caught.value.key == key, caught.value
+    assert expected in str(caught.value.expected), caught.value
+
+
+def test_read_json_refuses_a_key_given_twice_at_any_depth(tmp_path):
+    path = tmp_path / "document.json"
+    path.write_text('{"a": {"b": 1, "b": 2}}')
+    with pytest.raises(ValueError, match="'b' twice"):
+        records.read_json(path)
 
 
 def test_record_of_data_changed_since_is_not_reused(study, tmp_path, capsys):

@@ -14,7 +14,8 @@ from harness.errors import InputError
 from harness.records import row_slug
 from harness.run import record_path
 from harness.tables.leaderboard import write_leaderboards
-from test_tables import make_params, metric_values, read_csv, write_all, write_record
+from test_tables import (card_with_main_metric, make_params, metric_values, read_csv, write_all,
+                         write_record)
 
 NEW = {"method": "bitfit"}   # a method no table spec names
 
@@ -132,6 +133,38 @@ def test_a_method_named_like_another_rows_key_is_an_error(tmp_path, user_row):
         write_leaderboards(runs, tmp_path / "lb", make_params(),
                            headline_path=tmp_path / "metrics.json", detail_path=None)
     assert '"method": "wander_code"' in str(error.value) and '"variant": "code"' in str(error.value)
+
+
+def test_a_main_metric_the_task_does_not_record_stops_before_any_file(tmp_path, monkeypatch):
+    """A typo in a card's main_metric gave "not measured" everywhere, nulls in metrics.json and
+    exit 0: now an error naming the card, the metrics its task records and the typo."""
+    runs = tmp_path / "runs"
+    write_all(runs, skip_methods=("pmf",))
+    card = card_with_main_metric(tmp_path, monkeypatch, "mosi", "acc2_nonzero")
+    with pytest.raises(InputError) as caught:
+        write_leaderboards(runs, tmp_path / "lb", make_params(),
+                           headline_path=tmp_path / "metrics.json",
+                           detail_path=tmp_path / "detail.json")
+    error = caught.value
+    assert error.file == str(card) and error.key == "main_metric", error
+    assert error.found == "'acc2_nonzero'" and "'acc2_non0'" in error.expected, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cards", "runs"]
+
+
+@pytest.mark.parametrize("field", ["valid_metrics", "null_reasons"])
+def test_a_damaged_record_stops_the_leaderboards_before_any_file(tmp_path, field):
+    """Every record is read and checked before a leaderboard is written: a damaged MOSI record
+    was a traceback after Food-101's and IEMOCAP's leaderboards had been written."""
+    runs = tmp_path / "runs"
+    write_all(runs, skip_methods=("pmf",))
+    (record,) = (runs / "mosi").glob("lora_r16-seed0-*.json")
+    record.write_text(json.dumps({**json.loads(record.read_text()), field: "x"}))
+    with pytest.raises(InputError) as caught:
+        write_leaderboards(runs, tmp_path / "lb", make_params(),
+                           headline_path=tmp_path / "metrics.json",
+                           detail_path=tmp_path / "detail.json")
+    assert caught.value.file == str(record) and caught.value.key == field, caught.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
 def test_rerun_writes_nothing(tmp_path):

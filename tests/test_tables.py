@@ -2,6 +2,8 @@
 git revisions. No training: records are JSON files written into tmp_path."""
 import csv
 import json
+import re
+import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -16,8 +18,9 @@ from harness.records import row_slug
 from harness.tables import specs
 from harness.tables.collect import collect, row_key
 from harness.tables.diff import diff_tables
+from harness.tables.io import csv_text
 from harness.tables.leaderboard import write_leaderboards
-from harness.tables.render import TINY_BANNER, render_all
+from harness.tables.render import CSV_FIELDS, TINY_BANNER, render_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = [0, 1, 2]
@@ -86,6 +89,19 @@ def write_all(root: Path, skip_methods=(), seeds=SEEDS, profile="tiny", shift=0.
                 continue
             for seed in seeds:
                 write_record(root, dataset, row, seed, profile=profile, shift=shift)
+
+
+def card_with_main_metric(folder: Path, monkeypatch, dataset: str, metric: str) -> Path:
+    """A copy of the dataset cards in ``folder``/cards (``MMPETL_DATASETS_DIR``) where
+    ``dataset``'s ``main_metric`` is ``metric``; returns that card's path."""
+    cards = folder / "cards"
+    cards.mkdir()
+    for card in (ROOT / "datasets").glob("*.yaml"):
+        shutil.copy(card, cards)
+    path = cards / f"{dataset}.yaml"
+    path.write_text(re.sub(r"(?m)^main_metric: .*$", f"main_metric: {metric}", path.read_text()))
+    monkeypatch.setenv("MMPETL_DATASETS_DIR", str(cards))
+    return path
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -461,6 +477,64 @@ def test_diff_between_two_commits(tmp_path):
     elsewhere.mkdir()
     with pytest.raises(InputError, match="not a git repository"):
         diff_tables("HEAD", "HEAD", repo=elsewhere)
+
+
+def _committed_leaderboard(tmp_path) -> Path:
+    """A git repository whose one commit holds results/leaderboards/mosi.csv (two lines)."""
+    repo = tmp_path / "repo"
+    table = repo / "results" / "leaderboards" / "mosi.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text(csv_text(CSV_FIELDS, [
+        {"table": "Leaderboard", "section": "leaderboard", "row": row, "column": "ACC-2",
+         "metric_key": "acc2_non0", "status": "ok", "mean": mean, "n": 3}
+        for row, mean in (("lora_r16", 0.71), ("wander_d16", 0.75))]))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "study")
+    return repo
+
+
+def _damaged(data: bytes, damage: str) -> bytes:
+    header, first, second = data.splitlines(keepends=True)
+    return {"a truncated line": header + first + second[:len(second) // 2],
+            "bytes that are not UTF-8": header + first.replace(b"lora", b"lo\xffra") + second,
+            "merge-conflict markers": header + b"<<<<<<< HEAD\n" + first + b"=======\n" + second
+            + b">>>>>>> theirs\n",
+            "a header missing columns": header.replace(b",column,metric_key", b"") + first + second,
+            }[damage]
+
+
+@pytest.mark.parametrize("damage, line", [("a truncated line", 3), ("bytes that are not UTF-8", 2),
+                                          ("merge-conflict markers", 2),
+                                          ("a header missing columns", 1)])
+def test_diff_of_a_damaged_table_names_the_file_its_revision_and_the_line(damage, line, tmp_path):
+    """A damaged CSV (cut short, other bytes, a merge left unresolved, columns lost) was a
+    traceback or a misleading "share a key": an InputError naming where it was read."""
+    repo = _committed_leaderboard(tmp_path)
+    table = repo / "results" / "leaderboards" / "mosi.csv"
+    table.write_bytes(_damaged(table.read_bytes(), damage))
+    with pytest.raises(InputError, match="at the workspace") as caught:
+        diff_tables("HEAD", "workspace", repo=repo)
+    assert caught.value.file == str(table) and caught.value.key == f"line {line}", caught.value
+    _git(repo, "commit", "-q", "-a", "-m", "damaged")
+    with pytest.raises(InputError, match=r"at revision HEAD \(") as caught:
+        diff_tables("HEAD~1", "HEAD", repo=repo)
+    assert caught.value.file == "results/leaderboards/mosi.csv", caught.value
+    assert caught.value.key == f"line {line}", caught.value
+
+
+def test_a_planted_card_whose_main_metric_its_task_lacks_stops_the_tables(tmp_path, monkeypatch):
+    """The planted table compares each row on its card's main metric: a typo there gave NaN
+    everywhere ("untestable") and exit 0; now an error naming the card, before any file."""
+    runs = tmp_path / "runs"
+    for seed in SEEDS:
+        write_record(runs, "mosi", {"method": "wander", "down_dim": 16}, seed)
+    card = card_with_main_metric(tmp_path, monkeypatch, "planted_null", "corrr")
+    with pytest.raises(InputError) as caught:
+        render_all(runs, tmp_path / "tables", make_params())
+    assert caught.value.file == str(card) and caught.value.key == "main_metric", caught.value
+    assert caught.value.found == "'corrr'" and "corr" in caught.value.expected, caught.value
+    assert not (tmp_path / "tables").exists()
 
 
 def test_figure_markdown_says_no_paper_numbers(rendered):

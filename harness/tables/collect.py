@@ -32,7 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.data.cards import load_card
 from harness.errors import InputError
+from harness.params_schema import task_metric_names
 from harness.records import compute_versions, read_run_record
 from harness.settings import seeds_for
 from methods.base import ConfigError
@@ -40,6 +42,18 @@ from methods.base import ConfigError
 def row_key(row: Mapping) -> str:
     """Canonical text of a grid row (sorted keys), the identity of a table row's runs."""
     return json.dumps(dict(row), sort_keys=True, separators=(", ", ": "))
+
+
+def main_metric(dataset: str) -> str:
+    """The ``main_metric`` of ``dataset``'s card, one of the metrics its task records
+    (``params_schema.task_metric_names``): a typo would rank and compare nothing, silently."""
+    card = load_card(dataset)
+    metrics = task_metric_names(card)
+    if card.main_metric not in metrics:
+        raise InputError("the dataset card's main metric is not a metric its task records",
+                         file=card.file, key="main_metric", expected=f"one of {sorted(metrics)}",
+                         found=repr(card.main_metric) if card.main_metric else "missing")
+    return card.main_metric
 
 
 def load_records(records_dir) -> list[dict]:

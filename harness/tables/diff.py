@@ -22,6 +22,7 @@ from pathlib import Path
 from harness.errors import InputError
 
 KEY = ("section", "row", "column", "metric_key")
+PLANTED_KEY = ("task", "row", "metric")  # the planted tasks' table's (``_in_long_layout``)
 #: fields compared, in report order (the first ones get their own columns)
 WATCHED = ("status", "mean", "std", "n", "t_ci_low", "t_ci_high", "paper", "diff_vs_paper",
            "tunable_ours", "tunable_paper", "compared_to", "n_paired", "improvement", "p_t",
@@ -30,9 +31,9 @@ WATCHED = ("status", "mean", "std", "n", "t_ci_low", "t_ci_high", "paper", "diff
 OWN_COLUMNS = ("status", "mean", "std", "n", "verdict", "p_holm")
 
 
-def _git(repo, *args: str) -> subprocess.CompletedProcess:
+def _git(repo, *args: str, text: bool = True) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=text)
     except OSError as error:  # git missing
         raise InputError("cannot run git", expected="git on PATH", found=str(error)) from error
 
@@ -76,10 +77,11 @@ def _resolve(repo, rev: str, which: str) -> str:
     return experiment
 
 
-def _tables_at(repo, commit: str, tables_dir: str) -> dict[str, list[dict]]:
+def _tables_at(repo, commit: str, tables_dir: str, where: str) -> dict[str, list[dict]]:
+    """{name: lines} of the ``tables_dir/*.csv`` at ``commit`` (``where``: how to name it)."""
     if commit == WORKSPACE:
         folder = Path(repo) / tables_dir
-        return {path.stem: list(csv.DictReader(io.StringIO(path.read_text())))
+        return {path.stem: _read_table(path.read_bytes(), str(path), where)
                 for path in sorted(folder.glob("*.csv"))} if folder.is_dir() else {}
     listing = _git(repo, "ls-tree", "--name-only", f"{commit}:{tables_dir}")
     if listing.returncode != 0:  # the folder does not exist at that revision
@@ -89,13 +91,47 @@ def _tables_at(repo, commit: str, tables_dir: str) -> dict[str, list[dict]]:
         if not name.endswith(".csv"):
             continue
         path = f"{tables_dir}/{name}"
-        shown = _git(repo, "show", f"{commit}:{path}")
+        shown = _git(repo, "show", f"{commit}:{path}", text=False)
         if shown.returncode != 0:
             raise InputError("cannot read table at revision", file=path, key=commit,
-                             expected="a CSV file", found=shown.stderr.strip())
-        reader = csv.DictReader(io.StringIO(shown.stdout))
-        tables[name[:-4]] = list(reader)
+                             expected="a CSV file",
+                             found=shown.stderr.decode(errors="replace").strip())
+        tables[name[:-4]] = _read_table(shown.stdout, path, where)
     return tables
+
+
+def _read_table(data: bytes, file: str, where: str) -> list[dict]:
+    """The lines of a results table's CSV as {column: value}: UTF-8 text, a header naming the key
+    columns (``KEY``, or the planted tasks' ``PLANTED_KEY``) and every line as many fields as the
+    header. Anything else (a line cut short, a merge left unresolved) raises InputError naming
+    the file, where it was read and the line."""
+    def damaged(line: int, expected: str, found: str) -> InputError:
+        return InputError(f"damaged results table (read at {where})", file=file, key=f"line {line}",
+                          expected=expected, found=found)
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise damaged(data[:error.start].count(b"\n") + 1, "UTF-8 text",
+                      f"the byte {data[error.start:error.start + 1]!r}") from None
+    reader = csv.reader(io.StringIO(text), strict=True)
+    try:
+        numbered = [(reader.line_num, fields) for fields in reader if fields]
+    except csv.Error as error:
+        raise damaged(reader.line_num, "CSV as mmpetl writes it", str(error)) from None
+    if not numbered:
+        raise damaged(1, f"a header naming the columns {', '.join(KEY)}", "an empty file")
+    (_, header), body = numbered[0], numbered[1:]
+    required = PLANTED_KEY if "task" in header and "section" not in header else KEY
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise damaged(1, f"a header naming the columns {', '.join(required)}",
+                      f"no {', '.join(missing)}")
+    for line, fields in body:
+        if len(fields) != len(header):
+            raise damaged(line, f"{len(header)} fields, as the header",
+                          f"{len(fields)}: {','.join(fields)[:60]!r}")
+    return [dict(zip(header, fields)) for _, fields in body]
 
 
 def _key(line: dict) -> tuple:
@@ -213,6 +249,11 @@ def _label(rev: str, commit: str) -> str:
     return rev if commit == WORKSPACE else f"{rev} ({commit[:10]})"
 
 
+def _where(rev: str, commit: str) -> str:
+    """Where a table was read: ``the workspace`` or ``revision HEAD (0123456789)``."""
+    return "the workspace" if commit == WORKSPACE else f"revision {_label(rev, commit)}"
+
+
 def diff_tables(rev_a: str = "HEAD", rev_b: str = WORKSPACE, repo=".",
                 tables_dirs=DIRS) -> str:
     """Markdown report of how ``<dir>/*.csv`` of each of ``tables_dirs`` changed from ``rev_a``
@@ -224,8 +265,10 @@ def diff_tables(rev_a: str = "HEAD", rev_b: str = WORKSPACE, repo=".",
     old, new = {}, {}
     for folder in tables_dirs:
         prefix = "" if folder == tables_dirs[0] else f"{Path(folder).name}/"
-        old.update({prefix + k: v for k, v in _tables_at(repo, commit_a, folder).items()})
-        new.update({prefix + k: v for k, v in _tables_at(repo, commit_b, folder).items()})
+        old.update({prefix + k: v for k, v in
+                    _tables_at(repo, commit_a, folder, _where(rev_a, commit_a)).items()})
+        new.update({prefix + k: v for k, v in
+                    _tables_at(repo, commit_b, folder, _where(rev_b, commit_b)).items()})
     lines = [f"# Results tables: {_label(rev_a, commit_a)} → {_label(rev_b, commit_b)}", ""]
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))

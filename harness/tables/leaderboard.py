@@ -42,7 +42,7 @@ from harness.errors import InputError
 from harness.records import row_slug
 from harness.tables import render
 from harness.tables import specs as specs_module
-from harness.tables.collect import Selection, collect, row_key
+from harness.tables.collect import Selection, collect, main_metric, row_key
 from harness.tables.io import csv_text, write_json_if_changed, write_text_if_changed
 from harness.tables.specs import Column, Row, Section, Spec
 
@@ -67,13 +67,9 @@ def dataset_columns(dataset: str) -> list[Column]:
 
 
 def main_column(dataset: str, columns: list[Column]) -> Column:
-    card = load_card(dataset)
-    if not card.main_metric:
-        raise InputError("dataset card names no main metric", file=card.file, key="main_metric",
-                         expected="a record metric key, e.g. acc2_non0", found="missing")
-    known = next((c for c in columns if c.key == card.main_metric), None)
-    return known or Column(card.main_metric, card.main_metric, card.main_metric,
-                           f"record metric {card.main_metric}", scale=1.0, digits=3)
+    metric = main_metric(dataset)
+    known = next((c for c in columns if c.key == metric), None)
+    return known or Column(metric, metric, metric, f"record metric {metric}", scale=1.0, digits=3)
 
 
 def wander_reference(dataset: str) -> dict | None:
@@ -369,30 +365,31 @@ def write_leaderboards(records_dir="results/runs", out_dir=LEADERBOARD_DIR,
                        params: Mapping | None = None, *, headline_path=HEADLINE,
                        detail_path=DETAIL, progress: bool = False) -> dict:
     """The ``leaderboard`` stage. Returns {"written", "unchanged", "leaderboards": {dataset:
-    {"rows", "tests"}}}. Files are written only when their content changes. ``progress``: a bar
-    on stderr, one step per dataset."""
+    {"rows", "tests"}}}. Every file is computed before any is written (bad input leaves none
+    written), and written only when its content changes. ``progress``: a bar on stderr, one
+    step per dataset."""
     selection = collect(records_dir, params)
     datasets = sorted({d for d, _ in selection.cells()})
     out_dir = Path(out_dir)
-    written, unchanged, summary = [], [], {}
-
-    def put(path, changed):
-        (written if changed else unchanged).append(str(path))
-
+    texts, documents, summary = {}, {}, {}
     for dataset in tqdm(datasets, desc="leaderboards", unit="dataset", disable=not progress):
         spec, chose = leaderboard_spec(dataset, selection)
         result = render.build(spec, selection, params)
-        md, csv = out_dir / f"{dataset}.md", out_dir / f"{dataset}.csv"
-        put(md, write_text_if_changed(md, render_leaderboard(result, chose)))
-        put(csv, write_text_if_changed(csv, csv_text(render.CSV_FIELDS,
-                                                     leaderboard_csv_rows(result))))
+        texts[out_dir / f"{dataset}.md"] = render_leaderboard(result, chose)
+        texts[out_dir / f"{dataset}.csv"] = csv_text(render.CSV_FIELDS,
+                                                     leaderboard_csv_rows(result))
         summary[dataset] = {"rows": len(result.spec.sections[0].rows),
                             "tests": len(result.comparisons)}
     index = ["# Leaderboards: every grid row in the run records", ""] + [
         f"- [{dataset}]({dataset}.md)" for dataset in datasets]
-    put(out_dir / "index.md", write_text_if_changed(out_dir / "index.md", "\n".join(index) + "\n"))
+    texts[out_dir / "index.md"] = "\n".join(index) + "\n"
     if headline_path is not None:
-        put(headline_path, write_json_if_changed(headline_path, headline(selection, datasets)))
+        documents[headline_path] = headline(selection, datasets)
     if detail_path is not None:
-        put(detail_path, write_json_if_changed(detail_path, detail(selection)))
+        documents[detail_path] = detail(selection)
+    written, unchanged = [], []
+    for path, text in texts.items():
+        (written if write_text_if_changed(path, text) else unchanged).append(str(path))
+    for path, document in documents.items():
+        (written if write_json_if_changed(path, document) else unchanged).append(str(path))
     return {"written": written, "unchanged": unchanged, "leaderboards": summary}

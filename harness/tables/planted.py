@@ -18,8 +18,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness import stats
-from harness.data import load_card
-from harness.tables.collect import Selection, row_key, seeds_text
+from harness.tables.collect import Selection, main_metric, row_key, seeds_text
 from harness.tables.io import csv_text, num
 
 BETTER, NOT_BETTER = "better", "not better"   # the predictions
@@ -97,7 +96,7 @@ def planted_values(selection: Selection) -> dict:
     {dataset: the card's main metric}."""
     values, paths, metrics = {}, {}, {}
     for task in PLANTED_TASKS:
-        metric = metrics[task.dataset] = load_card(task.dataset).main_metric
+        metric = metrics[task.dataset] = main_metric(task.dataset)
         for label, grid in (("Linear probe", PROBE),) + tuple((r.label, r.grid) for r in task.rows):
             by_seed = selection.get(task.dataset, grid)
             values[(task.dataset, label)] = {seed: record["metrics"].get(metric, float("nan"))

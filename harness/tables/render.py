@@ -39,8 +39,7 @@ from harness.errors import InputError
 from harness.records import row_slug
 from harness.tables import planted, specs as specs_module
 from harness.tables.collect import Selection, collect, row_key, seeds_text
-from harness.tables.io import (csv_text, write_bytes_if_changed,
-                               write_text_if_changed)
+from harness.tables.io import csv_text, write_bytes_if_changed
 from harness.tables.specs import Column, Row, Section, Spec
 
 TINY_BANNER = "tiny profile: generated data and small backbones; NOT comparable to the paper"
@@ -685,7 +684,8 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
     index (results/metrics.json is the leaderboard stage's). ``params``: the loaded params.yaml
     (selects the profile and seeds, flags stale records and explains rows that did not run); without it
     every record is used. ``progress``: a bar on stderr, one step per table or figure. Returns
-    {"written": [...], "unchanged": [...], "tables": {...}}."""
+    {"written": [...], "unchanged": [...], "tables": {...}}. Every file is computed before any is
+    written (bad input leaves none written)."""
     selection = collect(records_dir, params)
     out_dir = Path(out_dir)
     chosen = specs_module.SPECS
@@ -696,27 +696,23 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
             raise InputError("unknown table", key="names",
                              expected=[s.name for s in specs_module.SPECS] + [planted.NAME],
                              found=str(error)) from error
-    written, unchanged, summary = [], [], {}
-
-    def put(path: Path, data: bytes):
-        (written if write_bytes_if_changed(path, data) else unchanged).append(str(path))
-
+    files, summary = {}, {}  # {path: bytes} to write
     for spec in tqdm(chosen, desc="tables", unit="table", disable=not progress):
         result = build(spec, selection, params)
         figure_file = None
         if spec.kind == "figure":
             figure_file = f"{spec.name}.png"
-            put(out_dir / figure_file, render_figure(result))
-        put(out_dir / f"{spec.name}.md", render_markdown(result, figure_file).encode())
-        put(out_dir / f"{spec.name}.csv", csv_text(CSV_FIELDS, csv_rows(result)).encode())
+            files[out_dir / figure_file] = render_figure(result)
+        files[out_dir / f"{spec.name}.md"] = render_markdown(result, figure_file).encode()
+        files[out_dir / f"{spec.name}.csv"] = csv_text(CSV_FIELDS, csv_rows(result)).encode()
         summary[spec.name] = {
             "rows": len(result.rows),
             "rows_not_run": sum(1 for r in result.rows if r.status != "ok"),
             "comparisons": len(result.comparisons),
         }
     if not names or planted.NAME in names:
-        for path, data in planted.render_planted(selection, out_dir, profile_banner({selection.profile})):
-            put(path, data)
+        banner = profile_banner({selection.profile})
+        files.update(planted.render_planted(selection, out_dir, banner))
     index = ["# Wander paper: tables and figures", ""]
     for spec in specs_module.SPECS:
         if spec.paper_ref == "Table 7":
@@ -724,8 +720,10 @@ def render_all(records_dir="results/runs", out_dir="results/tables", params: Map
         index.append(f"- [{spec.title}]({spec.name}.md)"
                      + (f" ([figure]({spec.name}.png))" if spec.kind == "figure" else ""))
     index.append(f"- [{planted.TITLE}]({planted.NAME}.md) (not in the paper: planted-answer tasks)")
-    (written if write_text_if_changed(out_dir / "index.md", "\n".join(index) + "\n")
-     else unchanged).append(str(out_dir / "index.md"))
+    files[out_dir / "index.md"] = ("\n".join(index) + "\n").encode()
+    written, unchanged = [], []
+    for path, data in files.items():
+        (written if write_bytes_if_changed(path, data) else unchanged).append(str(path))
     return {"written": written, "unchanged": unchanged, "tables": summary}
 
 
