@@ -354,7 +354,7 @@ def _trial_rows(params, config, method, study, out_dir) -> list[dict]:
 def _test_value(plan, runs_dir: Path, metric: str) -> float | None:
     """The test metric of a trial's run record (None when the record is gone: not recomputed)."""
     path = record_path(plan, run_key(plan), runs_dir)
-    return records.read_json(path)["metrics"][metric] if path.is_file() else None
+    return records.read_run_record(path)["metrics"][metric] if path.is_file() else None
 
 
 def _finish(table, config, metric, directions, out_dir, profile) -> dict:
