@@ -132,6 +132,13 @@ def _run_defaults(params: dict, dataset: str, method: str) -> dict | None:
 
 
 def cmd_run(args) -> int:
+    from harness import records
+
+    with records.inputs_fixed():  # the record's code and data hashes are its key's, edits meanwhile aside
+        return _run_command(args)
+
+
+def _run_command(args) -> int:
     from harness import concurrency
     from harness.records import read_run_record
     from harness.run import RUNS_DIR, execute, record_path, run_key
@@ -152,7 +159,9 @@ def cmd_run(args) -> int:
             if path.is_file():
                 found = path
             else:
-                record = execute(plan, out, progress=not args.json)
+                with concurrency.stop_on_signals("nothing was recorded; the same command "
+                                                 "computes the run again"):
+                    record = execute(plan, out, progress=not args.json)
     if found is not None:  # the same key: the same run, already recorded
         record = read_run_record(found)
     where = found or record_path(plan, key, out)
@@ -337,6 +346,7 @@ def cmd_cost(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from harness.concurrency import stop_on_signals
     from harness.records import provenance_path
     from harness.pretrain import plan_pretrain, pretrain
     from harness.params_schema import check_train
@@ -357,7 +367,8 @@ def cmd_pretrain(args) -> int:
     key = "--out" if args.out is not None else f"pretrain.checkpoints.{args.source}"
     for path in (plan["out_path"], provenance_path(plan["out_path"])):
         require_writable_file(path, key)  # before training
-    result = pretrain(**plan, progress=not args.json)
+    with stop_on_signals("no checkpoint was written; the same command starts again"):
+        result = pretrain(**plan, progress=not args.json)
 
     def render(r):
         m, metric = r["metrics"], r["metrics"]["select_metric"]

@@ -55,8 +55,10 @@ def _stop(signum, frame):
 
 
 @contextlib.contextmanager
-def stop_on_signals():
-    """Within the block, the first SIGINT or SIGTERM raises ``Stopped`` here; later ones are
+def stop_on_signals(left: str = "every finished run keeps its record; the same command resumes "
+                                  "the rest"):
+    """Within the block, the first SIGINT or SIGTERM raises ``Stopped`` here (``left``: what the
+    stop leaves, said on stderr with the signal's name, not a traceback); later ones are
     ignored while the block unwinds (it stops its workers, which takes bounded time). The previous
     handlers come back afterwards. A signal this process was started ignoring stays ignored (a
     shell starts background jobs with SIGINT ignored). Outside the main thread, where Python runs
@@ -69,8 +71,7 @@ def stop_on_signals():
     try:
         yield
     except Stopped as stopped:
-        print(f"mmpetl: stopped by {stopped.signal.name}: every finished run keeps its record; "
-              "the same command resumes the rest", file=sys.stderr, flush=True)
+        print(f"mmpetl: stopped by {stopped.signal.name}: {left}", file=sys.stderr, flush=True)
         raise
     finally:
         for signum, handler in previous.items():

@@ -135,6 +135,21 @@ def test_what_goes_wrong_inside_a_run_names_it(params_file, tmp_path, monkeypatc
     assert not list(tmp_path.rglob("*.json"))
 
 
+def test_a_code_edit_during_a_run_does_not_reach_its_record(params_file, tmp_path, monkeypatch):
+    """The record's code hash is the one its key was made from: a method edited while the run
+    trained gave a record filed under the old key with the new code's hash (the next sweep then
+    recomputed it and set the right record aside as other code)."""
+    from harness import records
+
+    hashes = iter(f"{n:064x}" for n in range(1, 100))  # the code "changes" at every read
+    monkeypatch.setattr(records, "_code_hash", lambda sources: next(hashes))
+    assert main(["run", "--dataset", "mosi", "--method", "linear", "--params", str(params_file),
+                 "--out", str(tmp_path), "--json"]) == 0
+    (path,) = tmp_path.glob("mosi/*.json")
+    record = json.loads(path.read_text())
+    assert record["code_hash"] == f"{1:064x}"
+
+
 def test_wander_run_uses_the_papers_main_setting(params_file, tmp_path, capsys):
     """run_defaults in params.yaml: d = 16 on MOSI unless --set says otherwise."""
     assert load_params(params_file)["run_defaults"]["wander"] == {
