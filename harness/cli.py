@@ -75,11 +75,15 @@ def cmd_audit(args) -> int:
     _use_threads(None)
 
     _load_params_methods(args)
+    if args.out:
+        from harness.records import require_writable_file
+
+        require_writable_file(args.out, "--out")  # before the audit runs
     if args.what == "params":
         from harness.audit_params import PAPER_ROWS, audit_params, audit_params_markdown
 
         rows = audit_params(rows=tuple(r for r in PAPER_ROWS if not args.method or r.method in args.method))
-        _emit(rows, args.json, lambda r: print(audit_params_markdown(r)))
+        _emit_audit(rows, args, lambda r: print(audit_params_markdown(r)))
         return 0
     if args.what == "grads":
         rows = audit_grads(args.method or None)
@@ -97,9 +101,20 @@ def cmd_audit(args) -> int:
                       f"dead={len(r['dead_tensors'])} identity={r['identity_at_init']} "
                       f"batch-dependence={mixing}{note}")
 
-        _emit(rows, args.json, render)
+        _emit_audit(rows, args, render)
         return 0 if all(r["ok"] for r in rows) else 1
     raise InputError("unknown audit", key="audit", expected="grads or params", found=args.what)
+
+
+def _emit_audit(rows, args, render) -> None:
+    """An audit's rows: JSON written atomically to ``--out`` (a stopped audit leaves the previous
+    file whole), else printed (``--json``: as JSON)."""
+    if args.out:
+        from harness.records import write_json_atomic
+
+        write_json_atomic(args.out, rows)
+    else:
+        _emit(rows, args.json, render)
 
 
 def _parse_sets(pairs: list[str] | None) -> dict[str, str]:
@@ -687,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help="restrict to this method (repeatable)")
     p.add_argument("--params", help="its `methods` (your own method modules) are audited too "
                                      "(default: params.yaml, when there is one)")
+    p.add_argument("--out", help="write the rows as JSON to this file, atomically (the audit stage's "
+                                  "results/audit_*.json)")
     _document(parser)
     return parser
 

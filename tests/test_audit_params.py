@@ -239,3 +239,17 @@ def test_the_method_option_restricts_the_rows(capsys):
     assert main(["audit", "params", "--method", "lora", "--method", "pmf", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and {r["method"] for r in rows} == {"lora", "pmf"}
+
+
+def test_out_writes_the_rows_to_the_file(tmp_path, capsys):
+    """``--out`` (the audit stage's): the rows as JSON in the file (``records.write_json_atomic``,
+    where the stage's shell redirect left an empty file when stopped), nothing on stdout."""
+    import json
+
+    from harness.cli import main
+
+    out = tmp_path / "audit_params.json"
+    out.write_text('["the previous audit"]\n')
+    assert main(["audit", "params", "--method", "lora", "--out", str(out)]) == 0
+    assert not capsys.readouterr().out
+    assert {r["method"] for r in json.loads(out.read_text())} == {"lora"}
