@@ -125,7 +125,9 @@ def ray_session(workers: int):
     with contextlib.ExitStack() as stack:
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
-            if not address:
+            if address:
+                check_reachable(address)
+            else:
                 address = stack.enter_context(ray_local.instance(workers)).address()
             modules = os.environ.get(ENV_MODULES)
             ray.init(address=address, log_to_driver=False,
@@ -134,6 +136,26 @@ def ray_session(workers: int):
             # instance stops after it
             stack.callback(ray.shutdown)
         yield
+
+
+# How long a cluster's head may take to accept a connection before RAY_ADDRESS is called wrong
+# (ray.init itself retries for minutes, holding every run's lock meanwhile)
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str) -> None:
+    """InputError unless something accepts a connection at RAY_ADDRESS's ``host:port`` (``ray://``
+    too); ``auto`` and ``local`` are Ray's to resolve."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address in ("auto", "local") or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise InputError("no Ray cluster answers at RAY_ADDRESS", key="RAY_ADDRESS",
+                         expected="the address of a running Ray head (`ray start --head` prints "
+                                  "it), or RAY_ADDRESS unset for a local instance",
+                         found=f"{address} ({type(error).__name__}: {error})") from None
 
 
 def node_name() -> str:

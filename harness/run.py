@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, default_collate
 
 from harness import records
 from harness.backbones import build_backbone, load_named
-from harness.checkpoints import adopt_vocab, load_pretrained, read_checkpoint
+from harness.checkpoints import adopt_vocab, checkpoint_sha256, load_pretrained, read_checkpoint
 from harness.data import LoadedDataset, load_block, load_card
 from harness.errors import InputError
 from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_data_hashes
@@ -142,6 +142,13 @@ def prepare(plan: RunPlan) -> Prepared:
     data, splits, vocab = load_splits(plan)
     task_name, output_dim = task_for(data.info)
     checkpoint = read_checkpoint(plan.pretrained["path"]) if plan.pretrained else None
+    if checkpoint is not None:  # a checkpoint replaced mid-sweep would train a run of another key
+        found = checkpoint_sha256(plan.pretrained["path"])
+        if found != plan.pretrained["sha256"]:
+            raise InputError("the pre-training checkpoint changed after this run was planned (its "
+                             "sha256 is in the run key): run the command again",
+                             file=plan.pretrained["path"], key="sha256",
+                             expected=plan.pretrained["sha256"], found=found)
     vocab_report = None
     if checkpoint is not None and isinstance(vocab, PretrainedTokenizer):
         if checkpoint.get("vocab"):

@@ -126,20 +126,22 @@ def restore(plans: list[RunPlan], out_dir: Path) -> int:
     for plan in plans:
         path = record_path(plan, run_key(plan), out_dir)
         aside = Path(out_dir) / STALE / path.relative_to(out_dir)
-        if aside.is_file() and not path.is_file():
-            _move(aside, path)
+        if aside.is_file() and not path.is_file() and _move(aside, path):
             moved += 1
     return moved
 
 
-def _move(source: Path, target: Path) -> None:
+def _move(source: Path, target: Path) -> bool:
     """Move a record file between the records folder and ``.stale`` (an OS error names the
-    target: exit 2)."""
+    target: exit 2); False when another sweep on the folder moved it first."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
     except OSError as error:
+        if isinstance(error, FileNotFoundError) and not source.exists():
+            return False
         raise records.write_error(target, error) from None
+    return True
 
 
 @contextlib.contextmanager
@@ -210,9 +212,12 @@ def run_many(plans: list[RunPlan], executor: str, workers: int, out_dir: Path,
     elif executor == "ray":  # each record is written here, on the driver, as it comes back
         keys = [run_key(p) for p in plans]
         paths = {key: record_path(p, key, Path(out)) for key, p in zip(keys, plans)}
-        with contextlib.ExitStack() as held:  # every run's lock for the whole Ray sweep: another
-            for key in keys:                  # sweep on the folder waits for them, then reads
-                held.enter_context(concurrency.record_lock(Path(out), paths[key]))
+        # every run's lock for the whole Ray sweep (another sweep on the folder waits for them,
+        # then reads), taken in one order: two Ray sweeps taking them each in its plan's order
+        # could each hold a lock the other waits for
+        with contextlib.ExitStack() as held, concurrency.stop_on_signals():
+            for path in sorted(paths.values()):
+                held.enter_context(concurrency.record_lock(Path(out), path))
             left = [(key, v) for key, v in zip(keys, values) if not paths[key].is_file()]
             return run_with_ray(left, root, workers, (Path(out_dir) / RAY_STORAGE).resolve(),
                                 ray_options or RayOptions(), paths.__getitem__) if left else None
@@ -235,8 +240,13 @@ def run_local(trials: list[tuple], executor: str, workers: int, desc: str, pool)
         pool = pool or stack.enter_context(worker_pool(executor, workers))
         futures = [pool.submit(concurrency.exit_when_stopped, trial_once, *arguments)
                    for arguments in trials]
-        return sum(future.result() for future in tqdm(concurrent.futures.as_completed(futures),
-                                                       total=len(futures), desc=desc, unit="run"))
+        try:
+            return sum(future.result() for future in tqdm(concurrent.futures.as_completed(futures),
+                                                           total=len(futures), desc=desc, unit="run"))
+        except concurrent.futures.process.BrokenProcessPool:
+            raise RuntimeError("a worker process died before its run finished (killed, e.g. by "
+                               "the out-of-memory killer): every finished run keeps its record; "
+                               "the same command resumes the rest") from None
 
 
 def sweep(params: dict, executor: str = "sequential", workers: int | None = None,
@@ -299,8 +309,13 @@ def set_aside(out_dir: Path) -> int:
     (never deleted here); how many."""
     moved, hashes = 0, {}
     for path in folder_records(out_dir):
-        if stale_reason(records.read_run_record(path), hashes):
-            _move(path, Path(out_dir) / STALE / path.relative_to(out_dir))
+        try:
+            record = records.read_run_record(path)
+        except InputError:
+            if path.exists():
+                raise
+            continue  # another sweep on the folder set it aside meanwhile
+        if stale_reason(record, hashes) and _move(path, Path(out_dir) / STALE / path.relative_to(out_dir)):
             moved += 1
     return moved
 

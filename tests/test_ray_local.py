@@ -126,3 +126,20 @@ def test_a_ray_sweep_from_the_command_line_runs_on_its_own_instance_and_stops_it
     logs = os.listdir(f"/tmp/ray/{session}/logs")
     assert "raylet.out" in logs and "dashboard.log" not in logs  # no API server of the dashboard ran
     assert raylets() <= nodes  # the node's processes stopped with the command
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_at_once():
+    """ray.init retried for minutes (holding every run's lock) when RAY_ADDRESS named no head."""
+    from harness.errors import InputError
+    from harness.ray_executor import check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")  # something answers: Ray's to judge
+        check_reachable(f"ray://127.0.0.1:{port}")
+    with pytest.raises(InputError, match="RAY_ADDRESS") as error:
+        check_reachable(f"127.0.0.1:{port}")  # closed now
+    assert f"127.0.0.1:{port}" in str(error.value)
+    check_reachable("auto")  # Ray resolves it

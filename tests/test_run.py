@@ -13,6 +13,7 @@ from harness import run
 from harness.errors import InputError
 from harness.run import execute
 from harness.settings import load_params, plan_run
+from helpers import small_mosi_params
 from methods import get_method, method_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +149,28 @@ def test_a_code_edit_during_a_run_does_not_reach_its_record(params_file, tmp_pat
     (path,) = tmp_path.glob("mosi/*.json")
     record = json.loads(path.read_text())
     assert record["code_hash"] == f"{1:064x}"
+
+
+def test_a_checkpoint_replaced_after_planning_is_refused(tmp_path):
+    """A run trains on the checkpoint its key names: one replaced mid-sweep (a git pull, another
+    terminal's pretrain) trained runs that were filed under the old checkpoint's key."""
+    from harness.pretrain import plan_pretrain, pretrain
+
+    folder = tmp_path / "project"
+    params = small_mosi_params(folder)
+    generate("mosei", folder / "mosei", seed=0, n_train=48, n_valid=16, n_test=16)
+    params["data"]["tiny"]["mosei"]["path"] = str(folder / "mosei")
+    params["pretrain"]["use"] = {"mosi": "mosei"}
+    params["pretrain"]["checkpoints"]["mosei"] = str(folder / "ckpt" / "{profile}.pt")
+    params["pretrain"]["profiles"]["tiny"].update(epochs=1)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    pretrain(**plan_pretrain(load_params(path), "mosei"), progress=False)
+    plan = plan_run(load_params(path), "mosi", "linear")
+    pretrain(**{**plan_pretrain(load_params(path), "mosei"), "seed": 7}, progress=False)  # replaced
+    with pytest.raises(InputError, match="changed after this run was planned"):
+        execute(plan, tmp_path / "runs", progress=False)
+    assert not list((tmp_path / "runs").rglob("*.json"))
 
 
 def test_wander_run_uses_the_papers_main_setting(params_file, tmp_path, capsys):

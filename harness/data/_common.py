@@ -360,8 +360,10 @@ def check_replaceable(out_dir: Path) -> None:
 
 def require_path(path: Path, expected: str) -> None:
     if not path.exists():
-        raise InputError("data path not found", file=str(path), key="path", expected=expected,
-                         found="missing")
+        where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()}: " \
+                                               "run from the project folder, or `dvc repro` first)"
+        raise InputError(f"data path not found{where}", file=str(path), key="path",
+                         expected=expected, found="missing")
 
 
 def pick_format(card, found: list[tuple[str, Any]], forced: str | None, where: Path,
