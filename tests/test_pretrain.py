@@ -218,7 +218,7 @@ def test_wrong_shape_names_tensor_and_both_shapes(late_checkpoint, tmp_path):
     assert key in message and "(16, 16)" in message and "(16, 12)" in message and str(bad) in message
 
 
-def _edited(path, tmp_path, edit) -> Path:
+def _edited(path, tmp_path, edit):
     """A copy of the checkpoint at ``path`` with ``edit(document)`` applied (no provenance beside it)."""
     document = read_checkpoint(path)
     edit(document)
