@@ -167,13 +167,15 @@ def _run_command(args) -> int:
     key, out = run_key(plan), Path(args.out)
     found = next((path for path in (record_path(plan, key, out), record_path(plan, key, RUNS_DIR))
                   if path.exists()), None)
-    if found is None:  # under the run's lock: a sweep or run computing it now is waited for
-        path = record_path(plan, key, out)
+    if found is None:  # under the run's locks: a sweep or run computing it now is waited for
+        path, study = record_path(plan, key, out), record_path(plan, key, RUNS_DIR)
         check_can_compute([plan], out)  # before the lock file is written under ``out``
-        with concurrency.record_lock(out, path):
-            if path.is_file():
-                found = path
-            else:
+        with contextlib.ExitStack() as held:
+            if out.resolve() != RUNS_DIR.resolve() and os.access(RUNS_DIR, os.W_OK):
+                held.enter_context(concurrency.record_lock(RUNS_DIR, study))  # a sweep of the study
+            held.enter_context(concurrency.record_lock(out, path))
+            found = next((p for p in (path, study) if p.is_file()), None)
+            if found is None:
                 with concurrency.stop_on_signals("nothing was recorded; the same command "
                                                  "computes the run again"):
                     record = execute(plan, out, progress=not args.json)

@@ -124,6 +124,10 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     journal = out_dir / "journal.log"
     _check_journal(journal)  # here, in the driver: the trials' workers never open the journal
+    left = journal.with_name(journal.name + OPTUNA_LOCK_SUFFIX)
+    if left.is_symlink() or left.exists():  # under this search's flock: one a killed search left
+        left.unlink()  # (Optuna waited its 30 s grace period, then broke it)
+        log.warning("search: removed %s, left by a search that was killed", left)
     if (out_dir / "runs").is_dir():  # trials of other code (its studies are others): runs/.stale
         moved = set_aside(out_dir / "runs")
         if moved:
@@ -166,6 +170,10 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
             for row in _trial_rows(params, config, method, studies[method], out_dir)]
     table = pd.DataFrame(rows)
     return _finish(table, config, metric, directions, out_dir, params["profile"])
+
+
+# The lock Optuna's journal appends take (JournalFileSymlinkLock): <journal>.lock
+OPTUNA_LOCK_SUFFIX = ".lock"
 
 
 def _check_journal(path: Path) -> None:

@@ -413,3 +413,21 @@ def test_a_second_search_on_the_folder_waits_for_the_first(search_params, tmp_pa
     holder.join()
     assert time.monotonic() - started >= 0.9 and again == first
     assert "journal.log is locked by another process; waiting for the search" in capfd.readouterr().err
+
+
+def test_optunas_lock_left_by_a_killed_search_is_removed(search_params, tmp_path):
+    """A search killed while appending leaves Optuna's ``journal.log.lock``; the next search (which
+    holds the folder's own lock) removes it instead of waiting Optuna's 30 s grace period."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    journal = tmp_path / "journal.log"
+    journal.touch()
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()  # held by a process that then died: the lock file stays
+    assert (tmp_path / ("journal.log" + search.OPTUNA_LOCK_SUFFIX)).is_symlink()
+    started = time.monotonic()
+    run_search({**search_params, "search": {**search_params["search"], "trials": 1,
+                                             "space": {"wander": {"down_dim": [4]}}}},
+               "sequential", 1, tmp_path)
+    assert time.monotonic() - started < 25
+    assert not (tmp_path / ("journal.log" + search.OPTUNA_LOCK_SUFFIX)).exists()

@@ -353,6 +353,33 @@ def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path
     assert holder.wait(10) == 0
 
 
+def test_mmpetl_run_waits_for_the_study_computing_the_same_run(tmp_path, monkeypatch, capsys):
+    """`mmpetl run` into its own folder (default .mmpetl/runs) while a sweep computes the same
+    run into results/runs: it waits for the study's lock, then reads the study's record (it
+    computed the run a second time)."""
+    from harness.cli import main
+    from harness.run import RUNS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    params = small_mosi_params(tmp_path)
+    params.update(datasets=["mosi"], grid={"mosi": [{"method": "linear"}]})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    argv = ["run", "--params", str(path), "--dataset", "mosi", "--method", "linear", "--json"]
+    assert main(argv + ["--out", str(tmp_path / "first")]) == 0
+    (computed,) = (tmp_path / "first" / "mosi").glob("*.json")
+    record = tmp_path / RUNS_DIR / "mosi" / computed.name
+    holder = python(COPIER, tmp_path / RUNS_DIR, record, computed, stdin=subprocess.PIPE)
+    assert holder.stdout.readline() == "held\n"
+    threading.Timer(1.0, lambda: holder.communicate("done\n")).start()
+    monkeypatch.setattr("harness.run.fine_tune", lambda *a, **k: pytest.fail("computed again"))
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "mine")]) == 0
+    status = json.loads(capsys.readouterr().out)["run_status"]
+    assert status == {"reused": True, "record": str(RUNS_DIR / "mosi" / computed.name)}
+    assert holder.wait(10) == 0 and not list((tmp_path / "mine").rglob("*.json"))
+
+
 def stop_at_flock(monkeypatch, blocking: bool) -> None:
     """The next non-blocking (``blocking=False``) or blocking ``flock`` raises ``Stopped``, as a
     SIGTERM arriving there would; every other call is the real one."""
