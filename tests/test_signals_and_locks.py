@@ -324,13 +324,13 @@ COPIER = """
 """
 
 
-def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path, monkeypatch,
-                                                                          capsys):
-    """`mmpetl run --out DIR` takes the run's lock like a sweep's trial: while another process
-    computes the same run into DIR, it waits, then reads the record instead of computing it."""
+def _linear_run_computed(tmp_path, monkeypatch) -> tuple[list, Path]:
+    """The ``mmpetl run`` arguments of a linear-probe MOSI run on small data in ``tmp_path`` (the
+    working directory now, so the feature cache goes there), and its record computed once into
+    ``tmp_path/first``."""
     from harness.cli import main
 
-    monkeypatch.chdir(tmp_path)  # the feature cache goes to ./datasets/features, not the checkout's
+    monkeypatch.chdir(tmp_path)
     params = small_mosi_params(tmp_path)
     params.update(datasets=["mosi"], grid={"mosi": [{"method": "linear"}]})
     path = tmp_path / "params.yaml"
@@ -338,6 +338,16 @@ def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path
     argv = ["run", "--params", str(path), "--dataset", "mosi", "--method", "linear", "--json"]
     assert main(argv + ["--out", str(tmp_path / "first")]) == 0
     (computed,) = (tmp_path / "first" / "mosi").glob("*.json")
+    return argv, computed
+
+
+def test_mmpetl_run_waits_for_a_run_being_computed_and_reads_its_record(tmp_path, monkeypatch,
+                                                                          capsys):
+    """`mmpetl run --out DIR` takes the run's lock like a sweep's trial: while another process
+    computes the same run into DIR, it waits, then reads the record instead of computing it."""
+    from harness.cli import main
+
+    argv, computed = _linear_run_computed(tmp_path, monkeypatch)
     record = tmp_path / "second" / "mosi" / computed.name
     holder = python(COPIER, tmp_path / "second", record, computed, stdin=subprocess.PIPE)
     assert holder.stdout.readline() == "held\n"
@@ -360,14 +370,7 @@ def test_mmpetl_run_waits_for_the_study_computing_the_same_run(tmp_path, monkeyp
     from harness.cli import main
     from harness.run import RUNS_DIR
 
-    monkeypatch.chdir(tmp_path)
-    params = small_mosi_params(tmp_path)
-    params.update(datasets=["mosi"], grid={"mosi": [{"method": "linear"}]})
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    argv = ["run", "--params", str(path), "--dataset", "mosi", "--method", "linear", "--json"]
-    assert main(argv + ["--out", str(tmp_path / "first")]) == 0
-    (computed,) = (tmp_path / "first" / "mosi").glob("*.json")
+    argv, computed = _linear_run_computed(tmp_path, monkeypatch)
     record = tmp_path / RUNS_DIR / "mosi" / computed.name
     holder = python(COPIER, tmp_path / RUNS_DIR, record, computed, stdin=subprocess.PIPE)
     assert holder.stdout.readline() == "held\n"
