@@ -90,17 +90,20 @@ def pending(plans: list[RunPlan], out_dir: Path) -> list[RunPlan]:
 
 def check_can_compute(plans: list[RunPlan], out_dir: Path) -> None:
     """Before the first of ``plans`` runs: the folders their records go to can be written, every
-    pre-training checkpoint they start from has the bytes recorded for it, and one run of each
-    dataset prepares (its data load and tokenise, its checkpoint fills its backbone), so bad
-    input stops the sweep (InputError) before any record is written, not after other datasets'."""
+    pre-training checkpoint they start from has the bytes recorded for it, and, where the plans
+    read several datasets, one run of each prepares (its data load and tokenise, its checkpoint
+    fills its backbone), so bad input stops the sweep (InputError) before any record is written,
+    not after other datasets'. (With one dataset, the first run's own preparation is that check:
+    ``mmpetl run`` does not prepare twice.)"""
     for folder in sorted({record_path(p, run_key(p), out_dir).parent for p in plans}):
         records.require_writable_folder(folder)
     for path in sorted({p.pretrained["path"] for p in plans if p.pretrained}):
         verify_checkpoint_bytes(path)
     inputs = {records.canonical_hash([p.dataset, p.data, p.backbone_kind, p.backbone, p.pretrained]): p
               for p in plans}
-    for plan in tqdm(inputs.values(), desc="check inputs", unit="dataset", disable=len(inputs) < 2):
-        prepare(plan)
+    if len(inputs) > 1:
+        for plan in tqdm(inputs.values(), desc="check inputs", unit="dataset"):
+            prepare(plan)
 
 
 def write_index(out_dir: Path, summary: dict) -> bool:
