@@ -181,8 +181,9 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
     unexpected = sorted(k for k in considered if k not in own)
     loaded = sorted(k for k in considered if k in own)
     missing = sorted(k for k in own if k not in state)
-    _require_whole(document, backbone, where, loaded, missing, unexpected, prefixes)
-    misfits = [(k, _kind(state[k]), _kind(own[k])) for k in loaded if _kind(state[k]) != _kind(own[k])]
+    _require_whole(document, backbone, where, loaded, missing, unexpected, prefixes, own)
+    misfits = [(k, _shape_and_dtype(state[k]), _shape_and_dtype(own[k])) for k in loaded
+               if _shape_and_dtype(state[k]) != _shape_and_dtype(own[k])]
     if misfits:
         name, theirs, mine = misfits[0]
         more = f" (and {len(misfits) - 1} more tensor(s))" if len(misfits) > 1 else ""
@@ -210,7 +211,7 @@ def load_pretrained(backbone: nn.Module, checkpoint_path, skip_prefixes: Iterabl
     return report
 
 
-def _kind(tensor: torch.Tensor) -> str:
+def _shape_and_dtype(tensor: torch.Tensor) -> str:
     return f"shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')}"
 
 
@@ -220,7 +221,7 @@ def _names(key: str, experts: set) -> bool:
 
 
 def _require_whole(document: dict, backbone: nn.Module, where: str, loaded: list, missing: list,
-                   unexpected: list, prefixes: tuple) -> None:
+                   unexpected: list, prefixes: tuple, own: dict) -> None:
     """The checkpoint must fill the backbone: every tensor loads except those ``skip`` names and
     those of an expert only one side has (MMT: HowTo100M's 2 experts into MSR-VTT's 7). Anything
     else left fresh or left out means a checkpoint of another model or with renamed tensors."""
@@ -229,13 +230,12 @@ def _require_whole(document: dict, backbone: nn.Module, where: str, loaded: list
     fresh = [k for k in missing if not k.startswith(prefixes) and not _names(k, own_experts - experts)]
     extra = [k for k in unexpected if not _names(k, experts - own_experts)]
     if not loaded or fresh or extra:
-        own = next(iter(backbone.state_dict()))
         raise InputError(
             f"the checkpoint does not fit the backbone: {len(loaded)} tensors load, {len(fresh)} of "
             f"the backbone's would stay fresh, {len(extra)} of the checkpoint's have no place "
             "(skip prefixes: pretrain.skip)", file=where,
             key=(extra or fresh or ["state_dict"])[0],
-            expected=f"the backbone's tensor names (e.g. {own!r})",
+            expected=f"the backbone's tensor names (e.g. {next(iter(own))!r})",
             found=f"checkpoint tensor {extra[0]!r}" if extra else
             f"no checkpoint tensor {fresh[0]!r}" if fresh else f"e.g. {next(iter(document['state_dict']), None)!r}")
 

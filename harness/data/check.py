@@ -104,14 +104,16 @@ def _beyond_fp16(ld) -> list[str]:
     found = []
     for name, split in ld.splits.items():
         for key, values in (getattr(split, "arrays", None) or {}).items():
-            if key == "label" or not np.issubdtype(np.asarray(values).dtype, np.floating):
+            values = np.asarray(values)
+            if key == "label" or not np.issubdtype(values.dtype, np.floating):
                 continue
-            magnitude = np.abs(np.asarray(values))
+            magnitude = np.abs(values)
             magnitude[~np.isfinite(magnitude)] = 0  # non-finite values: the report's "nonfinite"
-            if magnitude.size and magnitude.max() > FP16_MAX:
+            peak = magnitude.max(initial=0.0)
+            if peak > FP16_MAX:
                 row = int(np.nonzero(magnitude > FP16_MAX)[0][0])
                 sample = split.ids[row] if getattr(split, "ids", None) is not None else f"item {row}"
-                found.append(f"{name}: {key} reaches |x| = {magnitude.max():.3g} (first at sample "
+                found.append(f"{name}: {key} reaches |x| = {peak:.3g} (first at sample "
                              f"{sample}), beyond float16's {FP16_MAX:g}: a run's feature cache "
                              "would overflow")
     return found
