@@ -30,6 +30,7 @@ from harness.data.cards import list_cards, load_card
 from harness.data.load import check_options, loader_options
 from harness.errors import InputError, key_path, refusal
 from harness.params_file import parse_yaml
+from harness.text import DEFAULT_MAX_TEXT_LEN
 from harness.train import MAX_THREADS, TrainSettings
 from methods import ConfigError, get_method, method_names
 
@@ -555,9 +556,6 @@ def _check_data(checked: Params, file: str, cards: Cards) -> None:
                              ("data", profile, dataset))
             if profile in checked.profiles:
                 _check_data_fits_backbone(checked, profile, dataset, block, cards[dataset], file)
-
-
-DEFAULT_MAX_TEXT_LEN = 16  # a data block's text length when it gives none (harness.run.load_splits)
 
 
 def _check_data_fits_backbone(checked: Params, profile: str, dataset: str, block: DataBlock, card,

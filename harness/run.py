@@ -19,7 +19,7 @@ from harness.features import FEATURES_DIR, cache_problems, cached_splits, plan_d
 from harness.records import canonical_hash, tree_hash, write_json_atomic
 from harness.settings import RunPlan, plan_from_dict
 from harness.tasks.tasks import TASKS
-from harness.text import PretrainedTokenizer, Tokenized, WordVocab
+from harness.text import DEFAULT_MAX_TEXT_LEN, PretrainedTokenizer, Tokenized, WordVocab
 from harness.train import fine_tune, seed_everything, use_threads
 from methods import apply_method, count_parameters, get_method, method_origin, method_sources
 from methods.registry import load_env_methods
@@ -93,7 +93,7 @@ def load_splits(plan: RunPlan):
         return data, splits, None
     vocab = text_vocab(plan) or (WordVocab(data.info["vocab"]) if data.info.get("vocab")
                                  else WordVocab.from_texts(item[field] for item in splits["train"]))
-    max_len = plan.data.get("max_text_len", 16)
+    max_len = plan.data.get("max_text_len", DEFAULT_MAX_TEXT_LEN)
     return data, {n: Tokenized(s, vocab, max_len, field) for n, s in splits.items()}, vocab
 
 

@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 
 PAD, CLS, UNK = 0, 1, 2
 SPECIALS = ("[PAD]", "[CLS]", "[UNK]")
+# Tokens a text is cut to when its data block gives no ``max_text_len`` (harness.run.load_splits)
+DEFAULT_MAX_TEXT_LEN = 16
 
 
 def words(text: str) -> list[str]:
