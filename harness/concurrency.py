@@ -78,6 +78,36 @@ def stop_on_signals(left: str = "every finished run keeps its record; the same c
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def stop_when_asked(ask_to_stop: Callable[[], None]):
+    """For a block that stops cleanly when asked (Ray Tune's loop ends its trials and returns):
+    the first SIGINT or SIGTERM calls ``ask_to_stop`` and the block goes on to its end, then raises
+    ``Stopped``; a second stop signal raises at once. Yields the signals received so far (a list).
+    Otherwise as ``stop_on_signals``, which says what the stop left."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def asked(signum, frame):
+        if received:  # asked twice: stop now
+            _stop(signum, frame)
+        received.append(signum)
+        print(f"mmpetl: {signal.Signals(signum).name} received: stopping the running trials "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        ask_to_stop()
+
+    previous = {signum: signal.signal(signum, asked) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise Stopped(received[0])
+
+
 def worker_init(parent_pid: int) -> None:
     """Initializer of a pool's worker processes, started by ``parent_pid`` (fork or spawn: the
     worker is its direct child). SIGINT is ignored (a terminal's Ctrl-C reaches the whole process

@@ -38,13 +38,14 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import ray_local, records
+from harness import concurrency, ray_local, records
 from harness.errors import InputError
 from harness.run import run_key, run_trial
 from harness.settings import plan_from_dict, plan_to_dict
@@ -118,6 +119,8 @@ def ray_session(workers: int):
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # ... so Tune's result grid finds no trial's result.json / progress.csv and would warn about each
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # SIGINT stays the sweep's (``_fit``: a stop ends the trials, then the command exits 130)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     import ray
 
     from methods.registry import ENV_MODULES
@@ -299,6 +302,24 @@ def _stop_on_input_error(home):
     return StopOnInputError()
 
 
+# What Tune logs when its loop is stopped (ray/tune/tune.py)
+TUNE_STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+
+
+@contextlib.contextmanager
+def _without_tune_stop_messages(received: list):
+    """Tune's log without its messages about a stop once a stop signal was ``received``."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not (received and str(record.msg).startswith(TUNE_STOP_MESSAGES))
+
+    logger = logging.getLogger("ray.tune.tune")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions, resources_for,
          home, **tune_config) -> dict:
     """Run the trials, each reserving ``resources_for(config)``; raise the first bad input as an
@@ -315,7 +336,11 @@ def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions,
                                   stop=_stop_on_input_error(home),
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures)),
     )
-    results = tuner.fit()
+    # SIGINT / SIGTERM: Tune's own stop (SIGUSR1 ends its loop and its trials), then Stopped; Tune's
+    # messages about it go, as its advice to resume with Tuner.restore (the same command resumes)
+    with concurrency.stop_when_asked(lambda: os.kill(os.getpid(), signal.SIGUSR1)) as received, \
+            _without_tune_stop_messages(received):
+        results = tuner.fit()
     if home.input_error is not None:
         raise InputError(home.input_error)  # the node's whole message: file, key, expected, found
     errors = [r.error for r in results if r.error is not None]

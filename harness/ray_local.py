@@ -15,7 +15,9 @@ idle until killed). Nor does the dashboard's API server: Ray 2.60 starts it even
 off, but a head whose dashboard port is taken logs an error and starts none when the dashboard
 was not asked for; so the head is given a port that this module holds (listening) until the head
 is up. The head's process gets SIGTERM when this process dies, however it dies, and
-``ray start --block`` then stops the node's processes.
+``ray start --block`` then stops the node's processes. It runs in a session of its own, so a
+terminal's Ctrl-C reaches the driver only: the driver stops its trials, then the head
+(``ray_executor._fit``), instead of finding its head gone and waiting for it.
 
 This module imports neither Ray nor torch: it runs before them.
 """
@@ -63,7 +65,8 @@ class LocalRay:
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                  "--no-monitor", "--include-log-monitor=false", "--disable-usage-stats"],
                 env={**os.environ, **HEAD_ENV, **same_auth_mode()}, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=lambda: parent_death_signal(signal.SIGTERM))
+                stdin=subprocess.DEVNULL, preexec_fn=lambda: parent_death_signal(signal.SIGTERM),
+                start_new_session=True)
 
     def address(self) -> str:
         """The head's address, once it is up (waits for ``ray start`` to say so)."""

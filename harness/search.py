@@ -46,7 +46,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock  
 from optuna.trial import TrialState  # noqa: E402
 
 from harness import records  # noqa: E402
-from harness.concurrency import one_at_a_time  # noqa: E402
+from harness.concurrency import one_at_a_time, stop_on_signals  # noqa: E402
 from harness.errors import InputError  # noqa: E402
 from harness.params_schema import check_search  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
@@ -160,10 +160,12 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
                     back, out_dir / "runs" / ".stale")
     with worker_pool(executor, workers) as pool:
         if executor == "ray":  # Ray's OptunaSearch asks each study as workers free up
-            for method in spaces:
-                studies[method] = _search_with_ray(params, config, storage, directions, method,
-                                                   spaces[method], studies[method], workers,
-                                                   out_dir)
+            with stop_on_signals("every finished trial keeps its record and its study's tell; "
+                                 "the same command resumes the search"):
+                for method in spaces:
+                    studies[method] = _search_with_ray(params, config, storage, directions, method,
+                                                       spaces[method], studies[method], workers,
+                                                       out_dir)
         _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool)
     studies.update(others)
     rows = [row for method in every_space if method in studies

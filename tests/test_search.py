@@ -1,8 +1,11 @@
 """Optuna rank search: two objectives on the validation split, a resumable journal, a Pareto
 front, and Ray's OptunaSearch."""
 import json
-import time
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pandas as pd
@@ -17,7 +20,7 @@ from harness.errors import InputError
 from harness.search import pareto_figure, run_search
 from harness.settings import load_params
 from harness.tables.render import TINY_BANNER
-from helpers import small_mosi_params
+from helpers import ROOT, small_mosi_params
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +270,33 @@ def test_search_through_ray_optuna_search(search_params, tmp_path):
     check_outputs(tmp_path, summary, 6)
     assert list((tmp_path / ".ray").glob("search-mosi-wander-valid-*/*"))  # Tune's storage
     assert run_search(search_params, "ray", 2, tmp_path)["trials"] == 6  # resumes: nothing new
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_ray_search_which_the_same_command_resumes(search_params, tmp_path):
+    """Before: Tune took the SIGINT, ended its loop, and the search went on with the next study
+    and ran the trials left RUNNING in this process."""
+    pytest.importorskip("ray")
+    params_path = tmp_path / "params.yaml"
+    params = json.loads(json.dumps({k: v for k, v in search_params.items() if not k.startswith("_")}))
+    params["search"]["trials"] = 8
+    params_path.write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "harness.cli", "search", "--executor", "ray", "--workers", "2",
+               "--params", str(params_path), "--out", str(tmp_path / "out"), "--json"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    records = tmp_path / "out" / "runs" / "mosi"
+    deadline = time.monotonic() + 300
+    while len(list(records.glob("*.json"))) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole job
+    assert process.wait(30) == 128 + signal.SIGINT
+    assert "stopped by SIGINT" in process.stderr.read()
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["trials"] == 16
 
 
 def test_pareto_plot_names_the_split_and_carries_the_banner():

@@ -218,14 +218,15 @@ def sweep_params(tmp_path_factory):
     return path
 
 
-def sweep_command(params: Path, out: Path, workers: int = 2) -> list[str]:
-    return [sys.executable, "-m", "harness.cli", "sweep", "--executor", "process", "--workers",
+def sweep_command(params: Path, out: Path, workers: int = 2, executor: str = "process") -> list[str]:
+    return [sys.executable, "-m", "harness.cli", "sweep", "--executor", executor, "--workers",
             str(workers), "--params", str(params), "--out", str(out), "--json"]
 
 
-def start_sweep(params: Path, out: Path) -> subprocess.Popen:
-    """A process-executor sweep in a session of its own (its process group, as a terminal job)."""
-    return subprocess.Popen(sweep_command(params, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+def start_sweep(params: Path, out: Path, executor: str = "process") -> subprocess.Popen:
+    """A sweep in a session of its own (its process group, as a terminal job)."""
+    return subprocess.Popen(sweep_command(params, out, executor=executor), cwd=ROOT,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=sigint_as_in_a_terminal)
 
@@ -257,13 +258,17 @@ def assert_nothing_partial(out: Path, finished: list[Path]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("executor", ["process", "ray"])
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c-to-the-job", "sigterm-to-the-sweep"])
-def test_a_stop_signal_ends_a_process_sweep_within_seconds(sweep_params, tmp_path, signum, to_group):
+def test_a_stop_signal_ends_a_sweep_within_seconds(sweep_params, tmp_path, signum, to_group, executor):
     """Ctrl-C in a terminal signals the whole job (sweep and workers); ``kill`` or DVC signal the
-    sweep alone. Before: the sweep ran every queued run (SIGINT) or died leaving its workers on."""
+    sweep alone. Before: the process executor's sweep ran every queued run (SIGINT) or died leaving
+    its workers on; the Ray executor's ended with "runs have no record" (exit 1) after Ctrl-C."""
+    if executor == "ray":
+        pytest.importorskip("ray")
     out = tmp_path / "runs"
-    process = start_sweep(sweep_params, out)
+    process = start_sweep(sweep_params, out, executor)
     workers = wait_for_records(out, 2, process)
     sent = time.monotonic()
     (os.killpg if to_group else os.kill)(process.pid, signum)
