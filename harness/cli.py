@@ -207,6 +207,13 @@ def _executor(args, params: dict) -> tuple[str, int | None]:
             origin = ("command line", "--executor") if args.executor else (args.params, "executor.kind")
             raise InputError('the ray executor needs Ray: pip install -e ".[ray]"', file=origin[0],
                              key=origin[1], expected="ray importable", found="no module ray") from None
+        from harness.ray_executor import check_ray_address
+
+        check_ray_address()  # before any lock or record: ray.init would retry for minutes
+    elif os.environ.get("RAY_ADDRESS"):
+        print(f"mmpetl: RAY_ADDRESS is set, but the executor is {kind}: the runs stay on this "
+              "machine (executor.kind: ray in the params file, or --executor ray, runs them on the "
+              "cluster)", file=sys.stderr)
     return kind, workers
 
 

@@ -127,10 +127,8 @@ def ray_session(workers: int):
 
     with contextlib.ExitStack() as stack:
         if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            if address:
-                check_reachable(address)
-            else:
+            address = os.environ.get("RAY_ADDRESS")  # checked by the caller (check_ray_address)
+            if not address:
                 address = stack.enter_context(ray_local.instance(workers)).address()
             modules = os.environ.get(ENV_MODULES)
             ray.init(address=address, log_to_driver=False,
@@ -141,24 +139,49 @@ def ray_session(workers: int):
         yield
 
 
-# How long a cluster's head may take to accept a connection before RAY_ADDRESS is called wrong
-# (ray.init itself retries for minutes, holding every run's lock meanwhile)
+# How long a cluster's head may take to answer before RAY_ADDRESS is called wrong (ray.init
+# itself retries for minutes, holding every run's lock meanwhile)
 CONNECT_TIMEOUT_S = 10.0
+# A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4): a gRPC server,
+# as Ray's GCS and Ray Client server are, answers with a SETTINGS frame (type 4) of its own
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+SETTINGS_FRAME = 4
+RAY_ADDRESS_EXPECTED = ("the address of a running Ray head: host:port of its GCS (`ray start --head` "
+                        "prints it; port 6379 by default) or ray://host:port (Ray Client), or "
+                        "RAY_ADDRESS unset for a local instance")
 
 
-def check_reachable(address: str) -> None:
-    """InputError unless something accepts a connection at RAY_ADDRESS's ``host:port`` (``ray://``
-    too); ``auto`` and ``local`` are Ray's to resolve."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if address in ("auto", "local") or not host or not port.isdigit():
+def check_ray_address() -> None:
+    """When RAY_ADDRESS is set: InputError unless it is a head's address that answers in gRPC
+    within CONNECT_TIMEOUT_S (``auto`` and ``local`` are Ray's to resolve). Checked before the
+    sweep takes its runs' locks; ray.init would retry for minutes on a closed port or on an HTTP
+    server (the dashboard's port), and raise a bare ValueError on a malformed address."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
         return
+
+    def refuse(why: str, found: str = address):
+        return InputError(why, key="RAY_ADDRESS", expected=RAY_ADDRESS_EXPECTED, found=found)
+
+    if address.startswith(("http://", "https://")):
+        raise refuse("RAY_ADDRESS is an HTTP address (the dashboard's, which `ray job submit` "
+                     "takes): a sweep's driver joins the head's GCS")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise refuse("RAY_ADDRESS is not a host:port address")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        connection = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
     except OSError as error:
-        raise InputError("no Ray cluster answers at RAY_ADDRESS", key="RAY_ADDRESS",
-                         expected="the address of a running Ray head (`ray start --head` prints "
-                                  "it), or RAY_ADDRESS unset for a local instance",
-                         found=f"{address} ({type(error).__name__}: {error})") from None
+        raise refuse("no Ray cluster answers at RAY_ADDRESS",
+                     f"{address} ({type(error).__name__}: {error})") from None
+    reply = b""
+    with connection, contextlib.suppress(OSError):  # silence or a reset: no gRPC server either
+        connection.sendall(HTTP2_PREFACE)
+        while len(reply) < 9 and (part := connection.recv(9 - len(reply))):
+            reply += part
+    if len(reply) < 9 or reply[3] != SETTINGS_FRAME:
+        raise refuse("something answers at RAY_ADDRESS, but not a Ray head (it does not speak "
+                     "gRPC)", f"{address} (its first bytes: {reply[:16]!r})")
 
 
 def node_name() -> str:

@@ -2,12 +2,14 @@
 by the sweep, stopped at its end or when its driver dies; a head that cannot start says why."""
 import argparse
 import contextlib
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,18 +130,101 @@ def test_a_ray_sweep_from_the_command_line_runs_on_its_own_instance_and_stops_it
     assert raylets() <= nodes  # the node's processes stopped with the command
 
 
-def test_a_ray_address_nothing_answers_at_is_refused_at_once():
+@pytest.mark.parametrize("address, why", [
+    ("garbage", "not a host:port"), ("127.0.0.1:abc", "not a host:port"),
+    ("127.0.0.1:99999", "not a host:port"), ("http://127.0.0.1:8265", "HTTP address")])
+def test_a_malformed_ray_address_is_refused(monkeypatch, address, why):
+    """Before: ray.init's ValueError traceback (exit 1), or Ray's 'Name or service not known' for
+    the dashboard's http:// address."""
+    from harness.errors import InputError
+    from harness.ray_executor import check_ray_address
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(InputError, match=why) as error:
+        check_ray_address()
+    assert error.value.key == "RAY_ADDRESS" and address in str(error.value)
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_at_once(monkeypatch):
     """ray.init retried for minutes (holding every run's lock) when RAY_ADDRESS named no head."""
     from harness.errors import InputError
-    from harness.ray_executor import check_reachable
+    from harness.ray_executor import check_ray_address
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
-        check_reachable(f"127.0.0.1:{port}")  # something answers: Ray's to judge
-        check_reachable(f"ray://127.0.0.1:{port}")
-    with pytest.raises(InputError, match="RAY_ADDRESS") as error:
-        check_reachable(f"127.0.0.1:{port}")  # closed now
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # closed now
+    with pytest.raises(InputError, match="no Ray cluster answers") as error:
+        check_ray_address()
     assert f"127.0.0.1:{port}" in str(error.value)
-    check_reachable("auto")  # Ray resolves it
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # Ray resolves it
+    check_ray_address()
+
+
+def test_a_ray_address_where_no_grpc_server_answers_is_refused(monkeypatch):
+    """An HTTP server (the dashboard's port) or a silent one: ray.init retried for minutes."""
+    from harness.errors import InputError
+    from harness.ray_executor import check_ray_address
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(InputError, match="not a Ray head") as error:
+            check_ray_address()
+        assert "its first bytes: b'" in str(error.value)  # what answered
+        assert "b''" not in str(error.value)
+    finally:
+        server.shutdown()
+    with socket.socket() as silent:  # accepts, then says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setattr("harness.ray_executor.CONNECT_TIMEOUT_S", 0.5)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(InputError, match="not a Ray head"):
+            check_ray_address()
+
+
+@pytest.mark.slow
+def test_a_running_heads_address_passes_the_check(monkeypatch):
+    from harness import ray_local
+    from harness.ray_executor import check_ray_address
+
+    with ray_local.running(1) as head:
+        monkeypatch.setenv("RAY_ADDRESS", head.address())
+        check_ray_address()
+        monkeypatch.setenv("RAY_ADDRESS", "ray://" + head.address())
+        check_ray_address()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+def test_a_bad_ray_address_stops_the_command_before_it_writes(tmp_path):
+    """Before: a `.locks` folder in --out, then ray.init's traceback (exit 1)."""
+    params = small_mosi_params(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for command in ("sweep", "search"):
+        out = tmp_path / f"out-{command}"
+        done = subprocess.run([sys.executable, "-m", "harness.cli", command, "--executor", "ray",
+                               "--params", str(tmp_path / "params.yaml"), "--out", str(out)],
+                              cwd=ROOT, env={**os.environ, "RAY_ADDRESS": "garbage"},
+                              capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert "RAY_ADDRESS is not a host:port address" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_ray_address_without_the_ray_executor_is_said_to_be_ignored(tmp_path):
+    params = small_mosi_params(tmp_path)
+    params.update(datasets=["mosi"], seeds=[0], grid={"mosi": [{"method": "linear"}]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--executor", "sequential",
+                           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "runs")],
+                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": "10.0.0.1:6379"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "RAY_ADDRESS is set, but the executor is sequential" in done.stderr
