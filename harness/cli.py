@@ -250,8 +250,8 @@ def _positive_option(text: str) -> int:
 def _ray_started_early(args):
     """With the ray executor (the command line's, else the params file's ``executor.kind``), Ray
     installed and no RAY_ADDRESS: the command's own local Ray instance, starting now, before the
-    harness and torch import (``ray_local``), with the CPUs of ``--workers``, else
-    ``executor.workers``, else the machine's. Otherwise nothing. A params file that cannot be read
+    harness and torch import (``ray_local``), with the CPUs of ``--workers`` (else
+    ``executor.workers``, else the machine's) trials of ``executor.cpus_per_trial``. Otherwise nothing. A params file that cannot be read
     here starts nothing: ``load_params`` reports what is wrong with it."""
     import importlib.util
     import os
@@ -259,16 +259,19 @@ def _ray_started_early(args):
     import yaml
 
     try:
-        kind, cpus = _executor_choice(args, yaml.safe_load(Path(args.params).read_text()))
+        params = yaml.safe_load(Path(args.params).read_text())
+        kind, workers = _executor_choice(args, params)
+        per_trial = (params.get("executor") or {}).get("cpus_per_trial", 1)
     except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not UTF-8
         return contextlib.nullcontext()
-    cpus = cpus or os.cpu_count() or 1
+    workers = workers or os.cpu_count() or 1
     if (kind != "ray" or os.environ.get("RAY_ADDRESS") or importlib.util.find_spec("ray") is None
-            or isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                   for v in (workers, per_trial)) or not isinstance(workers, int)):
         return contextlib.nullcontext()
-    from harness.ray_local import started_early
+    from harness.ray_local import local_cpus, started_early
 
-    return started_early(cpus)
+    return started_early(local_cpus(workers, per_trial))
 
 
 def cmd_sweep(args) -> int:

@@ -45,6 +45,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from harness import concurrency, ray_local, records
 from harness.errors import InputError
 from harness.run import run_key, run_trial
@@ -83,6 +85,11 @@ class RayOptions:
                                  expected=expected, found=repr(value))
         return cls(**values)
 
+    def local_cpus(self, workers: int) -> int:
+        """The CPUs of the command's own instance (no RAY_ADDRESS): ``workers`` trials at once of
+        ``cpus_per_trial`` each (Ray's CPUs are a count of slots, not cores)."""
+        return ray_local.local_cpus(workers, self.cpus_per_trial)
+
     def resources(self, device: str) -> dict:
         """What one trial of runs on ``device`` reserves: CPUs, and GPUs for ``cuda``."""
         return {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial if device == "cuda" else 0}
@@ -108,10 +115,10 @@ def trial_batches(keyed_values: list[tuple[str, dict]], workers: int,
 
 
 @contextlib.contextmanager
-def ray_session(workers: int):
+def ray_session(cpus: int):
     """Ray, initialised here unless the caller already did (then left running): the cluster named by
-    RAY_ADDRESS, else a local instance of this command's own (``ray_local``: the one the command
-    started early, or one started now). Workers started by a cluster's nodes get the user's method
+    RAY_ADDRESS, else a local instance of this command's own with ``cpus`` CPUs
+    (``RayOptions.local_cpus``; ``ray_local``: the one the command started early, or one started now). Workers started by a cluster's nodes get the user's method
     modules (MMPETL_METHODS) through the runtime env."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # no per-trial CSV / JSON / TensorBoard logs from Tune: the run records hold every result, and
@@ -121,6 +128,9 @@ def ray_session(workers: int):
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # SIGINT stays the sweep's (``_fit``: a stop ends the trials, then the command exits 130)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune's reporter of before Ray 2.5, silent at verbose 0 (the new one prints the experiment's
+    # configuration even then): the sweep's progress bar says how far it is
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     import ray
 
     from methods.registry import ENV_MODULES
@@ -129,9 +139,9 @@ def ray_session(workers: int):
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")  # checked by the caller (check_ray_address)
             if not address:
-                address = stack.enter_context(ray_local.instance(workers)).address()
+                address = stack.enter_context(ray_local.instance(cpus)).address()
             modules = os.environ.get(ENV_MODULES)
-            ray.init(address=address, log_to_driver=False,
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      runtime_env={"env_vars": {ENV_MODULES: modules}} if modules else None)
             # leave no Ray driver behind (a later `ray stop` would kill this process); the local
             # instance stops after it
@@ -271,18 +281,23 @@ def runs_done(ledger_name: str, keys: list[str]) -> set[str]:
     return set(ray.get(ledger.which_done.remote(keys)))
 
 
-def _records_home(path_for, ledger_name: str | None):
+def _records_home(path_for, ledger_name: str | None, progress: tqdm):
     """A Tune callback (in the driver) that writes each record a trial reports atomically at
-    ``path_for(trial config, record)``, and keeps what the sweep reports: records received,
-    duplicates (a key received twice), trials retried, the first bad input. With ``ledger_name``,
-    a retried trial opens the ledger of received keys, which then notes every later one."""
+    ``path_for(trial config, record)``, counts it on the ``progress`` bar, and keeps what the sweep
+    reports: records received, duplicates (a key received twice), trials retried, the first bad
+    input. With ``ledger_name``, a retried trial opens the ledger of received keys, which then notes
+    every later one."""
     import ray
     from ray.tune import Callback
 
     class RecordsHome(Callback):
-        def __init__(self):
+        def __init__(self, progress: tqdm):  # an argument: Tune pickles the class, not the bar
             self.received, self.duplicates, self.retried, self.input_error = set(), 0, 0, None
             self.ledger = None
+            self.progress = progress
+
+        def __getstate__(self):  # Tune pickles its run configuration, callbacks included
+            return {name: value for name, value in self.__dict__.items() if name != "progress"}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "input_error" in result and self.input_error is None:
@@ -294,6 +309,7 @@ def _records_home(path_for, ledger_name: str | None):
             if record["key"] in self.received:
                 self.duplicates += 1
             self.received.add(record["key"])
+            self.progress.update()
             if self.ledger is not None:
                 ray.get(self.ledger.mark.remote(record["key"]))
 
@@ -307,7 +323,7 @@ def _records_home(path_for, ledger_name: str | None):
             return {"records_received": len(self.received), "duplicates": self.duplicates,
                     "trials_retried": self.retried}
 
-    return RecordsHome()
+    return RecordsHome(progress)
 
 
 def _stop_on_input_error(home):
@@ -355,7 +371,8 @@ def _fit(trainable, name: str, storage: Path, workers: int, options: RayOptions,
         # reuse_actors: a worker process (torch, harness imported) runs trial after trial instead of
         # one fresh process per trial; Tune's default (False) costs seconds per tiny trial.
         tune_config=tune.TuneConfig(max_concurrent_trials=workers, reuse_actors=True, **tune_config),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1, callbacks=[home],
+        # verbose 0: no trial tables (the progress bar counts records home; errors are still logged)
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[home],
                                   stop=_stop_on_input_error(home),
                                   failure_config=tune.FailureConfig(max_failures=options.max_failures)),
     )
@@ -383,7 +400,8 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
     trials = trial_batches(keyed_values, workers, options.runs_per_trial)
     ledger_name = f"mmpetl-ledger-{uuid.uuid4().hex}"
 
-    with ray_session(workers):
+    with ray_session(options.local_cpus(workers)), \
+            tqdm(total=len(keyed_values), desc="sweep (ray)", unit="run") as progress:
         # A trial's config is its batch's index: the plans travel once, with the function, and
         # Tune's driver names, stores and checkpoints small configs.
         def trainable(config: dict) -> None:
@@ -400,7 +418,7 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
                         return
                     tune.report({"record": json.dumps(record)})
 
-        home = _records_home(lambda config, record: path_for(record["key"]), ledger_name)
+        home = _records_home(lambda config, record: path_for(record["key"]), ledger_name, progress)
         return _fit(trainable, "finetune", storage, workers, options,
                     lambda config: options.resources(trials[config["batch"]][0][1]["train"]["device"]),
                     home, param_space={"batch": tune.grid_search(list(range(len(trials))))})
@@ -437,9 +455,10 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
         metric=[metric, "tunable"],
         mode=[direction[:3] for direction in directions],  # minimize -> min, maximize -> max
         sampler=sampler, study_name=study_name, storage=journal)
-    home = _records_home(lambda config, record: record_path(
-        plan_for(config), record["key"], Path(out_dir)), None)
-    with ray_session(workers):
+    with ray_session(options.local_cpus(workers)), \
+            tqdm(total=trials, desc="search (ray)", unit="trial") as progress:
+        home = _records_home(lambda config, record: record_path(
+            plan_for(config), record["key"], Path(out_dir)), None, progress)
         return _fit(trainable, f"search-{study_name}", storage, workers, options,
                     lambda config: options.resources(plan_for(config).train.device), home,
                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=workers), num_samples=trials)

@@ -17,14 +17,18 @@ was not asked for; so the head is given a port that this module holds (listening
 is up. The head's process gets SIGTERM when this process dies, however it dies, and
 ``ray start --block`` then stops the node's processes. It runs in a session of its own, so a
 terminal's Ctrl-C reaches the driver only: the driver stops its trials, then the head
-(``ray_executor._fit``), instead of finding its head gone and waiting for it.
+(``ray_executor._fit``), instead of finding its head gone and waiting for it. Its sessions, logs
+and sockets go to a folder of its own, removed at the stop: none is left in Ray's shared /tmp/ray,
+and its ``ray_current_cluster`` (what a bare ``ray status`` joins) never names this head.
 
 This module imports neither Ray nor torch: it runs before them.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,11 +61,15 @@ class LocalRay:
         self.taken.listen()
         self.dashboard_port = self.taken.getsockname()[1]
         self.cpus = cpus
-        self.log = Path(tempfile.mkstemp(prefix="mmpetl-ray-head-", suffix=".log")[1])
+        # Ray's folder of its own (sessions, logs, sockets), removed at the stop: nothing is left
+        # in Ray's shared /tmp/ray, whose ray_current_cluster would name this head once it is gone
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="mmpetl-ray-"))
+        self.log = self.temp_dir / "head.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                 f"--port={self.port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                 f"--port={self.port}", f"--num-cpus={cpus}", f"--temp-dir={self.temp_dir}",
+                 "--include-dashboard=false",
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                  "--no-monitor", "--include-log-monitor=false", "--disable-usage-stats"],
                 env={**os.environ, **HEAD_ENV, **same_auth_mode()}, stdout=log, stderr=subprocess.STDOUT,
@@ -95,7 +103,14 @@ class LocalRay:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def local_cpus(workers: int, cpus_per_trial: float) -> int:
+    """The CPUs of an instance for ``workers`` trials at once of ``cpus_per_trial`` CPUs each
+    (``ray_executor.RayOptions.local_cpus``): Tune would wait forever for a trial that asks for
+    more than the instance has."""
+    return max(1, math.ceil(workers * cpus_per_trial))
 
 
 def same_auth_mode() -> dict:

@@ -49,6 +49,7 @@ from harness import records  # noqa: E402
 from harness.concurrency import one_at_a_time, stop_on_signals  # noqa: E402
 from harness.errors import InputError  # noqa: E402
 from harness.params_schema import check_search  # noqa: E402
+from harness.ray_executor import RayOptions, search_with_ray  # noqa: E402
 from harness.run import execute, record_path, run_key  # noqa: E402
 from harness.settings import plan_run, section  # noqa: E402
 from harness.tasks.metrics import lower_is_better  # noqa: E402
@@ -158,7 +159,8 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
     if back:
         log.warning("search: %d trial records moved back from %s (their code is current again)",
                     back, out_dir / "runs" / ".stale")
-    with worker_pool(executor, workers) as pool:
+    ray_cpus = RayOptions.from_params(params).local_cpus(workers) if executor == "ray" else None
+    with worker_pool(executor, workers, ray_cpus) as pool:
         if executor == "ray":  # Ray's OptunaSearch asks each study as workers free up
             with stop_on_signals("every finished trial keeps its record and its study's tell; "
                                  "the same command resumes the search"):
@@ -301,8 +303,6 @@ def _search_with_ray(params, config, storage, directions, method, space, study, 
     todo = config["trials"] - len(study.trials)
     if todo <= 0:
         return study
-    from harness.ray_executor import RayOptions, search_with_ray
-
     search_with_ray(study.study_name, storage, study.sampler, directions, space, todo,
                     lambda settings: _plan_for(params, config, method, settings), config["metric"],
                     str((out_dir / "runs").resolve()), os.getcwd(), workers,

@@ -148,9 +148,10 @@ def _move(source: Path, target: Path) -> bool:
 
 
 @contextlib.contextmanager
-def worker_pool(executor: str, workers: int):
+def worker_pool(executor: str, workers: int, ray_cpus: int | None = None):
     """What the executor keeps running across several ``run_many`` calls: the ``process``
-    executor's pool (yielded), the ``ray`` executor's Ray instance (started once, not per call).
+    executor's pool (yielded), the ``ray`` executor's Ray instance (started once, not per call;
+    ``ray_cpus``: the CPUs of the command's own, ``RayOptions.local_cpus``, default ``workers``).
     Pool workers are forked, so they start with torch and the harness already imported; spawned
     (a fresh interpreter each) where fork is unavailable or this process has initialised CUDA,
     which a forked child cannot use. Either way a worker is this process's child and dies with it
@@ -159,7 +160,7 @@ def worker_pool(executor: str, workers: int):
     if executor not in EXECUTORS:
         raise InputError("unknown executor", key="executor", expected=EXECUTORS, found=executor)
     if executor == "ray":
-        with ray_session(workers):
+        with ray_session(ray_cpus or workers):
             yield None
         return
     if executor != "process":
@@ -260,6 +261,10 @@ def sweep(params: dict, executor: str = "sequential", workers: int | None = None
         return _sweep(params, executor, workers, out_dir)
 
 
+# The ray executor's part of a sweep's summary when every run was recorded already (Ray not started)
+NOTHING_CAME_HOME = {"records_received": 0, "duplicates": 0, "trials_retried": 0}
+
+
 def _sweep(params: dict, executor: str, workers: int | None, out_dir: Path) -> dict:
     plans = grid_plans(params)
     ray_options = RayOptions.from_params(params) if executor == "ray" else None
@@ -278,7 +283,7 @@ def _sweep(params: dict, executor: str, workers: int | None, out_dir: Path) -> d
     return {"runs": len(plans), "computed": computed, "reused": len(plans) - computed,
             "restored": restored, "set_aside": moved_aside, "executor": executor, "workers": workers,
             "records": [str(path.relative_to(out_dir)) for path in folder_records(out_dir)],
-            **({"ray": came_home} if executor == "ray" and came_home else {})}
+            **({"ray": came_home or NOTHING_CAME_HOME} if executor == "ray" else {})}
 
 
 def stale_reason(record: dict, hashes: dict | None = None) -> str | None:

@@ -245,7 +245,8 @@ def test_sweep_on_a_cluster_survives_a_lost_node_and_brings_every_record_home(tm
         assert metrics_by_run(out) == metrics_by_run(tmp_path / "sequential")
         again = subprocess.run(command + ["--params", str(tmp_path / "params.yaml"), "--out", str(out)],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-        assert json.loads(again.stdout)["computed"] == 0  # resumes: records home are not resubmitted
+        resumed = json.loads(again.stdout)  # records home are not resubmitted
+        assert resumed["computed"] == 0 and resumed["ray"]["records_received"] == 0
 
         refused = subprocess.run(command + ["--params", str(tmp_path / "params-driver-only.yaml"),
                                             "--out", str(tmp_path / "refused")],

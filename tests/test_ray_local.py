@@ -5,6 +5,7 @@ import contextlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,10 +42,17 @@ def test_only_a_ray_command_without_an_address_starts_ray_early(monkeypatch, tmp
     assert started_with(monkeypatch, tmp_path, process_yaml, executor="ray") == 2
     assert started_with(monkeypatch, tmp_path, "profile: tiny\n", executor="ray") == os.cpu_count()
     assert started_with(monkeypatch, tmp_path, ray_yaml, executor="sequential") is None
+    # trials of several CPUs: CPUs for `workers` of them (before: Tune waited forever for a trial
+    # asking for more than the instance had)
+    wide = yaml.safe_dump({"executor": {"kind": "ray", "workers": 2, "cpus_per_trial": 4}})
+    assert started_with(monkeypatch, tmp_path, wide) == 8
+    half = yaml.safe_dump({"executor": {"kind": "ray", "workers": 3, "cpus_per_trial": 0.5}})
+    assert started_with(monkeypatch, tmp_path, half) == 2
     # what load_params refuses starts nothing here (it then names the file, key and value)
     assert started_with(monkeypatch, tmp_path, "executor: [unclosed\n") is None
     assert started_with(monkeypatch, tmp_path, "- a list\n", executor="ray") is None
     assert started_with(monkeypatch, tmp_path, yaml.safe_dump({"executor": {"kind": "ray", "workers": "two"}})) is None
+    assert started_with(monkeypatch, tmp_path, yaml.safe_dump({"executor": {"kind": "ray", "cpus_per_trial": 0}})) is None
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: joined, not started
     assert started_with(monkeypatch, tmp_path, ray_yaml) is None
 
@@ -63,7 +71,7 @@ def test_a_head_that_cannot_start_says_why():
             head.address()
     finally:
         head.stop()
-    assert not head.log.exists()
+    assert not head.temp_dir.exists()
 
 
 def port_open(port: int) -> bool:
@@ -76,7 +84,7 @@ def test_the_instance_stops_when_its_driver_is_killed():
     driver = subprocess.Popen(
         [sys.executable, "-c", "import json, time\nfrom harness.ray_local import LocalRay\n"
          "head = LocalRay(1)\nhead.address()\n"
-         "print(json.dumps([head.process.pid, head.port, str(head.log)]), flush=True)\n"
+         "print(json.dumps([head.process.pid, head.port, str(head.temp_dir)]), flush=True)\n"
          "time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     log = None
@@ -93,8 +101,8 @@ def test_the_instance_stops_when_its_driver_is_killed():
     finally:
         driver.kill()
         driver.wait()
-        if log:  # the killed driver could not remove its head's log
-            Path(log).unlink(missing_ok=True)
+        if log:  # the killed driver could not remove its head's folder
+            shutil.rmtree(log, ignore_errors=True)
 
 
 def raylets() -> set[int]:
@@ -107,8 +115,38 @@ def raylets() -> set[int]:
 
 
 def ray_sessions() -> set[str]:
-    """Ray's session folders (one per instance started on this machine, in Ray's default temp dir)."""
-    return set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
+    """Ray's session folders in its shared temp dir, and what its ``ray_current_cluster`` says."""
+    shared = Path("/tmp/ray")
+    current = shared / "ray_current_cluster"
+    return ({p.name for p in shared.glob("session_*")} if shared.is_dir() else set()) | \
+        ({f"current: {current.read_text()}"} if current.is_file() else set())
+
+
+def started_sessions(monkeypatch) -> list[Path]:
+    """The session folders of every LocalRay this test process starts (their folders are removed
+    at the stop: each session's logs are listed just before)."""
+    found, stop = [], ray_local.LocalRay.stop
+
+    def listing_stop(head):
+        found.extend((p, sorted(os.listdir(p / "logs"))) for p in head.temp_dir.glob("session_2*"))
+        stop(head)
+
+    monkeypatch.setattr(ray_local.LocalRay, "stop", listing_stop)
+    return found
+
+
+STARTED = "mmpetl test: a LocalRay starts"
+# ``python -m harness.cli`` saying on stderr each time a LocalRay starts
+COUNTING_INSTANCES = f"""
+import runpy, sys
+from harness import ray_local
+start = ray_local.LocalRay.__init__
+def counted(self, cpus):
+    print({STARTED!r}, file=sys.stderr, flush=True)
+    start(self, cpus)
+ray_local.LocalRay.__init__ = counted
+runpy.run_module("harness.cli", run_name="__main__")
+"""
 
 
 @pytest.mark.slow
@@ -118,16 +156,25 @@ def test_a_ray_sweep_from_the_command_line_runs_on_its_own_instance_and_stops_it
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     nodes, sessions = raylets(), ray_sessions()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--executor", "ray", "--workers", "2",
+    done = subprocess.run([sys.executable, "-c", COUNTING_INSTANCES, "sweep", "--executor", "ray", "--workers", "2",
                            "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "runs"), "--json"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["computed"] == 4
     assert len(list((tmp_path / "runs" / "mosi").glob("*.json"))) == 4
-    (session,) = ray_sessions() - sessions  # the instance started early was joined: no second one
-    logs = os.listdir(f"/tmp/ray/{session}/logs")
-    assert "raylet.out" in logs and "dashboard.log" not in logs  # no API server of the dashboard ran
+    assert done.stderr.count(STARTED) == 1  # the instance started early was joined: no second one
+    assert ray_sessions() == sessions  # nothing in Ray's shared folder (ray_local's own, removed)
     assert raylets() <= nodes  # the node's processes stopped with the command
+
+
+@pytest.mark.slow
+def test_the_instance_runs_no_dashboard_and_leaves_no_folder(monkeypatch):
+    sessions = started_sessions(monkeypatch)
+    with ray_local.running(1) as head:
+        head.address()
+    ((session, logs),) = sessions
+    assert "raylet.out" in logs and "dashboard.log" not in logs  # no API server of the dashboard ran
+    assert not head.temp_dir.exists()
 
 
 @pytest.mark.parametrize("address, why", [
