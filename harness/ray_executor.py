@@ -141,8 +141,11 @@ def ray_session(cpus: int):
             if not address:
                 address = stack.enter_context(ray_local.instance(cpus)).address()
             modules = os.environ.get(ENV_MODULES)
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {ENV_MODULES: modules}} if modules else None)
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                         runtime_env={"env_vars": {ENV_MODULES: modules}} if modules else None)
+            except ConnectionError as error:
+                raise could_not_join(address, error) from None
             # leave no Ray driver behind (a later `ray stop` would kill this process); the local
             # instance stops after it
             stack.callback(ray.shutdown)
@@ -192,6 +195,17 @@ def check_ray_address() -> None:
     if len(reply) < 9 or reply[3] != SETTINGS_FRAME:
         raise refuse("something answers at RAY_ADDRESS, but not a Ray head (it does not speak "
                      "gRPC)", f"{address} (its first bytes: {reply[:16]!r})")
+
+
+def could_not_join(address: str, error: Exception) -> InputError:
+    """ray.init's failure to join a head that answers (``check_ray_address`` found it there), as an
+    input error naming RAY_ADDRESS: most often a cluster with token authentication, whose token
+    the driver lacks (Ray's log above says so)."""
+    return InputError("could not join the Ray cluster at RAY_ADDRESS", key="RAY_ADDRESS",
+                      expected="a head this driver may join: with token authentication on the "
+                               "cluster, RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
+                               "or ~/.ray/auth_token) in the driver's environment, as on its nodes",
+                      found=f"{address}: {str(error).strip().splitlines()[0][:300]}")
 
 
 def node_name() -> str:

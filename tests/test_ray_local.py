@@ -275,3 +275,23 @@ def test_ray_address_without_the_ray_executor_is_said_to_be_ignored(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "RAY_ADDRESS is set, but the executor is sequential" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_cluster_whose_token_the_driver_lacks_is_an_input_error(monkeypatch, tmp_path):
+    """Before: Ray's AuthenticationError and ConnectionError tracebacks, exit 1."""
+    params = small_mosi_params(tmp_path)
+    params.update(datasets=["mosi"], seeds=[0], grid={"mosi": [{"method": "linear"}]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the head authenticates (same_auth_mode)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123456789abcdef" * 4)
+    with ray_local.running(1) as head:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+               "RAY_ADDRESS": head.address(), "RAY_AUTH_MODE": "disabled"}
+        done = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "--executor", "ray",
+                               "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "runs")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "could not join the Ray cluster at RAY_ADDRESS" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "runs").glob("mosi/*.json"))
