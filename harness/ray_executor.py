@@ -21,6 +21,9 @@ On a cluster nothing depends on a worker node's disk:
   shared file system); a node that lacks one fails naming the path and the node.
 - Bad input fails once. A run raising ``InputError`` on a node is reported as a result (not a
   trial error, which Tune would retry), stops the sweep, and is raised again on the driver.
+- Stops. Ctrl-C or SIGTERM on the driver asks Tune to end its trials; the command then exits 130 /
+  143 and the same command resumes (a second signal stops at once). RAY_ADDRESS is checked
+  before anything is written (``check_ray_address``), a progress bar counts the records home.
 - Resources. Each trial reserves ``cpus_per_trial`` CPUs and, when its runs train on
   ``device: cuda``, ``gpus_per_trial`` GPUs (a fraction packs several trials on one GPU); Ray then
   sets CUDA_VISIBLE_DEVICES in the trial's worker. ``runs_per_trial`` runs share one trial, so
