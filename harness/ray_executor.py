@@ -93,6 +93,20 @@ class RayOptions:
         ``cpus_per_trial`` each (Ray's CPUs are a count of slots, not cores)."""
         return ray_local.local_cpus(workers, self.cpus_per_trial)
 
+    def check_fits_this_machine(self, devices: set[str]) -> None:
+        """On the command's own instance (no RAY_ADDRESS), which has this machine's GPUs, a trial of
+        ``device: cuda`` runs asking for more would wait forever; on a cluster it waits, as a node
+        with more may join."""
+        if "cuda" not in devices or os.environ.get("RAY_ADDRESS"):
+            return
+        import torch
+
+        found = torch.cuda.device_count()
+        if self.gpus_per_trial > found:
+            raise InputError("a trial asks for more GPUs than this machine has (the ray executor "
+                             "without RAY_ADDRESS runs on this machine)", key="executor.gpus_per_trial",
+                             expected=f"at most {found} (this machine's GPUs)", found=self.gpus_per_trial)
+
     def resources(self, device: str) -> dict:
         """What one trial of runs on ``device`` reserves: CPUs, and GPUs for ``cuda``."""
         return {"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial if device == "cuda" else 0}
@@ -414,6 +428,7 @@ def run_with_ray(keyed_values: list[tuple[str, dict]], root: str, workers: int, 
     ``path_for(key)``. Returns what came back (``RecordsHome.summary``)."""
     from ray import tune
 
+    options.check_fits_this_machine({values["train"]["device"] for _, values in keyed_values})
     trials = trial_batches(keyed_values, workers, options.runs_per_trial)
     ledger_name = f"mmpetl-ledger-{uuid.uuid4().hex}"
 
@@ -454,6 +469,9 @@ def search_with_ray(study_name: str, journal, sampler, directions: list[str], sp
     from ray.tune.search.optuna import OptunaSearch
 
     from harness.run import record_path
+
+    # the device is a train setting, the same for every searched setting
+    options.check_fits_this_machine({plan_for({name: choices[0] for name, choices in space.items()}).train.device})
 
     def trainable(config: dict) -> None:
         try:

@@ -295,3 +295,21 @@ def test_a_cluster_whose_token_the_driver_lacks_is_an_input_error(monkeypatch, t
     assert "could not join the Ray cluster at RAY_ADDRESS" in done.stderr and "RAY_AUTH_TOKEN" in done.stderr
     assert "Traceback" not in done.stderr
     assert not list((tmp_path / "runs").glob("mosi/*.json"))
+
+
+def test_a_trial_asking_for_more_gpus_than_this_machine_has_is_refused(monkeypatch):
+    """On the command's own instance such a trial waited forever."""
+    import torch
+
+    from harness.errors import InputError
+    from harness.ray_executor import RayOptions
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    RayOptions(gpus_per_trial=0.25).check_fits_this_machine({"cuda"})
+    RayOptions(gpus_per_trial=2).check_fits_this_machine({"cpu"})  # CPU runs reserve no GPU
+    with pytest.raises(InputError, match="more GPUs than this machine has") as error:
+        RayOptions(gpus_per_trial=2).check_fits_this_machine({"cuda"})
+    assert error.value.key == "executor.gpus_per_trial"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: a node with more may join
+    RayOptions(gpus_per_trial=2).check_fits_this_machine({"cuda"})
