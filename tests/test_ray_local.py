@@ -313,3 +313,19 @@ def test_a_trial_asking_for_more_gpus_than_this_machine_has_is_refused(monkeypat
     assert error.value.key == "executor.gpus_per_trial"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: a node with more may join
     RayOptions(gpus_per_trial=2).check_fits_this_machine({"cuda"})
+
+
+def test_a_node_computing_another_run_key_refuses_naming_both(monkeypatch, tmp_path):
+    """A node with other code or compute packages than the driver's (README "Ray cluster", step 2)."""
+    from harness import ray_executor
+    from harness.errors import InputError
+    from harness.run import run_key
+    from harness.settings import load_params, plan_run, plan_to_dict
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_mosi_params(tmp_path)))
+    plan = plan_run(load_params(tmp_path / "params.yaml"), "mosi", "linear", seed=0)
+    monkeypatch.setattr(ray_executor, "node_name", lambda: "node-b (10.0.0.2)")
+    drivers = "0" * 64  # the key the driver computed with its code
+    with pytest.raises(InputError, match="node-b .* computes another run key") as error:
+        ray_executor.compute_record(drivers, plan_to_dict(plan), str(ROOT))
+    assert "000000000000" in str(error.value) and run_key(plan)[:12] in str(error.value)
