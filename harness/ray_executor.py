@@ -200,7 +200,9 @@ def check_ray_address() -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise refuse("RAY_ADDRESS is not a host:port address")
     try:
-        connection = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
+        # an IPv6 host is written in brackets: [::1]:6379
+        connection = socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)),
+                                              timeout=CONNECT_TIMEOUT_S)
     except OSError as error:
         raise refuse("no Ray cluster answers at RAY_ADDRESS",
                      f"{address} ({type(error).__name__}: {error})") from None

@@ -329,3 +329,23 @@ def test_a_node_computing_another_run_key_refuses_naming_both(monkeypatch, tmp_p
     with pytest.raises(InputError, match="node-b .* computes another run key") as error:
         ray_executor.compute_record(drivers, plan_to_dict(plan), str(ROOT))
     assert "000000000000" in str(error.value) and run_key(plan)[:12] in str(error.value)
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "[::1]")])
+def test_an_address_answering_an_http2_settings_frame_passes(monkeypatch, family, host):
+    """What a gRPC server (a Ray head's GCS) sends first; IPv6 hosts in brackets."""
+    from harness.ray_executor import check_ray_address
+
+    with socket.socket(family) as server:
+        server.bind((host.strip("[]"), 0))
+        server.listen()
+
+        def answer():
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(64)
+                connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # an empty SETTINGS frame
+
+        threading.Thread(target=answer, daemon=True).start()
+        monkeypatch.setenv("RAY_ADDRESS", f"{host}:{server.getsockname()[1]}")
+        check_ray_address()
