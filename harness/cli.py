@@ -251,8 +251,9 @@ def _ray_started_early(args):
     """With the ray executor (the command line's, else the params file's ``executor.kind``), Ray
     installed and no RAY_ADDRESS: the command's own local Ray instance, starting now, before the
     harness and torch import (``ray_local``), with the CPUs of ``--workers`` (else
-    ``executor.workers``, else the machine's) trials of ``executor.cpus_per_trial``. Otherwise nothing. A params file that cannot be read
-    here starts nothing: ``load_params`` reports what is wrong with it."""
+    ``executor.workers``, else the machine's) trials of ``executor.cpus_per_trial``. Otherwise
+    nothing. A params file that cannot be read here starts nothing: ``load_params`` reports what
+    is wrong with it."""
     import importlib.util
     import os
 
@@ -265,9 +266,11 @@ def _ray_started_early(args):
     except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not UTF-8
         return contextlib.nullcontext()
     workers = workers or os.cpu_count() or 1
+    def positive(value, kinds) -> bool:
+        return not isinstance(value, bool) and isinstance(value, kinds) and value > 0
+
     if (kind != "ray" or os.environ.get("RAY_ADDRESS") or importlib.util.find_spec("ray") is None
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
-                   for v in (workers, per_trial)) or not isinstance(workers, int)):
+            or not positive(workers, int) or not positive(per_trial, (int, float))):
         return contextlib.nullcontext()
     from harness.ray_local import local_cpus, started_early
 

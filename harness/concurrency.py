@@ -55,27 +55,36 @@ def _stop(signum, frame):
 
 
 @contextlib.contextmanager
+def _stop_signals_to(handler):
+    """Within the block, SIGINT and SIGTERM go to ``handler``; the previous handlers come back
+    afterwards. A signal this process was started ignoring stays ignored (a shell starts
+    background jobs with SIGINT ignored). Outside the main thread, where Python runs no signal
+    handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+@contextlib.contextmanager
 def stop_on_signals(left: str = "every finished run keeps its record; the same command resumes "
                                   "the rest"):
     """Within the block, the first SIGINT or SIGTERM raises ``Stopped`` here (``left``: what the
     stop leaves, said on stderr with the signal's name, not a traceback); later ones are
-    ignored while the block unwinds (it stops its workers, which takes bounded time). The previous
-    handlers come back afterwards. A signal this process was started ignoring stays ignored (a
-    shell starts background jobs with SIGINT ignored). Outside the main thread, where Python runs
-    no signal handler, the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS
-                if signal.getsignal(signum) is not signal.SIG_IGN}
-    try:
-        yield
-    except Stopped as stopped:
-        print(f"mmpetl: stopped by {stopped.signal.name}: {left}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    ignored while the block unwinds (it stops its workers, which takes bounded time)
+    (``_stop_signals_to``: the previous handlers come back afterwards)."""
+    with _stop_signals_to(_stop):
+        try:
+            yield
+        except Stopped as stopped:
+            print(f"mmpetl: stopped by {stopped.signal.name}: {left}", file=sys.stderr, flush=True)
+            raise
 
 
 @contextlib.contextmanager
@@ -85,9 +94,6 @@ def stop_when_asked(ask_to_stop: Callable[[], None]):
     ``Stopped``; a second stop signal raises at once. Yields the signals received so far (a list).
     Otherwise as ``stop_on_signals``, which says what the stop left."""
     received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
 
     def asked(signum, frame):
         if received:  # asked twice: stop now
@@ -97,13 +103,8 @@ def stop_when_asked(ask_to_stop: Callable[[], None]):
               "(send it again to stop at once)", file=sys.stderr, flush=True)
         ask_to_stop()
 
-    previous = {signum: signal.signal(signum, asked) for signum in STOP_SIGNALS
-                if signal.getsignal(signum) is not signal.SIG_IGN}
-    try:
+    with _stop_signals_to(asked):
         yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if received:
         raise Stopped(received[0])
 

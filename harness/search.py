@@ -159,15 +159,15 @@ def _search_locked(params: dict, config: dict, executor: str, workers: int, out_
     if back:
         log.warning("search: %d trial records moved back from %s (their code is current again)",
                     back, out_dir / "runs" / ".stale")
-    ray_cpus = RayOptions.from_params(params).local_cpus(workers) if executor == "ray" else None
-    with worker_pool(executor, workers, ray_cpus) as pool:
+    ray_options = RayOptions.from_params(params) if executor == "ray" else None
+    with worker_pool(executor, workers, ray_options and ray_options.local_cpus(workers)) as pool:
         if executor == "ray":  # Ray's OptunaSearch asks each study as workers free up
             with stop_on_signals("every finished trial keeps its record and its study's tell; "
                                  "the same command resumes the search"):
                 for method in spaces:
                     studies[method] = _search_with_ray(params, config, storage, directions, method,
                                                        spaces[method], studies[method], workers,
-                                                       out_dir)
+                                                       out_dir, ray_options)
         _search_batches(params, config, studies, spaces, executor, workers, out_dir, pool)
     studies.update(others)
     rows = [row for method in every_space if method in studies
@@ -297,7 +297,7 @@ def _open_study(params, config, storage, directions, method) -> optuna.Study:
 
 
 def _search_with_ray(params, config, storage, directions, method, space, study, workers,
-                     out_dir) -> optuna.Study:
+                     out_dir, ray_options: RayOptions) -> optuna.Study:
     """Run the study's missing trials through Ray Tune's OptunaSearch; the study reloaded. (Trials
     an interrupted search left RUNNING count: ``_search_batches`` runs them after.)"""
     todo = config["trials"] - len(study.trials)
@@ -306,7 +306,7 @@ def _search_with_ray(params, config, storage, directions, method, space, study, 
     search_with_ray(study.study_name, storage, study.sampler, directions, space, todo,
                     lambda settings: _plan_for(params, config, method, settings), config["metric"],
                     str((out_dir / "runs").resolve()), os.getcwd(), workers,
-                    (out_dir / RAY_STORAGE).resolve(), RayOptions.from_params(params))
+                    (out_dir / RAY_STORAGE).resolve(), ray_options)
     return optuna.load_study(study_name=study.study_name, storage=storage)
 
 
